@@ -1,0 +1,755 @@
+"""The sandbox server: a pre-warmed interpreter that forks contained Python sessions.
+
+`envs.sandbox.PythonSandbox` starts this file as a fresh interpreter (never a fork of the caller,
+so none of the caller's memory or secrets is copied), inside new mount, network and pid
+namespaces where the machine allows. It imports the scientific stack once, then serves sessions:
+
+    server ──fork──► H ──unshare(pid), fork──► P  (pid 1 of the session's pid namespace; root)
+                                                └─fork─► S  (state: the session's globals; uid X)
+                                                          └─fork─► C  (runs one cell; uid X)
+
+P supervises one session and talks to the caller over a socket of its own. For each cell, P asks
+the state process S to fork C; C runs the code with stdout/stderr on pipes that P drains. If the
+cell succeeds, C becomes the new state and kills every other process of the session (the old
+state, and whatever the code started); if it fails, times out or crashes, S kills C and everything
+C started and stays the state. "Kill every other process" is `kill(-1, SIGKILL)`, which is scoped:
+it only reaches the session's own pid namespace (or, without namespaces, the session's own uid),
+and it is never used where neither scope holds.
+
+Only the standard library is imported at module level: envs.sandbox imports the framing helpers
+from here, and the preloads happen in `main()`.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import ctypes
+import ctypes.util
+import errno
+import gc
+import io
+import json
+import linecache
+import os
+import random
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+
+# ---------------------------------------------------------------------------------------------
+# Framing: a message is (len(header), len(payload)) as two uint32, a JSON header, raw payload.
+# File descriptors travel with the length prefix (SCM_RIGHTS). Readers bound every size, since
+# the state and cell processes on the other end run untrusted code.
+# ---------------------------------------------------------------------------------------------
+_PREFIX = struct.Struct("!II")
+MAX_HEADER = 1 << 16
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not a well-formed message, or hung up."""
+
+
+def send_msg(sock: socket.socket, header: dict, payload: bytes = b"", fds=()) -> None:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    prefix = _PREFIX.pack(len(head), len(payload))
+    if fds:
+        socket.send_fds(sock, [prefix], list(fds))
+        sock.sendall(head + payload)
+    else:
+        sock.sendall(prefix + head + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ProtocolError("peer closed the connection mid-message")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_msg(sock: socket.socket, max_payload: int = 1 << 26, max_fds: int = 4):
+    """Returns (header, payload, fds). Raises ProtocolError on EOF or a malformed message."""
+    prefix, fds = b"", []
+    try:
+        while len(prefix) < _PREFIX.size:
+            data, new_fds, _, _ = socket.recv_fds(sock, _PREFIX.size - len(prefix), max_fds)
+            fds.extend(new_fds)
+            if not data:
+                raise ProtocolError("peer closed the connection")
+            prefix += data
+        head_len, payload_len = _PREFIX.unpack(prefix)
+        if head_len > MAX_HEADER or payload_len > max_payload:
+            raise ProtocolError(f"message too large ({head_len}, {payload_len})")
+        body = _recv_exact(sock, head_len + payload_len)
+        header = json.loads(body[:head_len])
+        if not isinstance(header, dict):
+            raise ProtocolError("message header is not an object")
+        return header, body[head_len:], fds
+    except (ProtocolError, OSError, ValueError) as exc:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(str(exc)) from exc
+
+
+def recv_msg_within(sock: socket.socket, timeout_s: float, **kwargs):
+    sock.settimeout(timeout_s)
+    try:
+        return recv_msg(sock, **kwargs)
+    finally:
+        sock.settimeout(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linux primitives not in Python 3.11's os module.
+# ---------------------------------------------------------------------------------------------
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 36, 38
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None):
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           f"mount {target}")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server start-up: a private filesystem view, preloaded modules.
+# ---------------------------------------------------------------------------------------------
+WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def _hidden_ancestor(path: str) -> str | None:
+    """The highest ancestor of `path` that other users cannot traverse (like /root, mode 700)."""
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/" + "/".join(parts[:i])
+        try:
+            if not os.stat(prefix).st_mode & 0o001:
+                return prefix
+        except OSError:
+            return None
+    return None
+
+
+def private_filesystem(scratch_mb: int) -> None:
+    """In the server's own mount namespace: fresh tmpfs over every world-writable directory, and
+    directories closed to other users (such as /root, with its tokens and caches) replaced by an
+    empty tmpfs that shows only the interpreter and its packages, read-only."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for d in WORLD_WRITABLE_DIRS:
+        if os.path.isdir(d):
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_mb}m,mode=1777")
+    needed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.executable, *sys.path)
+              if p and os.path.exists(p)}
+    hidden: dict[str, list[str]] = {}
+    for p in sorted(needed):
+        top = _hidden_ancestor(p)
+        if top is not None:
+            hidden.setdefault(top, []).append(p)
+    stage = "/tmp/.toolgrpo-stage"
+    for n, (top, paths) in enumerate(hidden.items()):
+        # Keep only outermost paths, stage bind mounts, then cover `top` and bind them back.
+        keep = [p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)]
+        staged = []
+        for k, p in enumerate(keep):
+            s = f"{stage}/{n}-{k}"
+            if os.path.isdir(p):
+                os.makedirs(s)
+            else:
+                open(s, "w").close()
+            mount(p, s, None, MS_BIND | MS_REC)
+            staged.append((s, p))
+        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+        for s, p in staged:
+            if os.path.isdir(s):
+                os.makedirs(p, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(p), mode=0o755, exist_ok=True)
+                open(p, "w").close()
+            mount(s, p, None, MS_BIND | MS_REC)
+
+
+def preload(modules: list[str]) -> None:
+    for name in modules:
+        __import__(name)
+    if "sympy" in sys.modules:  # build sympy's lazy caches once, before any fork
+        sp = sys.modules["sympy"]
+        x = sp.Symbol("x")
+        sp.factorint(2**32 + 1), sp.solve(x**2 - 2, x), sp.simplify(sp.sin(x) ** 2 + sp.cos(x) ** 2)
+        sp.isprime(97), sp.Rational(1, 3) + 1, sp.integrate(x**2, x), sp.N(sp.pi, 30)
+    gc.collect()
+    gc.freeze()  # forked children then share these objects' pages instead of copying them
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: kill every other process of the session.
+# ---------------------------------------------------------------------------------------------
+def kill_all_but_self(wait: bool = True, timeout_s: float = 2.0) -> None:
+    """SIGKILL every process this process may signal, except itself and the namespace's init.
+
+    Only called where that set is the session's own processes (own pid namespace, or own uid).
+    A process with SIGKILL pending never runs another instruction of its code, so the hot paths
+    return without waiting for the kernel to tear the address spaces down (`wait=False`); the
+    session's init reaps them. `wait=True` also waits until they are gone from the process table.
+    Zombie children of this process are reaped either way."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reap_children()
+        if not wait:
+            return
+        try:
+            os.kill(-1, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            return
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.0002)
+
+
+def reap_children(watch_pid: int = 0) -> int | None:
+    """Reap exited children without blocking; returns the wait status of `watch_pid` if reaped."""
+    watched = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return watched
+        if pid == 0:
+            return watched
+        if pid == watch_pid:
+            watched = status
+
+
+# ---------------------------------------------------------------------------------------------
+# The cell process C: run one snippet in the session's namespace.
+# ---------------------------------------------------------------------------------------------
+def run_cell(code: str, ns: dict, cell: int) -> str:
+    """Execute `code` like a notebook cell; the value of a final expression is printed. Returns
+    "ok", "error" or "memory". Tracebacks go to stderr and only show frames of the cells, with
+    line numbers that refer to the snippet."""
+    filename = f"<cell {cell}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, filename, "exec"), ns)
+        if last is not None:
+            value = eval(compile(last, filename, "eval"), ns)
+            if value is not None:
+                print(repr(value))
+        return "ok"
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            return "ok"
+        print(f"SystemExit: {exc.code}", file=sys.stderr)
+        return "error"
+    except BaseException as exc:  # noqa: BLE001 - anything the snippet raises is reported
+        tb = exc.__traceback__
+        while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
+            tb = tb.tb_next
+        try:
+            sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
+        except BaseException:  # noqa: BLE001 - a broken stderr must not hide the status
+            pass
+        return "memory" if isinstance(exc, MemoryError) else "error"
+
+
+def _stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
+                            errors="backslashreplace", line_buffering=line_buffering)
+
+
+def cell_process(header: dict, code: str, ns: dict, fds: list[int], scoped: bool):
+    """In the forked child C. Returns the control socket if C was promoted to state."""
+    out_w, err_w, ctl_fd = fds
+    ctl = socket.socket(fileno=ctl_fd)
+    os.setpgid(0, 0)  # killpg(getpgrp()) by the code then reaches only C and its children
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.close(out_w)
+    os.close(err_w)
+    cpu = int(header["cpu_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+    sys.stdout, sys.stderr = _stream(1, False), _stream(2, True)
+    status = run_cell(code, ns, int(header["cell"]))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    send_msg(ctl, {"status": status})
+    try:
+        order, _, _ = recv_msg(ctl, max_payload=0, max_fds=0)
+    except ProtocolError:
+        os._exit(0)
+    if order.get("op") != "promote" or not scoped:
+        os._exit(0)
+    kill_all_but_self(wait=False)  # the previous state, and everything the code started
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stdout, sys.stderr = _stream(1, False), _stream(2, True)
+    resource.setrlimit(resource.RLIMIT_CPU, resource.getrlimit(resource.RLIMIT_CPU)[1:] * 2)
+    send_msg(ctl, {"op": "promoted"})
+    return ctl
+
+
+# ---------------------------------------------------------------------------------------------
+# The state process S.
+# ---------------------------------------------------------------------------------------------
+def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: str, scoped: bool):
+    """Drops privileges and serves "run" orders from the supervisor until it is told to go."""
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.closerange(3, ctl.fileno())
+    os.closerange(ctl.fileno() + 1, 1 << 16)
+    mb = 1 << 20
+    for res, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb),
+                       (resource.RLIMIT_FSIZE, limits["max_file_mb"] * mb),
+                       (resource.RLIMIT_NPROC, limits["max_processes"]),
+                       (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+                       (resource.RLIMIT_CORE, 0),
+                       (resource.RLIMIT_CPU, int(limits["max_timeout_s"]) + 2)):
+        resource.setrlimit(res, (value, value))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file past the cap raises OSError(EFBIG)
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        prctl(PR_SET_DUMPABLE, 1)  # keep /proc/self readable by the code itself
+    prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot raise privileges
+    os.chdir(scratch)
+    os.environ.update(HOME=scratch, TMPDIR=scratch)
+    ns = {"__name__": "__main__", "__builtins__": builtins}
+    while True:
+        try:
+            order, payload, fds = recv_msg(ctl, max_fds=3)
+        except ProtocolError:
+            os._exit(0)
+        if order.get("op") != "run" or len(fds) != 3:
+            os._exit(1)
+        reap_children()
+        code = payload.decode("utf-8", "replace")
+        if order.get("in_place"):  # a one-shot session has no state to protect: run right here
+            pidfd = os.pidfd_open(os.getpid())
+            send_msg(ctl, {"op": "forked", "pid": os.getpid()}, fds=[pidfd])
+            os.close(pidfd)
+            ctl.close()
+            cell_process(order, code, ns, fds, scoped=False)
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:
+            ctl.close()
+            ctl = cell_process(order, code, ns, fds, scoped)
+            continue  # this process is now the state
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        send_msg(ctl, {"op": "forked", "pid": pid}, fds=[pidfd])
+        os.close(pidfd)
+        try:
+            order, _, _ = recv_msg(ctl, max_payload=0, max_fds=0)
+        except ProtocolError:
+            os._exit(0)
+        if order.get("op") != "rollback":
+            os._exit(1)
+        status = reap_children(watch_pid=pid)  # set if the cell had already ended (a crash)
+        if scoped:
+            kill_all_but_self(wait=False)
+        elif _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        send_msg(ctl, {"op": "rolled_back", "wait_status": status})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The session supervisor P.
+# ---------------------------------------------------------------------------------------------
+class OutputBuffer:
+    """Keeps the first and last `limit // 2` bytes of a stream and counts the rest."""
+
+    def __init__(self, limit: int):
+        self.head_limit = limit // 2
+        self.tail_limit = limit - self.head_limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.head_limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > 2 * self.tail_limit:
+                del self.tail[: len(self.tail) - self.tail_limit]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.head_limit + self.tail_limit
+
+    def value(self) -> bytes:
+        if not self.truncated:
+            return bytes(self.head + self.tail)
+        tail = self.tail[-self.tail_limit:] if self.tail_limit else b""
+        omitted = self.total - len(self.head) - len(tail)
+        return bytes(self.head) + f"\n... [{omitted} bytes omitted] ...\n".encode() + bytes(tail)
+
+
+def _describe(wait_status: int | None) -> tuple[int | None, str]:
+    if wait_status is None:
+        return None, "the process ended without reporting"
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        return -sig, f"the process was killed by signal {sig} ({signal.Signals(sig).name})"
+    code = os.WEXITSTATUS(wait_status)
+    return code, f"the process exited with code {code}"
+
+
+class Session:
+    """Runs in P: owns the session's state process and answers the caller's orders."""
+
+    def __init__(self, settings: dict, uid: int | None, scoped: bool):
+        self.settings, self.uid, self.scoped = settings, uid, scoped
+        self.is_init = settings["pid_namespace"] and os.getpid() == 1
+        self.scratch = os.path.join(settings["scratch_root"], f"toolgrpo-sbx-{os.getpid()}-"
+                                    f"{random.getrandbits(40):010x}")
+        os.makedirs(self.scratch, mode=0o700)
+        if uid is not None:
+            os.chown(self.scratch, uid, uid)
+        self.state: socket.socket | None = None
+        self.state_pid = 0
+        self.cells = 0
+        self.exit_statuses: dict[int, int] = {}
+        signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
+        self.spawn_state()
+
+    def _on_child(self, *_):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.state_pid:
+                self.exit_statuses[pid] = status
+
+    def spawn_state(self) -> None:
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                mine.close()
+                state_process(theirs, self.settings, self.uid, self.scratch, self.scoped)
+            finally:
+                os._exit(1)
+        theirs.close()
+        self.state, self.state_pid = mine, pid
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the session but this supervisor; no state survives."""
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+        if self.is_init:  # pid 1 of the session's own namespace: kill(-1) reaches only it
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif self.scoped:  # a helper with the session's uid does it
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setgid(self.uid)
+                    os.setuid(self.uid)
+                    kill_all_but_self()
+                finally:
+                    os._exit(0)
+            while True:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
+                break
+
+    def run(self, code: bytes, timeout_s: float, keep: bool) -> tuple[dict, bytes]:
+        """One cell. With keep=False the session is single-use: the cell runs in the state
+        process itself and everything is killed afterwards."""
+        notes: list[str] = []
+        if self.state is None:
+            self.spawn_state()
+            notes.append("the previous state was lost; this cell ran in a fresh session")
+        self.cells += 1
+        limit = int(self.settings["max_output_bytes"])
+        out, err = OutputBuffer(limit), OutputBuffer(limit)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        mine, theirs = socket.socketpair()
+        t0 = time.monotonic()
+        order = {"op": "run", "cell": self.cells, "cpu_s": int(timeout_s) + 1, "in_place": not keep}
+        try:
+            send_msg(self.state, order, code, fds=[out_w, err_w, theirs.fileno()])
+            forked, _, fds = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=1)
+            pidfd, cell_pid = (fds[0], int(forked["pid"])) if fds else (-1, 0)
+        except (ProtocolError, OSError, KeyError, ValueError):
+            pidfd, cell_pid = -1, 0
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+            theirs.close()
+        status = None
+        if pidfd < 0:
+            status = "crashed"
+            notes.append("the session's state process was gone; state was reset")
+            self.kill_all()
+        deadline = t0 + timeout_s
+        poller = select.poll()
+        streams = {out_r: out, err_r: err}
+        for fd in (out_r, err_r, mine.fileno(), pidfd):
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+        while status is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                status = "timeout"
+                notes.append(f"timed out after {timeout_s:g} s")
+                break
+            for fd, _ in poller.poll(max(1, int(left * 1000))):
+                if fd in streams:
+                    data = os.read(fd, 1 << 20)
+                    if data:
+                        streams[fd].feed(data)
+                    else:
+                        poller.unregister(fd)
+                elif fd == mine.fileno():
+                    try:
+                        result, _, _ = recv_msg_within(mine, 2.0, max_payload=0, max_fds=0)
+                        status = result.get("status")
+                        if status not in ("ok", "error", "memory"):
+                            status = "crashed"
+                    except ProtocolError:
+                        poller.unregister(fd)  # the code closed its channel; wait for its exit
+                elif fd == pidfd:
+                    status = "crashed"
+                if status is not None:
+                    break
+        wall = time.monotonic() - t0
+        wait_status = None
+        if not keep:
+            if status == "crashed":
+                self._on_child()
+                wait_status = self.exit_statuses.get(cell_pid)
+            self.kill_all()
+        elif status == "ok":
+            try:
+                send_msg(mine, {"op": "promote"})
+                ack, _, _ = recv_msg_within(mine, 5.0, max_payload=0, max_fds=0)
+                promoted = ack.get("op") == "promoted"
+            except (ProtocolError, OSError):
+                promoted = False
+            if promoted:
+                self.state.close()
+                self.state, self.state_pid, mine = mine, cell_pid, None
+            else:
+                status = "crashed"
+                notes.append("the cell could not be kept as the new state; state was reset")
+                self.kill_all()
+        elif self.state is not None:
+            try:
+                send_msg(self.state, {"op": "rollback"})
+                ack, _, _ = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=0)
+                wait_status = ack.get("wait_status")
+            except (ProtocolError, OSError):
+                notes.append("the session's state process was gone; state was reset")
+                self.kill_all()
+        exit_code = None
+        if status == "crashed" and cell_pid:
+            exit_code, why = _describe(wait_status)
+            notes.append(why)
+            if exit_code == -signal.SIGXCPU:
+                status, notes[-1] = "timeout", "CPU time limit exceeded"
+        if mine is not None:
+            mine.close()
+        for fd, buf in streams.items():  # what the cell wrote before it ended is in the pipes
+            os.set_blocking(fd, False)
+            try:
+                while data := os.read(fd, 1 << 20):
+                    buf.feed(data)
+            except BlockingIOError:
+                pass
+            os.close(fd)
+        if pidfd >= 0:
+            os.close(pidfd)
+        stdout, stderr = out.value(), err.value()
+        if notes and status != "ok":
+            sep = b"\n" if stderr and not stderr.endswith(b"\n") else b""
+            stderr += sep + "".join(f"[sandbox] {n}\n" for n in notes).encode()
+        header = {"status": status, "wall_s": wall, "truncated": out.truncated or err.truncated,
+                  "exit_code": exit_code, "stdout_len": len(stdout), "cell": self.cells}
+        return header, stdout + stderr
+
+    def close(self) -> None:
+        self.kill_all()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped: bool) -> None:
+    """The body of P: wait to be handed a caller, then serve it until it hangs up."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    session = Session(settings, uid, scoped)
+    try:
+        _, _, fds = recv_msg(handoff, max_payload=0, max_fds=1)
+    except ProtocolError:
+        fds = []
+    handoff.close()
+    if not fds:
+        session.close()
+        return
+    client = socket.socket(fileno=fds[0])
+    try:
+        while True:
+            try:
+                order, code, _ = recv_msg(client, max_fds=0)
+            except ProtocolError:
+                break
+            if order.get("op") != "run":
+                break
+            timeout = min(float(order["timeout_s"]), float(settings["max_timeout_s"]))
+            keep = bool(order.get("keep", True))
+            header, payload = session.run(code, timeout, keep)
+            send_msg(client, header, payload)
+            if not keep:
+                break
+    except OSError:
+        pass
+    finally:
+        client.close()
+        session.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The server process.
+# ---------------------------------------------------------------------------------------------
+def spawn_session(settings: dict, own_pidns: int | None) -> socket.socket:
+    """Fork a pooled session supervisor P (pid 1 of a new pid namespace when `own_pidns` is
+    given); returns the socket used to hand it a caller."""
+    mine, theirs = socket.socketpair()
+    uid = random.randrange(settings["uid_base"], settings["uid_base"] + (1 << 24)) \
+        if settings["separate_uid"] else None
+    if own_pidns is None:
+        pid = os.fork()
+    else:
+        unshare(CLONE_NEWPID)  # the next child is pid 1 of a new namespace...
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:  # ...and only that one
+                _check(_libc.setns(own_pidns, CLONE_NEWPID), "setns")
+    if pid == 0:
+        try:
+            mine.close()
+            keep = theirs.fileno()  # P holds nothing of the server's but its own channel
+            os.closerange(3, keep)
+            os.closerange(keep + 1, 1 << 16)
+            scoped = own_pidns is not None or uid is not None
+            session_main(theirs, settings, uid, scoped)
+        finally:
+            os._exit(0)
+    theirs.close()
+    return mine
+
+
+def main() -> None:
+    control = socket.socket(fileno=int(sys.argv[1]))
+    settings = json.loads(sys.argv[2])
+    protections = {"private_tmp": False, "hidden_home": False}
+    if settings["private_fs"]:
+        private_filesystem(int(settings["scratch_mb"]))
+        protections.update(private_tmp=True, hidden_home=True)
+    if settings["separate_uid"] and os.geteuid() != 0:
+        settings["separate_uid"] = False
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if settings["pid_namespace"] else None
+    preload(settings["preload"])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
+    pool = [spawn_session(settings, own_pidns) for _ in range(int(settings["pool_size"]))]
+    send_msg(control, {"op": "ready", "pid": os.getpid(), "protections": protections,
+                       "separate_uid": settings["separate_uid"]})
+    while True:
+        try:
+            order, _, fds = recv_msg(control, max_payload=0, max_fds=1)
+        except ProtocolError:
+            return  # the caller is gone: returning ends this pid namespace and every session
+        if order.get("op") != "open" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue
+        while True:
+            handoff = pool.pop(0) if pool else spawn_session(settings, own_pidns)
+            try:
+                send_msg(handoff, {"op": "attach"}, fds=fds)
+                break
+            except OSError:
+                continue
+            finally:
+                handoff.close()
+        os.close(fds[0])
+        if len(pool) < int(settings["pool_size"]):
+            pool.append(spawn_session(settings, own_pidns))
+
+
+if __name__ == "__main__":
+    main()

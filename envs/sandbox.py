@@ -1,0 +1,372 @@
+"""PythonSandbox: run untrusted, model-written Python fast and contained.
+
+    sandbox = PythonSandbox()
+    sandbox.run("print(2**100 % 997)").stdout          # stateless: a fresh session per call
+    with sandbox.session() as s:                        # notebook cells: state survives calls
+        s.run("import sympy as sp; x = sp.Symbol('x')")
+        s.run("print(sp.solve(x**2 - 4, x))")
+
+How it is fast: one server interpreter is started per sandbox with math, numpy, sympy, fractions,
+itertools and functools already imported (and sympy's caches warm); every session and every call is
+a `fork` of it, so no call pays for interpreter start-up or imports. Ready sessions wait in a pool.
+A session's state lives in a process of its own; each call runs in a fork of that state, which
+becomes the new state if the call succeeds and is thrown away (previous state intact) if it fails,
+times out or crashes. See `envs/_sandbox_server.py` for the process tree.
+
+Threat model. The code is assumed hostile but ordinary: written by a model under training, which may
+loop, allocate, fork, print, crash or poke at its surroundings, by accident or because reward
+hacking found it useful. Covered, each with a test in tests/envs/test_sandbox.py:
+  * time: a wall-clock limit per call (SIGKILL, so ignoring signals does not help) and a CPU-time
+    limit per process;
+  * memory: a hard address-space limit (RLIMIT_AS; the code cannot raise it), reported as "memory";
+  * processes and threads: a cap per session (RLIMIT_NPROC on a uid of the session's own);
+  * output: stdout and stderr are capped, keeping head and tail with a marker; invalid UTF-8 is
+    replaced; the result travels on a channel of its own, so output cannot forge it;
+  * files: a per-file size cap, a fresh scratch directory (cwd and HOME) removed afterwards, a
+    private tmpfs over /tmp, /var/tmp, /dev/shm; directories closed to other users (such as /root,
+    with its tokens and caches) are hidden, only the interpreter is shown there, read-only;
+  * network: a network namespace with no interfaces up (not even loopback to the host);
+  * secrets: the environment holds only allow-listed variables; no file descriptor is inherited;
+    the caller's processes are invisible (own pid namespace and /proc) and not readable (other uid);
+  * leftovers: every process the code started, double-forked setsid daemons included, is gone when
+    the call returns (a scoped kill(-1) inside the session's pid namespace or uid);
+  * the caller: hostile code cannot kill the supervisor (pid 1 of its namespace, another uid) or the
+    caller; a crash of the code is a result ("crashed"), never an exception in the caller.
+Not covered: kernel exploits and side channels (use a VM or gVisor for adversaries of that class);
+reading world-readable files (the code runs as an unprivileged user and sees what such a user
+sees); CPU and memory bandwidth shared with the caller; forged results of a call by the code itself
+(it can only lie about its own result). Which protections hold depends on the machine: full
+containment needs root or user namespaces plus util-linux `unshare`; `PythonSandbox.protections`
+lists them, and the first sandbox of a process warns once, naming the ones that are off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Literal
+
+from envs import _sandbox_server as proto
+
+Status = Literal["ok", "error", "timeout", "memory", "crashed"]
+
+DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
+                   "heapq", "bisect", "statistics", "random", "re", "string", "json", "numpy",
+                   "sympy")
+ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+FIXED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8", "MPLBACKEND": "Agg",
+             "USER": "sandbox", "LOGNAME": "sandbox"}
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits and start-up settings of a PythonSandbox."""
+
+    timeout_s: float = 10.0
+    """Default wall-clock limit of one call, in seconds (a call may ask for another)."""
+    max_timeout_s: float = 120.0
+    """Largest wall-clock limit a call may ask for; also bounds each process's CPU time."""
+    memory_mb: int = 1024
+    """Address-space limit of every sandboxed process, in MiB (the warm server takes ~220)."""
+    max_processes: int = 64
+    """Processes plus threads a session may have at once (RLIMIT_NPROC on the session's uid)."""
+    max_file_mb: int = 64
+    """Largest file the code may write, in MiB."""
+    scratch_mb: int = 512
+    """Size of the private tmpfs that holds every session's scratch directory, in MiB."""
+    max_output_bytes: int = 64 * 1024
+    """Kept bytes of stdout and of stderr each (half head, half tail) before truncation."""
+    max_open_files: int = 256
+    """Open file descriptors per process."""
+    pool_size: int = 2
+    """Sessions kept ready in advance, so that opening one costs no fork on the caller's path."""
+    isolation: Literal["auto", "namespaces", "none"] = "auto"
+    """"auto": Linux namespaces when the machine allows, else what remains (with a warning);
+    "namespaces": fail unless they are available; "none": rlimits and uid separation only."""
+    preload: tuple[str, ...] = DEFAULT_PRELOAD
+    """Modules imported once by the server, before any fork."""
+    start_timeout_s: float = 120.0
+    """How long to wait for the server to import its modules and report ready."""
+
+    def __post_init__(self):
+        for name in ("timeout_s", "max_timeout_s", "memory_mb", "max_processes", "max_file_mb",
+                     "scratch_mb", "max_open_files", "start_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.timeout_s > self.max_timeout_s:
+            raise ValueError(f"SandboxConfig.timeout_s={self.timeout_s} exceeds "
+                             f"max_timeout_s={self.max_timeout_s}")
+        if self.memory_mb < 256:
+            raise ValueError(f"SandboxConfig.memory_mb={self.memory_mb} is below the ~220 MiB the "
+                             "warm interpreter itself maps; use at least 256")
+        if self.pool_size < 0 or self.max_output_bytes < 0:
+            raise ValueError("SandboxConfig.pool_size and max_output_bytes must be >= 0")
+        if self.isolation not in ("auto", "namespaces", "none"):
+            raise ValueError(f"SandboxConfig.isolation must be auto, namespaces or none, "
+                             f"got {self.isolation!r}")
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """What one call produced."""
+
+    stdout: str
+    stderr: str
+    """Error output; on failure, a traceback whose line numbers refer to the snippet."""
+    status: Status
+    """"ok", "error" (an exception), "timeout", "memory" or "crashed" (killed or exited abnormally)."""
+    truncated: bool
+    """Whether stdout or stderr exceeded the output cap and lost its middle."""
+    wall_s: float
+    """Wall-clock time of the code, measured by the supervisor."""
+    exit_code: int | None = None
+    """For "crashed": the exit code, or minus the signal number that killed the process."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (could not start, or its server died); never the code's fault."""
+
+
+@functools.cache
+def _namespaces_work(user: bool) -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    flags = ["--user", "--map-root-user"] if user else []
+    try:
+        return subprocess.run([unshare, *flags, "--mount", "--net", "--pid", "--fork",
+                               "--mount-proc", "true"], capture_output=True, timeout=10
+                              ).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+_warned = False
+_warn_lock = threading.Lock()
+
+
+class PythonSandbox:
+    """A pool of contained Python sessions served by one pre-warmed interpreter.
+
+    Thread-safe: any number of threads may call `run` or hold sessions at once. Start-up (about a
+    second, mostly importing sympy) happens on first use or on `start()`. `close()`, the context
+    manager, or garbage collection stop the server and every process it started.
+    """
+
+    def __init__(self, config: SandboxConfig | None = None, **overrides):
+        config = config or SandboxConfig()
+        self.config = dataclasses.replace(config, **overrides) if overrides else config
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._control: socket.socket | None = None
+        self._protections: dict[str, bool] = {}
+        self._finalizer = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> "PythonSandbox":
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start_locked()
+        return self
+
+    def _start_locked(self) -> None:
+        cfg = self.config
+        root = os.geteuid() == 0
+        prefix: list[str] = []
+        namespaces = False
+        if cfg.isolation != "none":
+            if root and _namespaces_work(user=False):
+                prefix, namespaces = [shutil.which("unshare")], True
+            elif not root and _namespaces_work(user=True):
+                prefix, namespaces = [shutil.which("unshare"), "--user", "--map-root-user"], True
+            elif cfg.isolation == "namespaces":
+                raise SandboxError("SandboxConfig.isolation='namespaces' but this machine cannot "
+                                   "create Linux namespaces with util-linux `unshare`; use "
+                                   "isolation='auto' to run with reduced containment")
+        if namespaces:
+            prefix += ["--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
+                       "--propagation", "private"]
+        settings = {
+            "private_fs": namespaces, "pid_namespace": namespaces, "separate_uid": root,
+            "uid_base": 1 << 20, "scratch_root": "/tmp", "preload": list(cfg.preload),
+            "memory_mb": cfg.memory_mb, "max_processes": cfg.max_processes,
+            "max_file_mb": cfg.max_file_mb, "scratch_mb": cfg.scratch_mb,
+            "max_output_bytes": cfg.max_output_bytes, "max_open_files": cfg.max_open_files,
+            "max_timeout_s": cfg.max_timeout_s, "pool_size": cfg.pool_size,
+        }
+        env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env.update(FIXED_ENV)
+        mine, theirs = socket.socketpair()
+        cmd = [*prefix, sys.executable, "-I", proto.__file__, str(theirs.fileno()),
+               json.dumps(settings)]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env, cwd="/",
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        try:
+            ready, _, _ = proto.recv_msg_within(mine, cfg.start_timeout_s, max_payload=0, max_fds=0)
+        except proto.ProtocolError as exc:
+            proc.kill()
+            proc.wait()
+            mine.close()
+            raise SandboxError(f"the sandbox server did not start ({exc}); its error output is "
+                               f"above. Command: {' '.join(cmd[:-1])} ...") from exc
+        self._proc, self._control = proc, mine
+        uid = bool(ready.get("separate_uid"))
+        self._protections = {
+            "network_isolated": namespaces, "pid_namespace": namespaces,
+            "private_tmp": bool(ready["protections"].get("private_tmp")),
+            "hidden_home": bool(ready["protections"].get("hidden_home")),
+            "separate_uid": uid, "process_cap": uid, "daemon_cleanup": namespaces or uid,
+            "resource_limits": True, "clean_environment": True, "no_new_privileges": True,
+        }
+        self._finalizer = weakref.finalize(self, _stop, proc, mine)
+        self._warn_once()
+
+    def _warn_once(self) -> None:
+        global _warned
+        off = [name for name, on in self._protections.items() if not on]
+        with _warn_lock:
+            if off and not _warned:
+                _warned = True
+                warnings.warn("PythonSandbox runs with reduced containment on this machine; off: "
+                              f"{', '.join(off)}. Run as root (or allow user namespaces) with "
+                              "util-linux `unshare` installed for all protections.", stacklevel=3)
+
+    @property
+    def protections(self) -> dict[str, bool]:
+        """Which protections hold on this machine (starts the server if needed)."""
+        self.start()
+        return dict(self._protections)
+
+    def close(self) -> None:
+        """Stop the server; every session and process of this sandbox ends with it."""
+        with self._lock:
+            if self._finalizer is not None:
+                self._finalizer()
+            self._proc = self._control = self._finalizer = None
+
+    def __enter__(self) -> "PythonSandbox":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- calls ------------------------------------------------------------------------------------
+    def session(self) -> "SandboxSession":
+        """A session whose variables, imports and functions persist from call to call."""
+        return SandboxSession(self._open())
+
+    def run(self, code: str, timeout_s: float | None = None) -> ExecutionResult:
+        """Run `code` in a fresh session that is discarded afterwards."""
+        return _call(self._open(), code, self._timeout(timeout_s), keep=False, close=True)
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        t = self.config.timeout_s if timeout_s is None else float(timeout_s)
+        if not 0 < t <= self.config.max_timeout_s:
+            raise ValueError(f"timeout_s must be in (0, {self.config.max_timeout_s}], got {t}")
+        return t
+
+    def _open(self) -> tuple[socket.socket, "PythonSandbox"]:
+        for attempt in range(2):
+            self.start()
+            mine, theirs = socket.socketpair()
+            try:
+                with self._lock:
+                    proto.send_msg(self._control, {"op": "open"}, fds=[theirs.fileno()])
+                return mine, self
+            except (OSError, AttributeError):
+                mine.close()
+                if attempt:
+                    raise SandboxError("the sandbox server is not answering") from None
+                with self._lock:  # the server died: start a new one once
+                    if self._finalizer is not None:
+                        self._finalizer()
+                    self._proc = None
+            finally:
+                theirs.close()
+        raise AssertionError("unreachable")
+
+
+def _stop(proc: subprocess.Popen, control: socket.socket) -> None:
+    control.close()  # the server exits when its control channel closes
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _call(conn, code: str, timeout_s: float, keep: bool, close: bool) -> ExecutionResult:
+    sock, sandbox = conn
+    if not isinstance(code, str):
+        raise TypeError(f"code must be a str, got {type(code).__name__}")
+    try:
+        proto.send_msg(sock, {"op": "run", "timeout_s": timeout_s, "keep": keep},
+                       code.encode("utf-8", "surrogatepass"))
+        header, payload, _ = proto.recv_msg_within(sock, timeout_s + 30.0, max_fds=0)
+    except (proto.ProtocolError, OSError) as exc:
+        sock.close()
+        raise SandboxError(f"the sandbox session stopped answering ({exc})") from exc
+    finally:
+        if close:
+            sock.close()
+    n = int(header["stdout_len"])
+    return ExecutionResult(
+        stdout=payload[:n].decode("utf-8", "replace"),
+        stderr=payload[n:].decode("utf-8", "replace"),
+        status=header["status"], truncated=bool(header["truncated"]),
+        wall_s=float(header["wall_s"]), exit_code=header.get("exit_code"))
+
+
+class SandboxSession:
+    """One episode's Python process state; use as a context manager or call `close()`."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def run(self, code: str, timeout_s: float | None = None) -> ExecutionResult:
+        """Run `code` as the next cell; on success its effects persist, on failure they vanish."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this sandbox session is closed")
+            return _call(self._conn, code, self._conn[1]._timeout(timeout_s), keep=True,
+                         close=False)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self._conn[0].close()  # the supervisor ends the session's processes
+
+    def __enter__(self) -> "SandboxSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
