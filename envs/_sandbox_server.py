@@ -299,7 +299,8 @@ def cell_process(header: dict, code: str, ns: dict, fds: list[int], scoped: bool
     """In the forked child C. Returns the control socket if C was promoted to state."""
     out_w, err_w, ctl_fd = fds
     ctl = socket.socket(fileno=ctl_fd)
-    os.setpgid(0, 0)  # killpg(getpgrp()) by the code then reaches only C and its children
+    if os.getpgrp() != os.getpid():  # killpg(getpgrp()) by the code reaches only C's group
+        os.setpgid(0, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.close(out_w)

@@ -247,9 +247,11 @@ class PythonSandbox:
         with _warn_lock:
             if off and not _warned:
                 _warned = True
-                warnings.warn("PythonSandbox runs with reduced containment on this machine; off: "
-                              f"{', '.join(off)}. Run as root (or allow user namespaces) with "
-                              "util-linux `unshare` installed for all protections.", stacklevel=3)
+                why = ("because isolation='none' was asked for" if self.config.isolation == "none"
+                       else "on this machine; run as root (or allow user namespaces) with "
+                       "util-linux `unshare` installed for all protections")
+                warnings.warn(f"PythonSandbox runs with reduced containment {why}. Off: "
+                              f"{', '.join(off)}.", stacklevel=3)
 
     @property
     def protections(self) -> dict[str, bool]:

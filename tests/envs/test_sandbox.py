@@ -1,0 +1,446 @@
+"""One adversarial test per property of PythonSandbox (see the threat model in envs/sandbox.py).
+
+Every hostile snippet is bounded so that it stays harmless even if containment failed: fork floods
+stop at a few thousand sleeping children that exit by themselves, files stop at 2 GB, daemons
+sleep for 30 s, and nothing signals a process the test did not start.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from envs.sandbox import ExecutionResult, PythonSandbox, SandboxConfig
+
+FAST = SandboxConfig(timeout_s=5.0, max_timeout_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with PythonSandbox(FAST) as sb:
+        yield sb
+
+
+def need(sandbox: PythonSandbox, *names: str) -> None:
+    off = [n for n in names if not sandbox.protections[n]]
+    if off:
+        pytest.skip(f"protection off on this machine: {', '.join(off)}")
+
+
+def processes_with(marker: str) -> list[int]:
+    """Host pids whose command line contains `marker` (sees every pid namespace)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def wait_until(predicate, timeout_s: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def still_serves(sandbox: PythonSandbox) -> None:
+    r = sandbox.run("print(6 * 7)")
+    assert (r.status, r.stdout) == ("ok", "42\n"), r
+
+
+# --- the API ---------------------------------------------------------------------------------------
+def test_run_returns_output_and_status(sandbox):
+    r = sandbox.run("import sympy\nprint(sympy.factorint(2**32 + 1))")
+    assert isinstance(r, ExecutionResult)
+    assert r.status == "ok" and r.ok and not r.truncated
+    assert r.stdout == "{641: 1, 6700417: 1}\n" and r.stderr == ""
+    assert 0 < r.wall_s < 5
+
+
+def test_last_expression_is_printed_like_a_notebook(sandbox):
+    assert sandbox.run("x = 3\nx * 2").stdout == "6\n"
+    assert sandbox.run("None").stdout == ""
+
+
+def test_traceback_line_numbers_refer_to_the_snippet(sandbox):
+    r = sandbox.run("a = 1\nb = 2\n\nraise ValueError('boom')\n")
+    assert r.status == "error"
+    assert 'File "<cell 1>", line 4' in r.stderr and "ValueError: boom" in r.stderr
+    assert "_sandbox_server" not in r.stderr  # no frames of the harness
+    syntax = sandbox.run("x = (1,\nprint(x")
+    assert syntax.status == "error" and "SyntaxError" in syntax.stderr
+
+
+def test_session_keeps_state_like_notebook_cells(sandbox):
+    with sandbox.session() as s:
+        assert s.run("import fractions\ndef f(n):\n    return fractions.Fraction(1, n)").ok
+        assert s.run("total = sum(f(n) for n in range(1, 5))").ok
+        assert s.run("print(total)").stdout == "25/12\n"
+        with open("/dev/null") as _:
+            pass
+        assert s.run("open('notes.txt', 'w').write('kept')").ok
+        assert s.run("print(open('notes.txt').read())").stdout == "kept\n"
+
+
+def test_failed_call_leaves_the_previous_state_intact(sandbox):
+    with sandbox.session() as s:
+        s.run("x = 1")
+        r = s.run("x = 2\nraise RuntimeError('after assignment')")
+        assert r.status == "error"
+        assert s.run("print(x)").stdout == "1\n"
+        assert s.run("x = 3\nimport time\ntime.sleep(60)", timeout_s=0.5).status == "timeout"
+        assert s.run("print(x)").stdout == "1\n"
+
+
+def test_invalid_arguments_are_clear_errors(sandbox):
+    with pytest.raises(ValueError, match="timeout_s"):
+        sandbox.run("1", timeout_s=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        sandbox.run("1", timeout_s=1e9)
+    with pytest.raises(TypeError, match="str"):
+        sandbox.run(b"print(1)")
+    with pytest.raises(ValueError, match="memory_mb"):
+        SandboxConfig(memory_mb=64)
+    with pytest.raises(ValueError, match="isolation"):
+        SandboxConfig(isolation="docker")
+
+
+# --- time --------------------------------------------------------------------------------------------
+def test_infinite_loop_times_out(sandbox):
+    r = sandbox.run("while True:\n    pass", timeout_s=1)
+    assert r.status == "timeout" and 0.9 < r.wall_s < 3
+    still_serves(sandbox)
+
+
+def test_loop_that_ignores_signals_still_dies(sandbox):
+    code = ("import signal\n"
+            "for s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGHUP):\n"
+            "    signal.signal(s, signal.SIG_IGN)\n"
+            "signal.alarm(1)\n"
+            "while True:\n    pass")
+    t0 = time.monotonic()
+    r = sandbox.run(code, timeout_s=1.5)
+    assert r.status == "timeout" and time.monotonic() - t0 < 5
+    still_serves(sandbox)
+
+
+def test_sleep_forever_times_out(sandbox):
+    r = sandbox.run("import time\ntime.sleep(1e6)", timeout_s=1)
+    assert r.status == "timeout"
+    still_serves(sandbox)
+
+
+# --- processes ---------------------------------------------------------------------------------------
+def test_fork_flood_stops_at_the_process_cap(sandbox):
+    need(sandbox, "process_cap")
+    code = ("import os, time\n"
+            "n = 0\n"
+            "for _ in range(3000):\n"
+            "    try:\n"
+            "        pid = os.fork()\n"
+            "    except OSError:\n"
+            "        break\n"
+            "    if pid == 0:\n"
+            "        time.sleep(3)\n"
+            "        os._exit(0)\n"
+            "    n += 1\n"
+            "print(n)")
+    r = sandbox.run(code, timeout_s=20)
+    assert r.status == "ok", r
+    assert 0 < int(r.stdout) < sandbox.config.max_processes
+    still_serves(sandbox)
+
+
+def test_thousand_threads_stop_at_the_cap(sandbox):
+    need(sandbox, "process_cap")
+    code = ("import threading, time\n"
+            "started = 0\n"
+            "try:\n"
+            "    for _ in range(1000):\n"
+            "        threading.Thread(target=time.sleep, args=(3,), daemon=True).start()\n"
+            "        started += 1\n"
+            "finally:\n"
+            "    print(started)")
+    r = sandbox.run(code, timeout_s=20)
+    assert r.status == "error" and "can't start new thread" in r.stderr, r
+    assert int(r.stdout) < sandbox.config.max_processes
+    still_serves(sandbox)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_double_forked_setsid_daemon_is_gone_when_the_call_returns(sandbox, stateful):
+    need(sandbox, "daemon_cleanup")
+    marker = f"0.{uuid.uuid4().int % 10**12:012d}"  # `sleep 30 0.xxx` sleeps ~30 s, a unique argv
+    code = ("import os, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            f"        os.execv('/bin/sleep', ['sleep', '30', '{marker}'])\n"
+            "    os._exit(0)\n"
+            "time.sleep(1.5)\n"
+            "print('parent done')")
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.append(wait_until(
+        lambda: processes_with(marker), timeout_s=1.4)))
+    watcher.start()
+    if stateful:
+        with sandbox.session() as s:
+            r = s.run(code)
+            assert r.stdout == "parent done\n"
+            gone_while_session_open = wait_until(lambda: not processes_with(marker), 1.0)
+    else:
+        r = sandbox.run(code)
+        gone_while_session_open = True
+    watcher.join()
+    assert seen == [True], "the daemon never appeared: the test itself is broken"
+    assert r.status == "ok"
+    assert gone_while_session_open and wait_until(lambda: not processes_with(marker), 1.0)
+
+
+def test_kill_of_parent_and_process_group_does_not_hurt_the_sandbox(sandbox):
+    with sandbox.session() as s:
+        s.run("x = 'kept'")
+        r = s.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('still here')")
+        assert r.status == "ok" and r.stdout == "still here\n"
+        assert s.run("print(x)").stdout == "kept\n"
+        r = s.run("import os, signal\nos.killpg(os.getpgrp(), signal.SIGKILL)")
+        assert r.status == "crashed" and r.exit_code == -9
+        assert s.run("print(x)").stdout == "kept\n"
+        r = s.run("import os, signal\ntry:\n    os.kill(1, signal.SIGKILL)\nexcept OSError as e:\n"
+                  "    print(type(e).__name__)\nprint('alive')")
+        assert "alive" in r.stdout
+        assert s.run("print(x)").stdout == "kept\n"
+    still_serves(sandbox)
+
+
+def test_deep_recursion_segfault_is_a_crash(sandbox):
+    # Python 3.11 calls between Python functions use no C stack; repr of a deep list does.
+    code = ("import sys\nsys.setrecursionlimit(10**8)\nx = []\n"
+            "for _ in range(10**6):\n    x = [x]\nrepr(x)")
+    r = sandbox.run(code, timeout_s=20)
+    if "RecursionError" in r.stderr:  # newer Pythons guard the C stack themselves
+        assert r.status == "error"
+    else:
+        assert r.status == "crashed" and r.exit_code == -11, r
+    still_serves(sandbox)
+
+
+def test_os_exit_is_a_crash_with_its_code(sandbox):
+    r = sandbox.run("print('before', flush=True)\nimport os\nos._exit(3)")
+    assert r.status == "crashed" and r.exit_code == 3 and r.stdout == "before\n"
+    still_serves(sandbox)
+
+
+def test_sys_exit(sandbox):
+    r = sandbox.run("import sys\nsys.exit(2)")
+    assert r.status == "error" and "SystemExit: 2" in r.stderr
+    with sandbox.session() as s:
+        assert s.run("y = 5\nimport sys\nsys.exit(0)").status == "ok"
+        assert s.run("print(y)").stdout == "5\n"
+
+
+# --- memory ------------------------------------------------------------------------------------------
+def test_memory_bomb_is_reported_and_numpy_still_works(sandbox):
+    r = sandbox.run("x = bytearray(8 * 1024**3)")
+    assert r.status == "memory" and "MemoryError" in r.stderr
+    r = sandbox.run("chunks = []\nwhile True:\n    chunks.append(bytearray(64 * 1024**2))")
+    assert r.status == "memory"
+    r = sandbox.run("import numpy as np\na = np.random.default_rng(0).random((500, 500))\n"
+                    "print(round(float(np.linalg.det(a @ np.linalg.inv(a))), 6))")
+    assert (r.status, r.stdout) == ("ok", "1.0\n"), r
+
+
+# --- output ------------------------------------------------------------------------------------------
+def test_gigabyte_of_printing_is_capped_head_and_tail(sandbox):
+    code = ("import sys\nsys.stdout.write('HEAD')\nchunk = 'x' * (1 << 20)\n"
+            "for _ in range(1024):\n    sys.stdout.write(chunk)\nprint('TAIL')")
+    r = sandbox.run(code, timeout_s=60)
+    assert r.status == "ok" and r.truncated
+    cap = sandbox.config.max_output_bytes
+    assert len(r.stdout) < cap + 100
+    assert r.stdout.startswith("HEAD") and r.stdout.endswith("TAIL\n")
+    assert "bytes omitted" in r.stdout
+
+
+def test_invalid_utf8_output_is_replaced(sandbox):
+    r = sandbox.run("import sys\n_ = sys.stdout.buffer.write(b'ok \\xff\\xfe end\\n')")
+    assert r.status == "ok" and r.stdout == "ok \ufffd\ufffd end\n"
+    r = sandbox.run("print('\\udcff')")  # a lone surrogate cannot be encoded: escaped, not fatal
+    assert r.status == "ok" and "udcff" in r.stdout
+
+
+def test_output_that_imitates_the_result_framing_is_just_output(sandbox):
+    fake = '{"status":"ok","wall_s":0,"truncated":false,"exit_code":null,"stdout_len":0}'
+    code = ("import struct, sys\n"
+            f"h = {fake!r}.encode()\n"
+            "sys.stdout.buffer.write(struct.pack('!II', len(h), 0) + h)\n"
+            "sys.stderr.write(h.decode())\n"
+            "raise KeyError('real failure')")
+    r = sandbox.run(code)
+    assert r.status == "error" and "KeyError" in r.stderr
+    assert fake in r.stdout and fake in r.stderr
+
+
+# --- files -------------------------------------------------------------------------------------------
+def test_writes_outside_the_scratch_dir_fail(sandbox, tmp_path):
+    need(sandbox, "separate_uid")
+    target = tmp_path / "open"
+    target.mkdir()
+    target.chmod(0o777)  # even a world-writable directory of the caller is out of reach
+    host_tmp = f"/tmp/toolgrpo-escape-{uuid.uuid4().hex}"
+    code = ("import os\nresults = []\n"
+            f"for path in ({str(target / 'pwned')!r}, '/pwned', '/etc/pwned', {host_tmp!r}):\n"
+            "    try:\n        open(path, 'w').write('x')\n        results.append('wrote')\n"
+            "    except OSError as e:\n        results.append(type(e).__name__)\n"
+            "open('inside.txt', 'w').write('fine')\nprint(results, os.getcwd())")
+    r = sandbox.run(code)
+    assert r.status == "ok", r
+    assert not (target / "pwned").exists() and not os.path.exists("/pwned")
+    assert not os.path.exists("/etc/pwned") and not os.path.exists(host_tmp)
+    scratch = r.stdout.split()[-1]
+    assert not os.path.exists(scratch)  # the scratch dir is private, and gone afterwards
+
+
+def test_file_far_past_the_size_cap_fails(sandbox):
+    code = ("block = b'0' * (1 << 20)\nwritten = 0\ntry:\n"
+            "    with open('big.bin', 'wb') as f:\n"
+            "        for _ in range(2048):\n            f.write(block)\n            written += 1\n"
+            "finally:\n    print(written)")
+    r = sandbox.run(code, timeout_s=30)
+    assert r.status == "error" and "File too large" in r.stderr, r
+    assert int(r.stdout) <= sandbox.config.max_file_mb
+
+
+# --- secrets and network -----------------------------------------------------------------------------
+def test_environment_holds_no_secret_of_the_caller(monkeypatch):
+    secret = f"sk-{uuid.uuid4().hex}"
+    monkeypatch.setenv("TOOLGRPO_TEST_API_KEY", secret)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    with PythonSandbox(FAST, pool_size=0) as sb:
+        r = sb.run("import os\nprint(dict(os.environ))")
+        assert r.status == "ok" and secret not in r.stdout and "HF_TOKEN" not in r.stdout
+        code = (f"import os\nleaks = []\nfor pid in (1, {os.getpid()}, {os.getppid()}):\n"
+                "    try:\n        leaks.append(open(f'/proc/{pid}/environ', 'rb').read())\n"
+                "    except OSError as e:\n        leaks.append(type(e).__name__)\nprint(leaks)")
+        r = sb.run(code)
+        assert r.status == "ok" and secret not in r.stdout, r.stdout
+
+
+def test_no_file_descriptor_is_inherited(sandbox):
+    r = sandbox.run("import os\nprint(sorted(int(f) for f in os.listdir('/proc/self/fd')))")
+    fds = eval(r.stdout)  # noqa: S307 - our own output
+    # stdin/out/err, the result channel, and the listing's own directory handle
+    assert fds[:3] == [0, 1, 2] and len(fds) <= 5, fds
+
+
+def test_runs_unprivileged_without_new_privileges(sandbox):
+    need(sandbox, "separate_uid")
+    r = sandbox.run("import os\nprint(os.getuid(), os.geteuid(), "
+                    "open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])")
+    uid, euid, nnp = r.stdout.split()
+    assert int(uid) != 0 and int(euid) != 0 and nnp == "1"
+
+
+def test_no_network_even_to_a_local_listener(sandbox):
+    need(sandbox, "network_isolated")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    code = ("import socket\ns = socket.socket()\ns.settimeout(2)\n"
+            f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'exfiltrated')")
+    r = sandbox.run(code)
+    assert r.status == "error" and ("unreachable" in r.stderr or "refused" in r.stderr), r
+    with pytest.raises(socket.timeout):
+        listener.accept()
+    listener.close()
+
+
+# --- isolation between sessions, concurrency, shutdown -----------------------------------------------
+def test_state_does_not_leak_between_sessions(sandbox):
+    with sandbox.session() as a, sandbox.session() as b:
+        a.run("secret = 'alpha'\nopen('mine.txt', 'w').write('alpha')")
+        r = b.run("print(secret)")
+        assert r.status == "error" and "NameError" in r.stderr
+        r = b.run("import os\nprint(os.path.exists('mine.txt'))")
+        assert r.stdout == "False\n"
+        assert a.run("print(secret)").stdout == "alpha\n"
+
+
+def test_concurrent_sessions_from_many_threads(sandbox):
+    errors = []
+
+    def worker(k: int):
+        try:
+            with sandbox.session() as s:
+                s.run(f"acc = {k}")
+                for i in range(15):
+                    r = s.run(f"acc = acc * 2 + {i}\nprint(acc)")
+                    assert r.status == "ok", r
+                expected = k
+                for i in range(15):
+                    expected = expected * 2 + i
+                assert r.stdout == f"{expected}\n"
+                assert sandbox.run(f"print({k} ** 2)").stdout == f"{k * k}\n"
+        except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_close_leaves_no_process_behind():
+    sb = PythonSandbox(FAST)
+    s = sb.session()
+    s.run("import subprocess\nx = 1")
+    tree = {sb._proc.pid} | descendants(sb._proc.pid)  # the server, its pool and the session
+    assert len(tree) >= 4
+    sb.close()
+    alive = lambda: {p for p in tree if os.path.exists(f"/proc/{p}")}  # noqa: E731
+    assert wait_until(lambda: not alive(), 5.0), alive()
+    with pytest.raises(Exception):
+        s.run("print(x)")
+
+
+def test_reduced_isolation_still_contains_time_and_memory():
+    with PythonSandbox(FAST, isolation="none", pool_size=0) as sb:
+        assert not sb.protections["network_isolated"]
+        assert sb.run("while True: pass", timeout_s=1).status == "timeout"
+        assert sb.run("x = bytearray(8 * 1024**3)").status == "memory"
+        still_serves(sb)
