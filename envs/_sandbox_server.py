@@ -141,7 +141,9 @@ def prctl(option: int, arg: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Server start-up: a private filesystem view, preloaded modules.
 # ---------------------------------------------------------------------------------------------
-WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+CLOSED_TMP_DIRS = ("/tmp", "/var/tmp")  # root-owned 755: code writes in its scratch dir only
+SHARED_TMP_DIRS = ("/dev/shm", "/run/lock")  # sticky 1777 (POSIX semaphores live in /dev/shm),
+# emptied of a session's files whenever the session is reset or closed
 
 
 def _hidden_ancestor(path: str) -> str | None:
@@ -162,9 +164,10 @@ def private_filesystem(scratch_mb: int) -> None:
     directories closed to other users (such as /root, with its tokens and caches) replaced by an
     empty tmpfs that shows only the interpreter and its packages, read-only."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    for d in WORLD_WRITABLE_DIRS:
+    for d in CLOSED_TMP_DIRS + SHARED_TMP_DIRS:
         if os.path.isdir(d):
-            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_mb}m,mode=1777")
+            mode = "755" if d in CLOSED_TMP_DIRS else "1777"
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_mb}m,mode={mode}")
     needed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.executable, *sys.path)
               if p and os.path.exists(p)}
     hidden: dict[str, list[str]] = {}
@@ -295,20 +298,21 @@ def _stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
                             errors="backslashreplace", line_buffering=line_buffering)
 
 
-def cell_process(header: dict, code: str, ns: dict, fds: list[int], scoped: bool):
-    """In the forked child C. Returns the control socket if C was promoted to state."""
+def cell_process(order: dict, code: str, ns: dict, fds: list[int], scoped: bool) -> socket.socket:
+    """The forked child C. Returns its control socket if the cell succeeded and C was promoted
+    to be the state; otherwise never returns."""
     out_w, err_w, ctl_fd = fds
     ctl = socket.socket(fileno=ctl_fd)
-    if os.getpgrp() != os.getpid():  # killpg(getpgrp()) by the code reaches only C's group
-        os.setpgid(0, 0)
+    os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
+    prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.close(out_w)
     os.close(err_w)
-    cpu = int(header["cpu_s"])
+    cpu = int(order["cpu_s"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.getrlimit(resource.RLIMIT_CPU)[1]))
     sys.stdout, sys.stderr = _stream(1, False), _stream(2, True)
-    status = run_cell(code, ns, int(header["cell"]))
+    status = run_cell(code, ns, int(order["cell"]))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -335,8 +339,12 @@ def cell_process(header: dict, code: str, ns: dict, fds: list[int], scoped: bool
 # ---------------------------------------------------------------------------------------------
 # The state process S.
 # ---------------------------------------------------------------------------------------------
+WARM_UP = "import math, numpy, sympy\nprint(1 + 1, math.gcd(12, 18), numpy.arange(3).sum(), sympy.Integer(6))"
+
+
 def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: str, scoped: bool):
-    """Drops privileges and serves "run" orders from the supervisor until it is told to go."""
+    """Drops privileges, then forks a cell process for every "run" order from the supervisor and
+    rolls back (kills the cell and all it started) when told to."""
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -357,32 +365,26 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
     if uid is not None:
         os.setgroups([])
         os.setgid(uid)
-        os.setuid(uid)
-        prctl(PR_SET_DUMPABLE, 1)  # keep /proc/self readable by the code itself
+        os.setuid(uid)  # also clears "dumpable": cells of this uid cannot ptrace the state
     prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot raise privileges
     os.chdir(scratch)
     os.environ.update(HOME=scratch, TMPDIR=scratch)
+    sys.stdout = sys.stderr = _stream(1, False)  # /dev/null until a cell rebinds them
+    run_cell(WARM_UP, {"__builtins__": builtins}, 0)  # take copy-on-write faults now, while
+    sys.stdout.flush()                                # pooled, not during a caller's call
     ns = {"__name__": "__main__", "__builtins__": builtins}
     while True:
         try:
             order, payload, fds = recv_msg(ctl, max_fds=3)
         except ProtocolError:
-            os._exit(0)
+            os._exit(0)  # the supervisor is gone, or a promoted cell killed this old state
         if order.get("op") != "run" or len(fds) != 3:
             os._exit(1)
         reap_children()
-        code = payload.decode("utf-8", "replace")
-        if order.get("in_place"):  # a one-shot session has no state to protect: run right here
-            pidfd = os.pidfd_open(os.getpid())
-            send_msg(ctl, {"op": "forked", "pid": os.getpid()}, fds=[pidfd])
-            os.close(pidfd)
-            ctl.close()
-            cell_process(order, code, ns, fds, scoped=False)
-            os._exit(0)
         pid = os.fork()
         if pid == 0:
             ctl.close()
-            ctl = cell_process(order, code, ns, fds, scoped)
+            ctl = cell_process(order, payload.decode("utf-8", "replace"), ns, fds, scoped)
             continue  # this process is now the state
         for fd in fds:
             os.close(fd)
@@ -527,31 +529,34 @@ class Session:
                 break
 
     def run(self, code: bytes, timeout_s: float, keep: bool) -> tuple[dict, bytes]:
-        """One cell. With keep=False the session is single-use: the cell runs in the state
-        process itself and everything is killed afterwards."""
+        """One cell. With keep=False the cell never becomes the state (and the caller resets the
+        session's files afterwards): the next call starts from the same pristine state."""
         notes: list[str] = []
-        if self.state is None:
-            self.spawn_state()
-            notes.append("the previous state was lost; this cell ran in a fresh session")
-        self.cells += 1
+        cell = self.cells + 1 if keep else 1  # a stateless call is always the first cell
+        self.cells += keep
         limit = int(self.settings["max_output_bytes"])
         out, err = OutputBuffer(limit), OutputBuffer(limit)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        order = {"op": "run", "cell": cell, "cpu_s": int(timeout_s) + 1}
+        if self.state is None:
+            self.spawn_state()
+            if keep:
+                notes.append("the previous state was lost; this cell ran in a fresh session")
         mine, theirs = socket.socketpair()
         t0 = time.monotonic()
-        order = {"op": "run", "cell": self.cells, "cpu_s": int(timeout_s) + 1, "in_place": not keep}
+        status, pidfd, cell_pid = None, -1, 0
         try:
             send_msg(self.state, order, code, fds=[out_w, err_w, theirs.fileno()])
             forked, _, fds = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=1)
-            pidfd, cell_pid = (fds[0], int(forked["pid"])) if fds else (-1, 0)
+            if fds:
+                pidfd, cell_pid = fds[0], int(forked["pid"])
         except (ProtocolError, OSError, KeyError, ValueError):
-            pidfd, cell_pid = -1, 0
+            pass
         finally:
             os.close(out_w)
             os.close(err_w)
             theirs.close()
-        status = None
         if pidfd < 0:
             status = "crashed"
             notes.append("the session's state process was gone; state was reset")
@@ -589,12 +594,7 @@ class Session:
                     break
         wall = time.monotonic() - t0
         wait_status = None
-        if not keep:
-            if status == "crashed":
-                self._on_child()
-                wait_status = self.exit_statuses.get(cell_pid)
-            self.kill_all()
-        elif status == "ok":
+        if status == "ok" and keep:
             try:
                 send_msg(mine, {"op": "promote"})
                 ack, _, _ = recv_msg_within(mine, 5.0, max_payload=0, max_fds=0)
@@ -614,7 +614,8 @@ class Session:
                 ack, _, _ = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=0)
                 wait_status = ack.get("wait_status")
             except (ProtocolError, OSError):
-                notes.append("the session's state process was gone; state was reset")
+                if keep:
+                    notes.append("the session's state process was gone; state was reset")
                 self.kill_all()
         exit_code = None
         if status == "crashed" and cell_pid:
@@ -639,12 +640,43 @@ class Session:
             sep = b"\n" if stderr and not stderr.endswith(b"\n") else b""
             stderr += sep + "".join(f"[sandbox] {n}\n" for n in notes).encode()
         header = {"status": status, "wall_s": wall, "truncated": out.truncated or err.truncated,
-                  "exit_code": exit_code, "stdout_len": len(stdout), "cell": self.cells}
+                  "exit_code": exit_code, "stdout_len": len(stdout), "cell": cell}
         return header, stdout + stderr
+
+    def reset_files(self) -> None:
+        """Empty the scratch directory and remove the session's files from the shared temporary
+        directories. Every process of the session has been killed by now, so nothing races."""
+        _empty_dir(self.scratch)
+        os.chmod(self.scratch, 0o700)
+        if self.uid is not None:
+            os.chown(self.scratch, self.uid, self.uid)
+            for d in SHARED_TMP_DIRS:
+                _empty_dir(d, owner=self.uid)
 
     def close(self) -> None:
         self.kill_all()
+        if self.uid is not None:
+            for d in SHARED_TMP_DIRS:
+                _empty_dir(d, owner=self.uid)
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _empty_dir(path: str, owner: int | None = None) -> None:
+    """Remove the entries of `path` (those of `owner` only, if given) without following links."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if owner is not None and entry.stat(follow_symlinks=False).st_uid != owner:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
 
 
 def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped: bool) -> None:
@@ -673,7 +705,7 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
             header, payload = session.run(code, timeout, keep)
             send_msg(client, header, payload)
             if not keep:
-                break
+                session.reset_files()  # after the reply: off the caller's path
     except OSError:
         pass
     finally:

@@ -177,6 +177,7 @@ class PythonSandbox:
         self._control: socket.socket | None = None
         self._protections: dict[str, bool] = {}
         self._finalizer = None
+        self._idle: list[socket.socket] = []  # sessions that serve stateless calls, ready
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> "PythonSandbox":
@@ -262,6 +263,9 @@ class PythonSandbox:
     def close(self) -> None:
         """Stop the server; every session and process of this sandbox ends with it."""
         with self._lock:
+            for sock in self._idle:
+                sock.close()
+            self._idle.clear()
             if self._finalizer is not None:
                 self._finalizer()
             self._proc = self._control = self._finalizer = None
@@ -278,8 +282,21 @@ class PythonSandbox:
         return SandboxSession(self._open())
 
     def run(self, code: str, timeout_s: float | None = None) -> ExecutionResult:
-        """Run `code` in a fresh session that is discarded afterwards."""
-        return _call(self._open(), code, self._timeout(timeout_s), keep=False, close=True)
+        """Run `code` with no state: a fork of a pristine session state that never becomes the
+        state, in a scratch directory emptied afterwards."""
+        timeout_s = self._timeout(timeout_s)
+        _check_code(code)
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+        conn = (sock, self) if sock is not None else self._open()
+        result = _call(conn, code, timeout_s, keep=False, close=False)  # closes it on failure
+        with self._lock:
+            if self._finalizer is not None and len(self._idle) < 2 * (os.cpu_count() or 1) + 2:
+                self._idle.append(conn[0])
+                conn = None
+        if conn is not None:
+            conn[0].close()
+        return result
 
     def _timeout(self, timeout_s: float | None) -> float:
         t = self.config.timeout_s if timeout_s is None else float(timeout_s)
@@ -317,10 +334,13 @@ def _stop(proc: subprocess.Popen, control: socket.socket) -> None:
         proc.wait()
 
 
-def _call(conn, code: str, timeout_s: float, keep: bool, close: bool) -> ExecutionResult:
-    sock, sandbox = conn
+def _check_code(code: str) -> None:
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
+
+
+def _call(conn, code: str, timeout_s: float, keep: bool, close: bool) -> ExecutionResult:
+    sock, _ = conn
     try:
         proto.send_msg(sock, {"op": "run", "timeout_s": timeout_s, "keep": keep},
                        code.encode("utf-8", "surrogatepass"))
@@ -352,6 +372,7 @@ class SandboxSession:
         with self._lock:
             if self.closed:
                 raise RuntimeError("this sandbox session is closed")
+            _check_code(code)
             return _call(self._conn, code, self._conn[1]._timeout(timeout_s), keep=True,
                          close=False)
 

@@ -399,6 +399,17 @@ def test_state_does_not_leak_between_sessions(sandbox):
         assert a.run("print(secret)").stdout == "alpha\n"
 
 
+def test_stateless_calls_share_nothing(sandbox):
+    leave = ("import os, numpy\nmarker = 1\nnumpy.pi = 3\nopen('left.txt', 'w').write('x')\n"
+             "os.mkdir('d')\nopen('/dev/shm/left', 'w').write('x')\n"
+             "os.symlink('/etc/passwd', 'link')\nos.chmod('.', 0o500)")
+    for _ in range(3):  # stateless calls reuse idle sessions: whichever one runs next
+        assert sandbox.run(leave).status == "ok"
+        r = sandbox.run("import os, numpy\nprint(sorted(os.listdir('.')), "
+                        "os.path.exists('/dev/shm/left'), 'marker' in globals(), numpy.pi > 3.1)")
+        assert r.stdout == "[] False False True\n", r
+
+
 def test_concurrent_sessions_from_many_threads(sandbox):
     errors = []
 
