@@ -1,1 +1,21 @@
-"""Tool-use environments for ToolGRPO."""
+"""Tool-use environments for ToolGRPO, registered with Gymnasium on import.
+
+    import gymnasium as gym
+    env = gym.make("envs:ToolMath-Arith-v0")        # "envs:" imports this package first
+    env = gym.make("ToolMath-AIME-v0", problems="aime.jsonl")   # after `import envs`
+
+This package imports neither jax nor any model code: environments are plain text in, text out.
+"""
+
+from gymnasium.envs.registration import register, registry
+
+ENV_IDS = ("ToolMath-AIME-v0", "ToolMath-Arith-v0")
+
+_KWARGS = {
+    "ToolMath-AIME-v0": {"problems": "aime", "split": "train"},
+    "ToolMath-Arith-v0": {"problems": "arith", "difficulty": 3},
+}
+
+for _id in ENV_IDS:
+    if _id not in registry:
+        register(id=_id, entry_point="envs.toolmath:ToolMathEnv", kwargs=_KWARGS[_id])

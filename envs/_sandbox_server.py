@@ -380,8 +380,13 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             os._exit(0)  # the supervisor is gone, or a promoted cell killed this old state
         if order.get("op") != "run" or len(fds) != 3:
             os._exit(1)
-        reap_children()
-        pid = os.fork()
+        pid = _fork_when_possible()
+        if pid is None:
+            for fd in fds:
+                os.close(fd)
+            send_msg(ctl, {"op": "forked", "pid": 0, "error": "the session's process limit is "
+                           "reached; processes from the previous call are still exiting"})
+            continue
         if pid == 0:
             ctl.close()
             ctl = cell_process(order, payload.decode("utf-8", "replace"), ns, fds, scoped)
@@ -403,6 +408,20 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
         elif _alive(pid):
             os.killpg(pid, signal.SIGKILL)
         send_msg(ctl, {"op": "rolled_back", "wait_status": status})
+
+
+def _fork_when_possible(patience_s: float = 2.0) -> int | None:
+    """fork(), retried while the session is at its process limit: processes killed at the end of
+    the previous call hold their slots until their parent reaps them, a few milliseconds."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        reap_children()
+        try:
+            return os.fork()
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.002)
 
 
 def _alive(pid: int) -> bool:
@@ -551,13 +570,16 @@ class Session:
             forked, _, fds = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=1)
             if fds:
                 pidfd, cell_pid = fds[0], int(forked["pid"])
+            elif forked.get("error"):  # the state is fine but could not fork: nothing ran
+                status = "crashed"
+                notes.append(str(forked["error"]))
         except (ProtocolError, OSError, KeyError, ValueError):
             pass
         finally:
             os.close(out_w)
             os.close(err_w)
             theirs.close()
-        if pidfd < 0:
+        if pidfd < 0 and status is None:
             status = "crashed"
             notes.append("the session's state process was gone; state was reset")
             self.kill_all()
@@ -608,7 +630,7 @@ class Session:
                 status = "crashed"
                 notes.append("the cell could not be kept as the new state; state was reset")
                 self.kill_all()
-        elif self.state is not None:
+        elif self.state is not None and cell_pid:  # nothing to roll back if no cell ran
             try:
                 send_msg(self.state, {"op": "rollback"})
                 ack, _, _ = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=0)

@@ -42,6 +42,7 @@ lists them, and the first sandbox of a process warns once, naming the ones that 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -393,3 +394,18 @@ class SandboxSession:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+_shared: PythonSandbox | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_sandbox() -> PythonSandbox:
+    """One PythonSandbox per process with the default config, started on first use and stopped
+    at exit: what environments use unless they are given a sandbox of their own."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = PythonSandbox()
+            atexit.register(_shared.close)
+        return _shared

@@ -176,9 +176,14 @@ def test_fork_flood_stops_at_the_process_cap(sandbox):
             "        os._exit(0)\n"
             "    n += 1\n"
             "print(n)")
-    r = sandbox.run(code, timeout_s=20)
-    assert r.status == "ok", r
-    assert 0 < int(r.stdout) < sandbox.config.max_processes
+    with sandbox.session() as s:
+        s.run("kept = True")
+        r = s.run(code, timeout_s=20)
+        assert r.status == "ok", r
+        assert 0 < int(r.stdout) < sandbox.config.max_processes
+        # the flood's killed children free their slots within milliseconds: the next call of
+        # the same session (same uid, same process cap) must still run, with its state
+        assert s.run("print(kept)").stdout == "True\n"
     still_serves(sandbox)
 
 

@@ -1,0 +1,90 @@
+"""Final answers: the last \\boxed{...} of a text, integer comparison (AIME), math-verify otherwise."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from fractions import Fraction
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces handled;
+    `\\boxed 42` without braces takes the next token. None if there is no complete one."""
+    matches = list(_BOXED.finditer(text))
+    for m in reversed(matches):
+        start = m.end()
+        if start < len(text) and text[start] == "{":
+            depth = 0
+            for i in range(start, len(text)):
+                if text[i] == "{":
+                    depth += 1
+                elif text[i] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[start + 1:i].strip()
+            continue  # unbalanced: try an earlier one
+        token = re.match(r"[^\s$]+", text[start:])
+        if token:
+            return token.group(0)
+    return None
+
+
+_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
+
+
+def parse_integer(answer: str | int | None) -> int | None:
+    """An answer as an integer: "042", "$42$", "42.0", "\\text{42}", "1,000" and "42^\\circ" all
+    parse; "3/2", "x=4" and "" do not."""
+    if answer is None:
+        return None
+    if isinstance(answer, int):
+        return answer
+    s = _WRAPPERS.sub(r"\1", str(answer))
+    s = s.replace("$", "").replace("\\!", "").replace("\\,", "").replace(" ", "")
+    s = re.sub(r"\^\{?\\circ\}?$", "", s)
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", s):
+        s = s.replace(",", "")
+    if re.fullmatch(r"[+-]?\d+", s):
+        return int(s)
+    if re.fullmatch(r"[+-]?\d+\.0*", s):
+        return int(Fraction(s))
+    return None
+
+
+_mv_log = logging.getLogger("math_verify")
+
+
+def math_equal(prediction: str, gold: str) -> bool:
+    """Symbolic equivalence by Hugging Face's math-verify (gold first, as it expects). Its signal
+    based timeouts only work in the main thread; elsewhere they are off."""
+    from math_verify import parse, verify
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    level = _mv_log.level
+    _mv_log.setLevel(logging.ERROR)  # it warns on every call made without a timeout
+    try:
+        gold_p = parse(f"${gold}$", parsing_timeout=timeout)
+        pred_p = parse(f"${prediction}$", parsing_timeout=timeout)
+        return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=timeout))
+    except Exception:  # noqa: BLE001 - an unparseable answer is a wrong answer
+        return False
+    finally:
+        _mv_log.setLevel(level)
+
+
+def answers_match(prediction: str | None, gold: str, kind: str = "auto") -> bool:
+    """Whether `prediction` answers `gold`. kind: "integer" (compared as integers, as AIME is),
+    "math" (math-verify), or "auto" (integer when the gold answer is one)."""
+    if prediction is None:
+        return False
+    if kind not in ("auto", "integer", "math"):
+        raise ValueError(f"answer kind must be auto, integer or math, got {kind!r}")
+    gold_int = parse_integer(gold)
+    if kind == "integer" or (kind == "auto" and gold_int is not None):
+        if gold_int is None:
+            raise ValueError(f"gold answer {gold!r} is not an integer")
+        return parse_integer(prediction) == gold_int
+    return math_equal(prediction, gold)

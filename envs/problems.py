@@ -1,0 +1,203 @@
+"""Problem sources: data sets through Hugging Face `datasets` (hub ids or local files), and
+procedurally generated arithmetic that needs no network.
+
+A problem source is a sequence of `Problem`s: `len(source)` and `source[i]`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from envs.answers import last_boxed, parse_integer
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str
+    """The reference answer, as text (an integer for AIME and Arith)."""
+    answer_kind: str = "auto"
+    """"integer", "math" (math-verify) or "auto"; see envs.answers.answers_match."""
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+AIME_SOURCES = {
+    "train": ("gneubig/aime-1983-2024",),
+    "test": ("opencompass/AIME2025:AIME2025-I", "opencompass/AIME2025:AIME2025-II"),
+}
+"""The original project's training collection (AIME 1983-2024) and AIME 2025 for evaluation.
+A hub id may name a configuration after a colon."""
+
+QUESTION_COLUMNS = ("problem", "question", "Question", "Problem", "prompt")
+ANSWER_COLUMNS = ("answer", "Answer", "final_answer", "solution", "Solution")
+ID_COLUMNS = ("id", "ID", "problem_id", "unique_id")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class HubUnavailableError(RuntimeError):
+    """A data set could not be had from the Hugging Face Hub (offline, and not in the cache)."""
+
+
+def _load_table(source: str, split: str):
+    """Rows of one source as a `datasets.Dataset`."""
+    import datasets
+
+    ext = os.path.splitext(source)[1].lower()
+    if ext in LOCAL_FORMATS or os.path.exists(source):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"problem file {source!r} does not exist")
+        if ext not in LOCAL_FORMATS:
+            raise ValueError(f"problem file {source!r}: use one of {', '.join(LOCAL_FORMATS)}")
+        return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=source, split="train")
+    name, _, config = source.partition(":")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        raise HubUnavailableError(
+            f"could not load {source!r} from the Hugging Face Hub ({text}). Offline, pass a local "
+            "JSON/JSONL/CSV/Parquet file instead, e.g. gym.make('ToolMath-AIME-v0', "
+            "dataset='aime.jsonl') with one {\"problem\": ..., \"answer\": ...} per line.") from exc
+    if split in loaded:
+        return loaded[split]
+    if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is
+        return next(iter(loaded.values()))
+    raise ValueError(f"{source!r} has no split {split!r}; it has {', '.join(loaded)}")
+
+
+def _pick(columns: Sequence[str], candidates: Sequence[str], what: str, source: str) -> str:
+    for c in candidates:
+        if c in columns:
+            return c
+    raise ValueError(f"{source!r} has no {what} column: looked for {', '.join(candidates)}; "
+                     f"found {', '.join(columns)}")
+
+
+def load_problems(sources: str | Sequence[str], split: str = "train",
+                  answer_kind: str = "auto") -> list[Problem]:
+    """Problems from hub ids or local files (several are concatenated). Question and answer
+    columns are detected; an answer column holding worked solutions contributes their \\boxed{}
+    answer. A row without a usable answer is an error that names the row."""
+    if sources == "aime":
+        if split not in AIME_SOURCES:
+            raise ValueError(f"AIME has splits {', '.join(AIME_SOURCES)}, not {split!r}")
+        sources = AIME_SOURCES[split]
+    elif isinstance(sources, str):
+        sources = (sources,)
+    problems: list[Problem] = []
+    for source in sources:
+        table = _load_table(source, split)
+        columns = table.column_names
+        q_col = _pick(columns, QUESTION_COLUMNS, "question", source)
+        a_col = _pick(columns, ANSWER_COLUMNS, "answer", source)
+        id_col = next((c for c in ID_COLUMNS if c in columns), None)
+        for i, row in enumerate(table):
+            raw = row[a_col]
+            answer = None if raw is None else str(raw).strip()
+            if answer and a_col.lower() == "solution":
+                answer = last_boxed(answer)
+            if not answer:
+                raise ValueError(f"{source!r} row {i} (id {row.get(id_col, i)!r}) has no usable "
+                                 f"answer in column {a_col!r}: {str(raw)[:80]!r}")
+            question = str(row[q_col] or "").strip()
+            if not question:
+                raise ValueError(f"{source!r} row {i} has an empty {q_col!r}")
+            pid = f"{source}#{row[id_col] if id_col else i}"
+            kind = answer_kind
+            if kind == "integer" and parse_integer(answer) is None:
+                raise ValueError(f"{source!r} row {i}: answer {answer!r} is not an integer")
+            problems.append(Problem(pid, question, answer, kind))
+    if not problems:
+        raise ValueError(f"no problems in {list(sources)!r}")
+    return problems
+
+
+class ArithProblems(Sequence[Problem]):
+    """Procedurally generated problems that need exact computation, with integer answers.
+
+    Problem `i` is a pure function of (seed, difficulty, i): unlimited and reproducible. Kinds:
+    products of large numbers, modular powers, digit sums of factorials, counting with
+    conditions, gcd/lcm, sums of sequences. `difficulty` (1-10) scales the numbers.
+    """
+
+    KINDS = ("product", "modpow", "factorial_digits", "count", "gcd_lcm", "series")
+    SIZE = 2**31
+
+    def __init__(self, difficulty: int = 3, seed: int = 0, kinds: Sequence[str] | None = None):
+        if not 1 <= difficulty <= 10:
+            raise ValueError(f"difficulty must be in 1..10, got {difficulty}")
+        kinds = tuple(kinds or self.KINDS)
+        unknown = set(kinds) - set(self.KINDS)
+        if unknown:
+            raise ValueError(f"unknown arithmetic kinds {sorted(unknown)}; known: {self.KINDS}")
+        self.difficulty, self.seed, self.kinds = difficulty, seed, kinds
+
+    def __len__(self) -> int:
+        return self.SIZE
+
+    def __getitem__(self, index: int) -> Problem:  # type: ignore[override]
+        if not 0 <= index < self.SIZE:
+            raise IndexError(index)
+        rng = random.Random(f"{self.seed}:{self.difficulty}:{index}")
+        kind = rng.choice(self.kinds)
+        question, answer = getattr(self, f"_{kind}")(rng, self.difficulty)
+        return Problem(f"arith-{self.seed}-{self.difficulty}-{index}", question, str(answer),
+                       "integer", {"kind": kind})
+
+    @staticmethod
+    def _product(rng: random.Random, d: int):
+        a, b = (rng.randrange(10 ** (d + 1), 10 ** (d + 2)) for _ in range(2))
+        return f"Compute {a} \u00d7 {b}.", a * b
+
+    @staticmethod
+    def _modpow(rng: random.Random, d: int):
+        base, exp = rng.randrange(2, 10 ** (d + 1)), rng.randrange(10 ** d, 10 ** (d + 2))
+        mod = rng.randrange(97, 1000)
+        return f"What is the remainder when {base}^{exp} is divided by {mod}?", pow(base, exp, mod)
+
+    @staticmethod
+    def _factorial_digits(rng: random.Random, d: int):
+        n = rng.randrange(10 + 5 * d, 20 + 15 * d)
+        return f"What is the sum of the digits of {n}!?", sum(map(int, str(math.factorial(n))))
+
+    @staticmethod
+    def _count(rng: random.Random, d: int):
+        n = rng.randrange(10 ** (d // 2 + 2), 10 ** (d // 2 + 3))
+        a, b = rng.sample(range(3, 14), 2)
+        c = rng.choice([k for k in range(2, 10) if k not in (a, b)])
+        multiples = lambda *ds: n // math.lcm(*ds)  # noqa: E731 - inclusion-exclusion
+        count = (multiples(a) + multiples(b) - multiples(a, b)
+                 - multiples(a, c) - multiples(b, c) + multiples(a, b, c))
+        return (f"How many integers k with 1 \u2264 k \u2264 {n} are divisible by {a} or by {b}, "
+                f"but not by {c}?"), count
+
+    @staticmethod
+    def _gcd_lcm(rng: random.Random, d: int):
+        k = 2 + d // 3
+        nums = [rng.randrange(10 ** (d // 2 + 1), 10 ** (d // 2 + 3)) for _ in range(k)]
+        g = rng.randrange(2, 50)
+        nums = [x * g for x in nums]
+        if rng.random() < 0.5:
+            return f"Find the greatest common divisor of {', '.join(map(str, nums))}.", \
+                math.gcd(*nums)
+        nums = nums[:3]
+        return (f"Find the remainder when the least common multiple of "
+                f"{', '.join(map(str, nums))} is divided by 1000."), math.lcm(*nums) % 1000
+
+    @staticmethod
+    def _series(rng: random.Random, d: int):
+        n = rng.randrange(10 ** (d // 2 + 1), 10 ** (d // 2 + 2))
+        p = rng.randrange(2, 2 + d)
+        m = rng.randrange(2, 12)
+        # k^p mod 1000 depends on k mod 1000, the condition on k mod m: sum whole periods.
+        period = math.lcm(1000, m)
+        part = lambda upto: sum(pow(k, p, 1000) for k in range(1, upto + 1) if k % m)  # noqa: E731
+        full, rest = divmod(n, period)
+        return (f"Compute the sum of k^{p} over all integers 1 \u2264 k \u2264 {n} that are not "
+                f"multiples of {m}, and give the result modulo 1000."), \
+            (full * part(period) + part(rest)) % 1000
