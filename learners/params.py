@@ -1,0 +1,136 @@
+"""Hugging Face <-> NNX: tensor names, safetensors files (sharded or not), hub downloads.
+
+Hugging Face stores a linear layer's weight as [out, in]; nnx.Linear's kernel is [in, out]. Every
+other tensor keeps its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+class HubUnavailableError(RuntimeError):
+    """The model is not on disk and the Hugging Face Hub cannot be reached."""
+
+
+def resolve(path_or_id: str) -> str:
+    """A local directory for `path_or_id`: itself, or the hub snapshot (downloaded or cached)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")):
+        raise FileNotFoundError(f"{path_or_id!r} is not a model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # noqa: BLE001 - offline errors come in several types
+        try:
+            return snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS,
+                                     local_files_only=True)
+        except Exception:  # noqa: BLE001
+            pass
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        raise HubUnavailableError(
+            f"cannot load {path_or_id!r}: the Hugging Face Hub is unreachable and the model is "
+            f"not in the local cache ({reason}). Offline, pass a local directory holding "
+            "config.json and *.safetensors (for example one written by save_pretrained).") from None
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """The Hugging Face tensor name of an NNX parameter path, and whether it is transposed."""
+    parts = [str(p) for p in path]
+    if parts[:1] == ["embed_tokens"]:
+        return "model.embed_tokens.weight", False
+    if parts[:1] == ["lm_head"]:
+        return "lm_head.weight", True
+    if parts[:1] == ["norm"]:
+        return "model.norm.weight", False
+    if parts[0] == "layers":
+        *mods, leaf = parts[1:]
+        # LoRA wraps a projection: its base layer's parameters keep the plain name
+        mods = [m for m in mods if m != "base"]
+        if leaf == "kernel":
+            return "model.layers." + ".".join(mods) + ".weight", True
+        if leaf == "bias":
+            return "model.layers." + ".".join(mods) + ".bias", False
+        return "model.layers." + ".".join(mods) + "." + leaf, False
+    raise KeyError(f"no Hugging Face name for parameter {'.'.join(parts)}")
+
+
+def _base_params(model) -> dict:
+    """{path: Variable} of the model's own (non-LoRA) parameters."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    return dict(nnx.to_flat_state(state))
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")
+                       and not f.startswith("adapter_"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory!r}")
+    tensors = {}
+    for name in files:
+        with safe_open(os.path.join(directory, name), framework="flax") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def load_pretrained(cls, path_or_id: str, *, dtype, param_dtype, remat: bool):
+    from learners.qwen2 import Qwen2Config
+
+    directory = resolve(path_or_id)
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = Qwen2Config.from_hf_config(json.load(f))
+    model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                       rngs=nnx.Rngs(0)))
+    tensors = read_safetensors(directory)
+    used = set()
+    for path, var in _base_params(model).items():
+        name, transposed = hf_name(path)
+        if name not in tensors:
+            raise KeyError(f"{directory}: tensor {name!r} is missing")
+        value = jnp.asarray(tensors[name])
+        value = value.T if transposed else value
+        if value.shape != var.get_value().shape:
+            raise ValueError(f"{name}: shape {value.shape} does not match the config's "
+                             f"{var.get_value().shape}")
+        var.set_value(value.astype(param_dtype))
+        used.add(name)
+    unused = set(tensors) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    unused = {n for n in unused if not re.search(r"rotary_emb\.inv_freq$", n)}
+    if unused:
+        raise ValueError(f"{directory}: tensors not used by the model: {sorted(unused)[:5]}")
+    return model
+
+
+def save_pretrained(model, directory: str) -> None:
+    from safetensors.flax import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    dtype = model.embed_tokens.embedding.get_value().dtype
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        hf = model.config.to_hf_config()
+        hf["torch_dtype"] = "bfloat16" if dtype == jnp.bfloat16 else "float32"
+        json.dump(hf, f, indent=2)
+    tensors = {}
+    for path, var in _base_params(model).items():
+        name, transposed = hf_name(path)
+        value = var.get_value()
+        tensors[name] = jnp.asarray(value.T if transposed else value)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

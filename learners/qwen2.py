@@ -1,0 +1,324 @@
+"""Qwen2 / Qwen2.5 causal language model in Flax NNX, with a KV cache for sampling.
+
+    model = Qwen2ForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", dtype=jnp.bfloat16)
+    logits = model(input_ids, attention_mask)                      # [B, T, V]
+    logits, cache = model.prefill(input_ids, attention_mask, max_len=512)
+    logits, cache = model.decode(next_tokens, cache)               # [B, V], one token a row
+
+The architecture follows Hugging Face transformers' `Qwen2ForCausalLM` exactly (the tests compare
+logits with it): grouped-query attention with q/k/v biases, rotary embeddings (rotate-half form),
+RMSNorm computed in float32, SwiGLU MLP, tied or untied embeddings. Parameters (`param_dtype`) and
+computation (`dtype`) have separate dtypes. Loading and saving the Hugging Face format live in
+`learners/params.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    """Architecture of a Qwen2 model (the fields of its Hugging Face config.json)."""
+
+    vocab_size: int = 151_936
+    """Rows of the embedding table."""
+    hidden_size: int = 896
+    """Width of the residual stream."""
+    intermediate_size: int = 4_864
+    """Width of the MLP."""
+    num_hidden_layers: int = 24
+    """Decoder layers."""
+    num_attention_heads: int = 14
+    """Query heads."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention: each serves num_attention_heads / this)."""
+    head_dim: int | None = None
+    """Per-head width; hidden_size // num_attention_heads when None."""
+    rope_theta: float = 1_000_000.0
+    """Base of the rotary embedding frequencies."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of RMSNorm."""
+    tie_word_embeddings: bool = True
+    """Whether the output projection is the embedding table."""
+    max_position_embeddings: int = 32_768
+    """Longest sequence the model was trained for."""
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}; give head_dim")
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "Qwen2Config":
+        if hf.get("model_type") not in (None, "qwen2"):
+            raise ValueError(f"expected a qwen2 config, got model_type={hf.get('model_type')!r}")
+        hf = dict(hf)
+        rope = hf.get("rope_parameters") or {}  # transformers >= 5; older configs: rope_theta
+        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+            raise NotImplementedError(f"rope_scaling={hf.get('rope_scaling') or rope} is not "
+                                      "supported (only the default rotary embedding)")
+        if "rope_theta" in rope:
+            hf["rope_theta"] = rope["rope_theta"]
+        if hf.get("use_sliding_window"):
+            raise NotImplementedError("sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act={hf['hidden_act']!r} is not supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in names})
+
+    def to_hf_config(self) -> dict:
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if hf["head_dim"] is None:
+            del hf["head_dim"]
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default"}  # both spellings
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                "attention_dropout": 0.0, "use_sliding_window": False, "use_cache": True,
+                "rope_parameters": rope, **hf}
+
+
+def qwen2p5_0p5b() -> Qwen2Config:
+    return Qwen2Config()
+
+
+def qwen2p5_1p5b() -> Qwen2Config:
+    return Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2)
+
+
+def qwen2p5_3b() -> Qwen2Config:
+    return Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2)
+
+
+def qwen2p5_7b() -> Qwen2Config:
+    return Qwen2Config(vocab_size=152_064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       tie_word_embeddings=False)
+
+
+PRESETS = {"qwen2p5_0p5b": qwen2p5_0p5b, "qwen2p5_1p5b": qwen2p5_1p5b,
+           "qwen2p5_3b": qwen2p5_3b, "qwen2p5_7b": qwen2p5_7b}
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x_btd):
+        x = x_btd.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x.astype(self.dtype)
+
+
+def rope(x_btnh, positions_bt, theta: float):
+    """Rotary embedding, rotate-half form (as transformers): x*cos + rotate_half(x)*sin."""
+    dim = x_btnh.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # [H/2]
+    freqs = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(emb).astype(x_btnh.dtype), jnp.sin(emb).astype(x_btnh.dtype)
+    half = dim // 2
+    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    return x_btnh * cos + rotated * sin
+
+
+def linear(din: int, dout: int, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      kernel_init=nnx.initializers.normal(0.02))
+
+
+@flax.struct.dataclass
+class LayerCache:
+    k: jax.Array  # [B, S, K, H]
+    v: jax.Array  # [B, S, K, H]
+
+
+@flax.struct.dataclass
+class Cache:
+    """Keys and values of every layer, and the number of valid positions of each row."""
+
+    layers: tuple[LayerCache, ...]
+    lengths: jax.Array  # [B] int32
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].k.shape[1]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        h = cfg.dim
+        self.q_proj = linear(d, n * h, True, dtype, param_dtype, rngs)
+        self.k_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
+        self.v_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
+        self.o_proj = linear(n * h, d, False, dtype, param_dtype, rngs)
+        self.n, self.k, self.h, self.theta = n, k, h, cfg.rope_theta
+
+    def __call__(self, x_btd, positions_bt, mask_bts, cache: LayerCache | None, write_at):
+        b, t, _ = x_btd.shape
+        q = rope(self.q_proj(x_btd).reshape(b, t, self.n, self.h), positions_bt, self.theta)
+        k = rope(self.k_proj(x_btd).reshape(b, t, self.k, self.h), positions_bt, self.theta)
+        v = self.v_proj(x_btd).reshape(b, t, self.k, self.h)
+        if cache is not None:
+            if write_at is None:  # prefill: the whole prompt at positions 0..T-1
+                ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, 0, 0))
+            else:  # decode: one token a row, each at its own length
+                rows = jnp.arange(b)
+                ck = cache.k.at[rows, write_at].set(k[:, 0].astype(cache.k.dtype))
+                cv = cache.v.at[rows, write_at].set(v[:, 0].astype(cache.v.dtype))
+            cache = LayerCache(ck, cv)
+            if write_at is not None:
+                k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        groups = self.n // self.k
+        q = q.reshape(b, t, self.k, groups, self.h)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * self.h**-0.5
+        logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.n * self.h)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = linear(d, f, False, dtype, param_dtype, rngs)
+        self.up_proj = linear(d, f, False, dtype, param_dtype, rngs)
+        self.down_proj = linear(f, d, False, dtype, param_dtype, rngs)
+
+    def __call__(self, x_btd):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, rngs=rngs, **kw)
+
+    def __call__(self, x_btd, positions_bt, mask_bts, cache=None, write_at=None):
+        attn, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, mask_bts, cache,
+                                     write_at)
+        x_btd = x_btd + attn
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), cache
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """The causal LM. `remat=True` recomputes each layer's activations in the backward pass."""
+
+    def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs,
+                                      embedding_init=nnx.initializers.normal(0.02))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else linear(
+            cfg.hidden_size, cfg.vocab_size, False, dtype, param_dtype, rngs)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def __call__(self, input_ids, attention_mask=None, positions=None, return_hidden=False):
+        """Logits [B, T, V] for right-padded `input_ids` [B, T]; `attention_mask` [B, T] marks
+        real tokens (1) and padding (0). Positions default to 0..T-1, as transformers'."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask_bts = causal[None] & attention_mask[:, None, :].astype(bool)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.remat:
+                x, _ = nnx.remat(lambda mdl, *a: mdl(*a))(layer, x, positions, mask_bts)
+            else:
+                x, _ = layer(x, positions, mask_bts)
+        hidden = self.norm(x)
+        return hidden if return_hidden else self.logits(hidden)
+
+    def logits(self, hidden_btd):
+        if self.lm_head is not None:
+            return self.lm_head(hidden_btd)
+        return self.embed_tokens.attend(hidden_btd)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        shape = (batch, max_len, self.config.num_key_value_heads, self.config.dim)
+        dtype = dtype or self.dtype
+        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                       for _ in self.layers)
+        return Cache(layers, jnp.zeros((batch,), jnp.int32))
+
+    def prefill(self, input_ids, attention_mask, max_len: int):
+        """Run right-padded prompts [B, T]; returns the logits [B, T, V] and a cache of capacity
+        `max_len` whose row lengths are the prompt lengths."""
+        b, t = input_ids.shape
+        if t > max_len:
+            raise ValueError(f"prompt length {t} exceeds the cache capacity {max_len}")
+        cache = self.init_cache(b, max_len)
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask_bts = causal[None] & attention_mask[:, None, :].astype(bool)
+        x = self.embed_tokens(input_ids)
+        new_layers = []
+        for layer, lc in zip(self.layers, cache.layers):
+            x, lc = layer(x, positions, mask_bts, lc, None)
+            new_layers.append(lc)
+        lengths = attention_mask.sum(-1).astype(jnp.int32)
+        return self.logits(self.norm(x)), Cache(tuple(new_layers), lengths)
+
+    def decode(self, tokens_b, cache: Cache):
+        """One new token per row, at position `cache.lengths`; returns logits [B, V] and the cache
+        with every length advanced by one."""
+        b = tokens_b.shape[0]
+        positions = cache.lengths[:, None]  # [B, 1]
+        mask_bts = (jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None])[:, None, :]
+        x = self.embed_tokens(tokens_b[:, None])
+        new_layers = []
+        for layer, lc in zip(self.layers, cache.layers):
+            x, lc = layer(x, positions, mask_bts, lc, cache.lengths)
+            new_layers.append(lc)
+        return self.logits(self.norm(x))[:, 0], Cache(tuple(new_layers), cache.lengths + 1)
+
+    # -- Hugging Face format ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, dtype=jnp.float32, param_dtype=None,
+                        remat: bool = False) -> "Qwen2ForCausalLM":
+        """Load a Hugging Face Qwen2 checkpoint (a local directory or a hub id), sharded or not,
+        bf16 or fp32. `param_dtype` defaults to `dtype`."""
+        from learners import params
+
+        return params.load_pretrained(cls, path_or_id, dtype=dtype,
+                                      param_dtype=param_dtype or dtype, remat=remat)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json and model.safetensors in the Hugging Face format."""
+        from learners import params
+
+        params.save_pretrained(self, directory)
+

@@ -1,0 +1,30 @@
+"""Each experiment script runs end to end on a tiny budget."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str, stdin: str | None = None, timeout: int = 300) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], input=stdin,
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_sandbox_json():
+    report = json.loads(run_script("bench_sandbox.py", "--calls", "10", "--baseline-calls", "2",
+                                   "--sessions", "2", "--calls-per-session", "3", "--json"))
+    for key in ("trivial_p50_ms", "trivial_speedup_vs_subprocess", "sympy_p50_ms",
+                "sympy_speedup_vs_subprocess", "executions_per_s"):
+        assert report[key] > 0, key
+    assert report["sympy_speedup_vs_subprocess"] > 1  # a warm sympy beats importing it
+
+
+def test_play_an_episode_by_hand():
+    turns = "```python\nprint(2 + 3)\n```\n.\nSo \\boxed{5}.\n.\n"
+    out = run_script("play.py", "--seed", "3", stdin=turns)
+    assert "```output\n5\n```" in out and "episode over (final answer)" in out

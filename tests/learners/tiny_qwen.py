@@ -1,0 +1,49 @@
+"""Tiny random Qwen2 models built with Hugging Face transformers: the oracle for the Flax model."""
+
+import jax
+import numpy as np
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY_CONFIGS = {
+    # grouped-query attention, 3 query heads per KV head, tied embeddings, odd vocabulary
+    "gqa_tied": dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    # multi-head attention, odd MLP width, untied embeddings, three layers
+    "mha_untied": dict(vocab_size=101, hidden_size=40, intermediate_size=50, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    # one KV head for eight query heads, an explicit head_dim
+    "mqa": dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=1, head_dim=8,
+                tie_word_embeddings=True),
+}
+
+
+def build_hf_model(name: str, seed: int = 0):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(rope_theta=10_000.0, rms_norm_eps=1e-6, max_position_embeddings=256,
+                      **TINY_CONFIGS[name])
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # every tensor random, biases and norm weights included
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def random_batch(vocab: int, batch: int = 3, length: int = 11, seed: int = 0, pad: bool = True):
+    """Right-padded token ids and attention mask (row lengths differ when `pad`)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    if pad:
+        for row, n in enumerate(rng.integers(length // 2, length + 1, batch)):
+            mask[row, n:] = 0
+            ids[row, n:] = 0
+        mask[0] = 1
+    return ids, mask
