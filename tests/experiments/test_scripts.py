@@ -28,3 +28,11 @@ def test_play_an_episode_by_hand():
     turns = "```python\nprint(2 + 3)\n```\n.\nSo \\boxed{5}.\n.\n"
     out = run_script("play.py", "--seed", "3", stdin=turns)
     assert "```output\n5\n```" in out and "episode over (final answer)" in out
+
+
+def test_bench_learner_json():
+    report = json.loads(run_script("bench_learner.py", "--shapes", "tiny", "--steps", "2",
+                                   "--batch", "2", "--seq-len", "32", "--json", timeout=600))
+    for key in ("jax_tokens_per_s", "torch_tokens_per_s", "speed_ratio", "jax_peak_mb",
+                "torch_peak_mb"):
+        assert report[key] > 0, key
