@@ -1,0 +1,139 @@
+"""GRPO as pure functions: group-relative advantages, per-token log-probabilities, the clipped
+policy loss with its aggregation modes.
+
+Sources:
+* GRPO, outcome supervision: Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, section 4.1.
+* Dr. GRPO (no std scaling, a constant length normaliser): Liu et al. 2025, arXiv 2503.20783.
+* Clip-higher (separate eps_low / eps_high) and token-mean aggregation: DAPO, Yu et al. 2025,
+  arXiv 2503.14476.
+* k3 KL estimator: Schulman 2020, "Approximating KL divergence"; used by DeepSeekMath (beta 0.04).
+* Truncated importance sampling against the sampler's log-probabilities: Yao et al. 2025, "Your
+  efficient RL framework secretly brings you off-policy RL training" (fengyao.notion.site).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+
+def _group_index(group_ids):
+    """Dense group indices 0..G-1 (G <= B) for arbitrary integer ids; jit-compatible."""
+    b = group_ids.shape[0]
+    _, index = jnp.unique(group_ids, return_inverse=True, size=b)
+    return index.reshape(-1), b
+
+
+def group_stats(rewards, group_ids):
+    """Per-episode mean and std (Bessel-corrected, as TRL and verl) of its group's rewards, and
+    whether its group has zero variance (such a group carries no learning signal)."""
+    rewards = jnp.asarray(rewards, jnp.float32)
+    index, n = _group_index(jnp.asarray(group_ids))
+    count = jax.ops.segment_sum(jnp.ones_like(rewards), index, n)
+    mean = jax.ops.segment_sum(rewards, index, n) / jnp.maximum(count, 1)
+    sq = jax.ops.segment_sum((rewards - mean[index]) ** 2, index, n)
+    std = jnp.sqrt(sq / jnp.maximum(count - 1, 1))
+    zero_var = sq[index] <= 1e-12
+    return mean[index], std[index], zero_var
+
+
+def group_advantages(rewards, group_ids, scale_by_std: bool = True, eps: float = 1e-6):
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one advantage per episode
+    (DeepSeekMath's outcome supervision; every token of episode i gets A_i). With
+    scale_by_std=False: A_i = r_i - mean(r_group) (Dr. GRPO), which does not up-weight groups
+    whose rewards barely differ."""
+    mean, std, _ = group_stats(rewards, group_ids)
+    adv = jnp.asarray(rewards, jnp.float32) - mean
+    return adv / (std + eps) if scale_by_std else adv
+
+
+def token_logprobs(logits_btv, tokens_bt):
+    """log p(tokens[t] | tokens[<t]) at position t, [B, T]; position 0 (no context) is 0."""
+    logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (1, 0)))
+
+
+def token_entropy(logits_btv):
+    """Entropy of the next-token distribution that predicted position t, [B, T] (0 at t=0)."""
+    logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.pad(ent, ((0, 0), (1, 0)))
+
+
+def aggregate(per_token_bt, mask_bt, aggregation: str, max_tokens: int | None = None):
+    """Reduce a per-token loss to a scalar over the tokens where mask == 1.
+    "seq-mean-token-mean": mean over each sequence's tokens, then over sequences (GRPO);
+    "token-mean": mean over all tokens of the batch (DAPO);
+    "seq-mean-token-sum-norm": each sequence's sum divided by the constant `max_tokens`, then the
+    mean over sequences (Dr. GRPO)."""
+    mask = mask_bt.astype(jnp.float32)
+    if aggregation == "token-mean":
+        return jnp.sum(per_token_bt * mask) / jnp.maximum(mask.sum(), 1.0)
+    seq_tokens = mask.sum(-1)
+    has = (seq_tokens > 0).astype(jnp.float32)
+    n_seq = jnp.maximum(has.sum(), 1.0)
+    if aggregation == "seq-mean-token-mean":
+        per_seq = jnp.sum(per_token_bt * mask, -1) / jnp.maximum(seq_tokens, 1.0)
+        return jnp.sum(per_seq * has) / n_seq
+    if aggregation == "seq-mean-token-sum-norm":
+        if not max_tokens:
+            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_tokens, the "
+                             "constant normaliser (the generation budget)")
+        return jnp.sum(jnp.sum(per_token_bt * mask, -1) / max_tokens * has) / n_seq
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float = 0.2,
+                eps_high: float = 0.2, aggregation: str = "seq-mean-token-mean",
+                max_tokens: int | None = None, ref_logprobs=None, beta: float = 0.0,
+                sampler_logprobs=None, tis_cap: float | None = None, entropy=None):
+    """The clipped GRPO objective, as a loss to minimise. Per token t of episode i:
+
+        ratio = exp(logp - logp_old)
+        l_t = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
+        KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1                 (k3, >= 0)
+
+    With `tis_cap`, l_t is weighted by min(exp(logp_old - logp_sampler), tis_cap) (no gradient):
+    truncated importance sampling for the gap between the sampler and the learner. Only tokens
+    with loss_mask == 1 count. Arrays are [B, T]; `advantages` is [B]. Returns (loss, aux)."""
+    mask = loss_mask.astype(jnp.float32)
+    adv = advantages[:, None].astype(jnp.float32)
+    log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
+    ratio = jnp.exp(log_ratio)
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    aux = {}
+    if tis_cap is not None:
+        if sampler_logprobs is None:
+            raise ValueError("tis_cap needs sampler_logprobs")
+        weight = jnp.minimum(jnp.exp(jnp.where(mask > 0, old_logprobs - sampler_logprobs, 0.0)),
+                             tis_cap)
+        per_token = per_token * jax.lax.stop_gradient(weight)
+        aux["tis_weight_mean"] = jnp.sum(weight * mask) / jnp.maximum(mask.sum(), 1.0)
+    if beta:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs (the base model's, adapters off)")
+        d = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)
+        kl = jnp.exp(d) - d - 1.0
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, aggregation, max_tokens)
+    n = jnp.maximum(mask.sum(), 1.0)
+    token_mean = lambda x: jnp.sum(x * mask) / n  # noqa: E731
+    aux.update(
+        loss=loss,
+        clip_frac_low=token_mean(((ratio < 1.0 - eps_low) & (adv < 0)).astype(jnp.float32)),
+        clip_frac_high=token_mean(((ratio > 1.0 + eps_high) & (adv > 0)).astype(jnp.float32)),
+        ratio_mean=token_mean(ratio),
+        advantage_mean=jnp.mean(advantages), advantage_std=jnp.std(advantages),
+    )
+    if ref_logprobs is not None:
+        d = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)
+        aux["kl"] = token_mean(jnp.exp(d) - d - 1.0)
+    if sampler_logprobs is not None:
+        aux["sampler_learner_gap"] = token_mean(jnp.abs(old_logprobs - sampler_logprobs))
+    if entropy is not None:
+        aux["entropy"] = token_mean(entropy)
+    return loss, aux

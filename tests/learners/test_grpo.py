@@ -1,0 +1,152 @@
+"""GRPO math against hand-computed values, and the train step on a tiny model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from learners import grpo
+from learners.lora import apply_lora
+from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
+
+S3 = math.sqrt(3) / 2  # (1 - 0.5) / sqrt(1/3): rewards [0, 1, 1, 0] in one group
+
+
+def test_group_advantages_by_hand():
+    np.testing.assert_allclose(grpo.group_advantages([0, 1, 1, 0], [5, 5, 5, 5]),
+                               [-S3, S3, S3, -S3], atol=1e-5)
+    np.testing.assert_allclose(grpo.group_advantages([0, 1, 1, 0], [5, 5, 5, 5],
+                                                     scale_by_std=False), [-.5, .5, .5, -.5])
+    two = grpo.group_advantages([0, 1, 1, 0, 2, 2], [7, 7, 3, 3, 9, 9])
+    r = 1 / math.sqrt(2)  # a group of two, rewards 0 and 1: std sqrt(0.5)
+    np.testing.assert_allclose(two, [-r, r, r, -r, 0, 0], atol=1e-5)
+    _, _, zero_var = grpo.group_stats([0, 1, 1, 0, 2, 2], [7, 7, 3, 3, 9, 9])
+    assert list(np.asarray(zero_var)) == [False] * 4 + [True] * 2
+
+
+def test_aggregations_by_hand():
+    per_token = jnp.array([[-1.0, -1.0, 9.0], [1.0, 9.0, 9.0]])
+    mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+    assert float(grpo.aggregate(per_token, mask, "seq-mean-token-mean")) == pytest.approx(0.0)
+    assert float(grpo.aggregate(per_token, mask, "token-mean")) == pytest.approx(-1 / 3)
+    assert float(grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm", 4)) == \
+        pytest.approx((-2 / 4 + 1 / 4) / 2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm")
+
+
+def test_policy_loss_ratio_one_clipping_and_kl_by_hand():
+    mask = jnp.ones((2, 1))
+    adv = jnp.array([1.0, -1.0])
+    logp = jnp.log(jnp.array([[0.3], [0.3]]))
+    loss, aux = grpo.policy_loss(logp, logp, adv, mask, aggregation="token-mean")
+    assert float(loss) == pytest.approx(0.0) and float(aux["ratio_mean"]) == pytest.approx(1.0)
+    # ratio 1.5 with A=+1 is clipped at 1 + eps_high; ratio 0.5 with A=-1 at 1 - eps_low
+    new = jnp.log(jnp.array([[0.45], [0.15]]))
+    loss, aux = grpo.policy_loss(new, logp, adv, mask, eps_low=0.2, eps_high=0.2,
+                                 aggregation="token-mean")
+    assert float(loss) == pytest.approx((-1.2 + 0.8) / 2, abs=1e-6)
+    assert float(aux["clip_frac_high"]) == 0.5 and float(aux["clip_frac_low"]) == 0.5
+    ref = jnp.log(jnp.array([[0.225], [0.075]]))  # half the policy's probability everywhere
+    loss_kl, aux = grpo.policy_loss(new, logp, adv, mask, eps_low=0.2, eps_high=0.2,
+                                    aggregation="token-mean", ref_logprobs=ref, beta=0.1)
+    k3 = 0.5 - math.log(0.5) - 1  # exp(d) - d - 1 with d = log 0.5
+    assert float(aux["kl"]) == pytest.approx(k3, abs=1e-6)
+    assert float(loss_kl - loss) == pytest.approx(0.1 * k3, abs=1e-6)
+
+
+def test_truncated_importance_sampling_weights():
+    mask = jnp.ones((1, 2))
+    logp = jnp.log(jnp.array([[0.5, 0.5]]))
+    sampler = jnp.log(jnp.array([[0.25, 0.5]]))  # weights min(2, cap) and 1
+    loss, aux = grpo.policy_loss(logp, logp, jnp.array([1.0]), mask, aggregation="token-mean",
+                                 sampler_logprobs=sampler, tis_cap=1.5)
+    assert float(loss) == pytest.approx(-(1.5 + 1.0) / 2)
+    assert float(aux["sampler_learner_gap"]) == pytest.approx(math.log(2) / 2, abs=1e-6)
+
+
+def test_masked_tokens_and_zero_advantages_give_no_gradient():
+    rng = np.random.default_rng(0)
+    logp = jnp.asarray(np.log(rng.uniform(0.1, 0.9, (3, 5))), jnp.float32)
+    old = logp + 0.1
+    mask = jnp.array([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    for agg in grpo.AGGREGATIONS:
+        g = jax.grad(lambda lp: grpo.policy_loss(lp, old, jnp.array([1.0, -2.0, 0.5]), mask,
+                                                 aggregation=agg, max_tokens=5)[0])(logp)
+        assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0), agg
+        assert np.any(np.asarray(g)[np.asarray(mask) == 1] != 0), agg
+        g0 = jax.grad(lambda lp: grpo.policy_loss(lp, old, jnp.zeros(3), mask, aggregation=agg,
+                                                  max_tokens=5)[0])(logp)
+        assert np.all(np.asarray(g0) == 0), agg
+
+
+def test_token_logprobs_match_log_softmax():
+    logits = jax.random.normal(jax.random.key(0), (2, 4, 7))
+    tokens = jnp.array([[1, 2, 3, 4], [6, 5, 0, 1]])
+    lp = grpo.token_logprobs(logits, tokens)
+    expect = jax.nn.log_softmax(logits[1, 2])[1]
+    assert float(lp[1, 3]) == pytest.approx(float(expect), abs=1e-6) and float(lp[0, 0]) == 0
+
+
+def tiny_model():
+    cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0)
+    return apply_lora(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), rank=4, alpha=8)
+
+
+def test_a_few_steps_raise_the_rewarded_completion():
+    """Two completions of one prompt; the first is rewarded. Its log-probability must rise, the
+    other's fall, the first pass's ratio is exactly 1, and the base model stays frozen."""
+    tokens = jnp.array([[1, 2, 3, 10, 11, 12, 0], [1, 2, 3, 20, 21, 22, 0]], jnp.int32)
+    loss_mask = jnp.array([[0, 0, 0, 1, 1, 1, 0]] * 2, jnp.float32)
+    batch = {"tokens": tokens, "loss_mask": loss_mask, "rewards": jnp.array([1.0, 0.0]),
+             "group_ids": jnp.array([0, 0])}
+    cfg = GRPOConfig(learning_rate=3e-3, warmup_steps=1, schedule="constant", ppo_epochs=2,
+                     micro_batch_size=1)
+    state = init_state(tiny_model(), cfg)
+    rest_before = jax.tree.map(np.asarray, state.rest)
+
+    def completion_logprob(s):
+        lp = sequence_logprobs(s, tokens, jnp.ones_like(tokens))
+        return np.asarray(jnp.sum(lp * loss_mask, -1))
+
+    before = completion_logprob(state)
+    for _ in range(5):
+        state, metrics = grpo_step(state, batch, cfg)
+        assert metrics["first_pass_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    after = completion_logprob(state)
+    assert after[0] > before[0] + 0.5 and after[1] < before[1] - 0.5, (before, after)
+    assert int(state.step) == 10 and metrics["grad_norm"] > 0
+    for a, b in zip(jax.tree.leaves(rest_before), jax.tree.leaves(state.rest)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient():
+    tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 32)
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((4, 6)).at[:, :2].set(0),
+             "rewards": jnp.array([1.0, 0.0, 0.5, 0.0]), "group_ids": jnp.array([0, 0, 1, 1])}
+    results = []
+    for mbs in (None, 2):
+        cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant",
+                         micro_batch_size=mbs, aggregation="token-mean")
+        state, metrics = grpo_step(init_state(tiny_model(), cfg), batch, cfg)
+        results.append((jax.tree.leaves(state.lora), metrics["grad_norm"]))
+    # equal-sized micro-batches with equal token counts: the mean of their losses is the loss
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="aggregation"):
+        GRPOConfig(aggregation="mean")
+    with pytest.raises(ValueError, match="max_tokens"):
+        GRPOConfig(aggregation="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="LoRA"):
+        cfg = Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+        init_state(Qwen2ForCausalLM(cfg), GRPOConfig())
