@@ -160,42 +160,39 @@ def _hidden_ancestor(path: str) -> str | None:
 
 
 def private_filesystem(scratch_mb: int) -> None:
-    """In the server's own mount namespace: fresh tmpfs over every world-writable directory, and
+    """In the server's own mount namespace: fresh tmpfs over the temporary directories, and
     directories closed to other users (such as /root, with its tokens and caches) replaced by an
-    empty tmpfs that shows only the interpreter and its packages, read-only."""
+    empty tmpfs. What the interpreter needs (its prefix, its packages, the project on sys.path)
+    is shown again at its own path inside whatever was covered, even if it lives under /tmp."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    for d in CLOSED_TMP_DIRS + SHARED_TMP_DIRS:
-        if os.path.isdir(d):
-            mode = "755" if d in CLOSED_TMP_DIRS else "1777"
-            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_mb}m,mode={mode}")
+    tmp_dirs = [d for d in CLOSED_TMP_DIRS + SHARED_TMP_DIRS if os.path.isdir(d)]
     needed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.executable, *sys.path)
               if p and os.path.exists(p)}
-    hidden: dict[str, list[str]] = {}
+    covers: dict[str, list[str]] = {d: [] for d in tmp_dirs}
     for p in sorted(needed):
-        top = _hidden_ancestor(p)
-        if top is not None:
-            hidden.setdefault(top, []).append(p)
-    stage = "/tmp/.toolgrpo-stage"
-    for n, (top, paths) in enumerate(hidden.items()):
-        # Keep only outermost paths, stage bind mounts, then cover `top` and bind them back.
+        candidates = [d for d in tmp_dirs if p.startswith(d + "/")]
+        hidden = _hidden_ancestor(p)
+        if hidden is not None:
+            candidates.append(hidden)
+        if candidates:
+            covers.setdefault(min(candidates, key=len), []).append(p)
+    for top in sorted(covers, key=len):
+        paths = covers[top]
         keep = [p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)]
-        staged = []
-        for k, p in enumerate(keep):
-            s = f"{stage}/{n}-{k}"
-            if os.path.isdir(p):
-                os.makedirs(s)
-            else:
-                open(s, "w").close()
-            mount(p, s, None, MS_BIND | MS_REC)
-            staged.append((s, p))
-        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-        for s, p in staged:
-            if os.path.isdir(s):
+        held = [(p, os.open(p, os.O_PATH)) for p in keep]  # reachable after `top` is covered
+        if top in tmp_dirs:
+            mode = "755" if top in CLOSED_TMP_DIRS else "1777"
+            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_mb}m,mode={mode}")
+        else:
+            mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+        for p, fd in held:
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
                 os.makedirs(p, mode=0o755, exist_ok=True)
             else:
                 os.makedirs(os.path.dirname(p), mode=0o755, exist_ok=True)
                 open(p, "w").close()
-            mount(s, p, None, MS_BIND | MS_REC)
+            mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+            os.close(fd)
 
 
 def preload(modules: list[str]) -> None:
