@@ -1,0 +1,100 @@
+"""Orbax checkpoints of a GRPO run: everything a resume needs, written atomically.
+
+    ckpt = Checkpointer("runs/x/checkpoints", keep=3)
+    ckpt.save(state, meta={"data_position": 123, "adapter_version": 7}, rng=key)
+    state, meta, rng = ckpt.restore(state_template)      # latest; exact (bitwise on CPU)
+
+A checkpoint holds the LoRA parameters, the optimizer state and the step (the TrainState's arrays,
+by position), the PRNG key, and a JSON record (`meta`, plus the tree structure and shapes, which
+are checked on restore). Orbax writes each step to a temporary directory and renames it when
+complete, so a crash mid-save leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model being trained."""
+
+
+def _arrays(state) -> list:
+    return jax.tree.leaves((state.lora, state.opt_state, state.step))
+
+
+def _signature(state) -> dict:
+    leaves = _arrays(state)
+    return {"structure": str(jax.tree.structure((state.lora, state.opt_state, state.step))),
+            "shapes": [[list(np.shape(x)), str(jnp.asarray(x).dtype)] for x in leaves]}
+
+
+class Checkpointer:
+    """Saves and restores TrainStates under one directory, keeping the last `keep` steps."""
+
+    def __init__(self, directory: str, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state, meta: dict | None = None, rng: jax.Array | None = None) -> int:
+        step = int(state.step)
+        arrays = {f"{i:06d}": np.asarray(x) for i, x in enumerate(_arrays(state))}
+        if rng is not None:
+            arrays["rng"] = np.asarray(jax.random.key_data(rng))
+        record = {"meta": meta or {}, "signature": _signature(state), "has_rng": rng is not None}
+        self.manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                        record=ocp.args.JsonSave(record)),
+                          force=True)
+        self.manager.wait_until_finished()
+        return step
+
+    def restore(self, template, step: int | None = None):
+        """(state, meta, rng) from `step` (default: the latest). `template` is a TrainState of
+        the model being trained; the checkpoint must have the same structure and shapes."""
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        try:
+            record = self.manager.restore(step, args=ocp.args.Composite(
+                record=ocp.args.JsonRestore()))["record"]
+        except Exception as exc:  # noqa: BLE001 - orbax raises many types for broken files
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable: "
+                                  f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        expected = _signature(template)
+        if record.get("signature") != expected:
+            got = record.get("signature", {}).get("shapes", [])
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} does not fit this model: it holds "
+                f"{len(got)} arrays, the model's train state {len(expected['shapes'])} "
+                "(different LoRA rank, targets, model size or optimizer?). Start a new run "
+                "directory, or restore with the settings it was written with.")
+        leaves = _arrays(template)
+        target = {f"{i:06d}": np.zeros(np.shape(x), jnp.asarray(x).dtype)
+                  for i, x in enumerate(leaves)}
+        if record.get("has_rng"):
+            target["rng"] = np.zeros((2,), np.uint32)
+        try:
+            arrays = self.manager.restore(step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardRestore(target)))["arrays"]
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable: "
+                                  f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        treedef = jax.tree.structure((template.lora, template.opt_state, template.step))
+        lora, opt_state, st = jax.tree.unflatten(
+            treedef, [jnp.asarray(arrays[f"{i:06d}"]) for i in range(len(leaves))])
+        state = dataclasses.replace(template, lora=lora, opt_state=opt_state, step=st)
+        rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"])) if "rng" in arrays else None
+        return state, record["meta"], rng

@@ -1,0 +1,56 @@
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from test_grpo import tiny_model
+
+from learners.checkpoint import CheckpointError, Checkpointer
+from learners.lora import apply_lora
+from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from learners.train import GRPOConfig, init_state
+
+WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
+
+
+def worker(directory, total, kill_after, out):
+    return subprocess.run([sys.executable, str(WORKER), str(directory), str(total),
+                           str(kill_after), str(out)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    straight = worker(tmp_path / "a", 6, -1, tmp_path / "a.npz")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = worker(tmp_path / "b", 6, 3, tmp_path / "unused.npz")
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "unused.npz").exists()
+    resumed = worker(tmp_path / "b", 6, -1, tmp_path / "b.npz")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a.files == b.files and int(a["step"]) == 12  # 6 batches x 2 PPO epochs
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert sorted(os.listdir(tmp_path / "b")) == ["10", "12"]  # keep=2, named by optimizer step
+
+
+def test_incompatible_or_missing_checkpoints_are_clear_errors(tmp_path):
+    cfg = GRPOConfig()
+    ckpt = Checkpointer(str(tmp_path / "c"), keep=1)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        ckpt.restore(init_state(tiny_model(), cfg))
+    ckpt.save(init_state(tiny_model(), cfg), {"data_position": 0})
+    other_cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    other = apply_lora(Qwen2ForCausalLM(other_cfg, rngs=nnx.Rngs(0)), rank=8, alpha=8)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        ckpt.restore(init_state(other, cfg))
+    # corrupt the stored arrays: a clear error, never a silent fresh start
+    for path in (tmp_path / "c").rglob("*"):
+        if path.is_file() and path.stat().st_size > 100 and "record" not in str(path):
+            path.write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ckpt.restore(init_state(tiny_model(), cfg))
