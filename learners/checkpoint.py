@@ -1,7 +1,8 @@
 """Orbax checkpoints of a GRPO run: everything a resume needs, written atomically.
 
-    ckpt = Checkpointer("runs/x/checkpoints", keep=3)
-    ckpt.save(state, meta={"data_position": 123, "adapter_version": 7}, rng=key)
+    ckpt = Checkpointer("runs/x/checkpoints", keep=3, every=10)
+    ckpt.maybe_save(state, meta={"data_position": 123, "adapter_version": 7}, rng=key)
+    ckpt.save(state, meta=..., rng=key)                    # unconditionally (end of run)
     state, meta, rng = ckpt.restore(state_template)      # latest; exact (bitwise on CPU)
 
 A checkpoint holds the LoRA parameters, the optimizer state and the step (the TrainState's arrays,
@@ -38,9 +39,10 @@ def _signature(state) -> dict:
 class Checkpointer:
     """Saves and restores TrainStates under one directory, keeping the last `keep` steps."""
 
-    def __init__(self, directory: str, keep: int = 3):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+    def __init__(self, directory: str, keep: int = 3, every: int = 1):
+        if keep < 1 or every < 1:
+            raise ValueError(f"keep and every must be >= 1, got {keep} and {every}")
+        self.every = every
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -48,6 +50,14 @@ class Checkpointer:
     @property
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def maybe_save(self, state, meta: dict | None = None, rng: jax.Array | None = None,
+                   force: bool = False) -> bool:
+        """Save when the step is a multiple of `every` (or when forced: at the end, on Ctrl-C)."""
+        if force or int(state.step) % self.every == 0:
+            self.save(state, meta, rng)
+            return True
+        return False
 
     def save(self, state, meta: dict | None = None, rng: jax.Array | None = None) -> int:
         step = int(state.step)

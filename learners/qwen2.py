@@ -254,8 +254,10 @@ class Qwen2ForCausalLM(nnx.Module):
         mask_bts = causal[None] & attention_mask[:, None, :].astype(bool)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            if self.remat:
-                x, _ = nnx.remat(lambda mdl, *a: mdl(*a))(layer, x, positions, mask_bts)
+            if self.remat:  # split/merge + jax.checkpoint: works under jax and nnx transforms
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a)[0])(
+                    state, x, positions, mask_bts)
             else:
                 x, _ = layer(x, positions, mask_bts)
         hidden = self.norm(x)

@@ -54,3 +54,17 @@ def test_incompatible_or_missing_checkpoints_are_clear_errors(tmp_path):
             path.write_bytes(b"garbage" * 10)
     with pytest.raises(CheckpointError, match="unreadable"):
         ckpt.restore(init_state(tiny_model(), cfg))
+
+
+def test_save_every_n_steps(tmp_path):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    state = init_state(tiny_model(), GRPOConfig())
+    ckpt = Checkpointer(str(tmp_path), keep=5, every=3)
+    saved = [ckpt.maybe_save(dataclasses.replace(state, step=jnp.asarray(s)), {"p": s})
+             for s in range(1, 8)]
+    assert saved == [False, False, True, False, False, True, False]
+    assert ckpt.maybe_save(dataclasses.replace(state, step=jnp.asarray(7)), force=True)
+    assert sorted(int(d) for d in os.listdir(tmp_path)) == [3, 6, 7]

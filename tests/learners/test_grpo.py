@@ -150,3 +150,21 @@ def test_config_validation():
         cfg = Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1)
         init_state(Qwen2ForCausalLM(cfg), GRPOConfig())
+
+
+def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
+    cfg_m = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0)
+    model = Qwen2ForCausalLM(cfg_m, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                             remat=True, rngs=nnx.Rngs(0))  # base frozen in bf16, remat on
+    apply_lora(model, rank=4, alpha=8, param_dtype=jnp.float32)
+    cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant")
+    state = init_state(model, cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 32)
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, 6)), "rewards": jnp.array([1.0, 0.0]),
+             "group_ids": jnp.array([0, 0])}
+    state, metrics = grpo_step(state, batch, cfg)
+    assert {x.dtype for x in jax.tree.leaves(state.lora)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.rest)} == {jnp.dtype(jnp.bfloat16)}
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
