@@ -1,0 +1,158 @@
+"""Samplers: token prompts in, token ids + log-probabilities + text + finish reason out.
+
+`JaxSampler` runs the learner's own Qwen2 (+ LoRA) in-process with the KV cache: no server, no
+copy of the parameters (it reads the model's current state at every call). Shapes are bucketed
+(batch to a multiple of 8, prompt and generation lengths to multiples of `bucket`) so that a run
+compiles a handful of programs, not one per call.
+
+Log-probabilities are those of the model's own distribution (temperature 1, no top-k/top-p), the
+quantity the GRPO learner recomputes; tokens are drawn from the tempered, truncated distribution.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample."""
+
+    n: int = 1
+    """Samples per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: all)."""
+    max_new_tokens: int = 256
+    """Generation budget per sample."""
+    stop: tuple[str, ...] = ()
+    """Stop sequences: generation ends once the text contains one (it stays in the output)."""
+    seed: int = 0
+    """Seed of the sampling randomness."""
+
+    def __post_init__(self):
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                             f"{self.temperature}, {self.top_p}, {self.top_k}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "eos", "length"]
+    adapter_version: int = 0
+    prompt_len: int = field(default=0, compare=False)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float):
+    """Draw one token a row; returns (tokens [B], raw log-probabilities of them [B])."""
+    raw = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    if temperature == 0:
+        tokens = jnp.argmax(raw, axis=-1)
+    else:
+        scores = raw / temperature
+        if top_k:
+            kth = jnp.sort(scores, axis=-1)[:, -top_k][:, None]
+            scores = jnp.where(scores < kth, -jnp.inf, scores)
+        if top_p < 1.0:
+            order = jnp.argsort(-scores, axis=-1)
+            sorted_p = jax.nn.softmax(jnp.take_along_axis(scores, order, -1), axis=-1)
+            keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p
+            keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scores.shape[0])[:, None],
+                                                  order].set(keep_sorted)
+            scores = jnp.where(keep, scores, -jnp.inf)
+        tokens = jax.random.categorical(key, scores, axis=-1)
+    return tokens.astype(jnp.int32), jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0]
+
+
+class JaxSampler:
+    """Samples from an NNX Qwen2ForCausalLM held by reference (the learner's live model)."""
+
+    def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
+                 bucket: int = 64, adapter_version: int = 0):
+        self.model, self.tokenizer, self.bucket = model, tokenizer, bucket
+        eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
+        self.eos = {int(e) for e in eos if e is not None}
+        self.adapter_version = adapter_version
+
+    @staticmethod
+    @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+    def _prefill(graphdef, state, ids, mask, max_len):
+        model = nnx.merge(graphdef, state)
+        logits, cache = model.prefill(ids, mask, max_len)
+        last = jnp.take_along_axis(logits, (mask.sum(-1) - 1)[:, None, None], axis=1)[:, 0]
+        return last, cache
+
+    @staticmethod
+    @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"))
+    def _step(graphdef, state, logits, cache, key, temperature, top_k, top_p):
+        tokens, logprobs = _choose(logits, key, temperature, top_k, top_p)
+        logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
+        return tokens, logprobs, logits, cache
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 adapter_version: int | None = None) -> list[list[Sample]]:
+        """`params.n` samples for each prompt (token ids), in prompt order."""
+        version = self.adapter_version if adapter_version is None else adapter_version
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        batch = _round_up(len(rows), 8)
+        t = _round_up(max(map(len, rows)), self.bucket)
+        max_len = t + _round_up(params.max_new_tokens, self.bucket)
+        limit = self.model.config.max_position_embeddings
+        if t + params.max_new_tokens > limit:
+            raise ValueError(f"prompt ({t}) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"model's {limit} positions")
+        ids = np.zeros((batch, t), np.int32)
+        mask = np.zeros((batch, t), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        mask[len(rows):, 0] = 1  # filler rows: one token, discarded
+        graphdef, state = nnx.split(self.model)
+        logits, cache = self._prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
+                                      max_len)
+        key = jax.random.key(params.seed)
+        out_tokens = [[] for _ in rows]
+        out_logprobs = [[] for _ in rows]
+        finish: list[str | None] = [None] * len(rows)
+        for _ in range(params.max_new_tokens):
+            key, sub = jax.random.split(key)
+            tokens, logprobs, logits, cache = self._step(
+                graphdef, state, logits, cache, sub, params.temperature, params.top_k,
+                params.top_p)
+            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+            for i in range(len(rows)):
+                if finish[i] is not None:
+                    continue
+                out_tokens[i].append(int(tokens[i]))
+                out_logprobs[i].append(float(logprobs[i]))
+                if int(tokens[i]) in self.eos:
+                    finish[i] = "eos"
+                elif params.stop:
+                    tail = self.tokenizer.decode(out_tokens[i][-32:])
+                    if any(s in tail for s in params.stop):
+                        finish[i] = "stop"
+            if all(f is not None for f in finish):
+                break
+        samples = [Sample(out_tokens[i], out_logprobs[i], self.tokenizer.decode(out_tokens[i]),
+                          finish[i] or "length", version, len(rows[i])) for i in range(len(rows))]
+        return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]
