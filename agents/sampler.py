@@ -5,6 +5,9 @@ copy of the parameters (it reads the model's current state at every call). Shape
 (batch to a multiple of 8, prompt and generation lengths to multiples of `bucket`) so that a run
 compiles a handful of programs, not one per call.
 
+Decoding runs `chunk` steps per compiled call (a lax.scan); stop sequences and end-of-sequence
+are checked on the host between chunks, and the tokens a row drew after its end are dropped.
+
 Log-probabilities are those of the model's own distribution (temperature 1, no top-k/top-p), the
 quantity the GRPO learner recomputes; tokens are drawn from the tempered, truncated distribution.
 """
@@ -87,8 +90,8 @@ class JaxSampler:
     """Samples from an NNX Qwen2ForCausalLM held by reference (the learner's live model)."""
 
     def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
-                 bucket: int = 64, adapter_version: int = 0):
-        self.model, self.tokenizer, self.bucket = model, tokenizer, bucket
+                 bucket: int = 64, adapter_version: int = 0, chunk: int = 16):
+        self.model, self.tokenizer, self.bucket, self.chunk = model, tokenizer, bucket, chunk
         eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}
         self.adapter_version = adapter_version
@@ -102,11 +105,21 @@ class JaxSampler:
         return last, cache
 
     @staticmethod
-    @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"))
-    def _step(graphdef, state, logits, cache, key, temperature, top_k, top_p):
-        tokens, logprobs = _choose(logits, key, temperature, top_k, top_p)
-        logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
-        return tokens, logprobs, logits, cache
+    @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k",
+                                                 "top_p"))
+    def _steps(graphdef, state, logits, cache, key, steps, temperature, top_k, top_p):
+        """`steps` decode steps in one program: fewer dispatches and host round trips."""
+        model = nnx.merge(graphdef, state)
+
+        def body(carry, key):
+            logits, cache = carry
+            tokens, logprobs = _choose(logits, key, temperature, top_k, top_p)
+            logits, cache = model.decode(tokens, cache)
+            return (logits, cache), (tokens, logprobs)
+
+        (logits, cache), (tokens, logprobs) = jax.lax.scan(body, (logits, cache),
+                                                           jax.random.split(key, steps))
+        return tokens, logprobs, logits, cache  # tokens, logprobs: [steps, B]
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  adapter_version: int | None = None) -> list[list[Sample]]:
@@ -134,25 +147,27 @@ class JaxSampler:
         out_tokens = [[] for _ in rows]
         out_logprobs = [[] for _ in rows]
         finish: list[str | None] = [None] * len(rows)
-        for _ in range(params.max_new_tokens):
+        done = 0
+        while done < params.max_new_tokens and any(f is None for f in finish):
+            steps = min(self.chunk, params.max_new_tokens - done)
             key, sub = jax.random.split(key)
-            tokens, logprobs, logits, cache = self._step(
-                graphdef, state, logits, cache, sub, params.temperature, params.top_k,
+            tokens, logprobs, logits, cache = self._steps(
+                graphdef, state, logits, cache, sub, steps, params.temperature, params.top_k,
                 params.top_p)
             tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+            done += steps
             for i in range(len(rows)):
-                if finish[i] is not None:
-                    continue
-                out_tokens[i].append(int(tokens[i]))
-                out_logprobs[i].append(float(logprobs[i]))
-                if int(tokens[i]) in self.eos:
-                    finish[i] = "eos"
-                elif params.stop:
-                    tail = self.tokenizer.decode(out_tokens[i][-32:])
-                    if any(s in tail for s in params.stop):
-                        finish[i] = "stop"
-            if all(f is not None for f in finish):
-                break
+                for j in range(steps):  # tokens after a row's end are computed, then dropped
+                    if finish[i] is not None:
+                        break
+                    out_tokens[i].append(int(tokens[j, i]))
+                    out_logprobs[i].append(float(logprobs[j, i]))
+                    if int(tokens[j, i]) in self.eos:
+                        finish[i] = "eos"
+                    elif params.stop:
+                        tail = self.tokenizer.decode(out_tokens[i][-32:])
+                        if any(stop in tail for stop in params.stop):
+                            finish[i] = "stop"
         samples = [Sample(out_tokens[i], out_logprobs[i], self.tokenizer.decode(out_tokens[i]),
                           finish[i] or "length", version, len(rows[i])) for i in range(len(rows))]
         return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]

@@ -300,6 +300,9 @@ def cell_process(order: dict, code: str, ns: dict, fds: list[int], scoped: bool)
     to be the state; otherwise never returns."""
     out_w, err_w, ctl_fd = fds
     ctl = socket.socket(fileno=ctl_fd)
+    pidfd = os.pidfd_open(os.getpid())  # announce itself first: the code may kill the state
+    send_msg(ctl, {"op": "started", "pid": os.getpid()}, fds=[pidfd])
+    os.close(pidfd)
     os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
     prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
     os.dup2(out_w, 1)
@@ -381,8 +384,8 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
         if pid is None:
             for fd in fds:
                 os.close(fd)
-            send_msg(ctl, {"op": "forked", "pid": 0, "error": "the session's process limit is "
-                           "reached; processes from the previous call are still exiting"})
+            send_msg(ctl, {"op": "fork_failed", "error": "the session's process limit is "
+                          "reached; processes from the previous call are still exiting"})
             continue
         if pid == 0:
             ctl.close()
@@ -390,9 +393,6 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             continue  # this process is now the state
         for fd in fds:
             os.close(fd)
-        pidfd = os.pidfd_open(pid)
-        send_msg(ctl, {"op": "forked", "pid": pid}, fds=[pidfd])
-        os.close(pidfd)
         try:
             order, _, _ = recv_msg(ctl, max_payload=0, max_fds=0)
         except ProtocolError:
@@ -564,12 +564,16 @@ class Session:
         status, pidfd, cell_pid = None, -1, 0
         try:
             send_msg(self.state, order, code, fds=[out_w, err_w, theirs.fileno()])
-            forked, _, fds = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=1)
-            if fds:
-                pidfd, cell_pid = fds[0], int(forked["pid"])
-            elif forked.get("error"):  # the state is fine but could not fork: nothing ran
-                status = "crashed"
-                notes.append(str(forked["error"]))
+            # The cell announces itself (with its pidfd); the state speaks only if fork failed.
+            ready = select.select([mine, self.state], [], [], 5.0)[0]
+            if mine in ready:
+                started, _, fds = recv_msg_within(mine, 2.0, max_payload=0, max_fds=1)
+                if fds:
+                    pidfd, cell_pid = fds[0], int(started["pid"])
+            elif self.state in ready:
+                failed, _, _ = recv_msg_within(self.state, 2.0, max_payload=0, max_fds=0)
+                status = "crashed"  # the state is fine but could not fork: nothing ran
+                notes.append(str(failed.get("error")))
         except (ProtocolError, OSError, KeyError, ValueError):
             pass
         finally:
