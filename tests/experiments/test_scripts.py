@@ -36,3 +36,10 @@ def test_bench_learner_json():
     for key in ("jax_tokens_per_s", "torch_tokens_per_s", "speed_ratio", "jax_peak_mb",
                 "torch_peak_mb"):
         assert report[key] > 0, key
+
+
+def test_bench_sampler_json():
+    report = json.loads(run_script("bench_sampler.py", "--prompts", "4", "--prompt-len", "8",
+                                   "--new-tokens", "8", "--json", timeout=600))
+    for key in ("jax_tokens_per_s", "hf_tokens_per_s", "speed_ratio"):
+        assert report[key] > 0, key
