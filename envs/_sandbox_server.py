@@ -4,17 +4,19 @@
 so none of the caller's memory or secrets is copied), inside new mount, network and pid
 namespaces where the machine allows. It imports the scientific stack once, then serves sessions:
 
-    server ──fork──► H ──unshare(pid), fork──► P  (pid 1 of the session's pid namespace; root)
-                                                └─fork─► S  (state: the session's globals; uid X)
-                                                          └─fork─► C  (runs one cell; uid X)
+    server ──unshare(pid) + fork──► P  (pid 1 of the session's own pid namespace; root)
+                                     └─fork─► S  (state: the session's globals; uid X)
+                                               └─fork─► C  (runs one cell; uid X)
 
-P supervises one session and talks to the caller over a socket of its own. For each cell, P asks
-the state process S to fork C; C runs the code with stdout/stderr on pipes that P drains. If the
-cell succeeds, C becomes the new state and kills every other process of the session (the old
-state, and whatever the code started); if it fails, times out or crashes, S kills C and everything
-C started and stays the state. "Kill every other process" is `kill(-1, SIGKILL)`, which is scoped:
-it only reaches the session's own pid namespace (or, without namespaces, the session's own uid),
-and it is never used where neither scope holds.
+The server keeps a few sessions ready (P and S forked and warmed up) and hands one to each caller
+that opens a session. P supervises its session and talks to the caller over a socket of its own.
+For each cell, P asks the state process S to fork C; C announces itself to P, runs the code with
+stdout/stderr on pipes that P drains, and reports its status. If the cell succeeds, C becomes the
+new state and kills every other process of the session (the old state, and whatever the code
+started); if it fails, times out or crashes, S kills C and everything C started and stays the
+state. Stateless calls use the same path but never promote. "Kill every other process" is
+`kill(-1, SIGKILL)`, which is scoped: it only reaches the session's own pid namespace (or, without
+namespaces, the session's own uid), and it is never used where neither scope holds.
 
 Only the standard library is imported at module level: envs.sandbox imports the framing helpers
 from here, and the preloads happen in `main()`.

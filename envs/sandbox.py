@@ -22,9 +22,11 @@ hacking found it useful. Covered, each with a test in tests/envs/test_sandbox.py
   * processes and threads: a cap per session (RLIMIT_NPROC on a uid of the session's own);
   * output: stdout and stderr are capped, keeping head and tail with a marker; invalid UTF-8 is
     replaced; the result travels on a channel of its own, so output cannot forge it;
-  * files: a per-file size cap, a fresh scratch directory (cwd and HOME) removed afterwards, a
-    private tmpfs over /tmp, /var/tmp, /dev/shm; directories closed to other users (such as /root,
-    with its tokens and caches) are hidden, only the interpreter is shown there, read-only;
+  * files: a per-file size cap; code writes only in a fresh scratch directory of its own (cwd,
+    HOME, TMPDIR), emptied after a stateless call and removed with its session; /tmp and /var/tmp
+    are private and unwritable, /dev/shm private and emptied of a session's files; directories
+    closed to other users (such as /root, with its tokens and caches) are hidden, only the
+    interpreter is shown there;
   * network: a network namespace with no interfaces up (not even loopback to the host);
   * secrets: the environment holds only allow-listed variables; no file descriptor is inherited;
     the caller's processes are invisible (own pid namespace and /proc) and not readable (other uid);
