@@ -454,8 +454,13 @@ def test_close_leaves_no_process_behind():
         s.run("print(x)")
 
 
-def test_reduced_isolation_still_contains_time_and_memory():
-    with PythonSandbox(FAST, isolation="none", pool_size=0) as sb:
+def test_reduced_isolation_still_contains_time_and_memory(monkeypatch):
+    import envs.sandbox
+
+    monkeypatch.setattr(envs.sandbox, "_warned", False)
+    with pytest.warns(UserWarning, match="Off: network_isolated, pid_namespace"):
+        sb = PythonSandbox(FAST, isolation="none", pool_size=0).start()
+    with sb:
         assert not sb.protections["network_isolated"]
         assert sb.run("while True: pass", timeout_s=1).status == "timeout"
         assert sb.run("x = bytearray(8 * 1024**3)").status == "memory"
