@@ -292,7 +292,7 @@ class PythonSandbox:
         with self._lock:
             sock = self._idle.pop() if self._idle else None
         conn = (sock, self) if sock is not None else self._open()
-        result = _call(conn, code, timeout_s, keep=False, close=False)  # closes it on failure
+        result = _call(conn, code, timeout_s, keep=False)
         with self._lock:
             if self._finalizer is not None and len(self._idle) < 2 * (os.cpu_count() or 1) + 2:
                 self._idle.append(conn[0])
@@ -342,7 +342,8 @@ def _check_code(code: str) -> None:
         raise TypeError(f"code must be a str, got {type(code).__name__}")
 
 
-def _call(conn, code: str, timeout_s: float, keep: bool, close: bool) -> ExecutionResult:
+def _call(conn, code: str, timeout_s: float, keep: bool) -> ExecutionResult:
+    """One call over a session's socket; the socket is closed if the session stops answering."""
     sock, _ = conn
     try:
         proto.send_msg(sock, {"op": "run", "timeout_s": timeout_s, "keep": keep},
@@ -351,9 +352,6 @@ def _call(conn, code: str, timeout_s: float, keep: bool, close: bool) -> Executi
     except (proto.ProtocolError, OSError) as exc:
         sock.close()
         raise SandboxError(f"the sandbox session stopped answering ({exc})") from exc
-    finally:
-        if close:
-            sock.close()
     n = int(header["stdout_len"])
     return ExecutionResult(
         stdout=payload[:n].decode("utf-8", "replace"),
@@ -376,8 +374,7 @@ class SandboxSession:
             if self.closed:
                 raise RuntimeError("this sandbox session is closed")
             _check_code(code)
-            return _call(self._conn, code, self._conn[1]._timeout(timeout_s), keep=True,
-                         close=False)
+            return _call(self._conn, code, self._conn[1]._timeout(timeout_s), keep=True)
 
     def close(self) -> None:
         with self._lock:

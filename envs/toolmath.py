@@ -144,7 +144,7 @@ class ToolMathEnv(gym.Env):
         self._turns += 1
         parsed = self.protocol.parse(action)
         if isinstance(parsed, FinalAnswer):
-            self._append(action, None)
+            self._append(action, parsed, None)
             return self._finish(parsed.answer, terminated=True)
         if isinstance(parsed, ParseFailure):
             self._stats = _bump(self._stats, parse_failures=1)
@@ -152,7 +152,7 @@ class ToolMathEnv(gym.Env):
         else:
             output = self._run_tool(parsed)
         observation = self.protocol.format_output(output, action)
-        self._append(action, observation)
+        self._append(action, parsed, observation)
         self._chars += len(action) + len(observation)
         if self._turns >= self.max_turns or self._chars > self.max_chars:
             obs, reward, terminated, truncated, info = self._finish(None, terminated=False)
@@ -183,7 +183,7 @@ class ToolMathEnv(gym.Env):
         text = result.stdout + result.stderr
         return truncate_middle(text.rstrip("\n"), self.max_output_chars)
 
-    def _append(self, action: str, observation: str | None) -> None:
+    def _append(self, action: str, parsed, observation: str | None) -> None:
         """Record the turn in OpenAI chat form."""
         if self.protocol.observation_role == "assistant":
             if self._messages[-1]["role"] != "assistant":
@@ -194,7 +194,6 @@ class ToolMathEnv(gym.Env):
         message: dict[str, Any] = {"role": "assistant", "content": head if sep else action}
         if observation is not None:
             call_id = f"call_{self._turns}"
-            parsed = self.protocol.parse(action)
             code = parsed.code if isinstance(parsed, ToolCall) else ""
             message["tool_calls"] = [{"id": call_id, "type": "function", "function": {
                 "name": "python", "arguments": json.dumps({"code": code})}}]

@@ -224,6 +224,14 @@ class DecoderLayer(nnx.Module):
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), cache
 
 
+def _positions_and_mask(attention_mask_bt):
+    """Positions 0..T-1 (as transformers') and the causal mask that also hides padding keys."""
+    b, t = attention_mask_bt.shape
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return (jnp.broadcast_to(jnp.arange(t), (b, t)),
+            causal[None] & attention_mask_bt[:, None, :].astype(bool))
+
+
 class Qwen2ForCausalLM(nnx.Module):
     """The causal LM. `remat=True` recomputes each layer's activations in the backward pass."""
 
@@ -248,10 +256,8 @@ class Qwen2ForCausalLM(nnx.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask_bts = causal[None] & attention_mask[:, None, :].astype(bool)
+        default_positions, mask_bts = _positions_and_mask(attention_mask)
+        positions = default_positions if positions is None else positions
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.remat:  # split/merge + jax.checkpoint: works under jax and nnx transforms
@@ -283,9 +289,7 @@ class Qwen2ForCausalLM(nnx.Module):
         if t > max_len:
             raise ValueError(f"prompt length {t} exceeds the cache capacity {max_len}")
         cache = self.init_cache(b, max_len)
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask_bts = causal[None] & attention_mask[:, None, :].astype(bool)
+        positions, mask_bts = _positions_and_mask(attention_mask)
         x = self.embed_tokens(input_ids)
         new_layers = []
         for layer, lc in zip(self.layers, cache.layers):

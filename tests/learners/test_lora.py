@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from tiny_qwen import build_hf_model, random_batch
+from tiny_qwen import build_hf_model, random_batch, torch_logits
 
 from learners.lora import (ALL_TARGETS, apply_lora, load_peft_adapter, lora_disabled,
                            merge_lora, save_peft_adapter)
 from learners.qwen2 import Qwen2ForCausalLM
 
-
-def torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long),
-                     attention_mask=torch.tensor(mask)).logits.float().numpy()
 
 
 def randomize_lora(model, seed=0):

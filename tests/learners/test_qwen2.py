@@ -12,13 +12,8 @@ import torch
 from learners.params import HubUnavailableError
 from learners.qwen2 import PRESETS, Qwen2Config, Qwen2ForCausalLM
 
-from tiny_qwen import random_batch
+from tiny_qwen import random_batch, torch_logits
 
-
-def torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long),
-                     attention_mask=torch.tensor(mask)).logits.float().numpy()
 
 
 @pytest.mark.parametrize("pad", [False, True])

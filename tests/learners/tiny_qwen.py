@@ -47,3 +47,12 @@ def random_batch(vocab: int, batch: int = 3, length: int = 11, seed: int = 0, pa
             ids[row, n:] = 0
         mask[0] = 1
     return ids, mask
+
+
+def torch_logits(model, ids, mask):
+    """Logits of a torch model (transformers or PEFT) as float32 numpy."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=torch.tensor(mask)).logits.float().numpy()
