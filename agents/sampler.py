@@ -168,6 +168,7 @@ class JaxSampler:
                         tail = self.tokenizer.decode(out_tokens[i][-32:])
                         if any(stop in tail for stop in params.stop):
                             finish[i] = "stop"
-        samples = [Sample(out_tokens[i], out_logprobs[i], self.tokenizer.decode(out_tokens[i]),
+        samples = [Sample(out_tokens[i], out_logprobs[i],
+                          self.tokenizer.decode(out_tokens[i], skip_special_tokens=True),
                           finish[i] or "length", version, len(rows[i])) for i in range(len(rows))]
         return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]

@@ -1,0 +1,340 @@
+"""Multi-turn tool rollouts with exact tokens: the batch the GRPO learner trains on.
+
+    rollouts = Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, tokenizer, RolloutConfig())
+    batch = rollouts.collect(problem_indices=[3, 8], seed=0)   # G episodes for each problem
+    state, metrics = grpo_step(state, batch.arrays(), cfg)
+
+Each episode: the chat template renders the environment's first messages into prompt tokens; the
+sampler generates until a tool-call stop sequence, end of sequence or the turn budget; the text of
+the turn goes to `env.step`; the observation is tokenized once, here, with the chat template's exact
+boundaries and appended with loss mask 0; the episode goes on until the environment ends it.
+
+Token in, token out: the batch holds exactly the tokens the sampler produced (model text is never
+re-tokenized), and each turn's prompt is checked to be a prefix of the next. An episode whose tokens
+outgrow `max_total_tokens` ends as truncated ("context"), with reward 0, never as a crash.
+
+Generation and tool calls overlap: episodes whose tool call is running sit out the next generation
+round while every other episode goes on, so a slow call does not stall the batch. A sampler or
+environment error ends the whole collection with that error: there is no partial batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from agents.sampler import SamplingParams
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How episodes are played."""
+
+    group_size: int = 8
+    """Episodes per problem (the GRPO group)."""
+    max_turn_tokens: int = 512
+    """Generation budget of one assistant turn."""
+    max_total_tokens: int = 2048
+    """Context budget of an episode: prompt, every turn and every observation."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    pad_to: int = 64
+    """Batch length is rounded up to a multiple of this (fewer learner compilations)."""
+    tool_workers: int = 16
+    """Threads stepping environments (running tool calls) while generation goes on."""
+    batch_wait_s: float = 0.05
+    """How long a generation round waits for running tool calls to join it."""
+
+    def __post_init__(self):
+        if self.group_size < 1 or self.max_turn_tokens < 1 or self.pad_to < 1:
+            raise ValueError(f"group_size ({self.group_size}), max_turn_tokens "
+                             f"({self.max_turn_tokens}) and pad_to ({self.pad_to}) must be >= 1")
+        if self.max_total_tokens <= self.max_turn_tokens // 8:
+            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) leaves no room for a "
+                             f"turn of max_turn_tokens ({self.max_turn_tokens})")
+
+
+@dataclass(frozen=True)
+class EpisodeStats:
+    """What happened in one episode."""
+
+    problem_id: str
+    group: int
+    turns: int
+    tool_calls: int
+    tool_errors: int
+    tool_timeouts: int
+    parse_failures: int
+    answer_found: bool
+    correct: bool
+    truncated: str | None
+    """None, "turns" (the environment's turn or length limit) or "context" (max_total_tokens)."""
+    reward: float
+    reward_components: dict[str, float]
+    sampled_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class RolloutBatch:
+    """The rollout contract of DESIGN.md: one row per episode, right-padded."""
+
+    tokens: np.ndarray            # int32 [B, T]
+    loss_mask: np.ndarray         # int32 [B, T]: 1 exactly on sampled tokens
+    sampler_logprobs: np.ndarray  # float32 [B, T]: 0 where loss_mask is 0
+    rewards: np.ndarray           # float32 [B]
+    group_ids: np.ndarray         # int32 [B]
+    adapter_version: np.ndarray   # int32 [B]: the oldest adapter that sampled the episode
+    lengths: np.ndarray           # int32 [B]: real tokens of each row
+    episodes: list[EpisodeStats]
+    transcripts: list[str]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays `learners.train.grpo_step` takes."""
+        return {"tokens": self.tokens, "loss_mask": self.loss_mask, "rewards": self.rewards,
+                "group_ids": self.group_ids, "sampler_logprobs": self.sampler_logprobs}
+
+    def metrics(self) -> dict[str, float]:
+        """Episode means: reward, accuracy, tool use and health, turns, lengths."""
+        eps = self.episodes
+        mean = lambda xs: float(np.mean(xs)) if eps else 0.0  # noqa: E731
+        calls = sum(e.tool_calls for e in eps)
+        return {"reward": mean([e.reward for e in eps]),
+                "accuracy": mean([e.correct for e in eps]),
+                "answer_rate": mean([e.answer_found for e in eps]),
+                "tool_use_rate": mean([e.tool_calls > 0 for e in eps]),
+                "tool_calls": mean([e.tool_calls for e in eps]),
+                "tool_error_rate": (sum(e.tool_errors + e.tool_timeouts for e in eps) / calls
+                                    if calls else 0.0),
+                "parse_failures": mean([e.parse_failures for e in eps]),
+                "turns": mean([e.turns for e in eps]),
+                "truncated_turns": mean([e.truncated == "turns" for e in eps]),
+                "truncated_context": mean([e.truncated == "context" for e in eps]),
+                "sampled_tokens": mean([e.sampled_tokens for e in eps]),
+                "total_tokens": mean([e.total_tokens for e in eps])}
+
+
+class RolloutError(RuntimeError):
+    """A rollout could not be completed (the sampler or an environment failed)."""
+
+
+@dataclass
+class _Episode:
+    group: int
+    index: int
+    env: Any
+    tokens: list[int]
+    prompt_len: int
+    observation_role: str
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    turns: int = 0
+    last_info: dict = field(default_factory=dict)
+    stats: EpisodeStats | None = None
+
+    def __post_init__(self):
+        self.mask = [0] * len(self.tokens)
+        self.logprobs = [0.0] * len(self.tokens)
+
+    def append(self, tokens: Sequence[int], sampled: bool, logprobs=None) -> None:
+        before = list(self.tokens)
+        self.tokens += list(tokens)
+        self.mask += [int(sampled)] * len(tokens)
+        self.logprobs += list(logprobs) if sampled else [0.0] * len(tokens)
+        # token in, token out: what the model saw stays exactly what it sees next
+        assert self.tokens[:len(before)] == before and len(self.mask) == len(self.tokens)
+
+
+class Rollouts:
+    """Plays G episodes per problem through a sampler and collects the rollout batch.
+
+    `make_env()` builds one environment (for example `lambda: gym.make("ToolMath-AIME-v0")`);
+    environments are pooled and reused across `collect` calls. The environment must give
+    `info["messages"]` (chat form) and `info["stop"]` at reset, like `envs.ToolMathEnv`.
+    """
+
+    def __init__(self, make_env: Callable[[], Any], sampler, tokenizer, cfg: RolloutConfig):
+        self.make_env, self.sampler, self.tokenizer, self.cfg = make_env, sampler, tokenizer, cfg
+        self._envs: list = []
+        self._pool = cf.ThreadPoolExecutor(cfg.tool_workers, thread_name_prefix="rollout-env")
+        self._tool_boundary: tuple[str, str] | None = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for env in self._envs:
+            env.close()
+        self._envs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the chat template's boundaries ----------------------------------------------------------
+    def _render(self, messages, tools=None, generation_prompt=False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def _tool_turn(self) -> tuple[str, str]:
+        """The text the chat template puts (before, after) a tool message's content when it
+        follows an assistant turn: before = end of that turn + start of the tool message,
+        after = end of the tool message + the next assistant turn's opening. Read off the
+        template itself by rendering a conversation with and without a tool message."""
+        if self._tool_boundary is None:
+            base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+            head = self._render(base, generation_prompt=True)
+            turn = self._render(base + [{"role": "assistant", "content": "A"}])
+            full = self._render(base + [{"role": "assistant", "content": "A"},
+                                        {"role": "tool", "content": "\x00TOOL\x00"}],
+                                generation_prompt=True)
+            if not (turn.startswith(head + "A") and full.startswith(turn)):
+                raise RolloutError("the chat template does not render a conversation as a prefix "
+                                   "of its continuation; tool observations cannot be appended "
+                                   "exactly")
+            before, _, after = full[len(turn):].partition("\x00TOOL\x00")
+            self._tool_boundary = (turn[len(head) + 1:] + before, after)
+        return self._tool_boundary
+
+    def _observation_tokens(self, ep: _Episode, observation: str, turn_ended: bool) -> list[int]:
+        if ep.observation_role == "assistant":  # the output continues the assistant's turn
+            text = observation
+        else:
+            before, after = self._tool_turn()
+            eos = self.tokenizer.eos_token or ""
+            if turn_ended and eos and before.startswith(eos):
+                before = before[len(eos):]  # the model closed its turn itself
+            text = before + observation + after
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- collection -------------------------------------------------------------------------------
+    def _start(self, env, group: int, index: int) -> _Episode:
+        _, info = env.reset(options={"index": int(index)})
+        text = self._render(info["messages"], info.get("tools"), generation_prompt=True)
+        tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        role = "tool" if info.get("protocol") == "qwen" else "assistant"
+        return _Episode(group, int(index), env, tokens, len(tokens), role, last_info=info)
+
+    def collect(self, problem_indices: Sequence[int], seed: int = 0,
+                adapter_version: int | None = None) -> RolloutBatch:
+        """G episodes (cfg.group_size) for each problem index; group i is problem_indices[i]."""
+        cfg = self.cfg
+        n = len(problem_indices) * cfg.group_size
+        if n == 0:
+            raise ValueError("collect needs at least one problem index")
+        while len(self._envs) < n:
+            self._envs.append(self.make_env())
+        episodes = [self._start(self._envs[g * cfg.group_size + k], g, idx)
+                    for g, idx in enumerate(problem_indices) for k in range(cfg.group_size)]
+        stop = tuple(episodes[0].last_info.get("stop", ()))
+        ready, pending, rounds = list(episodes), {}, 0
+        try:
+            while ready or pending:
+                if pending:  # let tool calls that are about to finish join this round
+                    cf.wait(pending, timeout=cfg.batch_wait_s if ready else None,
+                            return_when=cf.ALL_COMPLETED if ready else cf.FIRST_COMPLETED)
+                for fut in [f for f in pending if f.done()]:
+                    ep, turn_ended = pending.pop(fut)
+                    if self._observe(ep, fut.result(), turn_ended):
+                        ready.append(ep)
+                if not ready:
+                    continue
+                params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                        top_k=cfg.top_k, max_new_tokens=cfg.max_turn_tokens,
+                                        stop=stop, seed=hash((seed, rounds)) % 2**31)
+                rounds += 1
+                samples = self.sampler.generate([ep.tokens for ep in ready], params,
+                                                adapter_version=adapter_version)
+                for ep, (sample,) in zip(ready, samples):
+                    room = cfg.max_total_tokens - len(ep.tokens)
+                    ep.append(sample.token_ids[:room], True, sample.logprobs[:room])
+                    ep.versions.append(sample.adapter_version)
+                    ep.turns += 1
+                    if len(sample.token_ids) > room or (room == len(sample.token_ids)
+                                                        and sample.finish_reason == "length"):
+                        self._end(ep, truncated="context")
+                        continue
+                    action = self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+                    pending[self._pool.submit(ep.env.step, action)] = (
+                        ep, sample.finish_reason == "eos")
+                ready = []
+        except BaseException as exc:
+            for fut in pending:
+                fut.cancel()
+            self._drop_envs({id(ep.env) for ep in episodes if ep.stats is None})
+            if isinstance(exc, Exception) and not isinstance(exc, (RolloutError, AssertionError)):
+                raise RolloutError(f"rollout failed, no batch was made: {exc}") from exc
+            raise
+        return self._batch(episodes)
+
+    def _observe(self, ep: _Episode, step_result, turn_ended: bool) -> bool:
+        """Record an environment step; True when the episode goes on."""
+        observation, reward, terminated, truncated, info = step_result
+        ep.last_info = info
+        if terminated or truncated:
+            self._end(ep, reward=float(reward), truncated=None if terminated else "turns")
+            return False
+        room = self.cfg.max_total_tokens - len(ep.tokens)
+        tokens = self._observation_tokens(ep, observation, turn_ended)
+        ep.append(tokens[:max(room, 0)], False)
+        if len(tokens) >= room:  # no room left to answer
+            self._end(ep, truncated="context")
+            return False
+        return True
+
+    def _end(self, ep: _Episode, reward: float = 0.0, truncated: str | None = None) -> None:
+        info = ep.last_info
+        tool = info.get("tool", {})
+        components = info.get("reward_components") if truncated != "context" else None
+        ep.stats = EpisodeStats(
+            problem_id=str(info.get("problem_id", ep.index)), group=ep.group, turns=ep.turns,
+            tool_calls=int(tool.get("calls", 0)), tool_errors=int(tool.get("errors", 0)),
+            tool_timeouts=int(tool.get("timeouts", 0)),
+            parse_failures=int(tool.get("parse_failures", 0)),
+            answer_found=info.get("answer") is not None and truncated != "context",
+            correct=bool(info.get("correct", False)) and truncated != "context",
+            truncated=truncated, reward=reward,
+            reward_components=dict(components or {k: 0.0 for k in ("correctness", "format",
+                                                                    "tool_use")}),
+            sampled_tokens=int(sum(ep.mask)), total_tokens=len(ep.tokens))
+        if truncated == "context":  # the environment is mid-episode: release what it holds
+            self._drop_envs({id(ep.env)})
+
+    def _drop_envs(self, ids: set[int]) -> None:
+        keep = []
+        for env in self._envs:
+            if id(env) in ids:
+                env.close()
+            else:
+                keep.append(env)
+        self._envs = keep
+
+    def _batch(self, episodes: list[_Episode]) -> RolloutBatch:
+        pad = self.cfg.pad_to
+        t = -(-max(len(ep.tokens) for ep in episodes) // pad) * pad
+        b = len(episodes)
+        tokens = np.full((b, t), self.tokenizer.pad_token_id or 0, np.int32)
+        mask = np.zeros((b, t), np.int32)
+        logprobs = np.zeros((b, t), np.float32)
+        for i, ep in enumerate(episodes):
+            k = len(ep.tokens)
+            tokens[i, :k], mask[i, :k], logprobs[i, :k] = ep.tokens, ep.mask, ep.logprobs
+        return RolloutBatch(
+            tokens=tokens, loss_mask=mask, sampler_logprobs=logprobs,
+            rewards=np.asarray([ep.stats.reward for ep in episodes], np.float32),
+            group_ids=np.asarray([ep.group for ep in episodes], np.int32),
+            adapter_version=np.asarray([min(ep.versions, default=0) for ep in episodes],
+                                       np.int32),
+            lengths=np.asarray([len(ep.tokens) for ep in episodes], np.int32),
+            episodes=[ep.stats for ep in episodes],
+            transcripts=[self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
+                         for ep in episodes])
+
