@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
 from typing import Any, Sequence
@@ -73,6 +74,7 @@ class ToolMathEnv(gym.Env):
     * `tool_timeout_s` (10): per call. `max_output_chars` (2000): output shown to the model, head
       and tail kept. `reward_weights`: `envs.rewards.RewardWeights`.
     * `sandbox`: a `PythonSandbox` (default: one shared by the process).
+    * `system_prompt`: replaces the protocol's instructions (which explain the tool format).
 
     ## Version History
     * v0: initial release.
@@ -85,7 +87,7 @@ class ToolMathEnv(gym.Env):
                  tool_timeout_s: float = 10.0, max_output_chars: int = 2_000,
                  reward_weights: RewardWeights = RewardWeights(), difficulty: int = 3,
                  data_seed: int = 0, sandbox: PythonSandbox | None = None,
-                 render_mode: str | None = None):
+                 system_prompt: str | None = None, render_mode: str | None = None):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         if max_chars < 100 or max_output_chars < 50:
@@ -98,8 +100,9 @@ class ToolMathEnv(gym.Env):
         elif isinstance(problems, str):
             self.problems = load_problems(problems, split)
         else:
-            self.problems = list(problems)
-            if not self.problems or not all(isinstance(p, Problem) for p in self.problems):
+            # a Sequence (like ArithProblems, 2**31 long) is used as it is; anything else listed
+            self.problems = problems if isinstance(problems, ArithProblems) else list(problems)
+            if not all(isinstance(p, Problem) for p in itertools.islice(self.problems, 10_000)):
                 raise ValueError("problems must be a name, a path or a non-empty list of Problem")
         self.protocol = get_protocol(protocol)
         self.stop_sequences = list(self.protocol.stop_sequences)
@@ -107,6 +110,7 @@ class ToolMathEnv(gym.Env):
         self.tool_timeout_s, self.max_output_chars = tool_timeout_s, max_output_chars
         self.reward_weights = reward_weights
         self.render_mode = render_mode
+        self.system_prompt = system_prompt or self.protocol.system_prompt()
         self.action_space = UnicodeText(max_chars)
         # the longest observation: a problem, or a tool output with the protocol's wrapping
         self.observation_space = UnicodeText(max_chars + max_output_chars + 64)
@@ -128,7 +132,7 @@ class ToolMathEnv(gym.Env):
         self._turns, self._chars, self._done = 0, 0, False
         self._stats = ToolStats()
         user = self._user_message(self._problem)
-        self._messages = [{"role": "system", "content": self.protocol.system_prompt()},
+        self._messages = [{"role": "system", "content": self.system_prompt},
                           {"role": "user", "content": user}]
         info = {"problem_id": self._problem.id, "messages": self._copy_messages(),
                 "stop": list(self.stop_sequences), "protocol": self.protocol.name,

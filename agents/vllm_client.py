@@ -1,0 +1,270 @@
+"""VLLMSampler: samples through a vLLM server's OpenAI-compatible API; VLLMServer launches one.
+
+    with VLLMServer("Qwen/Qwen2.5-0.5B-Instruct", max_lora_rank=128) as server:
+        sampler = VLLMSampler(server.url, tokenizer)
+        sampler.sync_adapter(model, version=1)           # PEFT files -> /v1/load_lora_adapter
+        groups = sampler.generate(prompts, SamplingParams(n=8, stop=("</tool_call>",)))
+
+Prompts go as token ids to /v1/completions and the sampled token ids come back with their
+log-probabilities, so nothing is re-tokenized. Each learner update becomes a new adapter named
+"<prefix>-v<version>" (the previous one is unloaded); every sample records the version that made
+it, and asking for any other version raises StaleAdapterError instead of silently sampling the
+base model. Version 0 is the base model (a fresh LoRA adapter is the identity).
+
+Transient failures (connection refused or reset, timeouts, HTTP 5xx) are retried with exponential
+backoff; then ServerError says which server, what failed and how to start one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Sequence
+
+from agents.sampler import Sample, SamplingParams
+
+
+class ServerError(RuntimeError):
+    """The server is unreachable, lacks a feature, or answered with an error (HTTP `status`)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class StaleAdapterError(ServerError):
+    """A request named an adapter version the server does not hold."""
+
+
+class VLLMSampler:
+    """A client of vLLM's OpenAI-compatible server (or agents.serve), with versioned adapters."""
+
+    def __init__(self, base_url: str, tokenizer, model: str | None = None,
+                 timeout_s: float = 600.0, retries: int = 4, backoff_s: float = 0.5,
+                 adapter_prefix: str = "toolgrpo", adapter_dir: str | None = None):
+        self.url = base_url.rstrip("/").removesuffix("/v1")
+        self.tokenizer, self.timeout_s = tokenizer, timeout_s
+        self.retries, self.backoff_s, self.prefix = retries, backoff_s, adapter_prefix
+        self.adapter_dir = adapter_dir or tempfile.mkdtemp(prefix="toolgrpo-adapters-")
+        models = self._request("GET", "/v1/models")["data"]
+        bases = [m["id"] for m in models if not m.get("parent")]
+        if model is None and not bases:
+            raise ServerError(f"{self.url}/v1/models lists no base model")
+        self.model = model or bases[0]
+        self.adapter_version = 0
+        self._adapter: str | None = None
+
+    # -- HTTP -------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    raw = resp.read().decode()
+                    if "json" in resp.headers.get("Content-Type", ""):
+                        return json.loads(raw)
+                    return raw
+            except urllib.error.HTTPError as exc:
+                message = _error_message(exc)
+                if exc.code >= 500:
+                    last = ServerError(f"{self.url}{path}: HTTP {exc.code}: {message}")
+                    continue
+                raise ServerError(f"{self.url}{path}: HTTP {exc.code}: {message}",
+                                  exc.code) from None
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:
+                last = exc
+        raise ServerError(
+            f"the vLLM server at {self.url} is unreachable ({path}, {self.retries + 1} tries): "
+            f"{last}. Start one with `vllm serve MODEL --enable-lora --max-lora-rank R` (or "
+            "`python -m agents.serve MODEL --enable-lora` without a GPU), or use the JAX sampler.")
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def load_adapter(self, path: str, version: int) -> str:
+        """Load the PEFT adapter at `path` as `version`, then unload the previous one."""
+        name = f"{self.prefix}-v{version}"
+        try:
+            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name,
+                                                             "lora_path": os.path.abspath(path)})
+        except ServerError as exc:
+            said = str(exc).lower().partition("http 404: ")[2]
+            no_route = "no route" in said or ("not found" in said and "adapter" not in said)
+            if no_route or "not enabled" in str(exc):
+                raise ServerError(
+                    f"the server at {self.url} cannot load LoRA adapters at run time: start it "
+                    "with --enable-lora --max-lora-rank R and the environment variable "
+                    f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True ({exc})") from None
+            raise
+        previous, self._adapter, self.adapter_version = self._adapter, name, version
+        if previous is not None:
+            self._request("POST", "/v1/unload_lora_adapter", {"lora_name": previous})
+        return name
+
+    def sync_adapter(self, model, version: int) -> str:
+        """Write the model's LoRA adapter in PEFT format and load it as `version`."""
+        from learners.lora import save_peft_adapter
+
+        path = os.path.join(self.adapter_dir, f"v{version}")
+        save_peft_adapter(model, path)
+        name = self.load_adapter(path, version)
+        for old in os.listdir(self.adapter_dir):  # the server has read it: keep only the newest
+            if old != f"v{version}":
+                shutil.rmtree(os.path.join(self.adapter_dir, old), ignore_errors=True)
+        return name
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 adapter_version: int | None = None) -> list[list[Sample]]:
+        version = self.adapter_version if adapter_version is None else adapter_version
+        if version != self.adapter_version:
+            raise StaleAdapterError(f"adapter version {version} was requested but the server "
+                                    f"holds version {self.adapter_version}: sync_adapter first")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        model = self._adapter or self.model
+        body = {"model": model, "prompt": [list(map(int, p)) for p in prompts],
+                "n": params.n, "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature, "top_p": params.top_p,
+                "top_k": params.top_k or -1, "stop": list(params.stop), "seed": params.seed,
+                "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True,
+                "include_stop_str_in_output": True, "skip_special_tokens": True}
+        try:
+            reply = self._request("POST", "/v1/completions", body)
+        except ServerError as exc:
+            if self._adapter and exc.status == 404:
+                raise StaleAdapterError(f"the server at {self.url} no longer holds adapter "
+                                        f"{model!r} (restarted?); not falling back to the base "
+                                        "model") from None
+            raise
+        choices = sorted(reply["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompts) * params.n:
+            raise ServerError(f"{self.url} returned {len(choices)} choices for "
+                              f"{len(prompts)} prompts x n={params.n}")
+        samples = [self._sample(c, version, len(prompts[i // params.n]))
+                   for i, c in enumerate(choices)]
+        return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]
+
+    def _sample(self, choice: dict, version: int, prompt_len: int) -> Sample:
+        lp = choice.get("logprobs") or {}
+        ids = choice.get("token_ids")
+        if ids is None:  # older vLLM: "token_id:123" strings with return_tokens_as_token_ids
+            ids = [int(t.split(":", 1)[1]) for t in lp.get("tokens", [])]
+        logprobs = [float(x) for x in lp.get("token_logprobs", [])]
+        if len(logprobs) != len(ids):
+            raise ServerError(f"{self.url} returned {len(ids)} tokens but {len(logprobs)} "
+                              "log-probabilities")
+        reason = choice.get("finish_reason")
+        finish = "length" if reason == "length" else (
+            "stop" if isinstance(choice.get("stop_reason"), str) else "eos")
+        return Sample(ids, logprobs, choice.get("text", ""), finish, version, prompt_len)
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read().decode() or "{}")
+    except (ValueError, OSError):
+        return exc.reason or ""
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    return str(err.get("message", body)) if isinstance(err, dict) else str(err)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """Starts `vllm serve MODEL --enable-lora --max-lora-rank R` as a subprocess, waits until it is
+    healthy, and stops it on exit. `gpu_memory_utilization` is vLLM's share of the GPU memory: the
+    rest is left to the JAX learner. `command` replaces `vllm serve` (the tests launch
+    `python -m agents.serve`, which takes the same flags)."""
+
+    def __init__(self, model: str, max_lora_rank: int = 128, gpu_memory_utilization: float = 0.35,
+                 port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: Sequence[str] = (), command: Sequence[str] | None = None,
+                 startup_timeout_s: float = 900.0, log_path: str | None = None):
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.cmd = [*(command or ["vllm", "serve"]), model, "--host", host, "--port",
+                    str(self.port), "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+                    "--gpu-memory-utilization", str(gpu_memory_utilization), *extra_args]
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = log_path or os.path.join(tempfile.mkdtemp(prefix="toolgrpo-vllm-"),
+                                                 "server.log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "VLLMServer":
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        log = open(self.log_path, "w")
+        try:
+            self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        except FileNotFoundError:
+            raise ServerError(f"cannot start {self.cmd[0]!r}: not installed (pip install "
+                              "'toolgrpo[vllm]'), or use the JAX sampler") from None
+        finally:
+            log.close()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"the server exited with {self.process.returncode} while "
+                                  f"starting: {' '.join(self.cmd)}\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"the server was not healthy after {self.startup_timeout_s:.0f} s: "
+                          f"{' '.join(self.cmd)}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path) as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Terminate the server (and its workers: it leads its own process group)."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        import signal
+
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)  # the group this object started, nothing else
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def python_serve_command() -> list[str]:
+    """The command that runs agents.serve with this interpreter (for VLLMServer(command=...))."""
+    return [sys.executable, "-m", "agents.serve"]

@@ -1,0 +1,263 @@
+"""The offline proof that ToolGRPO teaches tool use: CPU only, nothing downloaded, a few minutes.
+
+    uv run python experiments/arith_grpo.py --out runs/arith        # the full demo
+    uv run python experiments/arith_grpo.py --quick --out /tmp/a     # the shortened test version
+
+1. A small byte-level BPE tokenizer with Qwen's chat template is trained on the demonstrations,
+   and a tiny Qwen2 (random init) is built.
+2. Supervised warm start on ToolMath-Arith-v0 demonstrations: about half answer with a python call
+   (```python ... ``` , read the output, \\boxed{it}), half guess a number without the tool. The
+   warm-started model uses the tool only part of the time, so it is often wrong.
+3. GRPO with LoRA on ToolMath-Arith-v0 through the JAX sampler and the sandbox: the same library
+   code (agents.rollout, learners.train, experiments.grpo_loop) as the main job.
+Held-out accuracy (pass@1 at temperature 1) and the tool-use rate are measured before and after,
+on problems the model never trained on. Writes DIR/summary.json, DIR/metrics.jsonl and
+DIR/arith_grpo.png.
+
+How this departs from textbook GRPO (DeepSeekMath): no KL penalty (beta 0), clip-higher
+(eps_high 0.28), one optimisation pass a batch, rewards from the environment's components
+(correct 1.0, boxed 0.1, tool ran 0.1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Offline tool-learning demo settings (defaults: the full run quoted in README)."""
+
+    out: str = "runs/arith"
+    """Run directory: summary.json, metrics.jsonl, the plot, transcripts."""
+    quick: bool = False
+    """The shortened version the test runs (fewer steps and evaluation problems)."""
+    seed: int = 0
+    """Seed of the data, the model init and the sampling."""
+    difficulty: int = 1
+    """ToolMath-Arith difficulty (1-10)."""
+    kinds: tuple[str, ...] = ("product", "modpow", "factorial_digits")
+    """Problem kinds (envs.problems.ArithProblems.KINDS)."""
+    tool_fraction: float = 0.5
+    """Share of warm-start demonstrations that use the tool (the rest guess)."""
+    vocab_size: int = 512
+    """BPE vocabulary of the tokenizer trained here."""
+    hidden_size: int = 128
+    """Width of the tiny Qwen2."""
+    layers: int = 2
+    """Decoder layers."""
+    sft_examples: int = 4000
+    """Warm-start demonstrations."""
+    sft_steps: int = 500
+    """Warm-start optimizer steps."""
+    sft_batch: int = 32
+    """Warm-start batch size."""
+    sft_learning_rate: float = 3e-3
+    """Warm-start peak learning rate (AdamW on every parameter)."""
+    grpo_steps: int = 30
+    """GRPO steps."""
+    problems_per_step: int = 16
+    """Problems a GRPO step (each played group_size times)."""
+    group_size: int = 8
+    """Episodes per problem."""
+    learning_rate: float = 2e-3
+    """GRPO learning rate (AdamW on the LoRA parameters)."""
+    lora_rank: int = 16
+    """LoRA rank."""
+    temperature: float = 1.0
+    """Sampling temperature (training and evaluation)."""
+    max_turn_tokens: int = 48
+    """Generation budget of a turn."""
+    eval_problems: int = 128
+    """Held-out problems for the accuracy figures."""
+    eval_samples: int = 2
+    """Samples per held-out problem (pass@1 is their mean)."""
+    wandb: str = "off"
+    """Weights & Biases: "online", "offline" or "off"."""
+
+    def __post_init__(self):
+        if not 0 <= self.tool_fraction <= 1:
+            raise ValueError(f"tool_fraction must be in [0, 1], got {self.tool_fraction}")
+
+    def shortened(self) -> "Config":
+        if not self.quick:
+            return self
+        import dataclasses
+        return dataclasses.replace(self, sft_examples=1500, sft_steps=250, grpo_steps=8,
+                                   eval_problems=48, problems_per_step=8)
+
+SYSTEM_PROMPT = "Run python in a ```python block if you need to; answer in \\boxed{}."
+"""Short instructions: a tiny model's context is better spent on the problem."""
+
+
+def solution_code(question: str, kind: str) -> str:
+    """The python a tool-using demonstration writes for an Arith problem."""
+    n = [int(x) for x in re.findall(r"\d+", question)]
+    if kind == "product":
+        return f"print({n[0]} * {n[1]})"
+    if kind == "modpow":
+        return f"print(pow({n[0]}, {n[1]}, {n[2]}))"
+    if kind == "factorial_digits":
+        return f"import math\nprint(sum(map(int, str(math.factorial({n[0]})))))"
+    raise ValueError(f"no demonstration for arith kind {kind!r}")
+
+
+def demonstration(problem, use_tool: bool, rng: random.Random) -> list[tuple[str, bool]]:
+    """The assistant's side of an episode as (text, is_model_text) segments, split exactly where
+    the rollout splits them (the tool output is the environment's, formatted by the protocol)."""
+    from envs.protocols import MarkdownProtocol
+
+    answer = problem.answer
+    if not use_tool:  # a guess with as many digits as the answer: almost always wrong
+        guess = str(rng.randrange(10 ** (len(answer) - 1) if len(answer) > 1 else 0,
+                                  10 ** len(answer)))
+        return [(f"\\boxed{{{guess}}}<|im_end|>", True)]
+    call = f"```python\n{solution_code(problem.question, problem.meta['kind'])}\n```\n"
+    return [(call, True), (MarkdownProtocol().format_output(answer, call), False),
+            (f"\\boxed{{{answer}}}<|im_end|>", True)]
+
+
+def main(cfg: Config) -> dict:
+    import gymnasium as gym
+    import jax
+    import numpy as np
+    from flax import nnx
+    from tqdm import tqdm
+
+    import envs  # noqa: F401 - registers the environments
+    from agents.rollout import RolloutConfig, Rollouts
+    from agents.sampler import JaxSampler
+    from envs.problems import ArithProblems
+    from grpo_loop import GRPOLoop, RunLog, evaluate, problem_stream
+    from learners.lora import apply_lora
+    from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from learners.sft import SFTStep
+    from learners.tokenizer import train_chat_tokenizer
+    from learners.train import GRPOConfig, init_state
+
+    cfg = cfg.shortened()
+    t_start = time.perf_counter()
+    os.makedirs(cfg.out, exist_ok=True)
+    log = RunLog(cfg.out, cfg, wandb_mode=cfg.wandb, plot_every=5)
+    train_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 1, kinds=cfg.kinds)
+    heldout = ArithProblems(cfg.difficulty, seed=cfg.seed + 2, kinds=cfg.kinds)
+    make_train_env = lambda: gym.make("ToolMath-Arith-v0", problems=train_problems,  # noqa: E731
+                                      system_prompt=SYSTEM_PROMPT)
+    make_eval_env = lambda: gym.make("ToolMath-Arith-v0", problems=heldout,  # noqa: E731
+                                     system_prompt=SYSTEM_PROMPT)
+
+    # 1. demonstrations rendered by the environment and the chat template; the tokenizer
+    rng = random.Random(cfg.seed)
+    env = make_train_env()
+    demos = []
+    for i in range(cfg.sft_examples):
+        _, info = env.reset(options={"index": i})
+        demos.append((info["messages"], demonstration(train_problems[i],
+                                                      rng.random() < cfg.tool_fraction, rng)))
+    env.close()
+    corpus = [SYSTEM_PROMPT] * 10 + [
+        m[1]["content"] + "".join(t for t, _ in segs) for m, segs in demos]
+    tokenizer = train_chat_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    rows = []
+    for messages, segments in demos:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=True)
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        mask = [0] * len(ids)
+        for text, learn in segments:
+            seg = tokenizer.encode(text, add_special_tokens=False)
+            ids, mask = ids + seg, mask + [int(learn)] * len(seg)
+        rows.append((ids, mask))
+    t = -(-max(len(r[0]) for r in rows) // 32) * 32
+    tokens = np.full((len(rows), t), tokenizer.pad_token_id, np.int32)
+    loss_mask = np.zeros((len(rows), t), np.int32)
+    for i, (ids, mask) in enumerate(rows):
+        tokens[i, :len(ids)], loss_mask[i, :len(ids)] = ids, mask
+
+    # 2. a tiny Qwen2 and the supervised warm start
+    heads = max(2, cfg.hidden_size // 32)
+    model_cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                            intermediate_size=3 * cfg.hidden_size, num_hidden_layers=cfg.layers,
+                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                            rope_theta=10_000.0, max_position_embeddings=1024,
+                            tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    sft = SFTStep(model, learning_rate=cfg.sft_learning_rate, warmup_steps=30)
+    order = np.random.default_rng(cfg.seed)
+    bar = tqdm(range(cfg.sft_steps), desc="warm start (SFT)", dynamic_ncols=True)
+    for step in bar:
+        idx = order.integers(0, len(rows), cfg.sft_batch)
+        loss = sft({"tokens": tokens[idx], "loss_mask": loss_mask[idx]})
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+            log.log(step - cfg.sft_steps, {"sft/loss": loss})
+    t_sft = time.perf_counter() - t_start
+
+    # 3. GRPO with LoRA through the JAX sampler and the sandbox
+    model = apply_lora(model, rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank,
+                       rngs=nnx.Rngs(cfg.seed + 1))
+    eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    sampler = JaxSampler(model, tokenizer, eos_token_ids=eos, bucket=32)
+    roll_cfg = RolloutConfig(group_size=cfg.group_size, max_turn_tokens=cfg.max_turn_tokens,
+                             max_total_tokens=512, temperature=cfg.temperature, pad_to=128)
+    grpo_cfg = GRPOConfig(learning_rate=cfg.learning_rate, warmup_steps=3,
+                          total_steps=cfg.grpo_steps, schedule="constant")
+    train = Rollouts(make_train_env, sampler, tokenizer, roll_cfg)
+    evaluator = Rollouts(make_eval_env, sampler, tokenizer,
+                         RolloutConfig(**{**asdict(roll_cfg), "group_size": cfg.eval_samples}))
+    eval_indices = list(range(cfg.eval_problems))
+
+    def held_out(step: int) -> dict:
+        metrics, transcripts = evaluate(evaluator, eval_indices, seed=10_000 + step)
+        log.transcripts(step, transcripts, tag="eval")
+        metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        log.log(step, metrics)
+        return metrics
+
+    before = held_out(0)
+    print(f"warm start: accuracy {before['eval/pass@1']:.3f}, tool use "
+          f"{before['eval/tool_use_rate']:.3f}", flush=True)
+    loop = GRPOLoop(model, init_state(model, grpo_cfg), grpo_cfg, train, cfg.problems_per_step)
+    problems = problem_stream(start=cfg.sft_examples)  # problems the warm start never saw
+    bar = tqdm(range(1, cfg.grpo_steps + 1), desc="GRPO", dynamic_ncols=True)
+    for step in bar:
+        metrics, batch = loop.step(problems, seed=cfg.seed * 1_000_003 + step)
+        log.log(step, metrics)
+        if step % 10 == 1:
+            log.transcripts(step, batch.transcripts[:4])
+        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}",
+                        acc=f"{metrics['train/accuracy']:.2f}",
+                        tool=f"{metrics['train/tool_use_rate']:.2f}")
+    after = held_out(cfg.grpo_steps)
+    train.close()
+    evaluator.close()
+    log.close()
+    summary = {
+        "warm_start_accuracy": before["eval/pass@1"], "final_accuracy": after["eval/pass@1"],
+        "warm_start_tool_use_rate": before["eval/tool_use_rate"],
+        "final_tool_use_rate": after["eval/tool_use_rate"],
+        "accuracy_gain_points": 100 * (after["eval/pass@1"] - before["eval/pass@1"]),
+        "wall_s": time.perf_counter() - t_start, "sft_s": t_sft,
+        "eval_problems": cfg.eval_problems, "eval_samples": cfg.eval_samples,
+        "grpo_steps": cfg.grpo_steps, "quick": cfg.quick, "devices": str(jax.devices()),
+    }
+    os.replace(os.path.join(cfg.out, "metrics.png"), os.path.join(cfg.out, "arith_grpo.png")) \
+        if os.path.exists(os.path.join(cfg.out, "metrics.png")) else None
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

@@ -1,0 +1,179 @@
+import re
+import time
+
+import gymnasium as gym
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ScriptedSampler
+
+import envs  # noqa: F401 - registers the environments
+from agents.rollout import RolloutConfig, RolloutError, Rollouts
+from agents.sampler import JaxSampler
+from envs.problems import Problem
+from envs.toolmath import ToolMathEnv
+from learners.grpo import token_logprobs
+
+
+def solve_with_tool(text: str, turn: int) -> str:
+    """Turn 0: compute the product with python; turn 1: box the output."""
+    if turn == 0:
+        a, b = re.findall(r"Compute (\d+) × (\d+)", text)[-1]
+        return f"I will compute it.\n```python\nprint({a} * {b})\n```\n"
+    return "So \\boxed{%s}.<|im_end|>" % re.findall(r"```output\n(.*?)\n```", text)[-1]
+
+
+def product_env(**kw):
+    problems = [Problem(f"p{i}", f"Compute {a} × {b}.", str(a * b), "integer")
+                for i, (a, b) in enumerate([(12, 34), (56, 78), (91, 23)])]
+    return ToolMathEnv(problems=problems, **kw)
+
+
+def spans(row, mask):
+    """Maximal runs of equal mask value: [(value, start, end)]."""
+    out, start = [], 0
+    for t in range(1, len(row) + 1):
+        if t == len(row) or mask[t] != mask[start]:
+            out.append((int(mask[start]), start, t))
+            start = t
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["markdown", "qwen"])
+def test_scripted_tool_episodes_have_exact_tokens_and_masks(chat_tokenizer, protocol):
+    tok = chat_tokenizer
+
+    def script(text, turn):
+        if protocol == "markdown":
+            return solve_with_tool(text, turn)
+        if turn == 0:
+            a, b = re.findall(r"Compute (\d+) × (\d+)", text)[-1]
+            return ('<tool_call>\n{"name": "python", "arguments": {"code": "print(%s * %s)"}}\n'
+                    "</tool_call>" % (a, b))
+        return "\\boxed{%s}<|im_end|>" % re.findall(r"<tool_response>\n(.*?)\n", text)[-1]
+
+    sampler = ScriptedSampler(tok, script, adapter_version=3)
+    with Rollouts(lambda: product_env(protocol=protocol), sampler, tok,
+                  RolloutConfig(group_size=2, pad_to=16)) as rollouts:
+        batch = rollouts.collect([0, 2], seed=1)
+    assert batch.tokens.shape[0] == 4 and batch.tokens.shape[1] % 16 == 0
+    assert list(batch.group_ids) == [0, 0, 1, 1] and set(batch.adapter_version) == {3}
+    np.testing.assert_allclose(batch.rewards, 1.2)  # correct + boxed + tool ran
+    for i, ep in enumerate(batch.episodes):
+        assert ep.correct and ep.tool_calls == 1 and ep.turns == 2 and ep.truncated is None
+        n = batch.lengths[i]
+        row, mask = batch.tokens[i, :n], batch.loss_mask[i, :n]
+        assert not batch.loss_mask[i, n:].any() and not batch.sampler_logprobs[i, n:].any()
+        runs = spans(row, mask)
+        assert [v for v, _, _ in runs] == [0, 1, 0, 1]  # prompt, call, tool output, answer
+        prompt, call, output, answer = (tok.decode(row[s:e], skip_special_tokens=False)
+                                        for _, s, e in runs)
+        a, b = [(12, 34), (91, 23)][ep.group]
+        assert prompt.endswith("<|im_start|>assistant\n") and f"Compute {a} × {b}." in prompt
+        assert str(a * b) in output and str(a * b) not in call
+        if protocol == "markdown":
+            assert output == f"```output\n{a * b}\n```\n"
+        else:
+            assert output.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n")
+            assert output.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        assert answer.replace("So ", "").replace(".<", "<") == "\\boxed{%d}<|im_end|>" % (a * b)
+        np.testing.assert_allclose(batch.sampler_logprobs[i, :n][mask == 1], -0.5)
+        # the token sequence is the chat template's rendering of the episode's messages
+        assert batch.transcripts[i] == tok.decode(row, skip_special_tokens=False)
+
+
+def test_rendered_conversation_matches_the_chat_template(chat_tokenizer):
+    tok = chat_tokenizer
+    env = product_env(protocol="qwen")
+    _, first = env.reset(options={"index": 1})
+    _, _, _, _, info = env.step('<tool_call>\n{"name": "python", "arguments": {"code": '
+                                '"print(56 * 78)"}}\n</tool_call>')
+    sampler = ScriptedSampler(tok, lambda text, turn: (
+        '<tool_call>\n{"name": "python", "arguments": {"code": "print(56 * 78)"}}\n</tool_call>'
+        if turn == 0 else "\\boxed{4368}<|im_end|>"))
+    with Rollouts(lambda: product_env(protocol="qwen"), sampler, tok,
+                  RolloutConfig(group_size=1)) as rollouts:
+        batch = rollouts.collect([1])
+    # the rollout's text up to the second turn = the template applied to the env's messages
+    expected = tok.apply_chat_template(info["messages"], tools=first["tools"], tokenize=False,
+                                       add_generation_prompt=True)
+    assert batch.transcripts[0].startswith(expected)
+    env.close()
+
+
+def test_context_overflow_truncates_instead_of_crashing(chat_tokenizer):
+    tok = chat_tokenizer
+    looping = ScriptedSampler(tok, lambda text, turn: "```python\nprint('x' * 300)\n```\n")
+    cfg = RolloutConfig(group_size=2, max_total_tokens=160, max_turn_tokens=40)
+    with Rollouts(lambda: product_env(max_turns=50), looping, tok, cfg) as rollouts:
+        batch = rollouts.collect([0])
+    for i, ep in enumerate(batch.episodes):
+        assert ep.truncated == "context" and ep.reward == 0.0 and not ep.correct
+        assert batch.lengths[i] <= 160 and ep.total_tokens == batch.lengths[i]
+    assert batch.metrics()["truncated_context"] == 1.0
+
+
+def test_turn_limit_is_reported_apart_from_context(chat_tokenizer):
+    tok = chat_tokenizer
+    looping = ScriptedSampler(tok, lambda text, turn: "```python\nprint(1)\n```\n")
+    with Rollouts(lambda: product_env(max_turns=2), looping, tok,
+                  RolloutConfig(group_size=1)) as rollouts:
+        batch = rollouts.collect([0])
+    ep = batch.episodes[0]
+    assert ep.truncated == "turns" and ep.turns == 2 and ep.tool_calls == 2
+    assert batch.loss_mask[0].sum() == ep.sampled_tokens
+
+
+def test_a_slow_tool_call_does_not_stall_the_other_episodes(chat_tokenizer):
+    tok = chat_tokenizer
+    problems = [Problem("slow", "Compute 1 × 1.", "1", "integer"),
+                Problem("fast", "Compute 2 × 2.", "4", "integer")]
+    finished = {}
+
+    def script(text, turn):
+        slow = "Compute 1 × 1." in text
+        if turn < (1 if slow else 3):
+            return ("```python\nimport time; time.sleep(1.5); print(1)\n```\n" if slow
+                    else "```python\nprint(2 * 2)\n```\n")
+        finished["slow" if slow else "fast"] = time.perf_counter()
+        return "\\boxed{1}<|im_end|>" if slow else "\\boxed{4}<|im_end|>"
+
+    with Rollouts(lambda: ToolMathEnv(problems=problems, max_turns=5), ScriptedSampler(
+            tok, script), tok, RolloutConfig(group_size=1)) as rollouts:
+        batch = rollouts.collect([0, 1])
+    assert [e.correct for e in batch.episodes] == [True, True]
+    assert batch.episodes[1].tool_calls == 3
+    assert finished["fast"] < finished["slow"] - 0.5  # three fast calls done during the slow one
+
+
+def test_jax_sampler_rollout_logprobs_match_the_learner(chat_tokenizer, chat_model):
+    sampler = JaxSampler(chat_model, chat_tokenizer, bucket=32,
+                         eos_token_ids=[chat_tokenizer.eos_token_id])
+    cfg = RolloutConfig(group_size=3, max_turn_tokens=24, max_total_tokens=512)
+    with Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, chat_tokenizer, cfg) as r:
+        batch = r.collect([4, 9], seed=2, adapter_version=5)
+    assert set(batch.adapter_version) == {5} and batch.tokens.shape[0] == 6
+    tokens = jnp.asarray(batch.tokens)
+    learner = np.asarray(token_logprobs(chat_model(tokens), tokens))
+    mask = batch.loss_mask == 1
+    assert mask.sum() == sum(e.sampled_tokens for e in batch.episodes) > 0
+    np.testing.assert_allclose(batch.sampler_logprobs[mask], learner[mask], atol=1e-4)
+    assert not batch.sampler_logprobs[~mask].any()
+    for i, ep in enumerate(batch.episodes):  # the prompt is the masked-out head of each row
+        first = int(np.argmax(mask[i]))
+        assert chat_tokenizer.decode(batch.tokens[i, :first]).endswith(
+            "<|im_start|>assistant\n") and ep.turns >= 1
+
+
+def test_a_failing_environment_gives_an_error_and_no_batch(chat_tokenizer):
+    class Broken(ToolMathEnv):
+        def step(self, action):
+            raise OSError("disk on fire")
+
+    sampler = ScriptedSampler(chat_tokenizer, solve_with_tool)
+    with Rollouts(lambda: Broken(problems=product_env().problems), sampler, chat_tokenizer,
+                  RolloutConfig(group_size=2)) as rollouts:
+        with pytest.raises(RolloutError, match="no batch was made: disk on fire"):
+            rollouts.collect([0])
+        with pytest.raises(ValueError, match="at least one problem"):
+            rollouts.collect([])
