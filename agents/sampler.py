@@ -2,7 +2,7 @@
 
 `JaxSampler` runs the learner's own Qwen2 (+ LoRA) in-process with the KV cache: no server, no
 copy of the parameters (it reads the model's current state at every call). Shapes are bucketed
-(batch to a multiple of 8, prompt and generation lengths to multiples of `bucket`) so that a run
+(batch to a power of two, at least 8, prompt and generation lengths to multiples of `bucket`) so that a run
 compiles a handful of programs, not one per call.
 
 Decoding runs `chunk` steps per compiled call (a lax.scan); stop sequences and end-of-sequence
@@ -128,7 +128,7 @@ class JaxSampler:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         rows = [list(p) for p in prompts for _ in range(params.n)]
-        batch = _round_up(len(rows), 8)
+        batch = max(8, 1 << (len(rows) - 1).bit_length())  # powers of two: few programs
         t = _round_up(max(map(len, rows)), self.bucket)
         max_len = t + _round_up(params.max_new_tokens, self.bucket)
         limit = self.model.config.max_position_embeddings

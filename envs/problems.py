@@ -62,7 +62,7 @@ def _load_table(source: str, split: str):
         raise HubUnavailableError(
             f"could not load {source!r} from the Hugging Face Hub ({text}). Offline, pass a local "
             "JSON/JSONL/CSV/Parquet file instead, e.g. gym.make('ToolMath-AIME-v0', "
-            "dataset='aime.jsonl') with one {\"problem\": ..., \"answer\": ...} per line.") from exc
+            "problems='aime.jsonl') with one {\"problem\": ..., \"answer\": ...} per line.") from exc
     if split in loaded:
         return loaded[split]
     if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is

@@ -246,6 +246,7 @@ def main(cfg: Config) -> dict:
         "warm_start_accuracy": before["eval/pass@1"], "final_accuracy": after["eval/pass@1"],
         "warm_start_tool_use_rate": before["eval/tool_use_rate"],
         "final_tool_use_rate": after["eval/tool_use_rate"],
+        "warm_start_reward": before["eval/reward"], "final_reward": after["eval/reward"],
         "accuracy_gain_points": 100 * (after["eval/pass@1"] - before["eval/pass@1"]),
         "wall_s": time.perf_counter() - t_start, "sft_s": t_sft,
         "eval_problems": cfg.eval_problems, "eval_samples": cfg.eval_samples,

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Iterator, Sequence
@@ -54,7 +55,7 @@ def evaluate(rollouts: Rollouts, indices: Sequence[int], ks: Sequence[int] = (1,
         transcripts += batch.transcripts[:2]
     metrics = {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in ks}
     summary = RolloutBatch.metrics(_Episodes(episodes))
-    metrics.update({k: summary[k] for k in ("tool_use_rate", "tool_error_rate", "turns",
+    metrics.update({k: summary[k] for k in ("reward", "tool_use_rate", "tool_error_rate", "turns",
                                             "answer_rate", "truncated_context", "sampled_tokens")})
     metrics["problems"], metrics["samples_per_problem"] = len(indices), n
     return metrics, transcripts
@@ -238,8 +239,9 @@ class GRPOLoop:
             stats["collected_groups"] += self.problems_per_step
         kept = [b for b in kept if len(b.rewards)]
         stats["refills"] = refills
-        if not kept:  # every group was uniform: train on nothing rather than on noise
-            return batch, {**stats, "skipped": True}
+        if not kept:  # every group was uniform: its advantages, hence its gradient, are zero;
+            # the step is still taken so that optimizer steps and loop steps stay one count
+            return batch, {**stats, "all_groups_uniform": 1}
         return concat_batches(kept, self.rollouts.tokenizer.pad_token_id or 0), stats
 
     def update(self, batch: RolloutBatch) -> dict:
@@ -255,9 +257,8 @@ class GRPOLoop:
         batch, stats = self.collect(problems, seed)
         t1 = time.perf_counter()
         metrics = {f"train/{k}": v for k, v in batch.metrics().items()}
-        metrics.update({f"train/{k}": v for k, v in stats.items() if k != "skipped"})
-        if not stats.get("skipped"):
-            metrics.update({f"train/{k}": v for k, v in self.update(batch).items()})
+        metrics.update({f"train/{k}": v for k, v in stats.items()})
+        metrics.update({f"train/{k}": v for k, v in self.update(batch).items()})
         metrics["time/rollout_s"], metrics["time/update_s"] = t1 - t0, time.perf_counter() - t1
         return metrics, batch
 
@@ -268,3 +269,15 @@ def problem_stream(start: int = 0, stride: int = 1, size: int | None = None) -> 
     while True:
         yield i % size if size else i
         i += stride
+
+
+def exit_cleanly_when_offline(run, hint: str):
+    """Run `run()`; a hub that cannot be reached ends the program in one line naming `hint`."""
+    from envs.problems import HubUnavailableError as DataOffline
+    from learners.params import HubUnavailableError as ModelOffline
+
+    try:
+        return run()
+    except (DataOffline, ModelOffline) as exc:
+        print(f"error: {str(exc).split('. Offline')[0]}; {hint}", file=sys.stderr)
+        raise SystemExit(2) from None

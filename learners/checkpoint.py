@@ -61,6 +61,8 @@ class Checkpointer:
 
     def save(self, state, meta: dict | None = None, rng: jax.Array | None = None) -> int:
         step = int(state.step)
+        if step in self.manager.all_steps():  # a state is saved once per step
+            return step
         arrays = {f"{i:06d}": np.asarray(x) for i, x in enumerate(_arrays(state))}
         if rng is not None:
             arrays["rng"] = np.asarray(jax.random.key_data(rng))

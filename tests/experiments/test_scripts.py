@@ -1,6 +1,7 @@
 """Each experiment script runs end to end on a tiny budget."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -43,3 +44,73 @@ def test_bench_sampler_json():
                                    "--new-tokens", "8", "--json", timeout=600))
     for key in ("jax_tokens_per_s", "hf_tokens_per_s", "speed_ratio"):
         assert report[key] > 0, key
+
+
+def _tiny_run_args(model, train, test, out):
+    return ["--model", model, "--problems", train, "--eval-problems", test, "--out", out,
+            "--problems-per-step", "2", "--group-size", "2", "--micro-batch-size", "2",
+            "--lora-rank", "4", "--max-turn-tokens", "12", "--max-total-tokens", "512",
+            "--eval-samples", "2", "--eval-every", "2", "--checkpoint-every", "1", "--no-wandb",
+            "--sampler", "jax"]
+
+
+def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_path):
+    out = str(tmp_path / "run")
+    args = _tiny_run_args(tiny_model_dir, *problem_files, out)
+    first = run_script("aime_grpo.py", *args, "--steps", "2", "--export-merged", timeout=600)
+    assert "rollouts: in-process JAX sampler" in first
+    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [r["step"] for r in records if "train/reward" in r] == [1, 2]
+    assert any("eval/pass@1" in r and "eval/pass@2" in r for r in records)
+    for name in ("metrics.png", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "merged/model.safetensors",
+                 "merged/tokenizer.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    # a config file sets defaults, flags override it; --resume continues at step 3
+    (tmp_path / "cfg.yaml").write_text("steps: 3\nlearning_rate: 0.001\n")
+    second = run_script("aime_grpo.py", "--config", str(tmp_path / "cfg.yaml"), *args,
+                        "--resume", timeout=600)
+    assert "resumed from step 2" in second
+    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [r["step"] for r in records if "train/reward" in r] == [1, 2, 3]
+    assert json.load(open(f"{out}/config.json"))["learning_rate"] == 0.001
+
+
+def test_main_job_offline_error_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"),
+                          "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and "--problems" in lines[0], lines
+
+
+def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, tmp_path):
+    from flax import nnx
+
+    from learners.lora import apply_lora, save_peft_adapter
+    from learners.qwen2 import Qwen2ForCausalLM
+
+    model = apply_lora(Qwen2ForCausalLM.from_pretrained(tiny_model_dir), rank=4, alpha=8,
+                       rngs=nnx.Rngs(1))
+    save_peft_adapter(model, str(tmp_path / "adapter"))
+    report = json.loads(run_script(
+        "evaluate.py", "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"),
+        "--problems", problem_files[1], "--samples", "3", "--k", "1", "3",
+        "--max-turn-tokens", "8", "--json", "--report", str(tmp_path / "r.json")))
+    assert report["problems"] == 2 and report["samples_per_problem"] == 3
+    assert 0 <= report["pass@1"] <= report["pass@3"] <= 1
+    assert json.load(open(tmp_path / "r.json")) == report
+
+
+def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
+    out = tmp_path / "arith"
+    run_script("arith_grpo.py", "--quick", "--out", str(out), timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("warm_start_accuracy", "final_accuracy", "warm_start_tool_use_rate",
+                "final_tool_use_rate", "wall_s"):
+        assert key in summary
+    assert summary["final_reward"] > summary["warm_start_reward"]
+    assert summary["final_tool_use_rate"] > summary["warm_start_tool_use_rate"]
+    assert (out / "arith_grpo.png").exists()

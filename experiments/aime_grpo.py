@@ -1,0 +1,317 @@
+"""The main job: GRPO with LoRA that teaches Qwen2.5-0.5B-Instruct to solve AIME problems with Python.
+
+    python experiments/aime_grpo.py                                  # defaults below
+    python experiments/aime_grpo.py --config my.yaml --steps 500     # a file, then flags
+    python experiments/aime_grpo.py --resume --out runs/aime_grpo    # continue a run
+    python experiments/aime_grpo.py --model ./qwen --problems aime.jsonl --eval-problems a25.jsonl
+
+Trains on ToolMath-AIME-v0 (AIME 1983-2024) and evaluates on AIME 2025. Rollouts go through vLLM
+when it is installed and a GPU is present (a server launched here, or --vllm-url), else through
+the in-process JAX sampler; the choice is printed. Every step: collect problems_per_step x
+group_size episodes, optionally drop zero-variance groups and refill (DAPO's dynamic sampling),
+one GRPO update of the LoRA adapter, push the adapter to the sampler, log. Every eval_every
+steps: pass@1 and pass@k on the test problems. Logs: the run directory (metrics.jsonl, PNG plots,
+transcripts), Weights & Biases unless --no-wandb. Ctrl-C saves a checkpoint and exits; --resume
+continues from the latest one. At the end the adapter is exported in PEFT format (and merged into
+a Hugging Face model directory with --export-merged).
+
+How it departs from textbook GRPO (DeepSeekMath): no KL penalty by default (beta 0); clip-higher
+(eps_high 0.28, DAPO); dynamic sampling; multi-turn episodes whose tool outputs are masked out of
+the loss; rewards from the environment (correct 1.0, boxed answer 0.1, tool ran 0.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the AIME GRPO run (every one a command-line flag, or a key of --config)."""
+
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    """Hugging Face hub id or local directory (config.json, *.safetensors, tokenizer)."""
+    env_id: str = "ToolMath-AIME-v0"
+    """Training environment (envs.ENV_IDS)."""
+    problems: str | None = None
+    """Training problems override: a hub id or a local JSON/JSONL/CSV/Parquet file."""
+    eval_problems: str | None = None
+    """Evaluation problems override (default: the env's test split, AIME 2025)."""
+    protocol: str = "markdown"
+    """Tool protocol: "markdown" (```python blocks) or "qwen" (<tool_call>)."""
+    out: str = "runs/aime_grpo"
+    """Run directory: metrics.jsonl, plots, transcripts, checkpoints, the exported adapter."""
+    steps: int = 200
+    """GRPO steps."""
+    problems_per_step: int = 8
+    """Problems per step; each is played group_size times."""
+    group_size: int = 8
+    """Episodes per problem (the GRPO group)."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW on the LoRA parameters."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    lora_rank: int = 128
+    """LoRA rank (on every attention and MLP projection)."""
+    lora_alpha: float = 128.0
+    """LoRA alpha (scale alpha / rank)."""
+    beta: float = 0.0
+    """KL penalty weight to the base model (0: none, and no reference pass)."""
+    micro_batch_size: int | None = 8
+    """Episodes per forward/backward (gradient accumulation); None: the whole batch."""
+    max_turn_tokens: int = 1024
+    """Generation budget of one assistant turn."""
+    max_total_tokens: int = 4096
+    """Context budget of an episode (prompt, turns and tool outputs)."""
+    max_turns: int = 4
+    """Assistant turns per episode."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal and refill with new problems (DAPO)."""
+    max_refills: int = 2
+    """Extra collections a step may make to refill dropped groups."""
+    eval_every: int = 25
+    """Evaluate every N steps (and at the end); 0: only at the end."""
+    eval_samples: int = 8
+    """Samples per evaluation problem (pass@1 is their mean; pass@k up to this)."""
+    eval_limit: int | None = None
+    """Evaluate on the first N test problems only."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every N steps (and on Ctrl-C and at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept."""
+    resume: bool = False
+    """Continue from the latest checkpoint in --out."""
+    sampler: Literal["auto", "vllm", "jax"] = "auto"
+    """Rollout engine: vLLM when installed and a GPU is present ("auto"), or forced."""
+    vllm_url: str | None = None
+    """Use this running vLLM server (started with --enable-lora) instead of launching one."""
+    vllm_gpu_memory: float = 0.35
+    """GPU memory share of a launched vLLM server; the JAX learner gets most of the rest."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the learner and the JAX sampler (LoRA and optimizer state stay fp32)."""
+    remat: bool = True
+    """Recompute activations in the backward pass (less memory)."""
+    wandb: bool = True
+    """Log to Weights & Biases (online with a key, offline otherwise); --no-wandb: off."""
+    wandb_project: str = "toolgrpo"
+    """Weights & Biases project."""
+    export_merged: bool = False
+    """Also write the adapter merged into a Hugging Face model directory (out/merged)."""
+    seed: int = 0
+    """Seed of sampling and problem order."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.problems_per_step < 1 or self.group_size < 2:
+            raise ValueError(f"need steps >= 1, problems_per_step >= 1, group_size >= 2 (GRPO "
+                             f"compares episodes of a group); got {self.steps}, "
+                             f"{self.problems_per_step}, {self.group_size}")
+        if self.micro_batch_size and (self.problems_per_step * self.group_size
+                                      ) % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide "
+                             f"problems_per_step x group_size")
+        if not 0 < self.vllm_gpu_memory < 0.9:
+            raise ValueError(f"vllm_gpu_memory must be in (0, 0.9), got {self.vllm_gpu_memory}")
+
+
+OFFLINE_HINT = ("offline? run with local files: python experiments/aime_grpo.py --model DIR "
+                "--problems train.jsonl --eval-problems test.jsonl (or the offline demo: "
+                "python experiments/arith_grpo.py)")
+
+
+def load_config(argv: list[str]) -> Config:
+    """Defaults, then a YAML/JSON file (--config PATH), then command-line flags."""
+    default = Config()
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise SystemExit("--config needs a path to a YAML or JSON file")
+        path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+        with open(path) as f:
+            import yaml
+
+            values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
+        unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
+        if unknown:
+            raise SystemExit(f"{path}: unknown settings {sorted(unknown)}")
+        default = Config(**values)
+    return tyro.cli(Config, default=default, args=argv,
+                    description=__doc__.split("\n\n")[0])
+
+
+def choose_sampler(cfg: Config) -> str:
+    if cfg.sampler != "auto":
+        return cfg.sampler
+    if cfg.vllm_url:
+        return "vllm"
+    import importlib.util
+
+    import jax
+
+    has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    return "vllm" if has_gpu and importlib.util.find_spec("vllm") else "jax"
+
+
+def main(cfg: Config) -> dict:
+    if cfg.sampler != "jax" and not cfg.vllm_url:  # leave vLLM its share of the GPU
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                              f"{0.92 - cfg.vllm_gpu_memory:.2f}")
+    import contextlib
+
+    import gymnasium as gym
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from tqdm import tqdm
+
+    import envs  # noqa: F401 - registers the environments
+    from agents.rollout import RolloutConfig, Rollouts
+    from agents.sampler import JaxSampler
+    from grpo_loop import GracefulInterrupt, GRPOLoop, RunLog, evaluate, problem_stream
+    from learners.checkpoint import Checkpointer
+    from learners.lora import apply_lora, merge_lora, save_peft_adapter
+    from learners.qwen2 import Qwen2ForCausalLM
+    from learners.tokenizer import load_tokenizer
+    from learners.train import GRPOConfig, init_state
+
+    engine = choose_sampler(cfg)
+    dtype = getattr(jnp, cfg.dtype)
+    model = Qwen2ForCausalLM.from_pretrained(cfg.model, dtype=dtype, param_dtype=dtype,
+                                             remat=cfg.remat)
+    tokenizer = load_tokenizer(cfg.model)
+    model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rngs=nnx.Rngs(cfg.seed))
+    env_kwargs = {"protocol": cfg.protocol, "max_turns": cfg.max_turns}
+    train_kwargs = {**env_kwargs, **({"problems": cfg.problems} if cfg.problems else {})}
+    eval_kwargs = {**env_kwargs, "split": "test",
+                   **({"problems": cfg.eval_problems} if cfg.eval_problems else {})}
+    probe = gym.make(cfg.env_id, **train_kwargs)  # loads the data now: fail early and clearly
+    n_train = len(probe.unwrapped.problems)
+    probe.close()
+    probe = gym.make(cfg.env_id, **eval_kwargs)
+    n_eval = min(len(probe.unwrapped.problems), cfg.eval_limit or 10**9)
+    probe.close()
+
+    with contextlib.ExitStack() as stack:
+        if engine == "vllm":
+            from agents.vllm_client import VLLMSampler, VLLMServer
+
+            url = cfg.vllm_url or stack.enter_context(VLLMServer(
+                cfg.model, max_lora_rank=cfg.lora_rank,
+                gpu_memory_utilization=cfg.vllm_gpu_memory)).url
+            sampler = VLLMSampler(url, tokenizer, adapter_dir=os.path.join(cfg.out, "adapters"))
+            print(f"rollouts: vLLM server at {url}", flush=True)
+        else:
+            eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
+            sampler = JaxSampler(model, tokenizer, eos_token_ids=eos)
+            print(f"rollouts: in-process JAX sampler on {jax.devices()[0].platform}"
+                  + ("" if cfg.sampler == "jax" else " (vLLM needs a GPU and `pip install "
+                     "toolgrpo[vllm]`)"), flush=True)
+        roll_cfg = RolloutConfig(group_size=cfg.group_size, max_turn_tokens=cfg.max_turn_tokens,
+                                 max_total_tokens=cfg.max_total_tokens,
+                                 temperature=cfg.temperature, top_p=cfg.top_p)
+        train = stack.enter_context(Rollouts(lambda: gym.make(cfg.env_id, **train_kwargs),
+                                             sampler, tokenizer, roll_cfg))
+        evaluator = stack.enter_context(Rollouts(
+            lambda: gym.make(cfg.env_id, **eval_kwargs), sampler, tokenizer,
+            dataclasses.replace(roll_cfg, group_size=cfg.eval_samples)))
+        grpo_cfg = GRPOConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                              total_steps=cfg.steps, beta=cfg.beta,
+                              micro_batch_size=cfg.micro_batch_size)
+        loop = GRPOLoop(model, init_state(model, grpo_cfg), grpo_cfg, train,
+                        cfg.problems_per_step, cfg.dynamic_sampling, cfg.max_refills)
+        ckpt = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=cfg.keep_checkpoints,
+                            every=cfg.checkpoint_every)
+        position = 0
+        if cfg.resume and ckpt.latest_step is not None:
+            loop.state, meta, _ = ckpt.restore(loop.state)
+            nnx.update(model, loop.state.lora)
+            position = int(meta.get("data_position", 0))
+            if hasattr(sampler, "sync_adapter"):
+                sampler.sync_adapter(model, int(loop.state.step))
+            print(f"resumed from step {int(loop.state.step)} in {ckpt.directory}", flush=True)
+        elif cfg.resume:
+            print(f"--resume: no checkpoint in {ckpt.directory}; starting a new run", flush=True)
+        log = RunLog(cfg.out, cfg, wandb_mode="online" if cfg.wandb else "off",
+                     project=cfg.wandb_project)
+        order = jax.random.permutation(jax.random.key(cfg.seed), n_train).tolist()
+        counter = problem_stream(start=position, size=None)
+        problems = (order[i % n_train] for i in counter)
+        ks = sorted({1, cfg.eval_samples} | ({8} if cfg.eval_samples >= 8 else set()))
+
+        def run_eval(step: int) -> dict:
+            metrics, transcripts = evaluate(evaluator, list(range(n_eval)), ks=ks,
+                                            seed=cfg.seed + 99 * step,
+                                            adapter_version=int(loop.state.step))
+            metrics = {f"eval/{k}": v for k, v in metrics.items()}
+            log.log(step, metrics)
+            log.transcripts(step, transcripts, tag="eval")
+            return metrics
+
+        start = int(loop.state.step)
+        bar = tqdm(range(start + 1, cfg.steps + 1), desc="GRPO", initial=start,
+                   total=cfg.steps, dynamic_ncols=True)
+        metrics, last_eval = {}, {}
+        with GracefulInterrupt() as interrupt:
+            for step in bar:
+                consumed = {"n": 0}
+
+                def counted():
+                    for p in problems:
+                        consumed["n"] += 1
+                        yield p
+
+                metrics, batch = loop.step(counted(), seed=cfg.seed * 1_000_003 + step)
+                position += consumed["n"]
+                log.log(step, metrics)
+                if step % 10 == 1:
+                    log.transcripts(step, batch.transcripts[:4])
+                meta = {"data_position": position, "adapter_version": step}
+                ckpt.maybe_save(loop.state, meta, force=interrupt.requested)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    last_eval = run_eval(step)
+                bar.set_postfix(reward=f"{metrics.get('train/reward', 0):.3f}",
+                                acc=f"{metrics.get('train/accuracy', 0):.3f}",
+                                tools=f"{metrics.get('train/tool_use_rate', 0):.2f}")
+                if interrupt.requested:
+                    print(f"saved checkpoint {step} in {ckpt.directory}; continue with --resume",
+                          flush=True)
+                    log.close()
+                    return {"interrupted_at": step}
+        step = int(loop.state.step)
+        ckpt.maybe_save(loop.state, {"data_position": position, "adapter_version": step},
+                        force=True)
+        last_eval = run_eval(step)
+        adapter_dir = os.path.join(cfg.out, "adapter")
+        save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model)
+        if cfg.export_merged:
+            merged = merge_lora(nnx.clone(model))
+            merged.save_pretrained(os.path.join(cfg.out, "merged"))
+            tokenizer.save_pretrained(os.path.join(cfg.out, "merged"))
+        log.close()
+    summary = {"step": step, **{k: v for k, v in last_eval.items()},
+               **{k: v for k, v in metrics.items() if k.startswith("train/")},
+               "adapter": adapter_dir, "sampler": engine}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: summary[k] for k in summary if k.startswith("eval/pass@")}))
+    return summary
+
+
+if __name__ == "__main__":
+    from grpo_loop import exit_cleanly_when_offline
+
+    config = load_config(sys.argv[1:])
+    exit_cleanly_when_offline(lambda: main(config), OFFLINE_HINT)

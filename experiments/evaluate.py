@@ -1,0 +1,136 @@
+"""Evaluate a model on a registered environment: pass@1, pass@k, answer and tool statistics.
+
+    python experiments/evaluate.py --model Qwen/Qwen2.5-0.5B-Instruct                  # base model
+    python experiments/evaluate.py --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/x/adapter
+    python experiments/evaluate.py --endpoint http://127.0.0.1:8000 --tokenizer Qwen/Qwen2.5-0.5B-Instruct
+    python experiments/evaluate.py --model DIR --env-id ToolMath-Arith-v0 --limit 50 --json
+
+A model (hub id or local directory, optionally with a PEFT adapter) runs in-process with the JAX
+sampler; an endpoint is any server with vLLM's OpenAI-compatible completions API (vLLM itself, or
+`python -m agents.serve`). Prints a table (or --json), and writes --report PATH as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Args:
+    """What to evaluate, on what, and how."""
+
+    model: str | None = None
+    """Hub id or local directory of a Qwen2 model (run in-process)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory applied to --model."""
+    endpoint: str | None = None
+    """URL of an OpenAI-compatible server (instead of --model)."""
+    endpoint_model: str | None = None
+    """Model name at the endpoint (default: its first base model)."""
+    tokenizer: str | None = None
+    """Tokenizer (default: --model's); required with --endpoint."""
+    env_id: str = "ToolMath-AIME-v0"
+    """A registered environment (envs.ENV_IDS)."""
+    problems: str | None = None
+    """Problem source override: hub id or local JSON/JSONL/CSV/Parquet file."""
+    split: str = "test"
+    """Data split."""
+    limit: int | None = None
+    """Evaluate the first N problems (required for generated environments like Arith)."""
+    samples: int = 8
+    """Samples per problem."""
+    k: tuple[int, ...] = (1, 8)
+    """The k of pass@k (each <= samples)."""
+    protocol: str = "markdown"
+    """Tool protocol: "markdown" or "qwen"."""
+    max_turns: int = 4
+    """Assistant turns per episode."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_turn_tokens: int = 1024
+    """Generation budget of a turn."""
+    max_total_tokens: int = 4096
+    """Context budget of an episode."""
+    seed: int = 0
+    """Sampling seed."""
+    report: str | None = None
+    """Write the JSON report here."""
+    json: bool = False
+    """Print the JSON report instead of a table."""
+
+    def __post_init__(self):
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("give exactly one of --model and --endpoint")
+        if self.endpoint and not self.tokenizer:
+            raise ValueError("--endpoint needs --tokenizer (prompts are sent as token ids)")
+        if self.adapter and not self.model:
+            raise ValueError("--adapter applies to --model")
+        if any(k < 1 or k > self.samples for k in self.k):
+            raise ValueError(f"every k must be in 1..samples ({self.samples}), got {self.k}")
+
+
+def main(args: Args) -> dict:
+    import gymnasium as gym
+
+    import envs  # noqa: F401 - registers the environments
+    from agents.rollout import RolloutConfig, Rollouts
+    from grpo_loop import evaluate
+    from learners.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if args.endpoint:
+        from agents.vllm_client import VLLMSampler
+
+        sampler = VLLMSampler(args.endpoint, tokenizer, model=args.endpoint_model)
+        name = f"{args.endpoint} ({sampler.model})"
+    else:
+        from agents.sampler import JaxSampler
+        from learners.lora import load_peft_adapter
+        from learners.qwen2 import Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM.from_pretrained(args.model)
+        if args.adapter:
+            load_peft_adapter(model, args.adapter)
+        eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
+        sampler = JaxSampler(model, tokenizer, eos_token_ids=eos)
+        name = args.model + (f" + {args.adapter}" if args.adapter else "")
+    kwargs = {"protocol": args.protocol, "max_turns": args.max_turns, "split": args.split,
+              **({"problems": args.problems} if args.problems else {})}
+    env = gym.make(args.env_id, **kwargs)
+    available = len(env.unwrapped.problems)
+    env.close()
+    n = min(available, args.limit or available)
+    if n > 100_000:
+        raise SystemExit(f"{args.env_id} has {available} problems: pass --limit N")
+    cfg = RolloutConfig(group_size=args.samples, max_turn_tokens=args.max_turn_tokens,
+                        max_total_tokens=args.max_total_tokens, temperature=args.temperature)
+    with Rollouts(lambda: gym.make(args.env_id, **kwargs), sampler, tokenizer, cfg) as rollouts:
+        metrics, _ = evaluate(rollouts, list(range(n)), ks=args.k, seed=args.seed)
+    report = {"model": name, "env_id": args.env_id, **metrics}
+    if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(map(len, report))
+        for key, value in report.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            print(f"{key:<{width}}  {shown}")
+    return report
+
+
+if __name__ == "__main__":
+    from grpo_loop import exit_cleanly_when_offline
+
+    arguments = tyro.cli(Args)
+    exit_cleanly_when_offline(lambda: main(arguments), "offline? pass a local model directory "
+                              "(--model DIR) and problems file (--problems FILE)")
