@@ -269,6 +269,7 @@ class Rollouts:
         except BaseException as exc:
             for fut in pending:
                 fut.cancel()
+            cf.wait(pending)  # a running tool call finishes before its environment is closed
             self._drop_envs({id(ep.env) for ep in episodes if ep.stats is None})
             if isinstance(exc, Exception) and not isinstance(exc, (RolloutError, AssertionError)):
                 raise RolloutError(f"rollout failed, no batch was made: {exc}") from exc
