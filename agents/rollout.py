@@ -56,9 +56,8 @@ class RolloutConfig:
         if self.group_size < 1 or self.max_turn_tokens < 1 or self.pad_to < 1:
             raise ValueError(f"group_size ({self.group_size}), max_turn_tokens "
                              f"({self.max_turn_tokens}) and pad_to ({self.pad_to}) must be >= 1")
-        if self.max_total_tokens <= self.max_turn_tokens // 8:
-            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) leaves no room for a "
-                             f"turn of max_turn_tokens ({self.max_turn_tokens})")
+        if self.max_total_tokens < 2:
+            raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
 
 
 @dataclass(frozen=True)
@@ -102,23 +101,27 @@ class RolloutBatch:
                 "group_ids": self.group_ids, "sampler_logprobs": self.sampler_logprobs}
 
     def metrics(self) -> dict[str, float]:
-        """Episode means: reward, accuracy, tool use and health, turns, lengths."""
-        eps = self.episodes
-        mean = lambda xs: float(np.mean(xs)) if eps else 0.0  # noqa: E731
-        calls = sum(e.tool_calls for e in eps)
-        return {"reward": mean([e.reward for e in eps]),
-                "accuracy": mean([e.correct for e in eps]),
-                "answer_rate": mean([e.answer_found for e in eps]),
-                "tool_use_rate": mean([e.tool_calls > 0 for e in eps]),
-                "tool_calls": mean([e.tool_calls for e in eps]),
-                "tool_error_rate": (sum(e.tool_errors + e.tool_timeouts for e in eps) / calls
-                                    if calls else 0.0),
-                "parse_failures": mean([e.parse_failures for e in eps]),
-                "turns": mean([e.turns for e in eps]),
-                "truncated_turns": mean([e.truncated == "turns" for e in eps]),
-                "truncated_context": mean([e.truncated == "context" for e in eps]),
-                "sampled_tokens": mean([e.sampled_tokens for e in eps]),
-                "total_tokens": mean([e.total_tokens for e in eps])}
+        """See `episode_metrics`."""
+        return episode_metrics(self.episodes)
+
+
+def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:
+    """Episode means: reward, accuracy, tool use and health, turns, lengths."""
+    mean = lambda xs: float(np.mean(xs)) if eps else 0.0  # noqa: E731
+    calls = sum(e.tool_calls for e in eps)
+    return {"reward": mean([e.reward for e in eps]),
+            "accuracy": mean([e.correct for e in eps]),
+            "answer_rate": mean([e.answer_found for e in eps]),
+            "tool_use_rate": mean([e.tool_calls > 0 for e in eps]),
+            "tool_calls": mean([e.tool_calls for e in eps]),
+            "tool_error_rate": (sum(e.tool_errors + e.tool_timeouts for e in eps) / calls
+                                if calls else 0.0),
+            "parse_failures": mean([e.parse_failures for e in eps]),
+            "turns": mean([e.turns for e in eps]),
+            "truncated_turns": mean([e.truncated == "turns" for e in eps]),
+            "truncated_context": mean([e.truncated == "context" for e in eps]),
+            "sampled_tokens": mean([e.sampled_tokens for e in eps]),
+            "total_tokens": mean([e.total_tokens for e in eps])}
 
 
 class RolloutError(RuntimeError):

@@ -2,8 +2,8 @@
 
 `JaxSampler` runs the learner's own Qwen2 (+ LoRA) in-process with the KV cache: no server, no
 copy of the parameters (it reads the model's current state at every call). Shapes are bucketed
-(batch to a power of two, at least 8, prompt and generation lengths to multiples of `bucket`) so that a run
-compiles a handful of programs, not one per call.
+(batch to a power of two, at least 8; prompt and generation lengths to multiples of `bucket`), so
+that a run compiles a handful of programs, not one per call.
 
 Decoding runs `chunk` steps per compiled call (a lax.scan); stop sequences and end-of-sequence
 are checked on the host between chunks, and the tokens a row drew after its end are dropped.
@@ -45,7 +45,8 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
+            raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be "
+                             ">= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                              f"{self.temperature}, {self.top_p}, {self.top_k}")
@@ -95,6 +96,13 @@ class JaxSampler:
         eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}
         self.adapter_version = adapter_version
+
+    def sync_adapter(self, model, version: int) -> None:
+        """A learner update happened: `model` is the live model this sampler already reads, so
+        only the version that samples record changes."""
+        if model is not self.model:
+            raise ValueError("JaxSampler samples the model it was built with; pass that model")
+        self.adapter_version = version
 
     @staticmethod
     @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))

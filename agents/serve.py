@@ -21,6 +21,7 @@ Errors are JSON {"object": "error", "message", "type", "code"} with the HTTP sta
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import threading
@@ -156,7 +157,7 @@ class CompletionService:
                         text = text[:text.index(stop_reason)]
                 pieces = [f"token_id:{t}" if as_ids else self.tokenizer.decode([t])
                           for t in s.token_ids]
-                offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+                offsets = [0, *itertools.accumulate(map(len, pieces))][:len(pieces)]
                 choice = {"index": len(choices), "text": text,
                           "finish_reason": "length" if s.finish_reason == "length" else "stop",
                           "stop_reason": stop_reason, "token_ids": list(s.token_ids),

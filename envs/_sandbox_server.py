@@ -28,7 +28,6 @@ import ast
 import builtins
 import ctypes
 import ctypes.util
-import errno
 import gc
 import io
 import json

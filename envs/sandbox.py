@@ -54,7 +54,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import warnings
 import weakref
 from dataclasses import dataclass

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import string
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 
@@ -100,9 +100,14 @@ class ToolMathEnv(gym.Env):
         elif isinstance(problems, str):
             self.problems = load_problems(problems, split)
         else:
-            # a Sequence (like ArithProblems, 2**31 long) is used as it is; anything else listed
-            self.problems = problems if isinstance(problems, ArithProblems) else list(problems)
-            if not all(isinstance(p, Problem) for p in itertools.islice(self.problems, 10_000)):
+            # a lazy Sequence (like ArithProblems, 2**31 long) is used as it is and checked by
+            # its first item; anything else is listed and checked whole
+            lazy = isinstance(problems, Sequence) and not isinstance(problems, (list, tuple))
+            self.problems = problems if lazy else list(problems)
+            checked = self.problems
+            if lazy:
+                checked = [self.problems[0]] if len(self.problems) else []
+            if not checked or not all(isinstance(p, Problem) for p in checked):
                 raise ValueError("problems must be a name, a path or a non-empty list of Problem")
         self.protocol = get_protocol(protocol)
         self.stop_sequences = list(self.protocol.stop_sequences)

@@ -180,7 +180,7 @@ def main(cfg: Config) -> dict:
     import envs  # noqa: F401 - registers the environments
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
-    from grpo_loop import GracefulInterrupt, GRPOLoop, RunLog, evaluate, problem_stream
+    from grpo_loop import GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate
     from learners.checkpoint import Checkpointer
     from learners.lora import apply_lora, merge_lora, save_peft_adapter
     from learners.qwen2 import Qwen2ForCausalLM
@@ -239,16 +239,13 @@ def main(cfg: Config) -> dict:
             loop.state, meta, _ = ckpt.restore(loop.state)
             nnx.update(model, loop.state.lora)
             position = int(meta.get("data_position", 0))
-            if hasattr(sampler, "sync_adapter"):
-                sampler.sync_adapter(model, int(loop.state.step))
+            sampler.sync_adapter(model, int(loop.state.step))
             print(f"resumed from step {int(loop.state.step)} in {ckpt.directory}", flush=True)
         elif cfg.resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting a new run", flush=True)
         log = RunLog(cfg.out, cfg, wandb_mode="online" if cfg.wandb else "off",
                      project=cfg.wandb_project)
-        order = jax.random.permutation(jax.random.key(cfg.seed), n_train).tolist()
-        counter = problem_stream(start=position, size=None)
-        problems = (order[i % n_train] for i in counter)
+        problems = ProblemOrder(n_train, seed=cfg.seed, position=position)
         ks = sorted({1, cfg.eval_samples} | ({8} if cfg.eval_samples >= 8 else set()))
 
         def run_eval(step: int) -> dict:
@@ -266,19 +263,11 @@ def main(cfg: Config) -> dict:
         metrics, last_eval = {}, {}
         with GracefulInterrupt() as interrupt:
             for step in bar:
-                consumed = {"n": 0}
-
-                def counted():
-                    for p in problems:
-                        consumed["n"] += 1
-                        yield p
-
-                metrics, batch = loop.step(counted(), seed=cfg.seed * 1_000_003 + step)
-                position += consumed["n"]
+                metrics, batch = loop.step(problems, seed=cfg.seed * 1_000_003 + step)
                 log.log(step, metrics)
                 if step % 10 == 1:
                     log.transcripts(step, batch.transcripts[:4])
-                meta = {"data_position": position, "adapter_version": step}
+                meta = {"data_position": problems.position, "adapter_version": step}
                 ckpt.maybe_save(loop.state, meta, force=interrupt.requested)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     last_eval = run_eval(step)
@@ -291,7 +280,7 @@ def main(cfg: Config) -> dict:
                     log.close()
                     return {"interrupted_at": step}
         step = int(loop.state.step)
-        ckpt.maybe_save(loop.state, {"data_position": position, "adapter_version": step},
+        ckpt.maybe_save(loop.state, {"data_position": problems.position, "adapter_version": step},
                         force=True)
         last_eval = run_eval(step)
         adapter_dir = os.path.join(cfg.out, "adapter")

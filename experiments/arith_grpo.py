@@ -21,13 +21,14 @@ How this departs from textbook GRPO (DeepSeekMath): no KL penalty (beta 0), clip
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import tyro
 
@@ -92,7 +93,6 @@ class Config:
     def shortened(self) -> "Config":
         if not self.quick:
             return self
-        import dataclasses
         return dataclasses.replace(self, sft_examples=1500, sft_steps=250, grpo_steps=8,
                                    eval_problems=48, problems_per_step=8)
 
@@ -138,7 +138,7 @@ def main(cfg: Config) -> dict:
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
     from envs.problems import ArithProblems
-    from grpo_loop import GRPOLoop, RunLog, evaluate, problem_stream
+    from grpo_loop import GRPOLoop, ProblemOrder, RunLog, evaluate
     from learners.lora import apply_lora
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
     from learners.sft import SFTStep
@@ -148,7 +148,7 @@ def main(cfg: Config) -> dict:
     cfg = cfg.shortened()
     t_start = time.perf_counter()
     os.makedirs(cfg.out, exist_ok=True)
-    log = RunLog(cfg.out, cfg, wandb_mode=cfg.wandb, plot_every=5)
+    log = RunLog(cfg.out, cfg, wandb_mode=cfg.wandb, plot_every=5, plot_name="arith_grpo.png")
     train_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 1, kinds=cfg.kinds)
     heldout = ArithProblems(cfg.difficulty, seed=cfg.seed + 2, kinds=cfg.kinds)
     make_train_env = lambda: gym.make("ToolMath-Arith-v0", problems=train_problems,  # noqa: E731
@@ -214,7 +214,7 @@ def main(cfg: Config) -> dict:
                           total_steps=cfg.grpo_steps, schedule="constant")
     train = Rollouts(make_train_env, sampler, tokenizer, roll_cfg)
     evaluator = Rollouts(make_eval_env, sampler, tokenizer,
-                         RolloutConfig(**{**asdict(roll_cfg), "group_size": cfg.eval_samples}))
+                         dataclasses.replace(roll_cfg, group_size=cfg.eval_samples))
     eval_indices = list(range(cfg.eval_problems))
 
     def held_out(step: int) -> dict:
@@ -228,7 +228,7 @@ def main(cfg: Config) -> dict:
     print(f"warm start: accuracy {before['eval/pass@1']:.3f}, tool use "
           f"{before['eval/tool_use_rate']:.3f}", flush=True)
     loop = GRPOLoop(model, init_state(model, grpo_cfg), grpo_cfg, train, cfg.problems_per_step)
-    problems = problem_stream(start=cfg.sft_examples)  # problems the warm start never saw
+    problems = ProblemOrder(None, position=cfg.sft_examples)  # never seen in the warm start
     bar = tqdm(range(1, cfg.grpo_steps + 1), desc="GRPO", dynamic_ncols=True)
     for step in bar:
         metrics, batch = loop.step(problems, seed=cfg.seed * 1_000_003 + step)
@@ -252,8 +252,6 @@ def main(cfg: Config) -> dict:
         "eval_problems": cfg.eval_problems, "eval_samples": cfg.eval_samples,
         "grpo_steps": cfg.grpo_steps, "quick": cfg.quick, "devices": str(jax.devices()),
     }
-    os.replace(os.path.join(cfg.out, "metrics.png"), os.path.join(cfg.out, "arith_grpo.png")) \
-        if os.path.exists(os.path.join(cfg.out, "metrics.png")) else None
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))

@@ -13,7 +13,6 @@ GPU, "0.5b" is the whole model in bf16, with model FLOP utilisation.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource

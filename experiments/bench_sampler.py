@@ -32,7 +32,6 @@ class Args:
 
 
 def main(args: Args) -> dict:
-    import jax
     import numpy as np
     import torch
     from flax import nnx

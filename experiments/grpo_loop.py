@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from flax import nnx
 
-from agents.rollout import RolloutBatch, Rollouts
+from agents.rollout import RolloutBatch, Rollouts, episode_metrics
 from learners.train import GRPOConfig, grpo_step
 
 PLOTS = {"reward": ("train/reward", "eval/pass@1"), "accuracy": ("train/accuracy",),
@@ -54,16 +54,11 @@ def evaluate(rollouts: Rollouts, indices: Sequence[int], ks: Sequence[int] = (1,
         episodes += batch.episodes
         transcripts += batch.transcripts[:2]
     metrics = {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in ks}
-    summary = RolloutBatch.metrics(_Episodes(episodes))
+    summary = episode_metrics(episodes)
     metrics.update({k: summary[k] for k in ("reward", "tool_use_rate", "tool_error_rate", "turns",
                                             "answer_rate", "truncated_context", "sampled_tokens")})
     metrics["problems"], metrics["samples_per_problem"] = len(indices), n
     return metrics, transcripts
-
-
-@dataclass
-class _Episodes:  # RolloutBatch.metrics needs only .episodes
-    episodes: list
 
 
 def concat_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
@@ -106,9 +101,9 @@ class RunLog:
     ("online" with a key, "offline" otherwise, or "off")."""
 
     def __init__(self, directory: str, config: Any, wandb_mode: str = "off",
-                 project: str = "toolgrpo", plot_every: int = 5):
+                 project: str = "toolgrpo", plot_every: int = 5, plot_name: str = "metrics.png"):
         os.makedirs(directory, exist_ok=True)
-        self.directory, self.plot_every = directory, plot_every
+        self.directory, self.plot_every, self.plot_name = directory, plot_every, plot_name
         self._count = 0
         cfg = asdict(config) if is_dataclass(config) else dict(config)
         with open(os.path.join(directory, "config.json"), "w") as f:
@@ -140,7 +135,7 @@ class RunLog:
 
     def plot(self) -> str | None:
         return plot_metrics(os.path.join(self.directory, "metrics.jsonl"),
-                            os.path.join(self.directory, "metrics.png"))
+                            os.path.join(self.directory, self.plot_name))
 
     def close(self) -> None:
         self.plot()
@@ -247,9 +242,7 @@ class GRPOLoop:
     def update(self, batch: RolloutBatch) -> dict:
         self.state, metrics = grpo_step(self.state, batch.arrays(), self.cfg)
         nnx.update(self.model, self.state.lora)  # the in-process sampler reads the live model
-        sync = getattr(self.rollouts.sampler, "sync_adapter", None)
-        if sync is not None:
-            sync(self.model, int(self.state.step))
+        self.rollouts.sampler.sync_adapter(self.model, int(self.state.step))
         return metrics
 
     def step(self, problems: Iterator[int], seed: int) -> tuple[dict, RolloutBatch]:
@@ -263,12 +256,27 @@ class GRPOLoop:
         return metrics, batch
 
 
-def problem_stream(start: int = 0, stride: int = 1, size: int | None = None) -> Iterator[int]:
-    """Problem indices start, start + stride, ... (wrapping at `size`)."""
-    i = start
-    while True:
-        yield i % size if size else i
-        i += stride
+class ProblemOrder:
+    """Problem indices in a seeded random order (a new permutation each pass over `size`
+    problems, or 0, 1, 2, ... when `size` is None); `position` counts the indices handed out, so
+    that a resumed run continues where it stopped."""
+
+    def __init__(self, size: int | None, seed: int = 0, position: int = 0):
+        self.size, self.seed, self.position = size, seed, position
+        self._epoch, self._order = -1, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        i, self.position = self.position, self.position + 1
+        if self.size is None:
+            return i
+        epoch, offset = divmod(i, self.size)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(self.size)
+        return int(self._order[offset])
 
 
 def exit_cleanly_when_offline(run, hint: str):

@@ -301,7 +301,6 @@ class Qwen2ForCausalLM(nnx.Module):
     def decode(self, tokens_b, cache: Cache):
         """One new token per row, at position `cache.lengths`; returns logits [B, V] and the cache
         with every length advanced by one."""
-        b = tokens_b.shape[0]
         positions = cache.lengths[:, None]  # [B, 1]
         mask_bts = (jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None])[:, None, :]
         x = self.embed_tokens(tokens_b[:, None])

@@ -1,11 +1,10 @@
 """Tiny chat models for agent tests: a BPE tokenizer trained here with Qwen's chat format, a random
-Qwen2 with LoRA, and a scripted sampler that writes given turns (to drive the tool path)."""
+Qwen2 with LoRA (the scripted sampler lives in scripted.py)."""
 
 import jax
 import pytest
 from flax import nnx
 
-from agents.sampler import Sample
 from envs.problems import ArithProblems
 from envs.protocols import get_protocol
 from learners.lora import apply_lora
@@ -37,29 +36,3 @@ def chat_model(chat_tokenizer):
     model = apply_lora(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), rank=4, alpha=8)
     nnx.update(model, jax.tree.map(lambda x: x + 0.05, nnx.state(model, nnx.LoRAParam)))
     return model
-
-
-class ScriptedSampler:
-    """Writes `script(prompt_text, turn)` as each sample's text (tokenized once, as a model's
-    tokens would be), with made-up log-probabilities; counts its calls."""
-
-    def __init__(self, tokenizer, script, adapter_version: int = 0):
-        self.tokenizer, self.script, self.adapter_version = tokenizer, script, adapter_version
-        self.calls = 0
-
-    def generate(self, prompts, params, adapter_version=None):
-        self.calls += 1
-        out = []
-        for p in prompts:
-            text = self.tokenizer.decode(p, skip_special_tokens=False)
-            turn = text.count("<tool_response>") + text.rpartition(
-                "<|im_start|>assistant")[2].count("```output")
-            ids = self.tokenizer.encode(self.script(text, turn), add_special_tokens=False)
-            ids = ids[:params.max_new_tokens]
-            finish = "eos" if ids and ids[-1] == self.tokenizer.eos_token_id else (
-                "stop" if any(self.tokenizer.decode(ids).endswith(s) for s in params.stop)
-                else "length")
-            version = self.adapter_version if adapter_version is None else adapter_version
-            out.append([Sample(ids, [-0.5] * len(ids), self.tokenizer.decode(
-                ids, skip_special_tokens=True), finish, version, len(p))])
-        return out

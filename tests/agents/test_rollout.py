@@ -5,7 +5,7 @@ import gymnasium as gym
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ScriptedSampler
+from scripted import ScriptedSampler
 
 import envs  # noqa: F401 - registers the environments
 from agents.rollout import RolloutConfig, RolloutError, Rollouts

@@ -1,12 +1,11 @@
 import json
-import math
 import re
 import subprocess
 import sys
 
 import pytest
 
-from envs.problems import ArithProblems, HubUnavailableError, Problem, load_problems
+from envs.problems import ArithProblems, Problem, load_problems
 
 
 def write_jsonl(path, rows):

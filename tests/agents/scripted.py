@@ -1,0 +1,29 @@
+"""A sampler that writes scripted turns: drives the rollout's tool path without a trained model."""
+
+from agents.sampler import Sample
+
+
+class ScriptedSampler:
+    """Writes `script(prompt_text, turn)` as each sample's text (tokenized once, as a model's
+    tokens would be), with made-up log-probabilities; counts its calls."""
+
+    def __init__(self, tokenizer, script, adapter_version: int = 0):
+        self.tokenizer, self.script, self.adapter_version = tokenizer, script, adapter_version
+        self.calls = 0
+
+    def generate(self, prompts, params, adapter_version=None):
+        self.calls += 1
+        out = []
+        for p in prompts:
+            text = self.tokenizer.decode(p, skip_special_tokens=False)
+            turn = text.count("<tool_response>") + text.rpartition(
+                "<|im_start|>assistant")[2].count("```output")
+            ids = self.tokenizer.encode(self.script(text, turn), add_special_tokens=False)
+            ids = ids[:params.max_new_tokens]
+            finish = "eos" if ids and ids[-1] == self.tokenizer.eos_token_id else (
+                "stop" if any(self.tokenizer.decode(ids).endswith(s) for s in params.stop)
+                else "length")
+            version = self.adapter_version if adapter_version is None else adapter_version
+            out.append([Sample(ids, [-0.5] * len(ids), self.tokenizer.decode(
+                ids, skip_special_tokens=True), finish, version, len(p))])
+        return out
