@@ -23,7 +23,7 @@ from flax import nnx
 from agents.rollout import RolloutBatch, Rollouts, episode_metrics
 from learners.train import GRPOConfig, grpo_step
 
-PLOTS = {"reward": ("train/reward", "eval/pass@1"), "accuracy": ("train/accuracy",),
+PLOTS = {"reward": ("train/reward", "eval/reward"), "accuracy": ("train/accuracy", "eval/pass@1"),
          "tool_use": ("train/tool_use_rate", "eval/tool_use_rate", "train/tool_error_rate"),
          "kl_entropy": ("train/kl", "train/entropy"),
          "lengths": ("train/sampled_tokens", "train/total_tokens")}
