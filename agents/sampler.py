@@ -83,7 +83,13 @@ def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float):
             keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scores.shape[0])[:, None],
                                                   order].set(keep_sorted)
             scores = jnp.where(keep, scores, -jnp.inf)
-        tokens = jax.random.categorical(key, scores, axis=-1)
+        # inverse CDF: one uniform a row instead of a Gumbel draw a vocabulary entry (the
+        # random bits dominated the cost of a CPU decode step)
+        cdf = jnp.cumsum(jax.nn.softmax(scores, axis=-1), axis=-1)
+        u = jax.random.uniform(key, (scores.shape[0], 1)) * cdf[:, -1:]
+        tokens = jnp.minimum(jnp.sum(cdf <= u, axis=-1), scores.shape[-1] - 1)
+        tokens = jnp.where(jnp.isfinite(jnp.take_along_axis(scores, tokens[:, None], -1)[:, 0]),
+                           tokens, jnp.argmax(scores, axis=-1))
     return tokens.astype(jnp.int32), jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0]
 
 
@@ -108,9 +114,9 @@ class JaxSampler:
     @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
     def _prefill(graphdef, state, ids, mask, max_len):
         model = nnx.merge(graphdef, state)
-        logits, cache = model.prefill(ids, mask, max_len)
-        last = jnp.take_along_axis(logits, (mask.sum(-1) - 1)[:, None, None], axis=1)[:, 0]
-        return last, cache
+        hidden, cache = model.prefill(ids, mask, max_len, return_hidden=True)
+        last = jnp.take_along_axis(hidden, (mask.sum(-1) - 1)[:, None, None], axis=1)
+        return model.logits(last)[:, 0], cache  # the vocabulary projection of the last token only
 
     @staticmethod
     @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k",

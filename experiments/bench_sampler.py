@@ -4,7 +4,8 @@
 
 A random tiny Qwen2 is built here, saved in the Hugging Face format and loaded by both sides, so
 they run the same weights. Both sample (temperature 1) a batch of prompts for a fixed number of new
-tokens (no stop), after one warm-up call each; the figure is generated tokens per second.
+tokens (no stop), after one warm-up call each; the two sides then alternate `repeats` times and
+the figures are medians (generated tokens per second; the ratio of the median times).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Args:
     """Tokens per prompt."""
     new_tokens: int = 64
     """Tokens generated per prompt."""
+    repeats: int = 5
+    """Timed calls per side, alternating (medians are reported)."""
     json: bool = False
     """Print one JSON object instead of a table."""
 
@@ -54,10 +57,7 @@ def main(args: Args) -> dict:
 
     sampler = JaxSampler(model, tokenizer, eos_token_ids=[], bucket=32)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
-    sampler.generate(prompts, params)  # compile
-    t0 = time.perf_counter()
-    out = sampler.generate(prompts, params)
-    jax_s = time.perf_counter() - t0
+    out = sampler.generate(prompts, params)  # compile
     assert all(len(s[0].token_ids) == args.new_tokens for s in out)
 
     with tempfile.TemporaryDirectory() as d:
@@ -66,15 +66,26 @@ def main(args: Args) -> dict:
     ids = torch.tensor(prompts)
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.new_tokens,
                   min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
+
+    def timed(run):
+        t0 = time.perf_counter()
+        result = run()
+        return time.perf_counter() - t0, result
+
+    jax_times, hf_times = [], []
     with torch.no_grad():
         hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)  # warm-up
-        t0 = time.perf_counter()
-        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        hf_s = time.perf_counter() - t0
-    assert gen.shape[1] == args.prompt_len + args.new_tokens
+        for _ in range(args.repeats):  # alternating: both sides see the same machine load
+            jax_times.append(timed(lambda: sampler.generate(prompts, params))[0])
+            seconds, gen = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids),
+                                                     **kwargs))
+            hf_times.append(seconds)
+            assert gen.shape[1] == args.prompt_len + args.new_tokens
+    jax_s, hf_s = float(np.median(jax_times)), float(np.median(hf_times))
     report = {"jax_tokens_per_s": n_tokens / jax_s, "hf_tokens_per_s": n_tokens / hf_s,
               "speed_ratio": hf_s / jax_s, "prompts": args.prompts,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "repeats": args.repeats,
               "torch_threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(report))

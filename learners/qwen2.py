@@ -15,6 +15,7 @@ computation (`dtype`) have separate dtypes. Loading and saving the Hugging Face 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import flax.struct
@@ -145,10 +146,27 @@ def linear(din: int, dout: int, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) 
                       kernel_init=nnx.initializers.normal(0.02))
 
 
+def _project(x, projections):
+    """`x` through several projections of the same input. Plain nnx.Linear ones run as one
+    matmul over their concatenated kernels: a one-token decode step is bound by the number of
+    small matmuls, not their size. (LoRA-wrapped projections run one by one.)"""
+    if not all(type(p) is nnx.Linear for p in projections):
+        return [p(x) for p in projections]
+    dtype = projections[0].dtype or x.dtype
+    kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
+    y = x.astype(dtype) @ kernel
+    if all(p.bias is not None for p in projections):
+        y = y + jnp.concatenate([p.bias[...].astype(dtype) for p in projections])
+    elif any(p.bias is not None for p in projections):
+        return [p(x) for p in projections]
+    splits = list(itertools.accumulate(p.out_features for p in projections))[:-1]
+    return jnp.split(y, splits, axis=-1)
+
+
 @flax.struct.dataclass
 class LayerCache:
-    k: jax.Array  # [B, S, K, H]
-    v: jax.Array  # [B, S, K, H]
+    k: jax.Array  # [B, K, H, S]: the layouts a decode step's two matmuls read without a transpose
+    v: jax.Array  # [B, K, S, H]
 
 
 @flax.struct.dataclass
@@ -160,7 +178,7 @@ class Cache:
 
     @property
     def max_len(self) -> int:
-        return self.layers[0].k.shape[1]
+        return self.layers[0].v.shape[2]
 
 
 class Attention(nnx.Module):
@@ -175,27 +193,44 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, positions_bt, mask_bts, cache: LayerCache | None, write_at):
         b, t, _ = x_btd.shape
-        q = rope(self.q_proj(x_btd).reshape(b, t, self.n, self.h), positions_bt, self.theta)
-        k = rope(self.k_proj(x_btd).reshape(b, t, self.k, self.h), positions_bt, self.theta)
-        v = self.v_proj(x_btd).reshape(b, t, self.k, self.h)
+        if write_at is None:
+            q, k, v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+        else:  # decoding: one matmul for the three
+            q, k, v = _project(x_btd, (self.q_proj, self.k_proj, self.v_proj))
+        q = rope(q.reshape(b, t, self.n, self.h), positions_bt, self.theta)
+        k = rope(k.reshape(b, t, self.k, self.h), positions_bt, self.theta)
+        v = v.reshape(b, t, self.k, self.h)
+        groups = self.n // self.k
         if cache is not None:
             if write_at is None:  # prefill: the whole prompt at positions 0..T-1
-                ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, 0))
-                cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, 0, 0))
+                put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
+                    c, x.astype(c.dtype), (0, 0, 0, 0))
+                cache = LayerCache(put(cache.k, k.transpose(0, 2, 3, 1)),
+                                   put(cache.v, v.transpose(0, 2, 1, 3)))
             else:  # decode: one token a row, each at its own length
                 rows = jnp.arange(b)
-                ck = cache.k.at[rows, write_at].set(k[:, 0].astype(cache.k.dtype))
-                cv = cache.v.at[rows, write_at].set(v[:, 0].astype(cache.v.dtype))
-            cache = LayerCache(ck, cv)
-            if write_at is not None:
-                k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        groups = self.n // self.k
+                ck = cache.k.at[rows, :, :, write_at].set(k[:, 0].astype(cache.k.dtype))
+                cv = cache.v.at[rows, :, write_at].set(v[:, 0].astype(cache.v.dtype))
+                cache = LayerCache(ck, cv)
+                return self.o_proj(self._decode_attention(q, ck, cv, mask_bts, groups)), cache
         q = q.reshape(b, t, self.k, groups, self.h)
         logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * self.h**-0.5
         logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.n * self.h)
         return self.o_proj(out), cache
+
+    def _decode_attention(self, q_b1nh, k_bkhs, v_bksh, mask_b1s, groups):
+        """One query a row against the cache: two plain batched matmuls, [G, H] x [H, S] and
+        [G, S] x [S, H], with no transpose of the cache (which dominated a CPU decode step)."""
+        b = q_b1nh.shape[0]
+        q = q_b1nh.reshape(b, self.k, groups, self.h)
+        logits = jnp.einsum("bkgh,bkhs->bkgs", q, k_bkhs.astype(q.dtype)).astype(jnp.float32)
+        logits = jnp.where(mask_b1s[:, :, None], logits * self.h**-0.5,
+                           jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_bksh.dtype)
+        return jnp.einsum("bkgs,bksh->bkgh", probs, v_bksh).astype(q.dtype).reshape(
+            b, 1, self.n * self.h)
 
 
 class MLP(nnx.Module):
@@ -205,8 +240,12 @@ class MLP(nnx.Module):
         self.up_proj = linear(d, f, False, dtype, param_dtype, rngs)
         self.down_proj = linear(f, d, False, dtype, param_dtype, rngs)
 
-    def __call__(self, x_btd):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+    def __call__(self, x_btd, decoding: bool = False):
+        if decoding:  # one matmul for gate and up
+            gate, up = _project(x_btd, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x_btd), self.up_proj(x_btd)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -221,7 +260,8 @@ class DecoderLayer(nnx.Module):
         attn, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, mask_bts, cache,
                                      write_at)
         x_btd = x_btd + attn
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), cache
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd),
+                                decoding=write_at is not None), cache
 
 
 def _positions_and_mask(attention_mask_bt):
@@ -276,15 +316,17 @@ class Qwen2ForCausalLM(nnx.Module):
 
     # -- sampling ---------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-        shape = (batch, max_len, self.config.num_key_value_heads, self.config.dim)
+        k, h = self.config.num_key_value_heads, self.config.dim
         dtype = dtype or self.dtype
-        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        layers = tuple(LayerCache(jnp.zeros((batch, k, h, max_len), dtype),
+                                  jnp.zeros((batch, k, max_len, h), dtype))
                        for _ in self.layers)
         return Cache(layers, jnp.zeros((batch,), jnp.int32))
 
-    def prefill(self, input_ids, attention_mask, max_len: int):
-        """Run right-padded prompts [B, T]; returns the logits [B, T, V] and a cache of capacity
-        `max_len` whose row lengths are the prompt lengths."""
+    def prefill(self, input_ids, attention_mask, max_len: int, return_hidden: bool = False):
+        """Run right-padded prompts [B, T]; returns the logits [B, T, V] (or the final hidden
+        states [B, T, D]) and a cache of capacity `max_len` whose row lengths are the prompt
+        lengths."""
         b, t = input_ids.shape
         if t > max_len:
             raise ValueError(f"prompt length {t} exceeds the cache capacity {max_len}")
@@ -296,7 +338,8 @@ class Qwen2ForCausalLM(nnx.Module):
             x, lc = layer(x, positions, mask_bts, lc, None)
             new_layers.append(lc)
         lengths = attention_mask.sum(-1).astype(jnp.int32)
-        return self.logits(self.norm(x)), Cache(tuple(new_layers), lengths)
+        hidden = self.norm(x)
+        return (hidden if return_hidden else self.logits(hidden)), Cache(tuple(new_layers), lengths)
 
     def decode(self, tokens_b, cache: Cache):
         """One new token per row, at position `cache.lengths`; returns logits [B, V] and the cache
