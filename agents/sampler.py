@@ -66,6 +66,22 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _inverse_cdf(probs_bv, key, block: int = 32):
+    """One token a row drawn from `probs_bv` by inverse CDF with a single uniform a row (a Gumbel
+    draw needs one a vocabulary entry, and those random bits dominated a CPU decode step): pick
+    the block of `block` entries the uniform falls in, then the entry within it."""
+    b, v = probs_bv.shape
+    pad = -v % block
+    p = jnp.pad(probs_bv, ((0, 0), (0, pad))).reshape(b, -1, block)
+    block_cdf = jnp.cumsum(p.sum(-1), axis=-1)  # [B, V/block]
+    u = jax.random.uniform(key, (b, 1)) * block_cdf[:, -1:]
+    blk = jnp.minimum(jnp.sum(block_cdf <= u, axis=-1), block_cdf.shape[1] - 1)
+    below = jnp.where(blk > 0, jnp.take_along_axis(block_cdf, (blk - 1)[:, None], 1)[:, 0], 0.0)
+    inner = jnp.cumsum(jnp.take_along_axis(p, blk[:, None, None], 1)[:, 0], axis=-1)  # [B, block]
+    j = jnp.minimum(jnp.sum(inner <= (u[:, 0] - below)[:, None], axis=-1), block - 1)
+    return jnp.minimum(blk * block + j, v - 1).astype(jnp.int32)
+
+
 def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float):
     """Draw one token a row; returns (tokens [B], raw log-probabilities of them [B])."""
     raw = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
@@ -83,11 +99,7 @@ def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float):
             keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scores.shape[0])[:, None],
                                                   order].set(keep_sorted)
             scores = jnp.where(keep, scores, -jnp.inf)
-        # inverse CDF: one uniform a row instead of a Gumbel draw a vocabulary entry (the
-        # random bits dominated the cost of a CPU decode step)
-        cdf = jnp.cumsum(jax.nn.softmax(scores, axis=-1), axis=-1)
-        u = jax.random.uniform(key, (scores.shape[0], 1)) * cdf[:, -1:]
-        tokens = jnp.minimum(jnp.sum(cdf <= u, axis=-1), scores.shape[-1] - 1)
+        tokens = _inverse_cdf(jax.nn.softmax(scores, axis=-1), key)
         tokens = jnp.where(jnp.isfinite(jnp.take_along_axis(scores, tokens[:, None], -1)[:, 0]),
                            tokens, jnp.argmax(scores, axis=-1))
     return tokens.astype(jnp.int32), jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0]

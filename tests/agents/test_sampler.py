@@ -75,3 +75,19 @@ def test_bad_requests(sampler):
         sampler.generate([[2] * 10], SamplingParams(max_new_tokens=600))
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    from agents.sampler import _inverse_cdf
+
+    rng = np.random.default_rng(0)
+    probs = rng.random(70) ** 3  # 70 entries: not a multiple of the 32-entry blocks
+    probs[[0, 5, 31, 32, 69]] = 0.0  # block edges and the last entry included
+    probs /= probs.sum()
+    draws = np.asarray(_inverse_cdf(jnp.tile(jnp.asarray(probs, jnp.float32), (100_000, 1)),
+                                    jax.random.key(1)))
+    freq = np.bincount(draws, minlength=70) / len(draws)
+    assert draws.min() >= 0 and draws.max() < 70
+    assert freq[probs == 0].sum() == 0
+    assert np.abs(freq - probs).max() < 5 * np.sqrt(probs.max() / len(draws))
+    assert 0.5 * np.abs(freq - probs).sum() < 0.01  # total variation
