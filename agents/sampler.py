@@ -105,6 +105,28 @@ def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float):
     return tokens.astype(jnp.int32), jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0]
 
 
+def _prefill(graphdef, state, ids, mask, max_len):
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model.prefill(ids, mask, max_len, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (mask.sum(-1) - 1)[:, None, None], axis=1)
+    return model.logits(last)[:, 0], cache  # the vocabulary projection of the last token only
+
+
+def _steps(graphdef, state, logits, cache, key, steps, temperature, top_k, top_p):
+    """`steps` decode steps in one program: fewer dispatches and host round trips."""
+    model = nnx.merge(graphdef, state)
+
+    def body(carry, key):
+        logits, cache = carry
+        tokens, logprobs = _choose(logits, key, temperature, top_k, top_p)
+        logits, cache = model.decode(tokens, cache)
+        return (logits, cache), (tokens, logprobs)
+
+    (logits, cache), (tokens, logprobs) = jax.lax.scan(body, (logits, cache),
+                                                       jax.random.split(key, steps))
+    return tokens, logprobs, logits, cache  # tokens, logprobs: [steps, B]
+
+
 class JaxSampler:
     """Samples from an NNX Qwen2ForCausalLM held by reference (the learner's live model)."""
 
@@ -114,6 +136,7 @@ class JaxSampler:
         eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}
         self.adapter_version = adapter_version
+        self._graph = None
 
     def sync_adapter(self, model, version: int) -> None:
         """A learner update happened: `model` is the live model this sampler already reads, so
@@ -122,30 +145,17 @@ class JaxSampler:
             raise ValueError("JaxSampler samples the model it was built with; pass that model")
         self.adapter_version = version
 
-    @staticmethod
-    @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-    def _prefill(graphdef, state, ids, mask, max_len):
-        model = nnx.merge(graphdef, state)
-        hidden, cache = model.prefill(ids, mask, max_len, return_hidden=True)
-        last = jnp.take_along_axis(hidden, (mask.sum(-1) - 1)[:, None, None], axis=1)
-        return model.logits(last)[:, 0], cache  # the vocabulary projection of the last token only
-
-    @staticmethod
-    @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k",
-                                                 "top_p"))
-    def _steps(graphdef, state, logits, cache, key, steps, temperature, top_k, top_p):
-        """`steps` decode steps in one program: fewer dispatches and host round trips."""
-        model = nnx.merge(graphdef, state)
-
-        def body(carry, key):
-            logits, cache = carry
-            tokens, logprobs = _choose(logits, key, temperature, top_k, top_p)
-            logits, cache = model.decode(tokens, cache)
-            return (logits, cache), (tokens, logprobs)
-
-        (logits, cache), (tokens, logprobs) = jax.lax.scan(body, (logits, cache),
-                                                           jax.random.split(key, steps))
-        return tokens, logprobs, logits, cache  # tokens, logprobs: [steps, B]
+    def _programs(self, graphdef):
+        """The jitted prefill and decode programs of the model's graph. The graph is bound by
+        closure, not passed as a static argument: hashing it on every call cost more than a
+        decode step of a small model."""
+        if self._graph is None or self._graph[0] != graphdef:
+            self._graph = (graphdef,
+                           jax.jit(functools.partial(_prefill, graphdef),
+                                   static_argnames="max_len"),
+                           jax.jit(functools.partial(_steps, graphdef),
+                                   static_argnames=("steps", "temperature", "top_k", "top_p")))
+        return self._graph[1:]
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  adapter_version: int | None = None) -> list[list[Sample]]:
@@ -167,8 +177,8 @@ class JaxSampler:
             ids[i, :len(r)], mask[i, :len(r)] = r, 1
         mask[len(rows):, 0] = 1  # filler rows: one token, discarded
         graphdef, state = nnx.split(self.model)
-        logits, cache = self._prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                      max_len)
+        prefill, decode = self._programs(graphdef)
+        logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), max_len=max_len)
         key = jax.random.key(params.seed)
         out_tokens = [[] for _ in rows]
         out_logprobs = [[] for _ in rows]
@@ -177,9 +187,9 @@ class JaxSampler:
         while done < params.max_new_tokens and any(f is None for f in finish):
             steps = min(self.chunk, params.max_new_tokens - done)
             key, sub = jax.random.split(key)
-            tokens, logprobs, logits, cache = self._steps(
-                graphdef, state, logits, cache, sub, steps, params.temperature, params.top_k,
-                params.top_p)
+            tokens, logprobs, logits, cache = decode(
+                state, logits, cache, sub, steps=steps, temperature=params.temperature,
+                top_k=params.top_k, top_p=params.top_p)
             tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
             done += steps
             for i in range(len(rows)):
