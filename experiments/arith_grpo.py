@@ -73,8 +73,9 @@ class Config:
     """Problems a GRPO step (each played group_size times)."""
     group_size: int = 8
     """Episodes per problem."""
-    learning_rate: float = 2e-3
-    """GRPO learning rate (AdamW on the LoRA parameters)."""
+    learning_rate: float = 1e-3
+    """GRPO learning rate (AdamW on the LoRA parameters). 2e-3 learns faster but is unstable:
+    with one random stream it collapsed (the answer format lost) after 7 steps."""
     lora_rank: int = 16
     """LoRA rank."""
     temperature: float = 1.0
@@ -98,7 +99,7 @@ class Config:
     def shortened(self) -> "Config":
         if not self.quick:
             return self
-        return dataclasses.replace(self, grpo_steps=8, eval_problems=48)
+        return dataclasses.replace(self, grpo_steps=12, eval_problems=48)
 
 SYSTEM_PROMPT = "Run python in a ```python block if you need to; answer in \\boxed{}."
 """Short instructions: a tiny model's context is better spent on the problem."""
