@@ -152,13 +152,14 @@ def _project(x, projections):
     small matmuls, not their size. (LoRA-wrapped projections run one by one.)"""
     if not all(type(p) is nnx.Linear for p in projections):
         return [p(x) for p in projections]
+    biased = {p.bias is not None for p in projections}
+    if len(biased) > 1:
+        return [p(x) for p in projections]
     dtype = projections[0].dtype or x.dtype
     kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
     y = x.astype(dtype) @ kernel
-    if all(p.bias is not None for p in projections):
+    if biased == {True}:
         y = y + jnp.concatenate([p.bias[...].astype(dtype) for p in projections])
-    elif any(p.bias is not None for p in projections):
-        return [p(x) for p in projections]
     splits = list(itertools.accumulate(p.out_features for p in projections))[:-1]
     return jnp.split(y, splits, axis=-1)
 
