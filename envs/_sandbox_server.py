@@ -28,6 +28,7 @@ import ast
 import builtins
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import io
 import json
@@ -296,56 +297,74 @@ def _stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
                             errors="backslashreplace", line_buffering=line_buffering)
 
 
-def cell_process(order: dict, code: str, ns: dict, fds: list[int], scoped: bool) -> socket.socket:
-    """The forked child C. Returns its control socket if the cell succeeded and C was promoted
-    to be the state; otherwise never returns."""
-    out_w, err_w, ctl_fd = fds
-    ctl = socket.socket(fileno=ctl_fd)
-    pidfd = os.pidfd_open(os.getpid())  # announce itself first: the code may kill the state
-    send_msg(ctl, {"op": "started", "pid": os.getpid()}, fds=[pidfd])
-    os.close(pidfd)
-    os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
-    prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
+def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
+    """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in
+    a warm-up run, makes its output pipes, and hands the supervisor its pidfd and their read ends,
+    all while the session waits for its caller. Then it runs the cell it is sent. Returns its
+    channel if the cell succeeded and C was promoted to be the state; otherwise never returns."""
+    state_pid = os.getppid()
+    run_cell(SPARE_WARM_UP, {"__builtins__": builtins}, 0)
+    sys.stdout.flush()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.close(out_w)
     os.close(err_w)
+    sys.stdout, sys.stderr = _stream(1, False), _stream(2, True)
+    os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
+    prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
+    pidfd = os.pidfd_open(os.getpid())
+    send_msg(chan, {"op": "ready", "pid": os.getpid()}, fds=[pidfd, out_r, err_r])
+    for fd in (pidfd, out_r, err_r):
+        os.close(fd)
+    try:
+        order, payload, _ = recv_msg(chan, max_fds=0)
+    except ProtocolError:
+        os._exit(0)
+    if order.get("op") != "run":
+        os._exit(0)
     cpu = int(order["cpu_s"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, resource.getrlimit(resource.RLIMIT_CPU)[1]))
-    sys.stdout, sys.stderr = _stream(1, False), _stream(2, True)
-    status = run_cell(code, ns, int(order["cell"]))
+    status = run_cell(payload.decode("utf-8", "replace"), ns, int(order["cell"]))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BaseException:  # noqa: BLE001
             pass
-    send_msg(ctl, {"status": status})
+    send_msg(chan, {"status": status})
     try:
-        order, _, _ = recv_msg(ctl, max_payload=0, max_fds=0)
+        order, _, _ = recv_msg(chan, max_payload=0, max_fds=0)
     except ProtocolError:
         os._exit(0)
-    if order.get("op") != "promote" or not scoped:
+    if order.get("op") != "promote":
         os._exit(0)
-    kill_all_but_self(wait=False)  # the previous state, and everything the code started
+    if scoped:
+        kill_all_but_self(wait=False)  # the previous state, and everything the code started
+    elif os.getppid() == state_pid:  # no scope for kill(-1): end the previous state only
+        os.kill(state_pid, signal.SIGKILL)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     os.close(devnull)
     sys.stdout, sys.stderr = _stream(1, False), _stream(2, True)
     resource.setrlimit(resource.RLIMIT_CPU, resource.getrlimit(resource.RLIMIT_CPU)[1:] * 2)
-    send_msg(ctl, {"op": "promoted"})
-    return ctl
+    send_msg(chan, {"op": "promoted"})
+    return chan
 
 
 # ---------------------------------------------------------------------------------------------
 # The state process S.
 # ---------------------------------------------------------------------------------------------
 WARM_UP = "import math, numpy, sympy\nprint(1 + 1, math.gcd(12, 18), numpy.arange(3).sum(), sympy.Integer(6))"
+SPARE_WARM_UP = "squares = [i * i for i in range(8)]\nprint(sum(squares), 'ok')\nsquares"
 
 
 def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: str, scoped: bool):
-    """Drops privileges, then forks a cell process for every "run" order from the supervisor and
-    rolls back (kills the cell and all it started) when told to."""
+    """Drops privileges, then serves the supervisor's orders: "fork" a cell process (announced with
+    a channel of its own) that waits for the next cell, and "rollback" (kill the cell and all it
+    started). A promoted cell continues this loop as the new state. The supervisor orders the
+    fork once its caller has the previous result, so that the fork does not compete with it."""
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -371,41 +390,41 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
     os.chdir(scratch)
     os.environ.update(HOME=scratch, TMPDIR=scratch)
     sys.stdout = sys.stderr = _stream(1, False)  # /dev/null until a cell rebinds them
-    run_cell(WARM_UP, {"__builtins__": builtins}, 0)  # take copy-on-write faults now, while
-    sys.stdout.flush()                                # pooled, not during a caller's call
+    run_cell(WARM_UP, {"__builtins__": builtins}, 0)  # lazy imports and caches, once per session
+    sys.stdout.flush()
     ns = {"__name__": "__main__", "__builtins__": builtins}
+    cell_pid = 0
     while True:
-        try:
-            order, payload, fds = recv_msg(ctl, max_fds=3)
-        except ProtocolError:
-            os._exit(0)  # the supervisor is gone, or a promoted cell killed this old state
-        if order.get("op") != "run" or len(fds) != 3:
-            os._exit(1)
-        pid = _fork_when_possible()
-        if pid is None:
-            for fd in fds:
-                os.close(fd)
-            send_msg(ctl, {"op": "fork_failed", "error": "the session's process limit is "
-                          "reached; processes from the previous call are still exiting"})
-            continue
-        if pid == 0:
-            ctl.close()
-            ctl = cell_process(order, payload.decode("utf-8", "replace"), ns, fds, scoped)
-            continue  # this process is now the state
-        for fd in fds:
-            os.close(fd)
         try:
             order, _, _ = recv_msg(ctl, max_payload=0, max_fds=0)
         except ProtocolError:
-            os._exit(0)
-        if order.get("op") != "rollback":
+            os._exit(0)  # the supervisor is gone, or a promoted cell killed this old state
+        if order.get("op") == "fork" and not cell_pid:
+            mine, theirs = socket.socketpair()
+            cell_pid = _fork_when_possible()
+            if cell_pid == 0:
+                ctl.close()
+                mine.close()
+                ctl = cell_process(theirs, ns, scoped)
+                continue  # this process is now the state
+            theirs.close()
+            if cell_pid is None:
+                cell_pid = 0
+                send_msg(ctl, {"op": "fork_failed", "error": "the session's process limit is "
+                              "reached; processes from the previous call are still exiting"})
+            else:
+                send_msg(ctl, {"op": "cell", "pid": cell_pid}, fds=[mine.fileno()])
+            mine.close()
+        elif order.get("op") == "rollback" and cell_pid:
+            status = reap_children(watch_pid=cell_pid)  # set if the cell had already ended
+            if scoped:
+                kill_all_but_self(wait=False)
+            elif _alive(cell_pid):
+                os.killpg(cell_pid, signal.SIGKILL)
+            cell_pid = 0
+            send_msg(ctl, {"op": "rolled_back", "wait_status": status})
+        else:
             os._exit(1)
-        status = reap_children(watch_pid=pid)  # set if the cell had already ended (a crash)
-        if scoped:
-            kill_all_but_self(wait=False)
-        elif _alive(pid):
-            os.killpg(pid, signal.SIGKILL)
-        send_msg(ctl, {"op": "rolled_back", "wait_status": status})
 
 
 def _fork_when_possible(patience_s: float = 2.0) -> int | None:
@@ -476,6 +495,22 @@ def _describe(wait_status: int | None) -> tuple[int | None, str]:
     return code, f"the process exited with code {code}"
 
 
+@dataclasses.dataclass
+class ReadyCell:
+    """P's handles on the state's forked, waiting cell process."""
+
+    chan: socket.socket
+    pid: int
+    pidfd: int
+    out_r: int
+    err_r: int
+
+    def close(self) -> None:
+        self.chan.close()
+        for fd in (self.pidfd, self.out_r, self.err_r):
+            os.close(fd)
+
+
 class Session:
     """Runs in P: owns the session's state process and answers the caller's orders."""
 
@@ -488,22 +523,15 @@ class Session:
         if uid is not None:
             os.chown(self.scratch, uid, uid)
         self.state: socket.socket | None = None
-        self.state_pid = 0
+        self.cell: ReadyCell | None = None
+        self.fork_ordered = False
         self.cells = 0
-        self.exit_statuses: dict[int, int] = {}
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
-        self.spawn_state()
+        self.prepare()
 
-    def _on_child(self, *_):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid == self.state_pid:
-                self.exit_statuses[pid] = status
+    @staticmethod
+    def _on_child(*_):
+        reap_children()
 
     def spawn_state(self) -> None:
         mine, theirs = socket.socketpair()
@@ -515,10 +543,24 @@ class Session:
             finally:
                 os._exit(1)
         theirs.close()
-        self.state, self.state_pid = mine, pid
+        self.state, self.fork_ordered = mine, False
+
+    def prepare(self) -> None:
+        """Have a cell process forked for the next call (a state first, if there is none)."""
+        if self.state is None:
+            self.spawn_state()
+        if self.cell is None and not self.fork_ordered:
+            try:
+                send_msg(self.state, {"op": "fork"})
+                self.fork_ordered = True
+            except OSError:  # the state died (its code killed it): the next call starts afresh
+                self.kill_all()
 
     def kill_all(self) -> None:
         """SIGKILL every process of the session but this supervisor; no state survives."""
+        if self.cell is not None:
+            self.cell.close()
+            self.cell = None
         if self.state is not None:
             self.state.close()
             self.state = None
@@ -545,52 +587,58 @@ class Session:
                     continue
                 break
 
+    def ready_cell(self, notes: list[str], keep: bool) -> ReadyCell | None:
+        """The state's waiting cell process (normally forked and announced long before this call);
+        None, with a note saying why, if there is none to be had."""
+        if self.cell is not None:
+            return self.cell
+        if self.state is None and keep:
+            notes.append("the previous state was lost; this cell ran in a fresh session")
+        try:
+            self.prepare()
+            msg, _, fds = recv_msg_within(self.state, 10.0, max_payload=0, max_fds=1)
+            self.fork_ordered = False
+            if msg.get("op") == "fork_failed":
+                notes.append(str(msg.get("error")))
+                return None
+            chan = socket.socket(fileno=fds[0])
+            ready, _, fds = recv_msg_within(chan, 10.0, max_payload=0, max_fds=3)
+            if ready.get("op") != "ready" or len(fds) != 3:
+                chan.close()
+                raise ProtocolError("the cell process did not get ready")
+            self.cell = ReadyCell(chan, int(ready["pid"]), *fds)
+            return self.cell
+        except (ProtocolError, OSError, KeyError, ValueError, IndexError):
+            notes.append("the session's state process was gone; state was reset")
+            self.kill_all()
+            return None
+
     def run(self, code: bytes, timeout_s: float, keep: bool) -> tuple[dict, bytes]:
         """One cell. With keep=False the cell never becomes the state (and the caller resets the
         session's files afterwards): the next call starts from the same pristine state."""
         notes: list[str] = []
-        cell = self.cells + 1 if keep else 1  # a stateless call is always the first cell
+        cell_number = self.cells + 1 if keep else 1  # a stateless call is always the first cell
         self.cells += keep
         limit = int(self.settings["max_output_bytes"])
         out, err = OutputBuffer(limit), OutputBuffer(limit)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        order = {"op": "run", "cell": cell, "cpu_s": int(timeout_s) + 1}
-        if self.state is None:
-            self.spawn_state()
-            if keep:
-                notes.append("the previous state was lost; this cell ran in a fresh session")
-        mine, theirs = socket.socketpair()
         t0 = time.monotonic()
-        status, pidfd, cell_pid = None, -1, 0
-        try:
-            send_msg(self.state, order, code, fds=[out_w, err_w, theirs.fileno()])
-            # The cell announces itself (with its pidfd); the state speaks only if fork failed.
-            ready = select.select([mine, self.state], [], [], 5.0)[0]
-            if mine in ready:
-                started, _, fds = recv_msg_within(mine, 2.0, max_payload=0, max_fds=1)
-                if fds:
-                    pidfd, cell_pid = fds[0], int(started["pid"])
-            elif self.state in ready:
-                failed, _, _ = recv_msg_within(self.state, 2.0, max_payload=0, max_fds=0)
-                status = "crashed"  # the state is fine but could not fork: nothing ran
-                notes.append(str(failed.get("error")))
-        except (ProtocolError, OSError, KeyError, ValueError):
-            pass
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-            theirs.close()
-        if pidfd < 0 and status is None:
-            status = "crashed"
-            notes.append("the session's state process was gone; state was reset")
-            self.kill_all()
+        status = None
+        cell = self.ready_cell(notes, keep)
+        if cell is None:
+            status = "crashed"  # nothing ran
+        else:
+            self.cell = None  # used up by this call, whatever happens
+            t0 = time.monotonic()
+            try:
+                send_msg(cell.chan, {"op": "run", "cell": cell_number, "cpu_s": int(timeout_s) + 1},
+                         code)
+            except OSError:
+                pass  # it died waiting; its pidfd says so below
         deadline = t0 + timeout_s
         poller = select.poll()
-        streams = {out_r: out, err_r: err}
-        for fd in (out_r, err_r, mine.fileno(), pidfd):
-            if fd >= 0:
-                poller.register(fd, select.POLLIN)
+        streams = {cell.out_r: out, cell.err_r: err} if cell else {}
+        for fd in (cell.out_r, cell.err_r, cell.chan.fileno(), cell.pidfd) if cell else ():
+            poller.register(fd, select.POLLIN)
         while status is None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -604,35 +652,35 @@ class Session:
                         streams[fd].feed(data)
                     else:
                         poller.unregister(fd)
-                elif fd == mine.fileno():
+                elif fd == cell.chan.fileno():
                     try:
-                        result, _, _ = recv_msg_within(mine, 2.0, max_payload=0, max_fds=0)
+                        result, _, _ = recv_msg_within(cell.chan, 2.0, max_payload=0, max_fds=0)
                         status = result.get("status")
                         if status not in ("ok", "error", "memory"):
                             status = "crashed"
                     except ProtocolError:
                         poller.unregister(fd)  # the code closed its channel; wait for its exit
-                elif fd == pidfd:
+                elif fd == cell.pidfd:
                     status = "crashed"
                 if status is not None:
                     break
         wall = time.monotonic() - t0
         wait_status = None
-        if status == "ok" and keep:
+        if cell is not None and status == "ok" and keep:
             try:
-                send_msg(mine, {"op": "promote"})
-                ack, _, _ = recv_msg_within(mine, 5.0, max_payload=0, max_fds=0)
+                send_msg(cell.chan, {"op": "promote"})
+                ack, _, _ = recv_msg_within(cell.chan, 5.0, max_payload=0, max_fds=0)
                 promoted = ack.get("op") == "promoted"
             except (ProtocolError, OSError):
                 promoted = False
-            if promoted:
+            if promoted:  # the cell's channel is the new state's
                 self.state.close()
-                self.state, self.state_pid, mine = mine, cell_pid, None
+                self.state, cell.chan, self.fork_ordered = cell.chan, None, False
             else:
                 status = "crashed"
                 notes.append("the cell could not be kept as the new state; state was reset")
                 self.kill_all()
-        elif self.state is not None and cell_pid:  # nothing to roll back if no cell ran
+        elif cell is not None and self.state is not None:
             try:
                 send_msg(self.state, {"op": "rollback"})
                 ack, _, _ = recv_msg_within(self.state, 5.0, max_payload=0, max_fds=0)
@@ -642,13 +690,11 @@ class Session:
                     notes.append("the session's state process was gone; state was reset")
                 self.kill_all()
         exit_code = None
-        if status == "crashed" and cell_pid:
+        if status == "crashed" and cell is not None:
             exit_code, why = _describe(wait_status)
             notes.append(why)
             if exit_code == -signal.SIGXCPU:
                 status, notes[-1] = "timeout", "CPU time limit exceeded"
-        if mine is not None:
-            mine.close()
         for fd, buf in streams.items():  # what the cell wrote before it ended is in the pipes
             os.set_blocking(fd, False)
             try:
@@ -656,15 +702,17 @@ class Session:
                     buf.feed(data)
             except BlockingIOError:
                 pass
-            os.close(fd)
-        if pidfd >= 0:
-            os.close(pidfd)
+        if cell is not None:
+            if cell.chan is not None:
+                cell.chan.close()
+            for fd in (cell.pidfd, cell.out_r, cell.err_r):
+                os.close(fd)
         stdout, stderr = out.value(), err.value()
         if notes and status != "ok":
             sep = b"\n" if stderr and not stderr.endswith(b"\n") else b""
             stderr += sep + "".join(f"[sandbox] {n}\n" for n in notes).encode()
         header = {"status": status, "wall_s": wall, "truncated": out.truncated or err.truncated,
-                  "exit_code": exit_code, "stdout_len": len(stdout), "cell": cell}
+                  "exit_code": exit_code, "stdout_len": len(stdout), "cell": cell_number}
         return header, stdout + stderr
 
     def reset_files(self) -> None:
@@ -728,8 +776,9 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
             keep = bool(order.get("keep", True))
             header, payload = session.run(code, timeout, keep)
             send_msg(client, header, payload)
-            if not keep:
-                session.reset_files()  # after the reply: off the caller's path
+            if not keep:  # after the reply: off the caller's path
+                session.reset_files()
+            session.prepare()
     except OSError:
         pass
     finally:
