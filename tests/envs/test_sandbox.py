@@ -465,3 +465,21 @@ def test_reduced_isolation_still_contains_time_and_memory(monkeypatch):
         assert sb.run("while True: pass", timeout_s=1).status == "timeout"
         assert sb.run("x = bytearray(8 * 1024**3)").status == "memory"
         still_serves(sb)
+
+
+def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
+    """No namespaces and no uid of its own (a non-root caller without user namespaces): a cell
+    cannot be promoted by killing its whole scope, so it ends the previous state alone."""
+    import envs.sandbox
+
+    monkeypatch.setattr(envs.sandbox, "_warned", True)
+    monkeypatch.setattr(envs.sandbox.os, "geteuid", lambda: 1000)  # the caller looks unprivileged
+    with PythonSandbox(FAST, isolation="none", pool_size=0) as sb:
+        assert not sb.protections["separate_uid"] and not sb.protections["daemon_cleanup"]
+        with sb.session() as s:
+            assert s.run("x = 41").ok
+            r = s.run("x += 1\nprint(x)")
+            assert r.status == "ok" and r.stdout == "42\n", r
+            assert s.run("x = None\n1 / 0").status == "error"
+            assert s.run("print(x)").stdout == "42\n"
+        still_serves(sb)
