@@ -15,6 +15,8 @@ quantity the GRPO learner recomputes; tokens are drawn from the tempered, trunca
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -66,15 +68,19 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _inverse_cdf(probs_bv, key, block: int = 32):
+def _inverse_cdf(probs_bv, key, block: int = 32, rows: tuple[int, int] | None = None):
     """One token a row drawn from `probs_bv` by inverse CDF with a single uniform a row (a Gumbel
     draw needs one a vocabulary entry, and those random bits dominated a CPU decode step): pick
-    the block of `block` entries the uniform falls in, then the entry within it."""
+    the block of `block` entries the uniform falls in, then the entry within it. `rows` =
+    (offset, total): these rows are rows offset.. of a batch of `total`, and take that batch's
+    uniforms, so that a batch split into shards draws what it would draw whole."""
     b, v = probs_bv.shape
     pad = -v % block
     p = jnp.pad(probs_bv, ((0, 0), (0, pad))).reshape(b, -1, block)
     block_cdf = jnp.cumsum(p.sum(-1), axis=-1)  # [B, V/block]
-    u = jax.random.uniform(key, (b, 1)) * block_cdf[:, -1:]
+    offset, total = rows if rows is not None else (0, b)
+    u = jax.lax.dynamic_slice_in_dim(jax.random.uniform(key, (total, 1)), offset, b)
+    u = u * block_cdf[:, -1:]
     blk = jnp.minimum(jnp.sum(block_cdf <= u, axis=-1), block_cdf.shape[1] - 1)
     below = jnp.where(blk > 0, jnp.take_along_axis(block_cdf, (blk - 1)[:, None], 1)[:, 0], 0.0)
     inner = jnp.cumsum(jnp.take_along_axis(p, blk[:, None, None], 1)[:, 0], axis=-1)  # [B, block]
@@ -82,8 +88,10 @@ def _inverse_cdf(probs_bv, key, block: int = 32):
     return jnp.minimum(blk * block + j, v - 1).astype(jnp.int32)
 
 
-def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float):
-    """Draw one token a row; returns (tokens [B], raw log-probabilities of them [B])."""
+def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float,
+            rows: tuple[int, int] | None = None):
+    """Draw one token a row; returns (tokens [B], raw log-probabilities of them [B]). `rows`: see
+    `_inverse_cdf`."""
     raw = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
     if temperature == 0:
         tokens = jnp.argmax(raw, axis=-1)
@@ -99,7 +107,7 @@ def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float):
             keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scores.shape[0])[:, None],
                                                   order].set(keep_sorted)
             scores = jnp.where(keep, scores, -jnp.inf)
-        tokens = _inverse_cdf(jax.nn.softmax(scores, axis=-1), key)
+        tokens = _inverse_cdf(jax.nn.softmax(scores, axis=-1), key, rows=rows)
         tokens = jnp.where(jnp.isfinite(jnp.take_along_axis(scores, tokens[:, None], -1)[:, 0]),
                            tokens, jnp.argmax(scores, axis=-1))
     return tokens.astype(jnp.int32), jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0]
@@ -112,13 +120,14 @@ def _prefill(graphdef, state, ids, mask, max_len):
     return model.logits(last)[:, 0], cache  # the vocabulary projection of the last token only
 
 
-def _steps(graphdef, state, logits, cache, key, steps, temperature, top_k, top_p):
-    """`steps` decode steps in one program: fewer dispatches and host round trips."""
+def _steps(graphdef, state, logits, cache, key, offset, steps, total, temperature, top_k, top_p):
+    """`steps` decode steps in one program: fewer dispatches and host round trips. The rows are
+    rows `offset`.. of a batch of `total` (a shard)."""
     model = nnx.merge(graphdef, state)
 
     def body(carry, key):
         logits, cache = carry
-        tokens, logprobs = _choose(logits, key, temperature, top_k, top_p)
+        tokens, logprobs = _choose(logits, key, temperature, top_k, top_p, (offset, total))
         logits, cache = model.decode(tokens, cache)
         return (logits, cache), (tokens, logprobs)
 
@@ -128,14 +137,24 @@ def _steps(graphdef, state, logits, cache, key, steps, temperature, top_k, top_p
 
 
 class JaxSampler:
-    """Samples from an NNX Qwen2ForCausalLM held by reference (the learner's live model)."""
+    """Samples from an NNX Qwen2ForCausalLM held by reference (the learner's live model).
+
+    On the CPU backend a batch is split into `threads` shards decoded concurrently (one XLA
+    program keeps about 1.3 of 2 cores busy on small models); each shard draws the random numbers
+    its rows would draw in the whole batch, so the samples do not depend on the split."""
 
     def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
-                 bucket: int = 64, adapter_version: int = 0, chunk: int = 16):
+                 bucket: int = 64, adapter_version: int = 0, chunk: int = 16,
+                 threads: int | None = None):
         self.model, self.tokenizer, self.bucket, self.chunk = model, tokenizer, bucket, chunk
         eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}
         self.adapter_version = adapter_version
+        if threads is None:
+            threads = min(4, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
         self._graph = None
 
     def sync_adapter(self, model, version: int) -> None:
@@ -154,7 +173,8 @@ class JaxSampler:
                            jax.jit(functools.partial(_prefill, graphdef),
                                    static_argnames="max_len"),
                            jax.jit(functools.partial(_steps, graphdef),
-                                   static_argnames=("steps", "temperature", "top_k", "top_p")))
+                                   static_argnames=("steps", "total", "temperature", "top_k",
+                                                    "top_p")))
         return self._graph[1:]
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -176,23 +196,46 @@ class JaxSampler:
         for i, r in enumerate(rows):
             ids[i, :len(r)], mask[i, :len(r)] = r, 1
         mask[len(rows):, 0] = 1  # filler rows: one token, discarded
+        shards = 1
+        while shards * 2 <= self.threads and batch // (shards * 2) >= 8:
+            shards *= 2
+        size = batch // shards
+        jobs = [(o, ids[o:o + size], mask[o:o + size], min(size, len(rows) - o))
+                for o in range(0, batch, size) if o < len(rows)]
         graphdef, state = nnx.split(self.model)
-        prefill, decode = self._programs(graphdef)
+        run = functools.partial(self._decode_shard, *self._programs(graphdef), state, batch,
+                                max_len, params)
+        if len(jobs) == 1:
+            results = [run(*jobs[0])]
+        else:
+            with ThreadPoolExecutor(len(jobs)) as pool:  # XLA runs them in parallel
+                results = list(pool.map(lambda job: run(*job), jobs))
+        samples = [Sample(tokens, logprobs,
+                          self.tokenizer.decode(tokens, skip_special_tokens=True),
+                          finish or "length", version, len(rows[i]))
+                   for i, (tokens, logprobs, finish) in enumerate(
+                       row for shard in results for row in shard)]
+        return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]
+
+    def _decode_shard(self, prefill, decode, state, total: int, max_len: int,
+                      params: SamplingParams, offset: int, ids, mask, live: int):
+        """Prefill and decode rows offset.. of the batch; returns (tokens, logprobs, finish) for
+        the first `live` of them (the rest are filler)."""
         logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), max_len=max_len)
         key = jax.random.key(params.seed)
-        out_tokens = [[] for _ in rows]
-        out_logprobs = [[] for _ in rows]
-        finish: list[str | None] = [None] * len(rows)
+        out_tokens: list[list[int]] = [[] for _ in range(live)]
+        out_logprobs: list[list[float]] = [[] for _ in range(live)]
+        finish: list[str | None] = [None] * live
         done = 0
         while done < params.max_new_tokens and any(f is None for f in finish):
             steps = min(self.chunk, params.max_new_tokens - done)
             key, sub = jax.random.split(key)
             tokens, logprobs, logits, cache = decode(
-                state, logits, cache, sub, steps=steps, temperature=params.temperature,
-                top_k=params.top_k, top_p=params.top_p)
+                state, logits, cache, sub, offset, steps=steps, total=total,
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
             tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
             done += steps
-            for i in range(len(rows)):
+            for i in range(live):
                 for j in range(steps):  # tokens after a row's end are computed, then dropped
                     if finish[i] is not None:
                         break
@@ -204,7 +247,4 @@ class JaxSampler:
                         tail = self.tokenizer.decode(out_tokens[i][-32:])
                         if any(stop in tail for stop in params.stop):
                             finish[i] = "stop"
-        samples = [Sample(out_tokens[i], out_logprobs[i],
-                          self.tokenizer.decode(out_tokens[i], skip_special_tokens=True),
-                          finish[i] or "length", version, len(rows[i])) for i in range(len(rows))]
-        return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]
+        return list(zip(out_tokens, out_logprobs, finish))

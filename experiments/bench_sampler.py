@@ -85,7 +85,7 @@ def main(args: Args) -> dict:
     report = {"jax_tokens_per_s": n_tokens / jax_s, "hf_tokens_per_s": n_tokens / hf_s,
               "speed_ratio": hf_s / jax_s, "prompts": args.prompts,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "repeats": args.repeats,
+              "repeats": args.repeats, "jax_threads": sampler.threads,
               "torch_threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(report))

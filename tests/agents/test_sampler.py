@@ -68,6 +68,22 @@ def test_stop_sequences_and_finish_reasons(sampler):
     assert stopped.text.endswith(word)
 
 
+def test_samples_do_not_depend_on_how_the_batch_is_split(sampler):
+    """Shards decoded concurrently draw the random numbers their rows draw in the whole batch."""
+    prompts = [[2 + i, 3 + i % 5] for i in range(20)]  # 40 rows: a batch of 64, 8 shards at most
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=20, seed=4)
+    whole = JaxSampler(sampler.model, sampler.tokenizer, bucket=16, threads=1)
+    split = JaxSampler(sampler.model, sampler.tokenizer, bucket=16, threads=8)
+    a, b = whole.generate(prompts, params), split.generate(prompts, params)
+    assert [s.token_ids for g in a for s in g] == [s.token_ids for g in b for s in g]
+    assert [s.finish_reason for g in a for s in g] == [s.finish_reason for g in b for s in g]
+    np.testing.assert_allclose([x for g in a for s in g for x in s.logprobs],
+                               [x for g in b for s in g for x in s.logprobs], atol=1e-5)
+    assert len({tuple(s.token_ids) for g in a for s in g}) > 20  # really sampled, not greedy
+    with pytest.raises(ValueError, match="threads"):
+        JaxSampler(sampler.model, sampler.tokenizer, threads=0)
+
+
 def test_bad_requests(sampler):
     with pytest.raises(ValueError, match="at least one token"):
         sampler.generate([[]], SamplingParams())
