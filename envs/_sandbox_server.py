@@ -10,13 +10,18 @@ namespaces where the machine allows. It imports the scientific stack once, then 
 
 The server keeps a few sessions ready (P and S forked and warmed up) and hands one to each caller
 that opens a session. P supervises its session and talks to the caller over a socket of its own.
-For each cell, P asks the state process S to fork C; C announces itself to P, runs the code with
-stdout/stderr on pipes that P drains, and reports its status. If the cell succeeds, C becomes the
-new state and kills every other process of the session (the old state, and whatever the code
-started); if it fails, times out or crashes, S kills C and everything C started and stays the
-state. Stateless calls use the same path but never promote. "Kill every other process" is
-`kill(-1, SIGKILL)`, which is scoped: it only reaches the session's own pid namespace (or, without
-namespaces, the session's own uid), and it is never used where neither scope holds.
+The next cell's process C is made before the cell exists: once the caller has a result, P orders S
+to fork C, which takes its copy-on-write faults in a warm-up run, makes its output pipes and hands
+P its pidfd and their read ends over a channel of its own; a call then only sends C the code. C
+runs it with stdout/stderr on the pipes that P drains and reports its status. If the cell succeeds
+(and the session keeps state), C becomes the new state and kills every other process of the
+session (the old state, and whatever the code started); otherwise S kills C and everything C
+started and stays the state. Stateless calls use the same path but never promote. "Kill every
+other process" is `kill(-1, SIGKILL)`, which is scoped: it only reaches the session's own pid
+namespace (or, without namespaces, the session's own uid), and it is never used where neither
+scope holds. A discarded cell is killed by P at once; when the kernel's lists of children show
+that it was the only process of the code, S's scoped kill waits until the caller has its answer
+(`Session.cell_was_alone`).
 
 Only the standard library is imported at module level: envs.sandbox imports the framing helpers
 from here, and the preloads happen in `main()`.
@@ -449,6 +454,40 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _proc_pid(pidfd: int) -> int | None:
+    """The pid of a pidfd's process as /proc names it (its pid namespace may be a nested one)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _children(pid: int) -> set[int] | None:
+    """The children of every thread of `pid` that are not zombies, as the kernel lists them."""
+    found: set[int] = set()
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.update(map(int, f.read().split()))
+    except (OSError, ValueError):
+        return None
+    return {child for child in found if not _dead(child)}
+
+
+def _dead(pid: int) -> bool:
+    """A zombie (it ran to its end and creates nothing more), or already reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
 # ---------------------------------------------------------------------------------------------
 # The session supervisor P.
 # ---------------------------------------------------------------------------------------------
@@ -525,6 +564,9 @@ class Session:
         self.state: socket.socket | None = None
         self.cell: ReadyCell | None = None
         self.fork_ordered = False
+        self.rollback_due = False  # a discarded cell's rollback, left for after the reply
+        self.state_proc_pid: int | None = None  # pids as /proc names them
+        self.own_proc_pid = int(os.readlink("/proc/self"))
         self.cells = 0
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
         self.prepare()
@@ -543,6 +585,9 @@ class Session:
             finally:
                 os._exit(1)
         theirs.close()
+        pidfd = os.pidfd_open(pid)
+        self.state_proc_pid = _proc_pid(pidfd)
+        os.close(pidfd)
         self.state, self.fork_ordered = mine, False
 
     def prepare(self) -> None:
@@ -564,6 +609,7 @@ class Session:
         if self.state is not None:
             self.state.close()
             self.state = None
+        self.rollback_due, self.state_proc_pid = False, None
         if self.is_init:  # pid 1 of the session's own namespace: kill(-1) reaches only it
             try:
                 os.kill(-1, signal.SIGKILL)
@@ -676,10 +722,14 @@ class Session:
             if promoted:  # the cell's channel is the new state's
                 self.state.close()
                 self.state, cell.chan, self.fork_ordered = cell.chan, None, False
+                self.state_proc_pid = _proc_pid(cell.pidfd)
             else:
                 status = "crashed"
                 notes.append("the cell could not be kept as the new state; state was reset")
                 self.kill_all()
+        elif cell is not None and self.state is not None and status != "crashed" and \
+                self.cell_was_alone(cell):
+            self.rollback_due = True  # nothing of the code is left: it can wait for the reply
         elif cell is not None and self.state is not None:
             try:
                 send_msg(self.state, {"op": "rollback"})
@@ -714,6 +764,37 @@ class Session:
         header = {"status": status, "wall_s": wall, "truncated": out.truncated or err.truncated,
                   "exit_code": exit_code, "stdout_len": len(stdout), "cell": cell_number}
         return header, stdout + stderr
+
+    def cell_was_alone(self, cell: ReadyCell) -> bool:
+        """Kill the discarded cell C and tell whether it was the only process of the code. After
+        SIGKILL, C can create no process; whatever it created before is, as the kernel lists
+        children, a child of C, a child of the state S (clone with CLONE_PARENT), or an orphan
+        adopted by this supervisor (the subreaper). If all three lists are empty but for the
+        expected members, nothing needs the state's scoped kill before the caller is answered."""
+        try:
+            signal.pidfd_send_signal(cell.pidfd, signal.SIGKILL)
+        except OSError:
+            return False
+        c, s = _proc_pid(cell.pidfd), self.state_proc_pid
+        if c is None or s is None:
+            return False
+        of_cell, of_state, of_self = _children(c), _children(s), _children(self.own_proc_pid)
+        return (of_cell == set() and of_state is not None and of_state <= {c}
+                and of_self is not None and of_self <= {s})
+
+    def finish(self, keep: bool) -> None:
+        """After the reply: the deferred rollback, the stateless call's file reset, and the
+        order to fork the next call's cell process."""
+        if self.rollback_due:
+            self.rollback_due = False
+            try:
+                send_msg(self.state, {"op": "rollback"})
+                recv_msg_within(self.state, 5.0, max_payload=0, max_fds=0)
+            except (ProtocolError, OSError):
+                self.kill_all()
+        if not keep:
+            self.reset_files()
+        self.prepare()
 
     def reset_files(self) -> None:
         """Empty the scratch directory and remove the session's files from the shared temporary
@@ -776,9 +857,7 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
             keep = bool(order.get("keep", True))
             header, payload = session.run(code, timeout, keep)
             send_msg(client, header, payload)
-            if not keep:  # after the reply: off the caller's path
-                session.reset_files()
-            session.prepare()
+            session.finish(keep)  # off the caller's path
     except OSError:
         pass
     finally:

@@ -11,7 +11,9 @@ itertools and functools already imported (and sympy's caches warm); every sessio
 a `fork` of it, so no call pays for interpreter start-up or imports. Ready sessions wait in a pool.
 A session's state lives in a process of its own; each call runs in a fork of that state, which
 becomes the new state if the call succeeds and is thrown away (previous state intact) if it fails,
-times out or crashes. See `envs/_sandbox_server.py` for the process tree.
+times out or crashes. That fork is made, warmed up and announced while the session waits for its
+next call, so a call pays for neither the fork nor its page faults when calls are spaced out, as a
+rollout's are. See `envs/_sandbox_server.py` for the process tree.
 
 Threat model. The code is assumed hostile but ordinary: written by a model under training, which may
 loop, allocate, fork, print, crash or poke at its surroundings, by accident or because reward

@@ -233,6 +233,68 @@ def test_double_forked_setsid_daemon_is_gone_when_the_call_returns(sandbox, stat
     assert gone_while_session_open and wait_until(lambda: not processes_with(marker), 1.0)
 
 
+def unkilled(pids: list[int]) -> list[int]:
+    """Those of `pids` that neither are exiting (PF_EXITING, or a zombie) nor have SIGKILL
+    pending: what outlives a call that returned before its kill was sent."""
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/status") as f:
+                pending = [int(line.split()[1], 16) for line in f
+                           if line.startswith(("SigPnd:", "ShdPnd:"))]
+        except (OSError, IndexError, ValueError):
+            continue
+        exiting = fields[0] in ("Z", "X") or int(fields[6]) & 0x4  # PF_EXITING
+        if not exiting and not any(mask & (1 << 8) for mask in pending):  # bit 8: SIGKILL
+            found.append(pid)
+    return found
+
+
+SPAWN = {  # code leaving a `sleep 30 <marker>` behind, by three routes out of the cell's tree
+    "child": "import os\nif os.fork() == 0:\n    os.execv('/bin/sleep', ['sleep', '30', M])\n",
+    "orphan": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               "        os.execv('/bin/sleep', ['sleep', '30', M])\n    os._exit(0)\n"
+               "time.sleep(0.3)\n"),
+    "state_child": ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                    "pid = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT)\n"
+                    "if pid == 0:\n    os.execv('/bin/sleep', ['sleep', '30', M])\n"
+                    "assert pid > 0, ctypes.get_errno()\n"),
+}
+
+
+@pytest.mark.parametrize("route", sorted(SPAWN))
+@pytest.mark.parametrize("stateful", [False, True])
+def test_processes_of_a_discarded_cell_are_killed_before_the_call_returns(sandbox, route,
+                                                                           stateful):
+    """A discarded cell's rollback may wait until after the reply only when the kernel's lists of
+    children show that nothing of the code is left; each route out of the cell's tree must defeat
+    that shortcut."""
+    need(sandbox, "daemon_cleanup")
+    marker = f"0.{uuid.uuid4().int % 10**12:012d}"
+    code = (f"M = {marker!r}\n" + SPAWN[route] + "import time\ntime.sleep(0.5)\n"
+            + ("raise RuntimeError('discard this cell')\n" if stateful else "print('done')\n"))
+    with sandbox.session() as s:
+        s.run("kept = 1")
+        pids: list[int] = []
+        watch = threading.Thread(target=lambda: wait_until(
+            lambda: pids.extend(processes_with(marker)) or pids, 0.45))
+        watch.start()
+        r = s.run(code) if stateful else sandbox.run(code)
+        left = unkilled(pids)  # at once: a kill sent after the reply would still be on its way
+        watch.join()
+        assert pids, "the test itself is broken: the process never appeared"
+        if stateful:
+            assert r.status == "error" and "discard this cell" in r.stderr, r
+            assert s.run("print(kept)").stdout == "1\n"
+        else:
+            assert r.status == "ok" and r.stdout == "done\n", r
+    assert left == [], f"{route}: still running when the call returned"
+    assert wait_until(lambda: not processes_with(marker), 2.0)
+    still_serves(sandbox)
+
+
 def test_kill_of_parent_and_process_group_does_not_hurt_the_sandbox(sandbox):
     with sandbox.session() as s:
         s.run("x = 'kept'")
@@ -483,3 +545,31 @@ def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
             assert s.run("x = None\n1 / 0").status == "error"
             assert s.run("print(x)").stdout == "42\n"
         still_serves(sb)
+
+
+def test_children_lists_live_children_of_every_thread_and_skips_zombies():
+    """The kernel facts the rollback shortcut rests on, checked on a tree made here."""
+    from envs._sandbox_server import _children, _dead, _proc_pid
+
+    me = int(os.readlink("/proc/self"))
+    before = _children(me)
+    started = []
+
+    def spawn():  # a child forked by another thread is listed under that thread's task
+        started.append(os.posix_spawn("/bin/sleep", ["sleep", "30"], {}))
+
+    t = threading.Thread(target=spawn)
+    t.start()
+    t.join()
+    pid = started[0]
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert _proc_pid(pidfd) == pid
+        assert _children(me) - before == {pid} and not _dead(pid)
+        os.kill(pid, 9)
+        assert wait_until(lambda: _dead(pid), 2.0)  # a zombie until reaped: no longer listed
+        assert pid not in _children(me)
+    finally:
+        os.waitpid(pid, 0)
+        os.close(pidfd)
+    assert _dead(pid) and _children(2**22 + 7) is None  # reaped; a pid that does not exist
