@@ -320,7 +320,7 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
     os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
     prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
     pidfd = os.pidfd_open(os.getpid())
-    send_msg(chan, {"op": "ready", "pid": os.getpid()}, fds=[pidfd, out_r, err_r])
+    send_msg(chan, {"op": "ready"}, fds=[pidfd, out_r, err_r])
     for fd in (pidfd, out_r, err_r):
         os.close(fd)
     try:
@@ -538,14 +538,14 @@ def _describe(wait_status: int | None) -> tuple[int | None, str]:
 class ReadyCell:
     """P's handles on the state's forked, waiting cell process."""
 
-    chan: socket.socket
-    pid: int
+    chan: socket.socket | None  # None once it is the new state's channel
     pidfd: int
     out_r: int
     err_r: int
 
     def close(self) -> None:
-        self.chan.close()
+        if self.chan is not None:
+            self.chan.close()
         for fd in (self.pidfd, self.out_r, self.err_r):
             os.close(fd)
 
@@ -652,7 +652,7 @@ class Session:
             if ready.get("op") != "ready" or len(fds) != 3:
                 chan.close()
                 raise ProtocolError("the cell process did not get ready")
-            self.cell = ReadyCell(chan, int(ready["pid"]), *fds)
+            self.cell = ReadyCell(chan, *fds)
             return self.cell
         except (ProtocolError, OSError, KeyError, ValueError, IndexError):
             notes.append("the session's state process was gone; state was reset")
@@ -753,10 +753,7 @@ class Session:
             except BlockingIOError:
                 pass
         if cell is not None:
-            if cell.chan is not None:
-                cell.chan.close()
-            for fd in (cell.pidfd, cell.out_r, cell.err_r):
-                os.close(fd)
+            cell.close()
         stdout, stderr = out.value(), err.value()
         if notes and status != "ok":
             sep = b"\n" if stderr and not stderr.endswith(b"\n") else b""
