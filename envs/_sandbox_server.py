@@ -495,7 +495,8 @@ def _proc_pid(pidfd: int) -> int | None:
 
 
 def _children(pid: int) -> set[int] | None:
-    """The children of every thread of `pid` that are not zombies, as the kernel lists them."""
+    """The children of every thread of `pid` that are not zombies, as the kernel lists them; None
+    if `pid` or one of its threads vanished while they were read (a caller assumes the worst)."""
     found: set[int] = set()
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):

@@ -551,8 +551,13 @@ def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     """The kernel facts the rollback shortcut rests on, checked on a tree made here."""
     from envs._sandbox_server import _children, _dead, _proc_pid
 
+    def listed(pid: int) -> set[int]:  # None while one of pytest's own threads ends mid-read
+        found: list[set[int]] = []
+        assert wait_until(lambda: found.append(_children(pid)) or found[-1] is not None, 2.0)
+        return found[-1]
+
     me = int(os.readlink("/proc/self"))
-    before = _children(me)
+    before = listed(me)
     started = []
 
     def spawn():  # a child forked by another thread is listed under that thread's task
@@ -565,10 +570,10 @@ def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     pidfd = os.pidfd_open(pid)
     try:
         assert _proc_pid(pidfd) == pid
-        assert _children(me) - before == {pid} and not _dead(pid)
+        assert listed(me) - before == {pid} and not _dead(pid)
         os.kill(pid, 9)
         assert wait_until(lambda: _dead(pid), 2.0)  # a zombie until reaped: no longer listed
-        assert pid not in _children(me)
+        assert pid not in listed(me)
     finally:
         os.waitpid(pid, 0)
         os.close(pidfd)
