@@ -238,12 +238,12 @@ def unkilled(pids: list[int]) -> list[int]:
     pending: what outlives a call that returned before its kill was sent."""
     found = []
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+        try:  # pending first: a SIGKILL taken off it sets PF_EXITING before the flags are read
             with open(f"/proc/{pid}/status") as f:
                 pending = [int(line.split()[1], 16) for line in f
                            if line.startswith(("SigPnd:", "ShdPnd:"))]
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError, ValueError):
             continue
         exiting = fields[0] in ("Z", "X") or int(fields[6]) & 0x4  # PF_EXITING
