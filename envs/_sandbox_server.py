@@ -695,14 +695,13 @@ class Session:
         self.cells += keep
         limit = int(self.settings["max_output_bytes"])
         out, err = OutputBuffer(limit), OutputBuffer(limit)
-        t0 = time.monotonic()
         status = None
         cell = self.ready_cell(notes, keep)
+        t0 = time.monotonic()  # the wall time counts from the order to the cell
         if cell is None:
             status = "crashed"  # nothing ran
         else:
             self.cell = None  # used up by this call, whatever happens
-            t0 = time.monotonic()
             try:
                 send_msg(cell.chan, {"op": "run", "cell": cell_number, "cpu_s": int(timeout_s) + 1},
                          code)
