@@ -123,6 +123,45 @@ def test_failed_call_leaves_the_previous_state_intact(sandbox):
         assert s.run("print(x)").stdout == "1\n"
 
 
+def test_a_cell_that_breaks_its_streams_does_not_silence_the_next(sandbox):
+    with sandbox.session() as s:
+        assert s.run("import sys\nsys.stdout = None\nsys.stderr.close()").ok
+        assert s.run("print('still heard')").stdout == "still heard\n"
+        assert "ZeroDivisionError" in s.run("1 / 0").stderr
+
+
+def test_every_call_draws_fresh_random_numbers(sandbox):
+    draw = "import random\nprint(random.random())"
+    assert len({sandbox.run(draw).stdout for _ in range(3)}) == 3
+    with sandbox.session() as s:
+        assert len({s.run(draw).stdout for _ in range(3)}) == 3
+
+
+def test_threads_of_the_state_are_not_alive_in_the_next_cell(sandbox):
+    """A fork copies only the calling thread, and Python's view must say so."""
+    with sandbox.session() as s:
+        assert s.run("import threading, time\n"
+                     "t = threading.Thread(target=time.sleep, args=(5,), daemon=True)\n"
+                     "t.start()").ok
+        r = s.run("print(threading.active_count(), t.is_alive())")
+        assert r.stdout == "1 False\n", r
+
+
+def test_a_state_that_cannot_fork_is_replaced_with_a_clear_note(sandbox):
+    need(sandbox, "process_cap")
+    with sandbox.session() as s:  # the kept state's own limit stops it forking the next call
+        assert s.run("import resource\nkept = 1\n"
+                     "cap = resource.getrlimit(resource.RLIMIT_NPROC)[1]\n"
+                     "resource.setrlimit(resource.RLIMIT_NPROC, (1, cap))"
+                     ).ok
+        r = s.run("print(kept)")
+        assert r.status == "error" and "NameError" in r.stderr, r
+        assert "process limit is reached; state was reset" in r.stderr, r
+        assert "ran in a fresh session" in r.stderr, r
+        assert s.run("kept = 2\nprint(kept)").stdout == "2\n"
+        assert s.run("print(kept)").stdout == "2\n"
+
+
 def test_invalid_arguments_are_clear_errors(sandbox):
     with pytest.raises(ValueError, match="timeout_s"):
         sandbox.run("1", timeout_s=0)
