@@ -42,6 +42,8 @@ class Args:
     """Concurrent sessions in the throughput measurement."""
     calls_per_session: int = 40
     """Calls each concurrent session makes."""
+    throughput_runs: int = 3
+    """Throughput measurements; the figure is their median."""
     pace_ms: float = 10.0
     """Pause after each latency call (both sides), as generation leaves between tool calls."""
     json: bool = False
@@ -119,7 +121,9 @@ def main(args: Args) -> dict:
             s.run("import sympy as sp")
             session = time_calls(checked(lambda: s.run(TRIVIAL)), args.calls, pace)
             session_b2b = time_calls(checked(lambda: s.run(TRIVIAL)), args.calls)
-        throughput = concurrent_throughput(sandbox, args.sessions, args.calls_per_session)
+        throughput_runs = [concurrent_throughput(sandbox, args.sessions, args.calls_per_session)
+                           for _ in range(args.throughput_runs)]
+    throughput = statistics.median(throughput_runs)
     base_trivial = time_calls(lambda: subprocess_call(TRIVIAL), args.baseline_calls, pace)
     base_sympy = time_calls(lambda: subprocess_call(SYMPY), args.baseline_calls, pace)
 
@@ -138,6 +142,7 @@ def main(args: Args) -> dict:
         "trivial_speedup_vs_subprocess": b50 / t50,
         "sympy_speedup_vs_subprocess": bs50 / s50,
         "executions_per_s": throughput,
+        "executions_per_s_runs": throughput_runs,
         "concurrent_sessions": args.sessions,
         "cpu_count": os.cpu_count(),
         "all_protections_on": all(protections.values()),
@@ -157,7 +162,8 @@ def main(args: Args) -> dict:
             print(f"{name:32} {a:10.2f}ms {a99:6.1f}ms {b:13.1f}ms {b99_:6.1f}ms {b / a:8.1f}x")
         print(f"latency calls {args.pace_ms:g} ms apart unless back-to-back")
         print(f"throughput: {throughput:.0f} executions/s with {args.sessions} concurrent sessions "
-              f"on {os.cpu_count()} cores")
+              f"on {os.cpu_count()} cores (median of "
+              f"{', '.join(f'{t:.0f}' for t in throughput_runs)})")
         off = [k for k, v in protections.items() if not v]
         print("protections: " + ("all on" if not off else "off: " + ", ".join(off)))
     return report

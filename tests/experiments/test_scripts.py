@@ -23,6 +23,8 @@ def test_bench_sandbox_json():
                 "sympy_speedup_vs_subprocess", "executions_per_s"):
         assert report[key] > 0, key
     assert report["sympy_speedup_vs_subprocess"] > 1  # a warm sympy beats importing it
+    runs = report["executions_per_s_runs"]
+    assert len(runs) == 3 and report["executions_per_s"] == sorted(runs)[1]
 
 
 def test_play_an_episode_by_hand():
