@@ -68,8 +68,12 @@ class ProtocolError(Exception):
     """A peer sent something that is not a well-formed message, or hung up."""
 
 
+_encode_header = json.JSONEncoder(separators=(",", ":")).encode
+_decode_header = json.JSONDecoder().decode
+
+
 def send_msg(sock: socket.socket, header: dict, payload: bytes = b"", fds=()) -> None:
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _encode_header(header).encode()
     prefix = _PREFIX.pack(len(head), len(payload))
     if fds:
         socket.send_fds(sock, [prefix], list(fds))
@@ -94,8 +98,11 @@ def recv_msg(sock: socket.socket, max_payload: int = 1 << 26, max_fds: int = 4):
     prefix, fds = b"", []
     try:
         while len(prefix) < _PREFIX.size:
-            data, new_fds, _, _ = socket.recv_fds(sock, _PREFIX.size - len(prefix), max_fds)
-            fds.extend(new_fds)
+            if max_fds:
+                data, new_fds, _, _ = socket.recv_fds(sock, _PREFIX.size - len(prefix), max_fds)
+                fds.extend(new_fds)
+            else:
+                data = sock.recv(_PREFIX.size - len(prefix))
             if not data:
                 raise ProtocolError("peer closed the connection")
             prefix += data
@@ -103,22 +110,22 @@ def recv_msg(sock: socket.socket, max_payload: int = 1 << 26, max_fds: int = 4):
         if head_len > MAX_HEADER or payload_len > max_payload:
             raise ProtocolError(f"message too large ({head_len}, {payload_len})")
         body = _recv_exact(sock, head_len + payload_len)
-        header = json.loads(body[:head_len])
+        header = _decode_header(body[:head_len].decode())
         if not isinstance(header, dict):
             raise ProtocolError("message header is not an object")
         return header, body[head_len:], fds
-    except (ProtocolError, OSError, ValueError) as exc:
+    except (ProtocolError, OSError, ValueError) as exc:  # UnicodeError is a ValueError
         for fd in fds:
             os.close(fd)
         raise ProtocolError(str(exc)) from exc
 
 
 def recv_msg_within(sock: socket.socket, timeout_s: float, **kwargs):
-    sock.settimeout(timeout_s)
-    try:
-        return recv_msg(sock, **kwargs)
-    finally:
-        sock.settimeout(None)
+    """recv_msg with every read bounded by `timeout_s`. The socket keeps that timeout (setting it
+    costs two fcntl calls), so use this function for every read of a socket, or none."""
+    if sock.gettimeout() != timeout_s:
+        sock.settimeout(timeout_s)
+    return recv_msg(sock, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +605,7 @@ class ReadyCell:
     """P's handles on the state's forked, waiting cell process."""
 
     chan: socket.socket | None  # None once it is the new state's channel
-    pidfd: int
+    pidfd: int | None  # None once it is the new state's
     out_r: int
     err_r: int
 
@@ -606,7 +613,8 @@ class ReadyCell:
         if self.chan is not None:
             self.chan.close()
         for fd in (self.pidfd, self.out_r, self.err_r):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
 
 class Session:
@@ -624,7 +632,8 @@ class Session:
         self.cell: ReadyCell | None = None
         self.ordered: socket.socket | None = None  # the channel of a cell ordered, not yet ready
         self.rollback_due = False  # a discarded cell's rollback, left for after the reply
-        self.state_proc_pid: int | None = None  # pids as /proc names them
+        self.state_pidfd: int | None = None
+        self.state_proc_pid: int | None = None  # pids as /proc names them, looked up when needed
         self.own_proc_pid = int(os.readlink("/proc/self"))
         self.cells = 0
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
@@ -644,10 +653,14 @@ class Session:
             finally:
                 os._exit(1)
         theirs.close()
-        pidfd = os.pidfd_open(pid)
-        self.state_proc_pid = _proc_pid(pidfd)
-        os.close(pidfd)
-        self.state = mine
+        self.set_state(mine, os.pidfd_open(pid))
+
+    def set_state(self, chan: socket.socket, pidfd: int) -> None:
+        if self.state is not None:
+            self.state.close()
+        if self.state_pidfd is not None:
+            os.close(self.state_pidfd)
+        self.state, self.state_pidfd, self.state_proc_pid = chan, pidfd, None
 
     def prepare(self) -> None:
         """Have a cell process forked for the next call (a state first, if there is none). The
@@ -677,6 +690,9 @@ class Session:
         if self.state is not None:
             self.state.close()
             self.state = None
+        if self.state_pidfd is not None:
+            os.close(self.state_pidfd)
+            self.state_pidfd = None
         self.rollback_due, self.state_proc_pid = False, None
         if self.is_init:  # pid 1 of the session's own namespace: kill(-1) reaches only it
             try:
@@ -793,10 +809,9 @@ class Session:
                 promoted = ack.get("op") == "promoted"
             except (ProtocolError, OSError):
                 promoted = False
-            if promoted:  # the cell's channel is the new state's
-                self.state.close()
-                self.state, cell.chan = cell.chan, None
-                self.state_proc_pid = _proc_pid(cell.pidfd)
+            if promoted:  # the cell's channel and pidfd are the new state's
+                self.set_state(cell.chan, cell.pidfd)
+                cell.chan = cell.pidfd = None
             else:
                 status = "crashed"
                 notes.append("the cell could not be kept as the new state; state was reset")
@@ -846,6 +861,8 @@ class Session:
             signal.pidfd_send_signal(cell.pidfd, signal.SIGKILL)
         except OSError:
             return False
+        if self.state_proc_pid is None and self.state_pidfd is not None:
+            self.state_proc_pid = _proc_pid(self.state_pidfd)
         c, s = _proc_pid(cell.pidfd), self.state_proc_pid
         if c is None or s is None:
             return False
