@@ -350,7 +350,10 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
     """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in
     a warm-up run, makes its output pipes, and hands the supervisor its pidfd and their read ends,
     all while the session waits for its caller. Then it runs the cell it is sent. Returns its
-    channel if the cell succeeded and C was promoted to be the state; otherwise never returns."""
+    channel if the cell succeeded and C was promoted to be the state; otherwise never returns.
+    A cell that succeeds with time to spare before the call's deadline promotes itself and says
+    so with its status; one that finishes later leaves the choice to the supervisor, which is
+    the one to kill it at the deadline."""
     set_name(b"sandbox-cell")
     state_pid = os.getppid()
     run_cell(SPARE_WARM_UP, {"__builtins__": builtins}, 0)
@@ -382,6 +385,8 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
             stream.flush()
         except BaseException:  # noqa: BLE001
             pass
+    if status == "ok" and order.get("keep") and time.monotonic() < order["promote_by"]:
+        return _become_state(chan, {"status": "ok", "promoted": True}, scoped, state_pid)
     send_msg(chan, {"status": status})
     try:
         order, _, _ = recv_msg(chan, max_payload=0, max_fds=0)
@@ -389,6 +394,11 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
         os._exit(0)
     if order.get("op") != "promote":
         os._exit(0)
+    return _become_state(chan, {"op": "promoted"}, scoped, state_pid)
+
+
+def _become_state(chan: socket.socket, answer: dict, scoped: bool, state_pid: int):
+    """Promotion: end every other process of the session, detach from the cell's pipes, answer."""
     if scoped:
         kill_all_but_self(wait=False)  # the previous state, and everything the code started
     elif os.getppid() == state_pid:  # no scope for kill(-1): end the previous state only
@@ -398,7 +408,7 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
     os.dup2(devnull, 2)
     os.close(devnull)
     resource.setrlimit(resource.RLIMIT_CPU, resource.getrlimit(resource.RLIMIT_CPU)[1:] * 2)
-    send_msg(chan, {"op": "promoted"})
+    send_msg(chan, answer)
     sys.stdout, sys.stderr = _stream(1, False), _stream(2, True)  # whatever the cell left there
     set_name(b"sandbox-state")
     return chan
@@ -600,6 +610,9 @@ def _describe(wait_status: int | None) -> tuple[int | None, str]:
     return code, f"the process exited with code {code}"
 
 
+PROMOTION_MARGIN_S = 0.05
+
+
 @dataclasses.dataclass
 class ReadyCell:
     """P's handles on the state's forked, waiting cell process."""
@@ -761,16 +774,20 @@ class Session:
         status = None
         cell = self.ready_cell(notes, keep)
         t0 = time.monotonic()  # the wall time counts from the order to the cell
+        deadline = t0 + timeout_s
+        promoted = False
         if cell is None:
             status = "crashed"  # nothing ran
         else:
             self.cell = None  # used up by this call, whatever happens
+            # A cell may promote itself until PROMOTION_MARGIN_S before the deadline, when this
+            # supervisor would kill it: a cell that finishes later asks (the "promote" order).
+            order = {"op": "run", "cell": cell_number, "cpu_s": int(timeout_s) + 1, "keep": keep,
+                     "promote_by": deadline - PROMOTION_MARGIN_S}
             try:
-                send_msg(cell.chan, {"op": "run", "cell": cell_number, "cpu_s": int(timeout_s) + 1},
-                         code)
+                send_msg(cell.chan, order, code)
             except OSError:
                 pass  # it died waiting; its pidfd says so below
-        deadline = t0 + timeout_s
         poller = select.poll()
         streams = {cell.out_r: out, cell.err_r: err} if cell else {}
         for fd in (cell.out_r, cell.err_r, cell.chan.fileno(), cell.pidfd) if cell else ():
@@ -794,6 +811,7 @@ class Session:
                         status = result.get("status")
                         if status not in ("ok", "error", "memory"):
                             status = "crashed"
+                        promoted = status == "ok" and keep and result.get("promoted") is True
                     except ProtocolError:
                         poller.unregister(fd)  # the code closed its channel; wait for its exit
                 elif fd == cell.pidfd:
@@ -803,12 +821,13 @@ class Session:
         wall = time.monotonic() - t0
         wait_status = None
         if cell is not None and status == "ok" and keep:
-            try:
-                send_msg(cell.chan, {"op": "promote"})
-                ack, _, _ = recv_msg_within(cell.chan, 5.0, max_payload=0, max_fds=0)
-                promoted = ack.get("op") == "promoted"
-            except (ProtocolError, OSError):
-                promoted = False
+            if not promoted:
+                try:
+                    send_msg(cell.chan, {"op": "promote"})
+                    ack, _, _ = recv_msg_within(cell.chan, 5.0, max_payload=0, max_fds=0)
+                    promoted = ack.get("op") == "promoted"
+                except (ProtocolError, OSError):
+                    pass
             if promoted:  # the cell's channel and pidfd are the new state's
                 self.set_state(cell.chan, cell.pidfd)
                 cell.chan = cell.pidfd = None
