@@ -368,7 +368,8 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
     os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
     prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
     pidfd = os.pidfd_open(os.getpid())
-    send_msg(chan, {"op": "ready"}, fds=[pidfd, out_r, err_r])
+    proc_pid = int(os.readlink("/proc/self"))  # as the supervisor's /proc names it
+    send_msg(chan, {"op": "ready", "proc_pid": proc_pid}, fds=[pidfd, out_r, err_r])
     for fd in (pidfd, out_r, err_r):
         os.close(fd)
     try:
@@ -542,24 +543,35 @@ def _proc_pid(pidfd: int) -> int | None:
     return None
 
 
-def _children(pid: int) -> set[int] | None:
-    """The children of every thread of `pid` that are not zombies, as the kernel lists them; None
-    if `pid` or one of its threads vanished while they were read (a caller assumes the worst)."""
+def _read_proc(path: str) -> bytes:
+    """A /proc file's whole text (raw os calls: this sits on a call's critical path)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _children(pid: int, expected: set[int] = frozenset()) -> set[int] | None:
+    """The children of every thread of `pid` that are not zombies, as the kernel lists them
+    (members of `expected` are returned without that check); None if `pid` or one of its threads
+    vanished while they were read (a caller assumes the worst)."""
     found: set[int] = set()
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.update(map(int, f.read().split()))
+            found.update(map(int, _read_proc(f"/proc/{pid}/task/{tid}/children").split()))
     except (OSError, ValueError):
         return None
-    return {child for child in found if not _dead(child)}
+    return {child for child in found if child in expected or not _dead(child)}
 
 
 def _dead(pid: int) -> bool:
     """A zombie (it ran to its end and creates nothing more), or already reaped."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+        return _read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
     except (OSError, IndexError):
         return True
 
@@ -621,6 +633,7 @@ class ReadyCell:
     pidfd: int | None  # None once it is the new state's
     out_r: int
     err_r: int
+    proc_pid: int | None  # its pid as /proc names it, from its own "ready" (no code had run)
 
     def close(self) -> None:
         if self.chan is not None:
@@ -754,7 +767,8 @@ class Session:
                 for fd in fds:
                     os.close(fd)
                 raise ProtocolError("the cell process did not get ready")
-            self.cell = ReadyCell(chan, *fds)
+            proc_pid = ready.get("proc_pid")
+            self.cell = ReadyCell(chan, *fds, proc_pid if type(proc_pid) is int else None)
             return self.cell
         except (ProtocolError, OSError):
             if chan is not None:
@@ -882,10 +896,11 @@ class Session:
             return False
         if self.state_proc_pid is None and self.state_pidfd is not None:
             self.state_proc_pid = _proc_pid(self.state_pidfd)
-        c, s = _proc_pid(cell.pidfd), self.state_proc_pid
+        c, s = cell.proc_pid, self.state_proc_pid
         if c is None or s is None:
             return False
-        of_cell, of_state, of_self = _children(c), _children(s), _children(self.own_proc_pid)
+        of_cell, of_state = _children(c), _children(s, {c})
+        of_self = _children(self.own_proc_pid, {s})
         return (of_cell == set() and of_state is not None and of_state <= {c}
                 and of_self is not None and of_self <= {s})
 

@@ -627,6 +627,7 @@ def test_children_lists_live_children_of_every_thread_and_skips_zombies():
         os.kill(pid, 9)
         assert wait_until(lambda: _dead(pid), 2.0)  # a zombie until reaped: no longer listed
         assert pid not in listed(me)
+        assert pid in _children(me, expected={pid})  # ...unless expected, zombie or not
     finally:
         os.waitpid(pid, 0)
         os.close(pidfd)
