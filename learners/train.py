@@ -152,7 +152,7 @@ def _update(state: TrainState, batch: dict, cfg: GRPOConfig):
     aux = jax.tree.map(lambda a: a / n, aux)
     updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.lora)
     lora = optax.apply_updates(state.lora, updates)
-    aux["grad_norm"] = optax.global_norm(grads)
+    aux["grad_norm"] = optax.tree_utils.tree_norm(grads)
     return dataclasses.replace(state, lora=lora, opt_state=opt_state, step=state.step + 1), aux
 
 
