@@ -51,6 +51,10 @@ class RolloutConfig:
     """Threads stepping environments (running tool calls) while generation goes on."""
     batch_wait_s: float = 0.05
     """How long a generation round waits for running tool calls to join it."""
+    sync_rounds: bool = False
+    """Each generation round waits for every running tool call, so which episodes share a batch,
+    and so what they sample, does not depend on how long tool calls take: reproducible runs, at
+    the price of waiting for the slowest call of each round."""
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_turn_tokens < 1 or self.pad_to < 1:
@@ -241,7 +245,9 @@ class Rollouts:
         ready, pending, rounds = list(episodes), {}, 0
         try:
             while ready or pending:
-                if pending:  # let tool calls that are about to finish join this round
+                if pending and cfg.sync_rounds:
+                    cf.wait(pending)
+                elif pending:  # let tool calls that are about to finish join this round
                     cf.wait(pending, timeout=cfg.batch_wait_s if ready else None,
                             return_when=cf.ALL_COMPLETED if ready else cf.FIRST_COMPLETED)
                 for fut in [f for f in pending if f.done()]:

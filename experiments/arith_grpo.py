@@ -215,7 +215,7 @@ def main(cfg: Config) -> dict:
     sampler = JaxSampler(model, tokenizer, eos_token_ids=eos, bucket=32)
     roll_cfg = RolloutConfig(group_size=cfg.group_size, max_turn_tokens=cfg.max_turn_tokens,
                              max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
-                             pad_to=64)
+                             pad_to=64, sync_rounds=True)  # figures that do not hang on timing
     grpo_cfg = GRPOConfig(learning_rate=cfg.learning_rate, warmup_steps=3,
                           total_steps=cfg.grpo_steps, schedule="constant")
     train = Rollouts(make_train_env, sampler, tokenizer, roll_cfg)

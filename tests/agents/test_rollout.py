@@ -146,6 +146,31 @@ def test_a_slow_tool_call_does_not_stall_the_other_episodes(chat_tokenizer):
     assert finished["fast"] < finished["slow"] - 0.5  # three fast calls done during the slow one
 
 
+def test_sync_rounds_make_batches_that_do_not_depend_on_tool_timing(chat_tokenizer):
+    tok = chat_tokenizer
+    problems = [Problem("slow", "Compute 1 × 1.", "1", "integer"),
+                Problem("fast", "Compute 2 × 2.", "4", "integer")]
+
+    def script(text, turn):
+        slow = "Compute 1 × 1." in text
+        if turn < (1 if slow else 3):
+            return ("```python\nimport time; time.sleep(0.3); print(1)\n```\n" if slow
+                    else "```python\nprint(2 * 2)\n```\n")
+        return "\\boxed{1}<|im_end|>" if slow else "\\boxed{4}<|im_end|>"
+
+    class Recording(ScriptedSampler):
+        def generate(self, prompts, params, adapter_version=None):
+            sizes.append(len(prompts))
+            return super().generate(prompts, params, adapter_version)
+
+    sizes = []
+    with Rollouts(lambda: ToolMathEnv(problems=problems, max_turns=5), Recording(tok, script),
+                  tok, RolloutConfig(group_size=1, sync_rounds=True)) as rollouts:
+        batch = rollouts.collect([0, 1])
+    assert [e.correct for e in batch.episodes] == [True, True]
+    assert sizes == [2, 2, 1, 1]  # without sync_rounds: [2, 1, 1, 1, 1], the fast calls first
+
+
 def test_jax_sampler_rollout_logprobs_match_the_learner(chat_tokenizer, chat_model):
     sampler = JaxSampler(chat_model, chat_tokenizer, bucket=32,
                          eos_token_ids=[chat_tokenizer.eos_token_id])
