@@ -32,7 +32,6 @@ from here, and the preloads happen in `main()`.
 
 from __future__ import annotations
 
-import _random
 import _thread
 import ast
 import builtins
@@ -131,7 +130,8 @@ def recv_msg_within(sock: socket.socket, timeout_s: float, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Linux primitives not in Python 3.11's os module.
 # ---------------------------------------------------------------------------------------------
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# PyDLL: calls keep the GIL, as os.fork() does (`lean_fork`); every caller is single-threaded.
+_libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 CLONE_NEWPID = 0x20000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
 PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 15, 36, 38
@@ -487,9 +487,6 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             os._exit(1)
 
 
-_libc_with_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def lean_fork() -> int:
     """fork() for a state process with no other Python thread: the child skips CPython's
     after-fork hooks (threading's bookkeeping and the like), whose writes to memory shared with
@@ -499,13 +496,12 @@ def lean_fork() -> int:
     stays held across the call, as `os.fork()` holds it."""
     if _thread._count():
         return os.fork()
-    pid = _libc_with_gil.fork()
+    pid = _libc.fork()
     if pid < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    if pid == 0:  # what random.seed() does, minus its Python-level argument checks
-        _random.Random.seed(random._inst, None)
-        random._inst.gauss_next = None
+    if pid == 0:
+        random.seed()
     return pid
 
 
@@ -631,7 +627,7 @@ class ReadyCell:
     """P's handles on the state's forked, waiting cell process."""
 
     chan: socket.socket | None  # None once it is the new state's channel
-    pidfd: int | None  # None once it is the new state's
+    pidfd: int
     out_r: int
     err_r: int
     proc_pid: int | None  # its pid as /proc names it, from its own "ready" (no code had run)
@@ -640,8 +636,7 @@ class ReadyCell:
         if self.chan is not None:
             self.chan.close()
         for fd in (self.pidfd, self.out_r, self.err_r):
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
 
 
 class Session:
@@ -659,8 +654,7 @@ class Session:
         self.cell: ReadyCell | None = None
         self.ordered: socket.socket | None = None  # the channel of a cell ordered, not yet ready
         self.rollback_due = False  # a discarded cell's rollback, left for after the reply
-        self.state_pidfd: int | None = None
-        self.state_proc_pid: int | None = None  # pids as /proc names them, looked up when needed
+        self.state_proc_pid: int | None = None  # pids as /proc names them
         self.own_proc_pid = int(os.readlink("/proc/self"))
         self.cells = 0
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
@@ -680,14 +674,14 @@ class Session:
             finally:
                 os._exit(1)
         theirs.close()
-        self.set_state(mine, os.pidfd_open(pid))
+        pidfd = os.pidfd_open(pid)
+        self.set_state(mine, _proc_pid(pidfd))
+        os.close(pidfd)
 
-    def set_state(self, chan: socket.socket, pidfd: int) -> None:
+    def set_state(self, chan: socket.socket, proc_pid: int | None) -> None:
         if self.state is not None:
             self.state.close()
-        if self.state_pidfd is not None:
-            os.close(self.state_pidfd)
-        self.state, self.state_pidfd, self.state_proc_pid = chan, pidfd, None
+        self.state, self.state_proc_pid = chan, proc_pid
 
     def prepare(self) -> None:
         """Have a cell process forked for the next call (a state first, if there is none). The
@@ -717,9 +711,6 @@ class Session:
         if self.state is not None:
             self.state.close()
             self.state = None
-        if self.state_pidfd is not None:
-            os.close(self.state_pidfd)
-            self.state_pidfd = None
         self.rollback_due, self.state_proc_pid = False, None
         if self.is_init:  # pid 1 of the session's own namespace: kill(-1) reaches only it
             try:
@@ -843,9 +834,9 @@ class Session:
                     promoted = ack.get("op") == "promoted"
                 except (ProtocolError, OSError):
                     pass
-            if promoted:  # the cell's channel and pidfd are the new state's
-                self.set_state(cell.chan, cell.pidfd)
-                cell.chan = cell.pidfd = None
+            if promoted:  # the cell's channel is the new state's
+                self.set_state(cell.chan, cell.proc_pid)
+                cell.chan = None
             else:
                 status = "crashed"
                 notes.append("the cell could not be kept as the new state; state was reset")
@@ -895,8 +886,6 @@ class Session:
             signal.pidfd_send_signal(cell.pidfd, signal.SIGKILL)
         except OSError:
             return False
-        if self.state_proc_pid is None and self.state_pidfd is not None:
-            self.state_proc_pid = _proc_pid(self.state_pidfd)
         c, s = cell.proc_pid, self.state_proc_pid
         if c is None or s is None:
             return False
