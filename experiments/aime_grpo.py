@@ -180,7 +180,8 @@ def main(cfg: Config) -> dict:
     import envs  # noqa: F401 - registers the environments
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
-    from grpo_loop import GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate
+    from grpo_loop import (GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate,
+                           run_environment)
     from learners.checkpoint import Checkpointer
     from learners.lora import apply_lora, merge_lora, save_peft_adapter
     from learners.qwen2 import Qwen2ForCausalLM
@@ -292,7 +293,8 @@ def main(cfg: Config) -> dict:
         log.close()
     summary = {"step": step, **{k: v for k, v in last_eval.items()},
                **{k: v for k, v in metrics.items() if k.startswith("train/")},
-               "adapter": adapter_dir, "sampler": engine}
+               "adapter": adapter_dir, "sampler": engine, "seed": cfg.seed,
+               "environment": run_environment()}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps({k: summary[k] for k in summary if k.startswith("eval/pass@")}))

@@ -5,9 +5,17 @@
 
 1. A small byte-level BPE tokenizer with Qwen's chat template is trained on the demonstrations,
    and a tiny Qwen2 (random init) is built.
-2. Supervised warm start on ToolMath-Arith-v0 demonstrations: about half answer with a python call
-   (```python ... ``` , read the output, \\boxed{it}), half guess a number without the tool. The
-   warm-started model uses the tool only part of the time, so it is often wrong.
+2. Supervised warm start on ToolMath-Arith-v0 demonstrations, in two phases:
+   a. the skill: demonstrations that all use the tool (```python print(a * b)```, read the output,
+      \\boxed{it}), until the model writes the code of a new problem's demonstration, both
+      factors copied, with mean probability `copy_target` (teacher-forced, every `check_every`
+      steps, on a problem stream of its own), within `tool_steps_budget` steps;
+   b. the habit: `mix_steps` steps at `mix_learning_rate_scale` of the learning rate on
+      demonstrations of which only `tool_fraction` use the tool, the rest guess a number. The warm-started model can use
+      the tool but does so only part of the time, so it is often wrong.
+   Copying the factors is the one hard part for the tiny model: it is learned in a sharp
+   transition after a plateau whose length depends on the seed, so phase a ends on the measured
+   criterion, not after a fixed count (docs/results.md has the measurements behind this design).
 3. GRPO with LoRA on ToolMath-Arith-v0 through the JAX sampler and the sandbox: the same library
    code (agents.rollout, learners.train, experiments.grpo_loop) as the main job.
 Held-out accuracy (pass@1 at temperature 1) and the tool-use rate are measured before and after,
@@ -22,6 +30,7 @@ How this departs from textbook GRPO (DeepSeekMath): no KL penalty (beta 0), clip
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -30,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,10 +69,24 @@ class Config:
     """Width of the tiny Qwen2."""
     layers: int = 2
     """Decoder layers."""
+    head_dim: int = 16
+    """Width of an attention head (hidden_size // head_dim heads, half as many key/value heads)."""
     sft_examples: int = 4000
-    """Warm-start demonstrations."""
-    sft_steps: int = 450
-    """Warm-start optimizer steps."""
+    """Warm-start problems (each has a tool demonstration and a guess)."""
+    tool_steps_budget: int = 1000
+    """Most steps of warm-start phase a (tool demonstrations only)."""
+    copy_target: float = 0.9
+    """Phase a ends when the model writes a tool demonstration's code (the two factors
+    copied) with this mean probability on the check problems."""
+    check_every: int = 25
+    """Steps between two checks of phase a."""
+    check_problems: int = 128
+    """Problems of the check (a problem stream of its own, never trained on)."""
+    mix_steps: int = 100
+    """Steps of warm-start phase b (demonstrations of which tool_fraction use the tool)."""
+    mix_learning_rate_scale: float = 0.3
+    """Phase b's learning rate as a fraction of sft_learning_rate (at the full rate the copy
+    learned in phase a is partly unlearned)."""
     sft_batch: int = 32
     """Warm-start batch size."""
     sft_learning_rate: float = 3e-3
@@ -95,6 +119,13 @@ class Config:
     def __post_init__(self):
         if not 0 <= self.tool_fraction <= 1:
             raise ValueError(f"tool_fraction must be in [0, 1], got {self.tool_fraction}")
+        if not 0 < self.copy_target < 1:
+            raise ValueError(f"copy_target must be in (0, 1), got {self.copy_target}")
+        if self.hidden_size % self.head_dim:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of head_dim "
+                             f"{self.head_dim}")
+        if min(self.tool_steps_budget, self.check_every, self.check_problems) < 1:
+            raise ValueError("tool_steps_budget, check_every and check_problems must be >= 1")
 
     def shortened(self) -> "Config":
         if not self.quick:
@@ -118,24 +149,141 @@ def solution_code(question: str, kind: str) -> str:
 
 
 def demonstration(problem, use_tool: bool, rng: random.Random) -> list[tuple[str, bool]]:
-    """The assistant's side of an episode as (text, is_model_text) segments, split exactly where
-    the rollout splits them (the tool output is the environment's, formatted by the protocol)."""
+    """The assistant's side of an episode as (text, learn) segments, split exactly where the
+    rollout splits the model's text from the tool's output (formatted by the protocol). A
+    guess teaches when to answer directly and the answer's format, not its digits: learning
+    random digits where a tool demonstration copies the factors unlearns the copy."""
     from envs.protocols import MarkdownProtocol
 
     answer = problem.answer
     if not use_tool:  # a guess with as many digits as the answer: almost always wrong
         guess = str(rng.randrange(10 ** (len(answer) - 1) if len(answer) > 1 else 0,
                                   10 ** len(answer)))
-        return [(f"\\boxed{{{guess}}}<|im_end|>", True)]
+        return [("\\boxed{", True), (guess, False), ("}<|im_end|>", True)]
     call = f"```python\n{solution_code(problem.question, problem.meta['kind'])}\n```\n"
     return [(call, True), (MarkdownProtocol().format_output(answer, call), False),
             (f"\\boxed{{{answer}}}<|im_end|>", True)]
 
 
+def demonstrations(make_env, problems, indices, rng: random.Random):
+    """(messages, segments) of a tool demonstration and of a guess for each problem index."""
+    env = make_env()
+    tool, guess = [], []
+    for i in indices:
+        _, info = env.reset(options={"index": i})
+        tool.append((info["messages"], demonstration(problems[i], True, rng)))
+        guess.append((info["messages"], demonstration(problems[i], False, rng)))
+    env.close()
+    return tool, guess
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Demonstrations as right-padded token rows: tokens [N, T] int32, loss_mask [N, T] (1 on the
+    model's own text), start [N] (the first token the model writes)."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    start: np.ndarray
+
+    def sample(self, rng, batch: int) -> dict:
+        idx = rng.integers(0, len(self.tokens), batch)
+        return {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx]}
+
+
+def token_rows(tokenizer, demos, multiple: int = 32) -> TokenRows:
+    """Token rows of (messages, segments) demonstrations, encoded segment by segment as the
+    rollout encodes an episode (the prompt by the chat template)."""
+    rows = []
+    for messages, segments in demos:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=True)
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        start, mask = len(ids), [0] * len(ids)
+        for text, learn in segments:
+            seg = tokenizer.encode(text, add_special_tokens=False)
+            ids, mask = ids + seg, mask + [int(learn)] * len(seg)
+        rows.append((ids, mask, start))
+    t = -(-max(len(r[0]) for r in rows) // multiple) * multiple
+    tokens = np.full((len(rows), t), tokenizer.pad_token_id, np.int32)
+    loss_mask = np.zeros((len(rows), t), np.int32)
+    for i, (ids, mask, _) in enumerate(rows):
+        tokens[i, :len(ids)], loss_mask[i, :len(ids)] = ids, mask
+    return TokenRows(tokens, loss_mask, np.array([r[2] for r in rows], np.int32))
+
+
+@functools.cache
+def _teacher_forced_logprobs():
+    from flax import nnx
+
+    from learners.grpo import token_logprobs
+
+    return nnx.jit(lambda model, tokens: token_logprobs(model(tokens), tokens))
+
+
+def demonstration_probabilities(model, rows: TokenRows) -> dict:
+    """Mean probabilities, teacher-forced, that the model writes each demonstration's own text
+    after its first token (which picks tool or guess): "code", its first segment (for a tool
+    demonstration the code), and "demonstration", all of it; "tool", the first token's."""
+    logprobs = np.asarray(_teacher_forced_logprobs()(model, rows.tokens))
+    mask = rows.loss_mask.astype(bool)
+    first = np.zeros_like(mask)
+    first[np.arange(len(mask)), rows.start] = True
+    # the first segment: the run of the model's own tokens that starts at `start`
+    segment = np.cumprod(np.where(np.arange(mask.shape[1]) >= rows.start[:, None], mask, 1), 1)
+    segment = segment.astype(bool) & (np.arange(mask.shape[1]) > rows.start[:, None])
+    prob = lambda m: float(np.mean(np.exp((logprobs * m).sum(1))))  # noqa: E731
+    return {"code": prob(segment), "demonstration": prob(mask & ~first), "tool": prob(first)}
+
+def warm_start(model, cfg: Config, tool_rows: TokenRows, mixed_rows: TokenRows,
+               check_rows: TokenRows, log) -> dict:
+    """The two phases of the supervised warm start (module docstring), in place; returns what
+    they measured."""
+    from tqdm import tqdm
+
+    from learners.sft import SFTStep
+
+    sft = SFTStep(model, learning_rate=cfg.sft_learning_rate, warmup_steps=30)
+    order = np.random.default_rng(cfg.seed)
+    first_step = -(cfg.tool_steps_budget + cfg.mix_steps + 1)  # phase b logs -mix_steps..-1
+    warm: dict = {"checks": []}
+    bar = tqdm(range(1, cfg.tool_steps_budget + 1), desc="warm start a (tool demonstrations)",
+               dynamic_ncols=True)
+    for step in bar:
+        loss = sft(tool_rows.sample(order, cfg.sft_batch))
+        if step % 10 == 0:
+            log.log(first_step + step, {"sft/loss": loss})
+        if step % cfg.check_every == 0:
+            copy = demonstration_probabilities(model, check_rows)["code"]
+            warm["checks"].append((step, copy))
+            log.log(first_step + step, {"sft/copy_probability": copy})
+            bar.set_postfix(loss=f"{loss:.3f}", copy=f"{copy:.3f}")
+            if copy >= cfg.copy_target:
+                break
+    bar.close()
+    warm["tool_steps"], warm["copy_probability"] = step, warm["checks"][-1][1]
+    if warm["copy_probability"] < cfg.copy_target:
+        print(f"warning: the warm start copies the factors with probability "
+              f"{warm['copy_probability']:.3f} after {step} steps, short of copy_target="
+              f"{cfg.copy_target}; GRPO starts anyway (raise --tool-steps-budget)",
+              file=sys.stderr, flush=True)
+    warm["after_tool_phase"] = demonstration_probabilities(model, check_rows)
+    sft.scale_learning_rate(cfg.mix_learning_rate_scale)
+    for step in tqdm(range(cfg.mix_steps), desc="warm start b (mixed demonstrations)",
+                     dynamic_ncols=True):
+        loss = sft(mixed_rows.sample(order, cfg.sft_batch))
+        if step % 10 == 0:
+            log.log(step - cfg.mix_steps, {"sft/loss": loss})
+    warm["after_mix_phase"] = demonstration_probabilities(model, check_rows)
+    a, b = warm["after_tool_phase"], warm["after_mix_phase"]
+    print(f"warm start: {warm['tool_steps']} + {cfg.mix_steps} steps; teacher-forced on the "
+          f"check problems: code {a['code']:.3f} -> {b['code']:.3f}, whole demonstration "
+          f"{a['demonstration']:.3f} -> {b['demonstration']:.3f}, tool first "
+          f"{a['tool']:.3f} -> {b['tool']:.3f}", flush=True)
+    return warm
+
 def main(cfg: Config) -> dict:
     import gymnasium as gym
-    import jax
-    import numpy as np
     from flax import nnx
     from tqdm import tqdm
 
@@ -143,10 +291,9 @@ def main(cfg: Config) -> dict:
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
     from envs.problems import ArithProblems
-    from grpo_loop import GRPOLoop, ProblemOrder, RunLog, evaluate
+    from grpo_loop import GRPOLoop, ProblemOrder, RunLog, evaluate, run_environment
     from learners.lora import apply_lora
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
-    from learners.sft import SFTStep
     from learners.tokenizer import train_chat_tokenizer
     from learners.train import GRPOConfig, init_state
 
@@ -156,56 +303,37 @@ def main(cfg: Config) -> dict:
     log = RunLog(cfg.out, cfg, wandb_mode=cfg.wandb, plot_every=5, plot_name="arith_grpo.png")
     train_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 1, kinds=cfg.kinds)
     heldout = ArithProblems(cfg.difficulty, seed=cfg.seed + 2, kinds=cfg.kinds)
+    check_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 3, kinds=cfg.kinds)
     make_train_env = lambda: gym.make("ToolMath-Arith-v0", problems=train_problems,  # noqa: E731
                                       system_prompt=SYSTEM_PROMPT)
     make_eval_env = lambda: gym.make("ToolMath-Arith-v0", problems=heldout,  # noqa: E731
                                      system_prompt=SYSTEM_PROMPT)
+    make_check_env = lambda: gym.make("ToolMath-Arith-v0", problems=check_problems,  # noqa: E731
+                                      system_prompt=SYSTEM_PROMPT)
 
     # 1. demonstrations rendered by the environment and the chat template; the tokenizer
     rng = random.Random(cfg.seed)
-    env = make_train_env()
-    demos = []
-    for i in range(cfg.sft_examples):
-        _, info = env.reset(options={"index": i})
-        demos.append((info["messages"], demonstration(train_problems[i],
-                                                      rng.random() < cfg.tool_fraction, rng)))
-    env.close()
-    corpus = [SYSTEM_PROMPT] * 10 + [
-        m[1]["content"] + "".join(t for t, _ in segs) for m, segs in demos]
+    tool_demos, guess_demos = demonstrations(make_train_env, train_problems,
+                                             range(cfg.sft_examples), rng)
+    check_demos, _ = demonstrations(make_check_env, check_problems, range(cfg.check_problems),
+                                    rng)
+    corpus = [SYSTEM_PROMPT] * 10 + [m[1]["content"] + "".join(t for t, _ in segs)
+                                     for m, segs in tool_demos + guess_demos]
     tokenizer = train_chat_tokenizer(corpus, vocab_size=cfg.vocab_size)
-    rows = []
-    for messages, segments in demos:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=True)
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        mask = [0] * len(ids)
-        for text, learn in segments:
-            seg = tokenizer.encode(text, add_special_tokens=False)
-            ids, mask = ids + seg, mask + [int(learn)] * len(seg)
-        rows.append((ids, mask))
-    t = -(-max(len(r[0]) for r in rows) // 32) * 32
-    tokens = np.full((len(rows), t), tokenizer.pad_token_id, np.int32)
-    loss_mask = np.zeros((len(rows), t), np.int32)
-    for i, (ids, mask) in enumerate(rows):
-        tokens[i, :len(ids)], loss_mask[i, :len(ids)] = ids, mask
+    tool_rows = token_rows(tokenizer, tool_demos)
+    mixed_rows = token_rows(tokenizer, [t if rng.random() < cfg.tool_fraction else g
+                                        for t, g in zip(tool_demos, guess_demos)])
+    check_rows = token_rows(tokenizer, check_demos)
 
-    # 2. a tiny Qwen2 and the supervised warm start
-    heads = max(2, cfg.hidden_size // 32)
+    # 2. a tiny Qwen2 and the two-phase supervised warm start
+    heads = cfg.hidden_size // cfg.head_dim
     model_cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
                             intermediate_size=3 * cfg.hidden_size, num_hidden_layers=cfg.layers,
                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                             rope_theta=10_000.0, max_position_embeddings=1024,
                             tie_word_embeddings=True)
     model = Qwen2ForCausalLM(model_cfg, rngs=nnx.Rngs(cfg.seed))
-    sft = SFTStep(model, learning_rate=cfg.sft_learning_rate, warmup_steps=30)
-    order = np.random.default_rng(cfg.seed)
-    bar = tqdm(range(cfg.sft_steps), desc="warm start (SFT)", dynamic_ncols=True)
-    for step in bar:
-        idx = order.integers(0, len(rows), cfg.sft_batch)
-        loss = sft({"tokens": tokens[idx], "loss_mask": loss_mask[idx]})
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.3f}")
-            log.log(step - cfg.sft_steps, {"sft/loss": loss})
+    warm = warm_start(model, cfg, tool_rows, mixed_rows, check_rows, log)
     t_sft = time.perf_counter() - t_start
 
     # 3. GRPO with LoRA through the JAX sampler and the sandbox
@@ -254,9 +382,10 @@ def main(cfg: Config) -> dict:
         "final_tool_use_rate": after["eval/tool_use_rate"],
         "warm_start_reward": before["eval/reward"], "final_reward": after["eval/reward"],
         "accuracy_gain_points": 100 * (after["eval/pass@1"] - before["eval/pass@1"]),
-        "wall_s": time.perf_counter() - t_start, "sft_s": t_sft,
+        "wall_s": time.perf_counter() - t_start, "sft_s": t_sft, "warm_start": warm,
         "eval_problems": cfg.eval_problems, "eval_samples": cfg.eval_samples,
-        "grpo_steps": cfg.grpo_steps, "quick": cfg.quick, "devices": str(jax.devices()),
+        "grpo_steps": cfg.grpo_steps, "quick": cfg.quick, "seed": cfg.seed,
+        "environment": run_environment(),
     }
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

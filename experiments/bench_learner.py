@@ -51,6 +51,8 @@ class Args:
     """Override the shape's sequence length."""
     skip_torch: bool = False
     """Measure only the JAX side (for a GPU machine without torch)."""
+    seed: int = 0
+    """Seed of the weights and the token batch (both sides get the same batch)."""
     json: bool = False
     """Print one JSON object instead of a table."""
     worker: str = ""
@@ -75,7 +77,7 @@ def model_config(shape: dict) -> dict:
     return {k: v for k, v in shape.items() if k not in ("batch", "seq_len", "rank")}
 
 
-def jax_side(shape: dict, steps: int) -> dict:
+def jax_side(shape: dict, steps: int, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -87,10 +89,10 @@ def jax_side(shape: dict, steps: int) -> dict:
     gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
     cfg = Qwen2Config(**model_config(shape), tie_word_embeddings=True)
-    model = Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    model = Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
     apply_lora(model, rank=shape["rank"], alpha=shape["rank"])
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-    ids = jnp.asarray(tokens(shape))
+    ids = jnp.asarray(tokens(shape, seed))
 
     def loss_fn(lora, rest, ids):
         logits = nnx.merge(graphdef, lora, rest)(ids)
@@ -114,18 +116,18 @@ def jax_side(shape: dict, steps: int) -> dict:
     return out
 
 
-def torch_side(shape: dict, steps: int) -> dict:
+def torch_side(shape: dict, steps: int, seed: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = Qwen2Config(**model_config(shape), tie_word_embeddings=True)
     model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(
         r=shape["rank"], lora_alpha=shape["rank"], lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                         "down_proj"]))
-    ids = torch.tensor(tokens(shape), dtype=torch.long)
+    ids = torch.tensor(tokens(shape, seed), dtype=torch.long)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -148,13 +150,14 @@ def torch_side(shape: dict, steps: int) -> dict:
 def run_worker(args: Args) -> None:
     side, name = args.worker.split(":")
     shape = shape_of(args, name)
-    result = (jax_side if side == "jax" else torch_side)(shape, args.steps)
+    result = (jax_side if side == "jax" else torch_side)(shape, args.steps, args.seed)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
 def measure(args: Args, side: str, name: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", f"{side}:{name}", "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--worker", f"{side}:{name}", "--steps", str(args.steps),
+           "--seed", str(args.seed)]
     for flag in ("batch", "seq_len"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]

@@ -30,6 +30,8 @@ class Args:
     """Tokens generated per prompt."""
     repeats: int = 5
     """Timed calls per side, alternating (medians are reported)."""
+    seed: int = 0
+    """Seed of the model's weights, the prompts and the sampling."""
     json: bool = False
     """Print one JSON object instead of a table."""
 
@@ -47,16 +49,16 @@ def main(args: Args) -> dict:
 
     cfg = Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(args.seed))
     vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), eos_token="w1")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     prompts = rng.integers(2, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
     n_tokens = args.prompts * args.new_tokens
 
     sampler = JaxSampler(model, tokenizer, eos_token_ids=[], bucket=32)
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed)
     out = sampler.generate(prompts, params)  # compile
     assert all(len(s[0].token_ids) == args.new_tokens for s in out)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -96,6 +97,42 @@ def informative(batch: RolloutBatch) -> np.ndarray:
     return keep
 
 
+NUMERICS_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "tokenizers", "transformers",
+                     "orbax-checkpoint", "gymnasium", "sympy")
+"""The packages whose versions can change a run's numbers (README: Reproducibility)."""
+
+
+def run_environment() -> dict:
+    """What a run's figures depend on besides its config: package versions, the backend and
+    the machine (CPU model and the vector extensions XLA compiles for)."""
+    from importlib import metadata
+
+    import jax
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu, flags = platform.processor(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                    if line.startswith("model name")), cpu)
+        present = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                            if line.startswith("flags")), []))
+        flags = sorted(f for f in present if f in ("avx2", "fma", "avx512f", "avx512_bf16",
+                                                    "avx512_fp16", "amx_tile", "amx_bf16"))
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "packages": {name: version(name) for name in NUMERICS_PACKAGES}}
+
+
 class RunLog:
     """metrics.jsonl, transcripts and PNG plots in `directory`; Weights & Biases optionally
     ("online" with a key, "offline" otherwise, or "off")."""
@@ -107,7 +144,7 @@ class RunLog:
         self._count = 0
         cfg = asdict(config) if is_dataclass(config) else dict(config)
         with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2, default=str)
+            json.dump({**cfg, "environment": run_environment()}, f, indent=2, default=str)
         self.wandb = None
         if wandb_mode != "off":
             import wandb
