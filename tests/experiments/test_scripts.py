@@ -113,9 +113,13 @@ def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
     for key in ("warm_start_accuracy", "final_accuracy", "warm_start_tool_use_rate",
                 "final_tool_use_rate", "wall_s"):
         assert key in summary
-    # measured (seed 0, 12 GRPO steps, sync rounds): reward 0.38 -> 0.77, accuracy 0.25 -> 0.60,
-    # tool use 0.30 -> 0.78
-    assert summary["final_reward"] > summary["warm_start_reward"] + 0.1
+    assert summary["environment"]["packages"]["jax"] and summary["seed"] == 0
+    warm = summary["warm_start"]
+    assert warm["copy_probability"] >= 0.9 and warm["tool_steps"] < 1000  # phase a's criterion
+    # Full runs on seeds 0, 1, 2 gained 28-43 points (README); the quick run scores 48 problems
+    # x 2 samples, so a gain's sampling error is about 7 points: 10 points is ~2.5 of them below
+    # the lowest of those runs.
     assert summary["final_accuracy"] > summary["warm_start_accuracy"] + 0.1
+    assert summary["final_reward"] > summary["warm_start_reward"] + 0.1
     assert summary["final_tool_use_rate"] > summary["warm_start_tool_use_rate"]
     assert (out / "arith_grpo.png").exists()
