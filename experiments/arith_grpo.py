@@ -11,8 +11,9 @@
       factors copied, with mean probability `copy_target` (teacher-forced, every `check_every`
       steps, on a problem stream of its own), within `tool_steps_budget` steps;
    b. the habit: `mix_steps` steps at `mix_learning_rate_scale` of the learning rate on
-      demonstrations of which only `tool_fraction` use the tool, the rest guess a number. The warm-started model can use
-      the tool but does so only part of the time, so it is often wrong.
+      demonstrations of which only `tool_fraction` use the tool, the rest guess a number. The
+      warm-started model can use the tool but does so only part of the time, so it is often
+      wrong.
    Copying the factors is the one hard part for the tiny model: it is learned in a sharp
    transition after a plateau whose length depends on the seed, so phase a ends on the measured
    criterion, not after a fixed count (docs/results.md has the measurements behind this design).
@@ -62,7 +63,7 @@ class Config:
     guess is almost never right, and the code only has to copy the two factors, which a tiny
     model learns within the budget (modpow/factorial_digits need a longer warm start)."""
     tool_fraction: float = 0.5
-    """Share of warm-start demonstrations that use the tool (the rest guess)."""
+    """Share of phase b's demonstrations that use the tool (the rest guess)."""
     vocab_size: int = 512
     """BPE vocabulary of the tokenizer trained here."""
     hidden_size: int = 128
@@ -124,8 +125,11 @@ class Config:
         if self.hidden_size % self.head_dim:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of head_dim "
                              f"{self.head_dim}")
-        if min(self.tool_steps_budget, self.check_every, self.check_problems) < 1:
-            raise ValueError("tool_steps_budget, check_every and check_problems must be >= 1")
+        if min(self.check_every, self.check_problems) < 1 or \
+                self.tool_steps_budget < self.check_every:
+            raise ValueError("check_every and check_problems must be >= 1 and tool_steps_budget "
+                             f">= check_every, got {self.check_every}, {self.check_problems}, "
+                             f"{self.tool_steps_budget}")
 
     def shortened(self) -> "Config":
         if not self.quick:
