@@ -93,7 +93,11 @@ class Config:
     keep_checkpoints: int = 3
     """Checkpoints kept."""
     resume: bool = False
-    """Continue from the latest checkpoint in --out."""
+    """Continue the run in --out from its latest checkpoint (its settings must agree with the
+    saved config.json, but for steps, evaluation, checkpointing, logging and the sampler)."""
+    overwrite: bool = False
+    """Delete what --out holds and start a new run there (without it, a non-empty --out is
+    refused)."""
     sampler: Literal["auto", "vllm", "jax"] = "auto"
     """Rollout engine: vLLM when installed and a GPU is present ("auto"), or forced."""
     vllm_url: str | None = None
@@ -122,6 +126,9 @@ class Config:
                                       ) % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide "
                              f"problems_per_step x group_size")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite deletes it: "
+                             "give one of them")
         if not 0 < self.vllm_gpu_memory < 0.9:
             raise ValueError(f"vllm_gpu_memory must be in (0, 0.9), got {self.vllm_gpu_memory}")
 
@@ -181,13 +188,14 @@ def main(cfg: Config) -> dict:
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
     from grpo_loop import (GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate,
-                           run_environment)
+                           prepare_run_directory, run_environment, truncate_metrics)
     from learners.checkpoint import Checkpointer
     from learners.lora import apply_lora, merge_lora, save_peft_adapter
     from learners.qwen2 import Qwen2ForCausalLM
     from learners.tokenizer import load_tokenizer
     from learners.train import GRPOConfig, init_state
 
+    prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
     engine = choose_sampler(cfg)
     dtype = getattr(jnp, cfg.dtype)
     model = Qwen2ForCausalLM.from_pretrained(cfg.model, dtype=dtype, param_dtype=dtype,
@@ -244,6 +252,10 @@ def main(cfg: Config) -> dict:
             print(f"resumed from step {int(loop.state.step)} in {ckpt.directory}", flush=True)
         elif cfg.resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting a new run", flush=True)
+        dropped = truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), int(loop.state.step))
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} records logged after step "
+                  f"{int(loop.state.step)} (they are logged again)", flush=True)
         log = RunLog(cfg.out, cfg, wandb_mode="online" if cfg.wandb else "off",
                      project=cfg.wandb_project)
         problems = ProblemOrder(n_train, seed=cfg.seed, position=position)

@@ -184,6 +184,69 @@ def _wandb_logged_in() -> bool:
     return os.path.exists(os.path.expanduser("~/.netrc"))
 
 
+def truncate_metrics(path: str, step: int) -> int:
+    """Drop the records of steps after `step` from a metrics.jsonl (a run resumed from the
+    checkpoint of `step` logs them again); returns how many were dropped."""
+    records = read_metrics(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) < len(records):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+    return len(records) - len(kept)
+
+
+RESUMABLE_CHANGES = frozenset({
+    "steps", "resume", "overwrite", "out", "eval_every", "eval_limit", "checkpoint_every",
+    "keep_checkpoints", "wandb", "wandb_project", "export_merged", "sampler", "vllm_url",
+    "vllm_gpu_memory"})
+"""Settings a resumed run may change; any other difference from the saved config.json stops it."""
+
+
+def config_changes(saved: dict, config: dict, allowed=RESUMABLE_CHANGES) -> list[str]:
+    """'setting: old -> new' for every setting of `config` whose saved value differs."""
+    changes = []
+    for key, value in config.items():
+        if key in allowed or key not in saved:
+            continue
+        old = saved[key]
+        if json.loads(json.dumps(value, default=str)) != old:
+            changes.append(f"{key}: {old!r} -> {value!r}")
+    return changes
+
+
+def _refuse(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def prepare_run_directory(out: str, config: Any, resume: bool, overwrite: bool) -> None:
+    """A run directory holds one run. A new run needs an empty (or missing) `out`, or
+    `overwrite`, which deletes what is there; `resume` needs the saved config to agree with
+    `config` but for RESUMABLE_CHANGES. Otherwise it says why in one line and exits with 2."""
+    import shutil
+
+    cfg = asdict(config) if is_dataclass(config) else dict(config)
+    present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if resume:
+        saved_path = os.path.join(out, "config.json")
+        if os.path.exists(saved_path):
+            with open(saved_path) as f:
+                saved = json.load(f)
+            changes = config_changes(saved, cfg)
+            if changes:
+                _refuse(f"--resume with settings that differ from the run in {out}: "
+                        f"{'; '.join(changes)} (resume with the saved settings, or start a new "
+                        f"run with another --out)")
+        return
+    if present and not overwrite:
+        _refuse(f"{out} already holds a run ({', '.join(present[:4])}"
+                f"{', ...' if len(present) > 4 else ''}); continue it with --resume, replace it "
+                f"with --overwrite, or choose another --out")
+    if present:
+        shutil.rmtree(out)
+
+
 def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []

@@ -68,14 +68,33 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
                  "adapter/adapter_model.safetensors", "merged/model.safetensors",
                  "merged/tokenizer.json"):
         assert (tmp_path / "run" / name).exists(), name
-    # a config file sets defaults, flags override it; --resume continues at step 3
-    (tmp_path / "cfg.yaml").write_text("steps: 3\nlearning_rate: 0.001\n")
+    # a run directory holds one run: a new run into it is refused before anything loads
+    refused = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "--resume" in lines[0], lines
+    assert "--overwrite" in lines[0]
+    # so is a resume whose settings differ from the saved ones (named with old and new value)
+    changed = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"),
+                              *args, "--resume", "--lora-rank", "8"],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert changed.returncode == 2 and "lora_rank: 4 -> 8" in changed.stderr, changed.stderr
+    # a crash after step 3 was logged but before its checkpoint: the resumed run logs it again,
+    # once; a config file sets defaults, flags override it; --resume continues at step 3
+    with open(f"{out}/metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "train/reward": 0.5}) + "\n")
+    (tmp_path / "cfg.yaml").write_text("steps: 3\neval_every: 3\n")
     second = run_script("aime_grpo.py", "--config", str(tmp_path / "cfg.yaml"), *args,
                         "--resume", timeout=600)
     assert "resumed from step 2" in second
     records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2, 3]
-    assert json.load(open(f"{out}/config.json"))["learning_rate"] == 0.001
+    assert json.load(open(f"{out}/config.json"))["steps"] == 3
+    # --overwrite replaces the run: only the new run's steps and checkpoints remain
+    run_script("aime_grpo.py", *args, "--steps", "1", "--overwrite", timeout=600)
+    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [r["step"] for r in records if "train/reward" in r] == [1]
+    assert [d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()] == ["1"]
 
 
 def test_main_job_offline_error_is_one_line(tmp_path):
