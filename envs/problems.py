@@ -6,6 +6,7 @@ A problem source is a sequence of `Problem`s: `len(source)` and `source[i]`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -53,7 +54,13 @@ def _load_table(source: str, split: str):
             raise FileNotFoundError(f"problem file {source!r} does not exist")
         if ext not in LOCAL_FORMATS:
             raise ValueError(f"problem file {source!r}: use one of {', '.join(LOCAL_FORMATS)}")
-        return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=source, split="train")
+        _check_local_file(source, ext)
+        try:
+            return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=source, split="train")
+        except Exception as exc:  # noqa: BLE001 - datasets wraps parse errors in its own types
+            cause = exc.__cause__ or exc
+            text = f"{type(cause).__name__}: {cause}".splitlines()[0][:200]
+            raise ValueError(f"problem file {source!r} could not be read ({text})") from exc
     name, _, config = source.partition(":")
     try:
         loaded = datasets.load_dataset(name, config or None)
@@ -68,6 +75,32 @@ def _load_table(source: str, split: str):
     if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is
         return next(iter(loaded.values()))
     raise ValueError(f"{source!r} has no split {split!r}; it has {', '.join(loaded)}")
+
+
+def _check_local_file(source: str, ext: str) -> None:
+    """Errors that datasets reports without the file's name or line: an empty file, a JSON
+    Lines row that is not a JSON object."""
+    if os.path.getsize(source) == 0:
+        raise ValueError(f"problem file {source!r} is empty")
+    if ext != ".jsonl":
+        return
+    with open(source, encoding="utf-8") as f:
+        rows = 0
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"problem file {source!r} line {number} is not JSON "
+                                 f"({exc.msg} at column {exc.colno}): {line.strip()[:80]!r}"
+                                 ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"problem file {source!r} line {number} is not a JSON object "
+                                 f"with question and answer fields: {line.strip()[:80]!r}")
+            rows += 1
+    if not rows:
+        raise ValueError(f"problem file {source!r} has no rows")
 
 
 def _pick(columns: Sequence[str], candidates: Sequence[str], what: str, source: str) -> str:

@@ -116,6 +116,8 @@ class Config:
     """Also write the adapter merged into a Hugging Face model directory (out/merged)."""
     seed: int = 0
     """Seed of sampling and problem order."""
+    debug: bool = False
+    """Show the traceback of an input error instead of its one-line message."""
 
     def __post_init__(self):
         if self.steps < 1 or self.problems_per_step < 1 or self.group_size < 2:
@@ -126,6 +128,23 @@ class Config:
                                       ) % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide "
                              f"problems_per_step x group_size")
+        positive = {"checkpoint_every": self.checkpoint_every,
+                    "keep_checkpoints": self.keep_checkpoints, "max_turns": self.max_turns,
+                    "max_turn_tokens": self.max_turn_tokens, "eval_samples": self.eval_samples,
+                    "lora_rank": self.lora_rank, "learning_rate": self.learning_rate,
+                    "temperature": self.temperature}
+        bad = [f"{k}={v}" for k, v in positive.items() if not v > 0]
+        bad += [f"{k}={v}" for k, v in {"eval_every": self.eval_every,
+                                        "warmup_steps": self.warmup_steps,
+                                        "max_refills": self.max_refills}.items() if v < 0]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)} (counts and rates must be positive; "
+                             "eval_every, warmup_steps and max_refills may be 0)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_total_tokens < self.max_turn_tokens:
+            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) is smaller than one "
+                             f"turn's budget max_turn_tokens ({self.max_turn_tokens})")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite deletes it: "
                              "give one of them")
@@ -188,30 +207,36 @@ def main(cfg: Config) -> dict:
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
     from grpo_loop import (GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate,
-                           prepare_run_directory, run_environment, truncate_metrics)
+                           one_line_errors, prepare_run_directory, run_environment,
+                           truncate_metrics)
     from learners.checkpoint import Checkpointer
     from learners.lora import apply_lora, merge_lora, save_peft_adapter
+    from learners.params import read_model_config, resolve
     from learners.qwen2 import Qwen2ForCausalLM
     from learners.tokenizer import load_tokenizer
     from learners.train import GRPOConfig, init_state
 
     prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    env_kwargs = {"protocol": cfg.protocol, "max_turns": cfg.max_turns}
+    train_kwargs = {**env_kwargs, **({"problems": cfg.problems} if cfg.problems else {})}
+    eval_kwargs = {**env_kwargs, "split": "test",
+                   **({"problems": cfg.eval_problems} if cfg.eval_problems else {})}
+    with one_line_errors(debug=cfg.debug):  # every input checked before the model loads
+        read_model_config(resolve(cfg.model))
+        if cfg.env_id not in envs.ENV_IDS:
+            raise ValueError(f"--env-id {cfg.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
+        probe = gym.make(cfg.env_id, **train_kwargs)  # loads the problems now
+        n_train = len(probe.unwrapped.problems)
+        probe.close()
+        probe = gym.make(cfg.env_id, **eval_kwargs)
+        n_eval = min(len(probe.unwrapped.problems), cfg.eval_limit or 10**9)
+        probe.close()
     engine = choose_sampler(cfg)
     dtype = getattr(jnp, cfg.dtype)
     model = Qwen2ForCausalLM.from_pretrained(cfg.model, dtype=dtype, param_dtype=dtype,
                                              remat=cfg.remat)
     tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rngs=nnx.Rngs(cfg.seed))
-    env_kwargs = {"protocol": cfg.protocol, "max_turns": cfg.max_turns}
-    train_kwargs = {**env_kwargs, **({"problems": cfg.problems} if cfg.problems else {})}
-    eval_kwargs = {**env_kwargs, "split": "test",
-                   **({"problems": cfg.eval_problems} if cfg.eval_problems else {})}
-    probe = gym.make(cfg.env_id, **train_kwargs)  # loads the data now: fail early and clearly
-    n_train = len(probe.unwrapped.problems)
-    probe.close()
-    probe = gym.make(cfg.env_id, **eval_kwargs)
-    n_eval = min(len(probe.unwrapped.problems), cfg.eval_limit or 10**9)
-    probe.close()
 
     with contextlib.ExitStack() as stack:
         if engine == "vllm":

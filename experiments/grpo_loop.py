@@ -8,6 +8,7 @@ when asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -377,6 +378,20 @@ class ProblemOrder:
             self._epoch = epoch
             self._order = np.random.default_rng((self.seed, epoch)).permutation(self.size)
         return int(self._order[offset])
+
+
+@contextlib.contextmanager
+def one_line_errors(debug: bool = False):
+    """Turn a bad input (ValueError, FileNotFoundError, NotImplementedError raised inside) into
+    one line on stderr and exit code 2; with `debug`, the exception propagates."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {first} (--debug shows where)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def exit_cleanly_when_offline(run, hint: str):

@@ -91,12 +91,37 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads")
+"""config.json keys without which a model's shapes are unknown (never filled with defaults)."""
+
+
+def read_model_config(directory: str) -> dict:
+    """A model directory's config.json, checked: it parses, has REQUIRED_CONFIG_KEYS, and the
+    directory holds safetensors weights. Errors name the file and what is wrong."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no config.json (a model directory holds config.json "
+                                "and *.safetensors, as save_pretrained writes them)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                         f"{exc.msg})") from None
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights")
+    return config
+
+
 def load_pretrained(cls, path_or_id: str, *, dtype, param_dtype, remat: bool):
     from learners.qwen2 import Qwen2Config
 
     directory = resolve(path_or_id)
-    with open(os.path.join(directory, "config.json")) as f:
-        cfg = Qwen2Config.from_hf_config(json.load(f))
+    cfg = Qwen2Config.from_hf_config(read_model_config(directory))
     model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                        rngs=nnx.Rngs(0)))
     tensors = read_safetensors(directory)

@@ -48,6 +48,26 @@ def test_row_without_usable_answer_is_named(tmp_path):
         load_problems(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("\n\n", "has no rows"),
+    ('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", "answer": 4\n', "line 2 is not JSON"),
+    ('{"problem": "1+1?", "answer": "2"}\n["2+2?", "4"]\n', "line 2 is not a JSON object"),
+])
+def test_broken_problem_files_are_named_with_the_line(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
+        load_problems(str(path))
+
+
+def test_unreadable_csv_names_the_file(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'problem,answer\n"1+1?,2\n')  # an unterminated quote
+    with pytest.raises(ValueError, match="problem file .*p.csv"):
+        load_problems(str(path))
+
+
 def test_unreachable_hub_says_so_and_names_the_offline_alternative(tmp_path):
     code = ("from envs.problems import load_problems, HubUnavailableError\n"
             "try:\n    load_problems('aime', 'train')\n"

@@ -97,6 +97,27 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
     assert [d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()] == ["1"]
 
 
+def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir, problem_files,
+                                                                 tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": \n')
+    empty_model = tmp_path / "model"
+    empty_model.mkdir()
+    cases = [  # (the flags that differ from a good run, what the one line must say)
+        (["--problems", str(broken)], "line 2 is not JSON"),
+        (["--problems", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--model", str(empty_model)], "no config.json"),
+        (["--env-id", "ToolMath-Nope-v0"], "is not one of"),
+    ]
+    for i, (flags, message) in enumerate(cases):
+        args = _tiny_run_args(tiny_model_dir, *problem_files, str(tmp_path / f"run{i}"))
+        out = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args,
+                              *flags], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, lines)
+        assert "rollouts:" not in out.stdout  # stopped before the model and the sampler
+
+
 def test_main_job_offline_error_is_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from learners.params import HubUnavailableError
+from learners.params import HubUnavailableError, read_model_config
 from learners.qwen2 import PRESETS, Qwen2Config, Qwen2ForCausalLM
 
 from tiny_qwen import random_batch, torch_logits
@@ -135,3 +135,19 @@ def test_unreachable_hub_is_one_clear_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and "Qwen/Qwen2.5-0.5B-Instruct" in message
     assert "local directory" in message
+
+
+def test_broken_model_directories_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_model_config(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"vocab_size": 64, "hidden_size": 32,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON .line 1"):
+        read_model_config(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 64, "hidden_size": 32}))
+    with pytest.raises(ValueError, match="lacks intermediate_size, num_hidden_layers"):
+        Qwen2ForCausalLM.from_pretrained(str(tmp_path))  # never filled with 0.5B's values
+    cfg = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="no .*safetensors"):
+        read_model_config(str(tmp_path))
