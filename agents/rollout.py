@@ -83,6 +83,20 @@ class EpisodeStats:
     reward_components: dict[str, float]
     sampled_tokens: int
     total_tokens: int
+    answer: str | None = None
+    """The episode's final answer as the environment parsed it (None: none given)."""
+    gold_answer: str | None = None
+    """The problem's reference answer."""
+
+    def header(self) -> str:
+        """One line for a transcript: problem, verdict, reward and its components, answers."""
+        verdict = "correct" if self.correct else (
+            f"truncated ({self.truncated})" if self.truncated else
+            "wrong" if self.answer_found else "no answer")
+        parts = ", ".join(f"{k} {v:g}" for k, v in self.reward_components.items())
+        return (f"problem {self.problem_id} (group {self.group}): {verdict}; reward "
+                f"{self.reward:g} ({parts}); answer {self.answer!r}, gold {self.gold_answer!r}; "
+                f"{self.turns} turns, {self.tool_calls} tool calls ({self.tool_errors} errors)")
 
 
 @dataclass
@@ -314,7 +328,9 @@ class Rollouts:
             truncated=truncated, reward=reward,
             reward_components=dict(components or {k: 0.0 for k in ("correctness", "format",
                                                                     "tool_use")}),
-            sampled_tokens=int(sum(ep.mask)), total_tokens=len(ep.tokens))
+            sampled_tokens=int(sum(ep.mask)), total_tokens=len(ep.tokens),
+            answer=None if info.get("answer") is None else str(info["answer"]),
+            gold_answer=None if info.get("gold_answer") is None else str(info["gold_answer"]))
         if truncated == "context":  # the environment is mid-episode: release what it holds
             self._drop_envs({id(ep.env)})
 
@@ -345,6 +361,7 @@ class Rollouts:
                                        np.int32),
             lengths=np.asarray([len(ep.tokens) for ep in episodes], np.int32),
             episodes=[ep.stats for ep in episodes],
-            transcripts=[self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
+            transcripts=[ep.stats.header() + "\n\n"
+                         + self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
                          for ep in episodes])
 

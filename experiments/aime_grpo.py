@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -295,6 +296,18 @@ def main(cfg: Config) -> dict:
             log.transcripts(step, transcripts, tag="eval")
             return metrics
 
+        adapter_dir = os.path.join(cfg.out, "adapter")
+        adapters_of_checkpoints = os.path.join(cfg.out, "checkpoint_adapters")
+
+        def export_checkpoint_adapter(step: int) -> None:
+            """The PEFT adapter of checkpoint `step` (evaluate.py --adapter loads it); adapters
+            of checkpoints no longer kept are removed."""
+            save_peft_adapter(model, os.path.join(adapters_of_checkpoints, str(step)),
+                              base_model_name_or_path=cfg.model)
+            for name in os.listdir(adapters_of_checkpoints):
+                if name.isdigit() and int(name) not in ckpt.steps:
+                    shutil.rmtree(os.path.join(adapters_of_checkpoints, name))
+
         start = int(loop.state.step)
         bar = tqdm(range(start + 1, cfg.steps + 1), desc="GRPO", initial=start,
                    total=cfg.steps, dynamic_ncols=True)
@@ -306,22 +319,24 @@ def main(cfg: Config) -> dict:
                 if step % 10 == 1:
                     log.transcripts(step, batch.transcripts[:4])
                 meta = {"data_position": problems.position, "adapter_version": step}
-                ckpt.maybe_save(loop.state, meta, force=interrupt.requested)
+                if ckpt.maybe_save(loop.state, meta, force=interrupt.requested):
+                    export_checkpoint_adapter(step)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     last_eval = run_eval(step)
                 bar.set_postfix(reward=f"{metrics.get('train/reward', 0):.3f}",
                                 acc=f"{metrics.get('train/accuracy', 0):.3f}",
                                 tools=f"{metrics.get('train/tool_use_rate', 0):.2f}")
                 if interrupt.requested:
-                    print(f"saved checkpoint {step} in {ckpt.directory}; continue with --resume",
-                          flush=True)
+                    save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model)
+                    print(f"saved checkpoint {step} in {ckpt.directory} and its adapter in "
+                          f"{adapter_dir}; continue with --resume", flush=True)
                     log.close()
-                    return {"interrupted_at": step}
+                    raise SystemExit(130)  # the shell's code for a run ended by Ctrl-C
         step = int(loop.state.step)
         ckpt.maybe_save(loop.state, {"data_position": problems.position, "adapter_version": step},
                         force=True)
+        export_checkpoint_adapter(step)
         last_eval = run_eval(step)
-        adapter_dir = os.path.join(cfg.out, "adapter")
         save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model)
         if cfg.export_merged:
             merged = merge_lora(nnx.clone(model))

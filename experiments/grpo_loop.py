@@ -168,8 +168,10 @@ class RunLog:
     def transcripts(self, step: int, texts: Sequence[str], tag: str = "train") -> None:
         path = os.path.join(self.directory, "transcripts", f"{tag}_{step:06d}.txt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        rule = "\n\n" + "=" * 100 + "\n"
         with open(path, "w") as f:
-            f.write("\n\n" + "=" * 80 + "\n\n".join(texts))
+            f.write("".join(f"{rule}episode {i + 1} of {len(texts)}: {text}"
+                            for i, text in enumerate(texts)) + "\n")
 
     def plot(self) -> str | None:
         return plot_metrics(os.path.join(self.directory, "metrics.jsonl"),

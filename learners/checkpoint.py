@@ -51,6 +51,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    @property
+    def steps(self) -> list[int]:
+        """The steps kept on disk, oldest first."""
+        return sorted(self.manager.all_steps())
+
     def maybe_save(self, state, meta: dict | None = None, rng: jax.Array | None = None,
                    force: bool = False) -> bool:
         """Save when the step is a multiple of `every` (or when forced: at the end, on Ctrl-C)."""

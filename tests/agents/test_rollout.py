@@ -78,8 +78,12 @@ def test_scripted_tool_episodes_have_exact_tokens_and_masks(chat_tokenizer, prot
             assert output.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
         assert answer.replace("So ", "").replace(".<", "<") == "\\boxed{%d}<|im_end|>" % (a * b)
         np.testing.assert_allclose(batch.sampler_logprobs[i, :n][mask == 1], -0.5)
-        # the token sequence is the chat template's rendering of the episode's messages
-        assert batch.transcripts[i] == tok.decode(row, skip_special_tokens=False)
+        # the token sequence is the chat template's rendering of the episode's messages; the
+        # transcript puts the verdict, the reward, its components and both answers first
+        header, text = batch.transcripts[i].split("\n\n", 1)
+        assert text == tok.decode(row, skip_special_tokens=False)
+        assert f": correct; reward {ep.reward:g} (correctness 1" in header
+        assert f"answer '{a * b}', gold '{a * b}'" in header
 
 
 def test_rendered_conversation_matches_the_chat_template(chat_tokenizer):
@@ -97,7 +101,7 @@ def test_rendered_conversation_matches_the_chat_template(chat_tokenizer):
     # the rollout's text up to the second turn = the template applied to the env's messages
     expected = tok.apply_chat_template(info["messages"], tools=first["tools"], tokenize=False,
                                        add_generation_prompt=True)
-    assert batch.transcripts[0].startswith(expected)
+    assert batch.transcripts[0].split("\n\n", 1)[1].startswith(expected)
     env.close()
 
 

@@ -64,7 +64,9 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
     records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2]
     assert any("eval/pass@1" in r and "eval/pass@2" in r for r in records)
-    for name in ("metrics.png", "summary.json", "adapter/adapter_config.json",
+    for name in ("checkpoint_adapters/1/adapter_config.json",
+                 "checkpoint_adapters/2/adapter_model.safetensors",
+                 "metrics.png", "summary.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "merged/model.safetensors",
                  "merged/tokenizer.json"):
         assert (tmp_path / "run" / name).exists(), name
@@ -95,6 +97,32 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
     records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert [r["step"] for r in records if "train/reward" in r] == [1]
     assert [d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()] == ["1"]
+
+
+def test_main_job_ctrl_c_saves_a_checkpoint_and_its_adapter(tiny_model_dir, problem_files,
+                                                            tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = _tiny_run_args(tiny_model_dir, *problem_files, str(out))
+    args[args.index("--checkpoint-every") + 1] = "50"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args,
+                             "--steps", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and '"train/reward"' in metrics.read_text():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    steps = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "train/reward" in r]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert os.listdir(out / "checkpoint_adapters") == [str(steps[-1])]
+    assert f"saved checkpoint {steps[-1]}" in stdout
 
 
 def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir, problem_files,
