@@ -48,6 +48,13 @@ def test_bench_sampler_json():
         assert report[key] > 0, key
 
 
+def test_make_tiny_writes_what_the_main_job_loads(tmp_path):
+    run_script("make_tiny.py", "--out", str(tmp_path / "tiny"))
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
+                 "train.jsonl", "test.jsonl"):
+        assert (tmp_path / "tiny" / name).exists(), name
+
+
 def _tiny_run_args(model, train, test, out):
     return ["--model", model, "--problems", train, "--eval-problems", test, "--out", out,
             "--problems-per-step", "2", "--group-size", "2", "--micro-batch-size", "2",
