@@ -96,7 +96,7 @@ class EpisodeStats:
         parts = ", ".join(f"{k} {v:g}" for k, v in self.reward_components.items())
         return (f"problem {self.problem_id} (group {self.group}): {verdict}; reward "
                 f"{self.reward:g} ({parts}); answer {self.answer!r}, gold {self.gold_answer!r}; "
-                f"{self.turns} turns, {self.tool_calls} tool calls ({self.tool_errors} errors)")
+                f"turns {self.turns}, tool calls {self.tool_calls} ({self.tool_errors} errors)")
 
 
 @dataclass

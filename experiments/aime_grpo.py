@@ -159,24 +159,77 @@ OFFLINE_HINT = ("offline? run with local files: python experiments/aime_grpo.py 
 
 
 def load_config(argv: list[str]) -> Config:
-    """Defaults, then a YAML/JSON file (--config PATH), then command-line flags."""
+    """Defaults, then a YAML/JSON file (--config PATH or --config=PATH), then command-line
+    flags. A file's keys are the settings' names with underscores (max_turn_tokens: 512)."""
     default = Config()
+    argv = [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise SystemExit("--config needs a path to a YAML or JSON file")
+            _bad_config("--config needs a path to a YAML or JSON file")
         path = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
-        with open(path) as f:
-            import yaml
+        default = Config(**read_config_file(path))
+    return tyro.cli(Config, default=default, args=argv, description=(
+        __doc__.split("\n\n")[0] + " Settings also come from a YAML or JSON file, --config PATH "
+        "(its keys are the names below with underscores); flags override it."))
 
+
+def read_config_file(path: str) -> dict:
+    """A config file's settings, each checked against its type; errors name the file."""
+    import typing
+
+    import yaml
+
+    if not os.path.exists(path):
+        _bad_config(f"config file {path} does not exist")
+    try:
+        with open(path) as f:
             values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
-        unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise SystemExit(f"{path}: unknown settings {sorted(unknown)}")
-        default = Config(**values)
-    return tyro.cli(Config, default=default, args=argv,
-                    description=__doc__.split("\n\n")[0])
+    except yaml.YAMLError as exc:
+        _bad_config(f"{path} is not valid YAML/JSON: "
+                         f"{str(exc).splitlines()[0]}")
+    if not isinstance(values, dict):
+        _bad_config(f"{path} must map setting names to values")
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        _bad_config(f"{path}: unknown settings {unknown} (spell them as the "
+                         "dataclass fields, with underscores)")
+    for key, value in values.items():
+        if not _fits(value, hints[key]):
+            expected = getattr(hints[key], "__name__", hints[key])
+            _bad_config(f"{path}: {key} is {value!r}, expected {expected}")
+    try:
+        Config(**values)
+    except ValueError as exc:
+        _bad_config(f"{path}: {exc}")
+    return values
+
+
+def _fits(value, hint) -> bool:
+    """Whether a YAML value fits a setting's type (the types Config uses)."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if args and type(None) in args:  # X | None
+        return value is None or any(_fits(value, a) for a in args if a is not type(None))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _bad_config(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def choose_sampler(cfg: Config) -> str:

@@ -143,7 +143,12 @@ def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir,
         (["--problems", str(tmp_path / "missing.jsonl")], "does not exist"),
         (["--model", str(empty_model)], "no config.json"),
         (["--env-id", "ToolMath-Nope-v0"], "is not one of"),
+        (["--config", str(tmp_path / "nope.yaml")], "does not exist"),
+        ([f"--config={tmp_path / 'typed.yaml'}"], "steps is 'three', expected int"),
+        ([f"--config={tmp_path / 'typo.yaml'}"], "unknown settings ['stepz']"),
     ]
+    (tmp_path / "typed.yaml").write_text("steps: three\n")
+    (tmp_path / "typo.yaml").write_text("stepz: 3\n")
     for i, (flags, message) in enumerate(cases):
         args = _tiny_run_args(tiny_model_dir, *problem_files, str(tmp_path / f"run{i}"))
         out = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args,
