@@ -161,12 +161,14 @@ OFFLINE_HINT = ("offline? run with local files: python experiments/aime_grpo.py 
 def load_config(argv: list[str]) -> Config:
     """Defaults, then a YAML/JSON file (--config PATH or --config=PATH), then command-line
     flags. A file's keys are the settings' names with underscores (max_turn_tokens: 512)."""
+    from grpo_loop import fail
+
     default = Config()
     argv = [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            _bad_config("--config needs a path to a YAML or JSON file")
+            fail("--config needs a path to a YAML or JSON file")
         path = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
         default = Config(**read_config_file(path))
@@ -181,29 +183,31 @@ def read_config_file(path: str) -> dict:
 
     import yaml
 
+    from grpo_loop import fail
+
     if not os.path.exists(path):
-        _bad_config(f"config file {path} does not exist")
+        fail(f"config file {path} does not exist")
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
     except yaml.YAMLError as exc:
-        _bad_config(f"{path} is not valid YAML/JSON: "
+        fail(f"{path} is not valid YAML/JSON: "
                          f"{str(exc).splitlines()[0]}")
     if not isinstance(values, dict):
-        _bad_config(f"{path} must map setting names to values")
+        fail(f"{path} must map setting names to values")
     hints = typing.get_type_hints(Config)
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        _bad_config(f"{path}: unknown settings {unknown} (spell them as the "
+        fail(f"{path}: unknown settings {unknown} (spell them as the "
                          "dataclass fields, with underscores)")
     for key, value in values.items():
         if not _fits(value, hints[key]):
             expected = getattr(hints[key], "__name__", hints[key])
-            _bad_config(f"{path}: {key} is {value!r}, expected {expected}")
+            fail(f"{path}: {key} is {value!r}, expected {expected}")
     try:
         Config(**values)
     except ValueError as exc:
-        _bad_config(f"{path}: {exc}")
+        fail(f"{path}: {exc}")
     return values
 
 
@@ -225,11 +229,6 @@ def _fits(value, hint) -> bool:
     if hint is str:
         return isinstance(value, str)
     return True
-
-
-def _bad_config(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def choose_sampler(cfg: Config) -> str:
@@ -353,10 +352,11 @@ def main(cfg: Config) -> dict:
         adapters_of_checkpoints = os.path.join(cfg.out, "checkpoint_adapters")
 
         def export_checkpoint_adapter(step: int) -> None:
-            """The PEFT adapter of checkpoint `step` (evaluate.py --adapter loads it); adapters
-            of checkpoints no longer kept are removed."""
-            save_peft_adapter(model, os.path.join(adapters_of_checkpoints, str(step)),
-                              base_model_name_or_path=cfg.model)
+            """The PEFT adapter of checkpoint `step` (evaluate.py --adapter loads it), written
+            once; adapters of checkpoints no longer kept are removed."""
+            directory = os.path.join(adapters_of_checkpoints, str(step))
+            if not os.path.isdir(directory):
+                save_peft_adapter(model, directory, base_model_name_or_path=cfg.model)
             for name in os.listdir(adapters_of_checkpoints):
                 if name.isdigit() and int(name) not in ckpt.steps:
                     shutil.rmtree(os.path.join(adapters_of_checkpoints, name))

@@ -218,7 +218,8 @@ def config_changes(saved: dict, config: dict, allowed=RESUMABLE_CHANGES) -> list
     return changes
 
 
-def _refuse(message: str):
+def fail(message: str):
+    """End the program with `message` as one line on stderr and exit code 2 (bad input)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -238,12 +239,12 @@ def prepare_run_directory(out: str, config: Any, resume: bool, overwrite: bool) 
                 saved = json.load(f)
             changes = config_changes(saved, cfg)
             if changes:
-                _refuse(f"--resume with settings that differ from the run in {out}: "
+                fail(f"--resume with settings that differ from the run in {out}: "
                         f"{'; '.join(changes)} (resume with the saved settings, or start a new "
                         f"run with another --out)")
         return
     if present and not overwrite:
-        _refuse(f"{out} already holds a run ({', '.join(present[:4])}"
+        fail(f"{out} already holds a run ({', '.join(present[:4])}"
                 f"{', ...' if len(present) > 4 else ''}); continue it with --resume, replace it "
                 f"with --overwrite, or choose another --out")
     if present:
@@ -392,8 +393,7 @@ def one_line_errors(debug: bool = False):
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {first} (--debug shows where)", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"{first} (--debug shows where)")
 
 
 def exit_cleanly_when_offline(run, hint: str):
