@@ -1,9 +1,11 @@
-"""Tool-use environments for ToolGRPO, registered with Gymnasium on import.
+"""Tool-use environments for ToolGRPO, registered with Gymnasium.
 
     import gymnasium as gym
-    env = gym.make("envs:ToolMath-Arith-v0")        # "envs:" imports this package first
-    env = gym.make("ToolMath-AIME-v0", problems="aime.jsonl")   # after `import envs`
+    env = gym.make("ToolMath-Arith-v0")
+    env = gym.make("ToolMath-AIME-v0", problems="aime.jsonl")
 
+The installed package registers the ids whenever Gymnasium is imported (envs/gymnasium_plugin.py);
+importing this package registers them too, for a source tree that is not installed.
 This package imports neither jax nor any model code: environments are plain text in, text out.
 """
 

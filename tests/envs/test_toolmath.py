@@ -1,6 +1,9 @@
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -39,14 +42,35 @@ def test_check_env_on_every_registered_id(env_id, aime_file):
     env.close()
 
 
-def test_make_works_without_a_prior_import(aime_file):
-    script = ("import gymnasium as gym\n"
-              f"env = gym.make('envs:ToolMath-AIME-v0', problems={aime_file!r})\n"
-              "obs, info = env.reset(seed=0)\nprint(info['problem_id'])")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_an_installed_package_registers_its_ids_in_any_program(tmp_path, aime_file):
+    """A fresh venv with the built wheel: plain gym.make("ToolMath-...") from outside the repo."""
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    venv = tmp_path / "venv"
+    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    subprocess.run([uv, "pip", "install", "-q", "-p", python, str(REPO)], check=True, timeout=600)
+    script = ("import sys\n"
+              "print('gymnasium' in sys.modules)\n"  # the start-up hook imports nothing
+              "import gymnasium as gym\n"
+              f"env = gym.make('ToolMath-AIME-v0', problems={aime_file!r})\n"
+              "obs, info = env.reset(seed=0)\nprint(info['problem_id'])\n"
+              "env = gym.make('ToolMath-Arith-v0')\nobs, info = env.reset(seed=0)\n"
+              "print(type(env.unwrapped).__module__, sys.modules['envs'].__file__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    out = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
-    assert "aime.jsonl#" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0] == "False"
+    assert "aime.jsonl#" in lines[1]
+    module, origin = lines[2].split()
+    assert module == "envs.toolmath" and origin.startswith(str(venv)), lines[2]
 
 
 def test_an_episode_with_a_tool_call_and_a_right_answer(aime_file):
