@@ -6,10 +6,12 @@ A problem source is a sequence of `Problem`s: `len(source)` and `source[i]`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import socket
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -62,10 +64,13 @@ def _load_table(source: str, split: str):
             text = f"{type(cause).__name__}: {cause}".splitlines()[0][:200]
             raise ValueError(f"problem file {source!r} could not be read ({text})") from exc
     name, _, config = source.partition(":")
+    unreachable = False
     try:
-        loaded = datasets.load_dataset(name, config or None)
+        with _offline_unless_reachable() as unreachable:
+            loaded = datasets.load_dataset(name, config or None)
     except Exception as exc:  # noqa: BLE001 - connection errors come in many types
-        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        text = ("the Hub cannot be reached and it is not in the local cache" if unreachable
+                else f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
         raise HubUnavailableError(
             f"could not load {source!r} from the Hugging Face Hub ({text}). Offline, pass a local "
             "JSON/JSONL/CSV/Parquet file instead, e.g. gym.make('ToolMath-AIME-v0', "
@@ -75,6 +80,42 @@ def _load_table(source: str, split: str):
     if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is
         return next(iter(loaded.values()))
     raise ValueError(f"{source!r} has no split {split!r}; it has {', '.join(loaded)}")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within `timeout_s` (always True when
+    a proxy is configured: the proxy decides)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """`datasets` retries an unreachable Hub for about 30 s before it fails; when the endpoint
+    plainly cannot be reached, load in offline mode instead (the local cache answers at once)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield False
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _check_local_file(source: str, ext: str) -> None:

@@ -1,5 +1,6 @@
 import json
 import re
+import socket
 import subprocess
 import sys
 
@@ -79,6 +80,24 @@ def test_unreachable_hub_says_so_and_names_the_offline_alternative(tmp_path):
     line = out.stdout.strip()
     assert line.startswith("ERR could not load 'gneubig/aime-1983-2024'"), out.stdout + out.stderr
     assert "local" in line and "aime.jsonl" in line and "\n" not in line
+
+
+def test_a_plainly_unreachable_hub_fails_at_once_without_retries(tmp_path):
+    """No offline variable set; the endpoint refuses connections (nothing listens on the port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from envs.problems import load_problems, HubUnavailableError\n"
+            "try:\n    load_problems('aime', 'train')\n"
+            "except HubUnavailableError as e:\n    print('ERR', e)\n")
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path),
+           "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert "Retry" not in out.stderr, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith("ERR could not load 'gneubig/aime-1983-2024' from the Hugging Face Hub "
+                           "(the Hub cannot be reached and it is not in the local cache)"), line
 
 
 def test_arith_is_deterministic_and_unlimited():
