@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -174,6 +174,25 @@ class _Episode:
         assert self.tokens[:len(before)] == before and len(self.mask) == len(self.tokens)
 
 
+def prompt_tokens(env, tokenizer, index: int) -> tuple[list[int], dict]:
+    """The token ids an episode of problem `index` starts from (the chat template's rendering of
+    the environment's first messages, with the generation prompt), and the reset's info."""
+    _, info = env.reset(options={"index": int(index)})
+    text = tokenizer.apply_chat_template(info["messages"], tools=info.get("tools") or None,
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False), info
+
+
+def longest_prompt(env, tokenizer, indices: Iterable[int]) -> tuple[int, str]:
+    """(tokens, problem id) of the longest prompt among problems `indices`: a context budget
+    must leave room after it."""
+    longest = (0, "")
+    for index in indices:
+        tokens, info = prompt_tokens(env, tokenizer, index)
+        longest = max(longest, (len(tokens), str(info.get("problem_id", index))))
+    return longest
+
+
 class Rollouts:
     """Plays G episodes per problem through a sampler and collects the rollout batch.
 
@@ -238,9 +257,7 @@ class Rollouts:
 
     # -- collection -------------------------------------------------------------------------------
     def _start(self, env, group: int, index: int) -> _Episode:
-        _, info = env.reset(options={"index": int(index)})
-        text = self._render(info["messages"], info.get("tools"), generation_prompt=True)
-        tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        tokens, info = prompt_tokens(env, self.tokenizer, index)
         role = "tool" if info.get("protocol") == "qwen" else "assistant"
         return _Episode(group, int(index), env, tokens, len(tokens), role, last_info=info)
 

@@ -57,12 +57,17 @@ def _load_table(source: str, split: str):
         if ext not in LOCAL_FORMATS:
             raise ValueError(f"problem file {source!r}: use one of {', '.join(LOCAL_FORMATS)}")
         _check_local_file(source, ext)
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a local file's "Generating train split" is noise
         try:
             return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=source, split="train")
         except Exception as exc:  # noqa: BLE001 - datasets wraps parse errors in its own types
             cause = exc.__cause__ or exc
             text = f"{type(cause).__name__}: {cause}".splitlines()[0][:200]
             raise ValueError(f"problem file {source!r} could not be read ({text})") from exc
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     name, _, config = source.partition(":")
     unreachable = False
     try:

@@ -244,6 +244,22 @@ def choose_sampler(cfg: Config) -> str:
     return "vllm" if has_gpu and importlib.util.find_spec("vllm") else "jax"
 
 
+def check_context_budget(env, tokenizer, indices, cfg: Config) -> None:
+    """A prompt that fills --max-total-tokens leaves nothing to sample: refuse such a budget."""
+    from agents.rollout import longest_prompt
+
+    tokens, problem_id = longest_prompt(env, tokenizer, indices)
+    if tokens >= cfg.max_total_tokens:
+        raise ValueError(
+            f"--max-total-tokens {cfg.max_total_tokens} leaves no room to answer: the prompt of "
+            f"{problem_id} is {tokens} tokens; raise it above {tokens} (to "
+            f"{tokens + cfg.max_turn_tokens} for one full turn)")
+    if tokens + cfg.max_turn_tokens > cfg.max_total_tokens:
+        print(f"warning: the prompt of {problem_id} is {tokens} tokens, so its first turn gets "
+              f"{cfg.max_total_tokens - tokens} of --max-turn-tokens {cfg.max_turn_tokens}",
+              file=sys.stderr, flush=True)
+
+
 def main(cfg: Config) -> dict:
     if cfg.sampler != "jax" and not cfg.vllm_url:  # leave vLLM its share of the GPU
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
@@ -276,19 +292,20 @@ def main(cfg: Config) -> dict:
                    **({"problems": cfg.eval_problems} if cfg.eval_problems else {})}
     with one_line_errors(debug=cfg.debug):  # every input checked before the model loads
         read_model_config(resolve(cfg.model))
+        tokenizer = load_tokenizer(cfg.model)
         if cfg.env_id not in envs.ENV_IDS:
             raise ValueError(f"--env-id {cfg.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
-        probe = gym.make(cfg.env_id, **train_kwargs)  # loads the problems now
-        n_train = len(probe.unwrapped.problems)
-        probe.close()
-        probe = gym.make(cfg.env_id, **eval_kwargs)
-        n_eval = min(len(probe.unwrapped.problems), cfg.eval_limit or 10**9)
-        probe.close()
+        sizes = {}
+        for name, kwargs in (("train", train_kwargs), ("eval", eval_kwargs)):
+            probe = gym.make(cfg.env_id, **kwargs)  # loads the problems now
+            sizes[name] = len(probe.unwrapped.problems)
+            check_context_budget(probe, tokenizer, range(min(sizes[name], 4096)), cfg)
+            probe.close()
+        n_train, n_eval = sizes["train"], min(sizes["eval"], cfg.eval_limit or 10**9)
     engine = choose_sampler(cfg)
     dtype = getattr(jnp, cfg.dtype)
     model = Qwen2ForCausalLM.from_pretrained(cfg.model, dtype=dtype, param_dtype=dtype,
                                              remat=cfg.remat)
-    tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rngs=nnx.Rngs(cfg.seed))
 
     with contextlib.ExitStack() as stack:
@@ -335,7 +352,7 @@ def main(cfg: Config) -> dict:
             print(f"metrics.jsonl: dropped {dropped} records logged after step "
                   f"{int(loop.state.step)} (they are logged again)", flush=True)
         log = RunLog(cfg.out, cfg, wandb_mode="online" if cfg.wandb else "off",
-                     project=cfg.wandb_project)
+                     project=cfg.wandb_project, resume=cfg.resume)
         problems = ProblemOrder(n_train, seed=cfg.seed, position=position)
         ks = sorted({1, cfg.eval_samples} | ({8} if cfg.eval_samples >= 8 else set()))
 

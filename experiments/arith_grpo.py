@@ -51,6 +51,8 @@ class Config:
     """Offline tool-learning demo settings (defaults: the full run quoted in README)."""
 
     out: str = "runs/arith"
+    overwrite: bool = False
+    """Replace a run already in --out (a new run into a non-empty --out stops otherwise)."""
     """Run directory: summary.json, metrics.jsonl, the plot, transcripts."""
     quick: bool = False
     """The shortened version the test runs (fewer steps and evaluation problems)."""
@@ -295,7 +297,8 @@ def main(cfg: Config) -> dict:
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
     from envs.problems import ArithProblems
-    from grpo_loop import GRPOLoop, ProblemOrder, RunLog, evaluate, run_environment
+    from grpo_loop import (GRPOLoop, ProblemOrder, RunLog, evaluate, prepare_run_directory,
+                           run_environment)
     from learners.lora import apply_lora
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
     from learners.tokenizer import train_chat_tokenizer
@@ -303,7 +306,7 @@ def main(cfg: Config) -> dict:
 
     cfg = cfg.shortened()
     t_start = time.perf_counter()
-    os.makedirs(cfg.out, exist_ok=True)
+    prepare_run_directory(cfg.out, cfg, resume=False, overwrite=cfg.overwrite)
     log = RunLog(cfg.out, cfg, wandb_mode=cfg.wandb, plot_every=5, plot_name="arith_grpo.png")
     train_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 1, kinds=cfg.kinds)
     heldout = ArithProblems(cfg.difficulty, seed=cfg.seed + 2, kinds=cfg.kinds)

@@ -136,10 +136,12 @@ def run_environment() -> dict:
 
 class RunLog:
     """metrics.jsonl, transcripts and PNG plots in `directory`; Weights & Biases optionally
-    ("online" with a key, "offline" otherwise, or "off")."""
+    ("online" with a key, "offline" otherwise, or "off"). The W&B run's id is kept in
+    `directory/wandb_run_id`: a resumed run logs to the same W&B run."""
 
     def __init__(self, directory: str, config: Any, wandb_mode: str = "off",
-                 project: str = "toolgrpo", plot_every: int = 5, plot_name: str = "metrics.png"):
+                 project: str = "toolgrpo", plot_every: int = 5, plot_name: str = "metrics.png",
+                 resume: bool = False):
         os.makedirs(directory, exist_ok=True)
         self.directory, self.plot_every, self.plot_name = directory, plot_every, plot_name
         self._count = 0
@@ -153,7 +155,15 @@ class RunLog:
             mode = wandb_mode
             if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
                 mode = "offline"
-            self.wandb = wandb.init(project=project, config=cfg, dir=directory, mode=mode)
+            id_path = os.path.join(directory, "wandb_run_id")
+            run_id = None
+            if resume and os.path.exists(id_path):
+                with open(id_path) as f:
+                    run_id = f.read().strip()
+            self.wandb = wandb.init(project=project, config=cfg, dir=directory, mode=mode,
+                                    id=run_id, resume="allow" if run_id else None)
+            with open(id_path, "w") as f:
+                f.write(self.wandb.id + "\n")
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, "time": time.time(), **metrics}

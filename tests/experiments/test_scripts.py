@@ -146,6 +146,7 @@ def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir,
         (["--config", str(tmp_path / "nope.yaml")], "does not exist"),
         ([f"--config={tmp_path / 'typed.yaml'}"], "steps is 'three', expected int"),
         ([f"--config={tmp_path / 'typo.yaml'}"], "unknown settings ['stepz']"),
+        (["--max-total-tokens", "40"], "--max-total-tokens 40 leaves no room to answer"),
     ]
     (tmp_path / "typed.yaml").write_text("steps: three\n")
     (tmp_path / "typo.yaml").write_text("stepz: 3\n")
@@ -203,3 +204,7 @@ def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
     assert summary["final_reward"] > summary["warm_start_reward"] + 0.1
     assert summary["final_tool_use_rate"] > summary["warm_start_tool_use_rate"]
     assert (out / "arith_grpo.png").exists()
+    again = subprocess.run([sys.executable, str(ROOT / "experiments" / "arith_grpo.py"), "--quick",
+                            "--out", str(out)], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT)
+    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-2000:]
