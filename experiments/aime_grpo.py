@@ -260,6 +260,25 @@ def check_context_budget(env, tokenizer, indices, cfg: Config) -> None:
               file=sys.stderr, flush=True)
 
 
+def build_learner(cfg: Config):
+    """(model with LoRA, GRPOConfig, a fresh TrainState): what a checkpoint of `cfg` restores into."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from learners.lora import apply_lora
+    from learners.qwen2 import Qwen2ForCausalLM
+    from learners.train import GRPOConfig, init_state
+
+    dtype = getattr(jnp, cfg.dtype)
+    model = Qwen2ForCausalLM.from_pretrained(cfg.model, dtype=dtype, param_dtype=dtype,
+                                             remat=cfg.remat)
+    model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rngs=nnx.Rngs(cfg.seed))
+    grpo_cfg = GRPOConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                          total_steps=cfg.steps, beta=cfg.beta,
+                          micro_batch_size=cfg.micro_batch_size)
+    return model, grpo_cfg, init_state(model, grpo_cfg)
+
+
 def main(cfg: Config) -> dict:
     if cfg.sampler != "jax" and not cfg.vllm_url:  # leave vLLM its share of the GPU
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
@@ -268,22 +287,19 @@ def main(cfg: Config) -> dict:
 
     import gymnasium as gym
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from tqdm import tqdm
 
-    import envs  # noqa: F401 - registers the environments
+    import envs
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
     from grpo_loop import (GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate,
                            one_line_errors, prepare_run_directory, run_environment,
                            truncate_metrics)
     from learners.checkpoint import Checkpointer
-    from learners.lora import apply_lora, merge_lora, save_peft_adapter
+    from learners.lora import merge_lora, save_peft_adapter
     from learners.params import read_model_config, resolve
-    from learners.qwen2 import Qwen2ForCausalLM
     from learners.tokenizer import load_tokenizer
-    from learners.train import GRPOConfig, init_state
 
     prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
     env_kwargs = {"protocol": cfg.protocol, "max_turns": cfg.max_turns}
@@ -303,10 +319,7 @@ def main(cfg: Config) -> dict:
             probe.close()
         n_train, n_eval = sizes["train"], min(sizes["eval"], cfg.eval_limit or 10**9)
     engine = choose_sampler(cfg)
-    dtype = getattr(jnp, cfg.dtype)
-    model = Qwen2ForCausalLM.from_pretrained(cfg.model, dtype=dtype, param_dtype=dtype,
-                                             remat=cfg.remat)
-    model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rngs=nnx.Rngs(cfg.seed))
+    model, grpo_cfg, state = build_learner(cfg)
 
     with contextlib.ExitStack() as stack:
         if engine == "vllm":
@@ -331,10 +344,7 @@ def main(cfg: Config) -> dict:
         evaluator = stack.enter_context(Rollouts(
             lambda: gym.make(cfg.env_id, **eval_kwargs), sampler, tokenizer,
             dataclasses.replace(roll_cfg, group_size=cfg.eval_samples)))
-        grpo_cfg = GRPOConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                              total_steps=cfg.steps, beta=cfg.beta,
-                              micro_batch_size=cfg.micro_batch_size)
-        loop = GRPOLoop(model, init_state(model, grpo_cfg), grpo_cfg, train,
+        loop = GRPOLoop(model, state, grpo_cfg, train,
                         cfg.problems_per_step, cfg.dynamic_sampling, cfg.max_refills)
         ckpt = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=cfg.keep_checkpoints,
                             every=cfg.checkpoint_every)

@@ -77,6 +77,16 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
                  "adapter/adapter_model.safetensors", "merged/model.safetensors",
                  "merged/tokenizer.json"):
         assert (tmp_path / "run" / name).exists(), name
+    # any checkpoint exports to the adapter the run wrote for it
+    exported = run_script("export.py", out, "--step", "1", "--out", str(tmp_path / "exp1"))
+    assert f"exported the adapter to {tmp_path / 'exp1'}" in exported
+    from safetensors.numpy import load_file
+    written = load_file(f"{out}/checkpoint_adapters/1/adapter_model.safetensors")
+    again = load_file(str(tmp_path / "exp1" / "adapter_model.safetensors"))
+    assert written.keys() == again.keys() and all((written[k] == again[k]).all() for k in written)
+    missing = subprocess.run([sys.executable, str(ROOT / "experiments" / "export.py"), out,
+                              "--step", "7"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert missing.returncode == 2 and "has no checkpoint 7; it has [1, 2]" in missing.stderr
     # a run directory holds one run: a new run into it is refused before anything loads
     refused = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args],
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
