@@ -10,8 +10,10 @@ the turn goes to `env.step`; the observation is tokenized once, here, with the c
 boundaries and appended with loss mask 0; the episode goes on until the environment ends it.
 
 Token in, token out: the batch holds exactly the tokens the sampler produced (model text is never
-re-tokenized), and each turn's prompt is checked to be a prefix of the next. An episode whose tokens
-outgrow `max_total_tokens` ends as truncated ("context"), with reward 0, never as a crash.
+re-tokenized); those tokens decode to the chat template's rendering of the environment's
+conversation (`RolloutConfig.check_template` verifies it). Each episode samples with its own seed.
+An episode whose tokens outgrow `max_total_tokens` ends as truncated ("context"), with reward 0,
+never as a crash; a turn's budget is capped to the room its context has left.
 
 Generation and tool calls overlap: episodes whose tool call is running sit out the next generation
 round while every other episode goes on, so a slow call does not stall the batch. A sampler or
@@ -55,6 +57,11 @@ class RolloutConfig:
     """Each generation round waits for every running tool call, so which episodes share a batch,
     and so what they sample, does not depend on how long tool calls take: reproducible runs, at
     the price of waiting for the slowest call of each round."""
+
+    check_template: bool = False
+    """Check at the end of every episode that its tokens decode to exactly the chat template's
+    rendering of the environment's conversation (a RolloutError otherwise): the tests run with
+    it; it costs one rendering and one decoding an episode."""
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_turn_tokens < 1 or self.pad_to < 1:
@@ -119,8 +126,22 @@ class RolloutBatch:
                 "group_ids": self.group_ids, "sampler_logprobs": self.sampler_logprobs}
 
     def metrics(self) -> dict[str, float]:
-        """See `episode_metrics`."""
-        return episode_metrics(self.episodes)
+        """See `episode_metrics`; and distinct_completions."""
+        return {**episode_metrics(self.episodes),
+                "distinct_completions": self.distinct_completions()}
+
+    def distinct_completions(self) -> float:
+        """Mean over groups of (distinct token sequences in the group) / (group size): 1 when
+        every episode of a group is its own sample, 1/G when a group is G copies of one (the
+        sampler ignores the seed, or the policy has collapsed)."""
+        groups: dict[int, list[int]] = {}
+        for i, g in enumerate(self.group_ids):
+            groups.setdefault(int(g), []).append(i)
+        if not groups:
+            return 0.0
+        return float(np.mean([
+            len({self.tokens[i, :self.lengths[i]].tobytes() for i in rows}) / len(rows)
+            for rows in groups.values()]))
 
 
 def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:
@@ -154,6 +175,8 @@ class _Episode:
     tokens: list[int]
     prompt_len: int
     observation_role: str
+    member: int = 0
+    """The episode's place in its group (0..group_size-1): part of its sampling seed."""
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -166,12 +189,20 @@ class _Episode:
         self.logprobs = [0.0] * len(self.tokens)
 
     def append(self, tokens: Sequence[int], sampled: bool, logprobs=None) -> None:
-        before = list(self.tokens)
+        """Tokens are only ever appended (or a sampled end-of-turn token taken back, `pop`):
+        what the model saw stays exactly what it sees next."""
         self.tokens += list(tokens)
         self.mask += [int(sampled)] * len(tokens)
         self.logprobs += list(logprobs) if sampled else [0.0] * len(tokens)
-        # token in, token out: what the model saw stays exactly what it sees next
-        assert self.tokens[:len(before)] == before and len(self.mask) == len(self.tokens)
+
+    def pop(self) -> None:
+        del self.tokens[-1], self.mask[-1], self.logprobs[-1]
+
+    def seed(self, step_seed: int) -> int:
+        """The sampling seed of this episode's next turn: distinct for every (step seed, group,
+        problem, member, turn), so the G episodes of a group are independent draws wherever
+        the sampler seeds each request (vLLM) and reproducible wherever it runs."""
+        return hash((step_seed, self.group, self.index, self.member, self.turns)) % 2**31
 
 
 def prompt_tokens(env, tokenizer, index: int) -> tuple[list[int], dict]:
@@ -256,10 +287,11 @@ class Rollouts:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- collection -------------------------------------------------------------------------------
-    def _start(self, env, group: int, index: int) -> _Episode:
+    def _start(self, env, group: int, index: int, member: int) -> _Episode:
         tokens, info = prompt_tokens(env, self.tokenizer, index)
         role = "tool" if info.get("protocol") == "qwen" else "assistant"
-        return _Episode(group, int(index), env, tokens, len(tokens), role, last_info=info)
+        return _Episode(group, int(index), env, tokens, len(tokens), role, member,
+                        last_info=info)
 
     def collect(self, problem_indices: Sequence[int], seed: int = 0,
                 adapter_version: int | None = None) -> RolloutBatch:
@@ -270,7 +302,7 @@ class Rollouts:
             raise ValueError("collect needs at least one problem index")
         while len(self._envs) < n:
             self._envs.append(self.make_env())
-        episodes = [self._start(self._envs[g * cfg.group_size + k], g, idx)
+        episodes = [self._start(self._envs[g * cfg.group_size + k], g, idx, k)
                     for g, idx in enumerate(problem_indices) for k in range(cfg.group_size)]
         stop = tuple(episodes[0].last_info.get("stop", ()))
         ready, pending, rounds = list(episodes), {}, 0
@@ -291,10 +323,12 @@ class Rollouts:
                                         top_k=cfg.top_k, max_new_tokens=cfg.max_turn_tokens,
                                         stop=stop, seed=hash((seed, rounds)) % 2**31)
                 rounds += 1
-                samples = self.sampler.generate([ep.tokens for ep in ready], params,
-                                                adapter_version=adapter_version)
-                for ep, (sample,) in zip(ready, samples):
-                    room = cfg.max_total_tokens - len(ep.tokens)
+                rooms = [cfg.max_total_tokens - len(ep.tokens) for ep in ready]
+                samples = self.sampler.generate(
+                    [ep.tokens for ep in ready], params, adapter_version=adapter_version,
+                    seeds=[ep.seed(seed) for ep in ready],
+                    max_new_tokens=[min(room, cfg.max_turn_tokens) for room in rooms])
+                for ep, room, (sample,) in zip(ready, rooms, samples):
                     ep.append(sample.token_ids[:room], True, sample.logprobs[:room])
                     ep.versions.append(sample.adapter_version)
                     ep.turns += 1
@@ -302,7 +336,7 @@ class Rollouts:
                                                         and sample.finish_reason == "length"):
                         self._end(ep, truncated="context")
                         continue
-                    action = self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+                    action = self._action_text(sample)
                     pending[self._pool.submit(ep.env.step, action)] = (
                         ep, sample.finish_reason == "eos")
                 ready = []
@@ -316,13 +350,44 @@ class Rollouts:
             raise
         return self._batch(episodes)
 
+    def _action_text(self, sample) -> str:
+        """The turn's text as the environment records it: every sampled token but a final
+        end-of-turn one, special tokens included, so that the chat template's rendering of the
+        environment's messages is the episode's tokens."""
+        ids = list(sample.token_ids)
+        if sample.finish_reason == "eos" and ids and ids[-1] in self.tokenizer.all_special_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _check_template(self, ep: _Episode) -> None:
+        """RolloutConfig.check_template: the episode's tokens decode to the chat template's
+        rendering of the environment's conversation (up to the template's closing newline)."""
+        info = ep.last_info
+        rendered = self._render(info.get("messages", []), info.get("tools"))
+        text = self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
+        if not (rendered.startswith(text) and rendered[len(text):] in ("", "\n")):
+            at = next((i for i, (a, b) in enumerate(zip(text, rendered)) if a != b),
+                      min(len(text), len(rendered)))
+            raise RolloutError(
+                f"episode {ep.group}.{ep.member}: its tokens are not the chat template's "
+                f"rendering of its conversation; from character {at}: tokens "
+                f"{text[at:at + 60]!r}, template {rendered[at:at + 60]!r}")
+
     def _observe(self, ep: _Episode, step_result, turn_ended: bool) -> bool:
         """Record an environment step; True when the episode goes on."""
         observation, reward, terminated, truncated, info = step_result
         ep.last_info = info
         if terminated or truncated:
             self._end(ep, reward=float(reward), truncated=None if terminated else "turns")
+            if self.cfg.check_template:
+                self._check_template(ep)
             return False
+        if (turn_ended and ep.observation_role == "assistant" and ep.mask[-1]
+                and ep.tokens[-1] in self.tokenizer.all_special_ids):
+            # the model ended its turn right after a tool call: the output continues the same
+            # assistant message (the chat template has no end of turn there), so the sampled
+            # end-of-turn token is taken back
+            ep.pop()
         room = self.cfg.max_total_tokens - len(ep.tokens)
         tokens = self._observation_tokens(ep, observation, turn_ended)
         ep.append(tokens[:max(room, 0)], False)

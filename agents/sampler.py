@@ -64,6 +64,19 @@ class Sample:
     prompt_len: int = field(default=0, compare=False)
 
 
+def check_per_prompt(prompts, params: SamplingParams, seeds, max_new_tokens) -> list[int]:
+    """Each prompt's generation budget; the per-prompt lists must match the prompts."""
+    for name, values in (("seeds", seeds), ("max_new_tokens", max_new_tokens)):
+        if values is not None and len(values) != len(prompts):
+            raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
+    if max_new_tokens is None:
+        return [params.max_new_tokens] * len(prompts)
+    if any(not 1 <= b <= params.max_new_tokens for b in max_new_tokens):
+        raise ValueError(f"every max_new_tokens must be in 1..{params.max_new_tokens} "
+                         f"(params.max_new_tokens), got {list(max_new_tokens)}")
+    return [int(b) for b in max_new_tokens]
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -178,11 +191,16 @@ class JaxSampler:
         return self._graph[1:]
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 adapter_version: int | None = None) -> list[list[Sample]]:
-        """`params.n` samples for each prompt (token ids), in prompt order."""
+                 adapter_version: int | None = None, *, seeds: Sequence[int] | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Sample]]:
+        """`params.n` samples for each prompt (token ids), in prompt order. `max_new_tokens`
+        gives each prompt its own budget (at most params.max_new_tokens). `seeds` (one a prompt,
+        what a server that seeds each request needs) are accepted and not used: one call draws
+        every row from one stream seeded by params.seed, so its rows are independent draws."""
         version = self.adapter_version if adapter_version is None else adapter_version
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        budgets = check_per_prompt(prompts, params, seeds, max_new_tokens)
         rows = [list(p) for p in prompts for _ in range(params.n)]
         batch = max(8, 1 << (len(rows) - 1).bit_length())  # powers of two: few programs
         t = _round_up(max(map(len, rows)), self.bucket)
@@ -210,11 +228,14 @@ class JaxSampler:
         else:
             with ThreadPoolExecutor(len(jobs)) as pool:  # XLA runs them in parallel
                 results = list(pool.map(lambda job: run(*job), jobs))
-        samples = [Sample(tokens, logprobs,
-                          self.tokenizer.decode(tokens, skip_special_tokens=True),
-                          finish or "length", version, len(rows[i]))
-                   for i, (tokens, logprobs, finish) in enumerate(
-                       row for shard in results for row in shard)]
+        samples = []
+        for i, (tokens, logprobs, finish) in enumerate(row for shard in results for row in shard):
+            budget = budgets[i // params.n]
+            if len(tokens) > budget:
+                tokens, logprobs, finish = tokens[:budget], logprobs[:budget], "length"
+            samples.append(Sample(tokens, logprobs,
+                                  self.tokenizer.decode(tokens, skip_special_tokens=True),
+                                  finish or "length", version, len(rows[i])))
         return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]
 
     def _decode_shard(self, prefill, decode, state, total: int, max_len: int,

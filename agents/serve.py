@@ -234,7 +234,9 @@ def serve(service: CompletionService, host: str = "127.0.0.1", port: int = 8000)
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a Hugging Face Qwen2 directory or hub id")
+    parser.add_argument("model", nargs="?", help="a Hugging Face Qwen2 directory or hub id")
+    parser.add_argument("--model", dest="model_flag", default=None,
+                        help="the same, as vLLM's API server module takes it")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None)
@@ -242,7 +244,13 @@ def main(argv=None) -> None:
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    for flag in ("--max-loras", "--generation-config", "--gpu-memory-utilization",
+                 "--max-model-len"):  # vLLM flags with a value that this server has no use for
+        parser.add_argument(flag, default=None, help="accepted for vLLM's sake; not used")
     args, ignored = parser.parse_known_args(argv)
+    args.model = args.model or args.model_flag
+    if not args.model:
+        parser.error("give the model (positional or --model)")
     import jax.numpy as jnp
 
     from learners.qwen2 import Qwen2ForCausalLM

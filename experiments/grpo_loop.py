@@ -333,7 +333,9 @@ class GRPOLoop:
     def collect(self, problems: Iterator[int], seed: int) -> tuple[RolloutBatch, dict]:
         batch = self.rollouts.collect([next(problems) for _ in range(self.problems_per_step)],
                                       seed=seed, adapter_version=int(self.state.step))
-        stats = {"collected_groups": self.problems_per_step}
+        # the first collection's, before zero-variance groups are dropped: a collapse detector
+        stats = {"collected_groups": self.problems_per_step,
+                 "distinct_completions": batch.distinct_completions()}
         if not self.dynamic_sampling:
             return batch, stats
         kept = [select_groups(batch, informative(batch))]

@@ -11,15 +11,17 @@ class ScriptedSampler:
         self.tokenizer, self.script, self.adapter_version = tokenizer, script, adapter_version
         self.calls = 0
 
-    def generate(self, prompts, params, adapter_version=None):
+    def generate(self, prompts, params, adapter_version=None, seeds=None, max_new_tokens=None):
         self.calls += 1
+        self.seeds = list(seeds or [])
         out = []
-        for p in prompts:
+        budgets = max_new_tokens or [params.max_new_tokens] * len(prompts)
+        for p, budget in zip(prompts, budgets):
             text = self.tokenizer.decode(p, skip_special_tokens=False)
             turn = text.count("<tool_response>") + text.rpartition(
                 "<|im_start|>assistant")[2].count("```output")
             ids = self.tokenizer.encode(self.script(text, turn), add_special_tokens=False)
-            ids = ids[:params.max_new_tokens]
+            ids = ids[:budget]
             finish = "eos" if ids and ids[-1] == self.tokenizer.eos_token_id else (
                 "stop" if any(self.tokenizer.decode(ids).endswith(s) for s in params.stop)
                 else "length")

@@ -163,9 +163,9 @@ def test_sync_rounds_make_batches_that_do_not_depend_on_tool_timing(chat_tokeniz
         return "\\boxed{1}<|im_end|>" if slow else "\\boxed{4}<|im_end|>"
 
     class Recording(ScriptedSampler):
-        def generate(self, prompts, params, adapter_version=None):
+        def generate(self, prompts, params, adapter_version=None, **per_prompt):
             sizes.append(len(prompts))
-            return super().generate(prompts, params, adapter_version)
+            return super().generate(prompts, params, adapter_version, **per_prompt)
 
     sizes = []
     with Rollouts(lambda: ToolMathEnv(problems=problems, max_turns=5), Recording(tok, script),
