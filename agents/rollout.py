@@ -361,11 +361,13 @@ class Rollouts:
 
     def _check_template(self, ep: _Episode) -> None:
         """RolloutConfig.check_template: the episode's tokens decode to the chat template's
-        rendering of the environment's conversation (up to the template's closing newline)."""
+        rendering of the environment's conversation, up to its closing end-of-turn (which a
+        last turn cut by its token budget never sampled)."""
         info = ep.last_info
         rendered = self._render(info.get("messages", []), info.get("tools"))
         text = self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
-        if not (rendered.startswith(text) and rendered[len(text):] in ("", "\n")):
+        closing = ("", "\n", f"{self.tokenizer.eos_token or ''}\n")  # a turn cut by its budget
+        if not (rendered.startswith(text) and rendered[len(text):] in closing):
             at = next((i for i, (a, b) in enumerate(zip(text, rendered)) if a != b),
                       min(len(text), len(rendered)))
             raise RolloutError(

@@ -7,7 +7,9 @@
 
 Prompts go as token ids to /v1/completions and the sampled token ids come back with their
 log-probabilities, so nothing is re-tokenized. Each learner update becomes a new adapter named
-"<prefix>-v<version>" (the previous one is unloaded); every sample records the version that made
+"<prefix>-<client>-v<version>" (the previous one is unloaded; <client> is unique to each
+VLLMSampler, since vLLM caches adapters by name and a server may outlive a run or serve several);
+every sample records the version that made
 it, and asking for any other version raises StaleAdapterError instead of silently sampling the
 base model. Version 0 is the base model (a fresh LoRA adapter is the identity).
 
@@ -27,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -53,7 +56,8 @@ class VLLMSampler:
                  adapter_prefix: str = "toolgrpo", adapter_dir: str | None = None):
         self.url = base_url.rstrip("/").removesuffix("/v1")
         self.tokenizer, self.timeout_s = tokenizer, timeout_s
-        self.retries, self.backoff_s, self.prefix = retries, backoff_s, adapter_prefix
+        self.retries, self.backoff_s = retries, backoff_s
+        self.prefix = f"{adapter_prefix}-{uuid.uuid4().hex[:8]}"
         self.adapter_dir = adapter_dir or tempfile.mkdtemp(prefix="toolgrpo-adapters-")
         models = self._request("GET", "/v1/models")["data"]
         bases = [m["id"] for m in models if not m.get("parent")]
@@ -90,8 +94,9 @@ class VLLMSampler:
                 last = exc
         raise ServerError(
             f"the vLLM server at {self.url} is unreachable ({path}, {self.retries + 1} tries): "
-            f"{last}. Start one with `vllm serve MODEL --enable-lora --max-lora-rank R` (or "
-            "`python -m agents.serve MODEL --enable-lora` without a GPU), or use the JAX sampler.")
+            f"{last}. Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL "
+            "--enable-lora --max-lora-rank R` (agents.vllm_client.VLLMServer does), or use the "
+            "JAX sampler.")
 
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, path: str, version: int) -> str:
@@ -231,8 +236,8 @@ class VLLMServer:
 
     The command is `vllm_command()` (vLLM's API server module) unless `command` replaces it
     (`python_serve_command()` runs agents.serve, which takes the same flags). The server gets
-    `--generation-config vllm`, so it never applies the model's generation_config.json to a
-    request (the client sends every sampling field too), `--max-lora-rank` rounded up to a rank
+    `--generation-config vllm` (`generation_config`), so it never applies the model's
+    generation_config.json to a request (the client sends every sampling field too), `--max-lora-rank` rounded up to a rank
     vLLM accepts, and `--max-loras 2` (the adapter in use and the one replacing it).
     `gpu_memory_utilization` is vLLM's share of the GPU memory: the rest is left to the JAX
     learner. `env` adds environment variables (for the CPU build, VLLM_CPU_KVCACHE_SPACE: its
@@ -242,7 +247,7 @@ class VLLMServer:
                  port: int | None = None, host: str = "127.0.0.1",
                  extra_args: Sequence[str] = (), command: Sequence[str] | None = None,
                  startup_timeout_s: float = 900.0, log_path: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, generation_config: str = "vllm"):
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self.lora_rank = vllm_lora_rank(max_lora_rank)
@@ -251,7 +256,7 @@ class VLLMServer:
                   f"holds rank {max_lora_rank})", file=sys.stderr, flush=True)
         self.cmd = [*(command or vllm_command()), "--model", model, "--host", host, "--port",
                     str(self.port), "--enable-lora", "--max-lora-rank", str(self.lora_rank),
-                    "--max-loras", "2", "--generation-config", "vllm",
+                    "--max-loras", "2", "--generation-config", generation_config,
                     "--gpu-memory-utilization", str(gpu_memory_utilization), *extra_args]
         self.env = dict(env or {})
         self.startup_timeout_s = startup_timeout_s

@@ -1,4 +1,7 @@
-"""VLLMSampler against agents.serve on 127.0.0.1: the same HTTP API as vLLM, no GPU."""
+"""agents.serve, the JAX-native server of the completions API, with the VLLMSampler as its client;
+and the client's own failure paths (unreachable server, a server dying mid-rollout).
+
+The vLLM path itself is tested against a real vLLM in test_vllm_server.py."""
 
 import json
 import urllib.request
@@ -55,11 +58,12 @@ def test_rollouts_through_the_server_match_the_learner(server, chat_model, chat_
     url, service = server
     sampler = VLLMSampler(url, chat_tokenizer, adapter_dir=str(tmp_path))
     assert sampler.model == "tiny-qwen" and sampler.adapter_version == 0
-    assert sampler.sync_adapter(chat_model, 1) == "toolgrpo-v1"
+    assert sampler.sync_adapter(chat_model, 1) == f"{sampler.prefix}-v1"
+    assert sampler.prefix.startswith("toolgrpo-")
     sampler.sync_adapter(chat_model, 2)  # the old adapter is unloaded, the new one listed
     models = json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"]
     assert [(m["id"], m["parent"]) for m in models] == [("tiny-qwen", None),
-                                                         ("toolgrpo-v2", "tiny-qwen")]
+                                                         (f"{sampler.prefix}-v2", "tiny-qwen")]
     cfg = RolloutConfig(group_size=2, max_turn_tokens=20, max_total_tokens=512)
     with Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, chat_tokenizer, cfg) as r:
         batch = r.collect([1, 2], seed=3)
@@ -131,7 +135,7 @@ def test_adapter_rank_above_the_limit_and_servers_without_lora(chat_model, chat_
 def test_unreachable_server_is_a_clear_error(chat_tokenizer):
     from agents.vllm_client import free_port
 
-    with pytest.raises(ServerError, match="unreachable.*vllm serve"):
+    with pytest.raises(ServerError, match="unreachable.*vllm.entrypoints.openai.api_server"):
         VLLMSampler(f"http://127.0.0.1:{free_port()}", chat_tokenizer, retries=1,
                     backoff_s=0.01)
 

