@@ -327,7 +327,8 @@ def main(cfg: Config) -> dict:
 
             url = cfg.vllm_url or stack.enter_context(VLLMServer(
                 cfg.model, max_lora_rank=cfg.lora_rank,
-                gpu_memory_utilization=cfg.vllm_gpu_memory)).url
+                gpu_memory_utilization=cfg.vllm_gpu_memory,
+                extra_args=["--max-model-len", str(cfg.max_total_tokens)])).url
             sampler = VLLMSampler(url, tokenizer, adapter_dir=os.path.join(cfg.out, "adapters"))
             print(f"rollouts: vLLM server at {url}", flush=True)
         else:

