@@ -177,6 +177,8 @@ class _Episode:
     observation_role: str
     member: int = 0
     """The episode's place in its group (0..group_size-1): part of its sampling seed."""
+    tools: Any = None
+    """The tool schemas the prompt was rendered with (reset's info["tools"])."""
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -291,7 +293,7 @@ class Rollouts:
         tokens, info = prompt_tokens(env, self.tokenizer, index)
         role = "tool" if info.get("protocol") == "qwen" else "assistant"
         return _Episode(group, int(index), env, tokens, len(tokens), role, member,
-                        last_info=info)
+                        info.get("tools"), last_info=info)
 
     def collect(self, problem_indices: Sequence[int], seed: int = 0,
                 adapter_version: int | None = None) -> RolloutBatch:
@@ -364,7 +366,7 @@ class Rollouts:
         rendering of the environment's conversation, up to its closing end-of-turn (which a
         last turn cut by its token budget never sampled)."""
         info = ep.last_info
-        rendered = self._render(info.get("messages", []), info.get("tools"))
+        rendered = self._render(info.get("messages", []), ep.tools)
         text = self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
         closing = ("", "\n", f"{self.tokenizer.eos_token or ''}\n")  # a turn cut by its budget
         if not (rendered.startswith(text) and rendered[len(text):] in closing):

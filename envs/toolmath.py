@@ -53,8 +53,8 @@ class ToolMathEnv(gym.Env):
 
     ## Starting State
     A problem drawn with the env's seeded generator, or `options={"index": i}`. `info` holds
-    "messages" (OpenAI chat form: system prompt with the tool instructions, user problem),
-    "problem_id", "stop", "tools" (function schema for the "qwen" protocol) and "protocol".
+    "messages" (chat form, as chat templates take it: system prompt with the tool instructions,
+    user problem), "problem_id", "stop", "tools" (function schema for the "qwen" protocol) and "protocol".
 
     ## Rewards
     0 until the episode ends; then the weighted sum of `info["reward_components"]`: correctness (a
@@ -193,19 +193,24 @@ class ToolMathEnv(gym.Env):
         return truncate_middle(text.rstrip("\n"), self.max_output_chars)
 
     def _append(self, action: str, parsed, observation: str | None) -> None:
-        """Record the turn in OpenAI chat form."""
+        """Record the turn in chat form (a call's arguments as a mapping, as templates take it)."""
         if self.protocol.observation_role == "assistant":
             if self._messages[-1]["role"] != "assistant":
                 self._messages.append({"role": "assistant", "content": ""})
             self._messages[-1]["content"] += action + (observation or "")
             return
         head, sep, _ = action.partition("<tool_call>")
-        message: dict[str, Any] = {"role": "assistant", "content": head if sep else action}
+        # Hugging Face's chat form: the text before the call (the template puts the newline
+        # before <tool_call> back) and the call's arguments as a mapping, as Qwen's template
+        # renders them (`arguments | tojson`); a model that writes the call that way gets its
+        # own text back from the template
+        content = head.removesuffix("\n") if sep else action
+        message: dict[str, Any] = {"role": "assistant", "content": content}
         if observation is not None:
             call_id = f"call_{self._turns}"
             code = parsed.code if isinstance(parsed, ToolCall) else ""
             message["tool_calls"] = [{"id": call_id, "type": "function", "function": {
-                "name": "python", "arguments": json.dumps({"code": code})}}]
+                "name": "python", "arguments": {"code": code}}}]
             self._messages += [message, {"role": "tool", "tool_call_id": call_id,
                                          "content": observation}]
         else:
