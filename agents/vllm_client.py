@@ -86,12 +86,15 @@ class VLLMSampler:
             except urllib.error.HTTPError as exc:
                 message = _error_message(exc)
                 if exc.code >= 500:
-                    last = ServerError(f"{self.url}{path}: HTTP {exc.code}: {message}")
+                    last = ServerError(f"{self.url}{path}: HTTP {exc.code} ({attempt + 1} "
+                                       f"tries): {message}", exc.code)
                     continue
                 raise ServerError(f"{self.url}{path}: HTTP {exc.code}: {message}",
                                   exc.code) from None
             except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:
                 last = exc
+        if isinstance(last, ServerError):  # it answered, with an error every time
+            raise last
         raise ServerError(
             f"the vLLM server at {self.url} is unreachable ({path}, {self.retries + 1} tries): "
             f"{last}. Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL "
@@ -108,6 +111,12 @@ class VLLMSampler:
         except ServerError as exc:
             said = str(exc).lower().partition("http 404: ")[2]
             no_route = "no route" in said or ("not found" in said and "adapter" not in said)
+            if "greater than max_lora_rank" in str(exc):
+                raise ServerError(
+                    f"the server at {self.url} holds LoRA adapters of rank up to its "
+                    "--max-lora-rank, below this adapter's: restart it with a larger one "
+                    f"(VLLMServer(max_lora_rank=R) rounds R up to a rank vLLM accepts) ({exc})",
+                    exc.status) from None
             if no_route or "not enabled" in str(exc):
                 raise ServerError(
                     f"the server at {self.url} cannot load LoRA adapters at run time: start it "

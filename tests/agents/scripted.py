@@ -29,3 +29,15 @@ class ScriptedSampler:
             out.append([Sample(ids, [-0.5] * len(ids), self.tokenizer.decode(
                 ids, skip_special_tokens=True), finish, version, len(p))])
         return out
+
+
+def force_two_rounds(generate, tokenizer):
+    """Round 1 asks the server, then writes a tool call (so that a round 2 follows)."""
+
+    def wrapped(prompts, params, adapter_version=None, **per_prompt):
+        groups = generate(prompts, params, adapter_version, **per_prompt)
+        ids = tokenizer.encode("```python\nprint(1)\n```\n", add_special_tokens=False)
+        return [[Sample(ids, [0.0] * len(ids), "", "stop", g[0].adapter_version)] for g in groups]
+
+    return wrapped
+

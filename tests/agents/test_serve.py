@@ -18,6 +18,7 @@ from agents.sampler import SamplingParams
 from agents.serve import CompletionService, serve
 from agents.vllm_client import (ServerError, StaleAdapterError, VLLMSampler, VLLMServer,
                                 python_serve_command)
+from scripted import force_two_rounds
 from learners.grpo import token_logprobs
 from learners.lora import lora_disabled
 
@@ -126,7 +127,8 @@ def test_adapter_rank_above_the_limit_and_servers_without_lora(chat_model, chat_
     try:
         sampler = VLLMSampler(f"http://127.0.0.1:{httpd.server_port}", chat_tokenizer,
                               adapter_dir=str(tmp_path))
-        with pytest.raises(ServerError, match="greater than max_lora_rank"):
+        with pytest.raises(ServerError,
+                           match="restart it with a larger one.*greater than max_lora_rank"):
             sampler.sync_adapter(chat_model, 1)  # rank 4 > 2
     finally:
         httpd.shutdown()
@@ -172,20 +174,7 @@ def test_launcher_and_a_server_dying_mid_rollout(chat_model, chat_tokenizer, tmp
             # a random model rarely ends its turn: force a second round with a tool-call script
             first = real([[1, 2, 3]], SamplingParams(max_new_tokens=2))
             assert first[0][0].adapter_version == 1
-            sampler.generate = _force_two_rounds(generate_then_die, chat_tokenizer)
+            sampler.generate = force_two_rounds(generate_then_die, chat_tokenizer)
             with pytest.raises(RolloutError, match="unreachable"):
                 rollouts.collect([0])
     assert server.process is None
-
-
-def _force_two_rounds(generate, tokenizer):
-    """Round 1 asks the server, then writes a tool call (so that a round 2 follows)."""
-    from agents.sampler import Sample
-
-    def wrapped(prompts, params, adapter_version=None, **per_prompt):
-        groups = generate(prompts, params, adapter_version, **per_prompt)
-        ids = tokenizer.encode("```python\nprint(1)\n```\n", add_special_tokens=False)
-        return [[Sample(ids, [0.0] * len(ids), "", "stop", g[0].adapter_version)] for g in groups]
-
-    return wrapped
-

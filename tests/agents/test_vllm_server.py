@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scripted import force_two_rounds
 
 import envs  # noqa: F401
-from agents.rollout import RolloutConfig, Rollouts
+from agents.rollout import RolloutConfig, RolloutError, Rollouts
 from agents.sampler import SamplingParams
-from agents.vllm_client import VLLMSampler, VLLMServer, vllm_command, vllm_lora_rank
+from agents.vllm_client import ServerError, VLLMSampler, VLLMServer, vllm_command, vllm_lora_rank
 from learners.grpo import token_logprobs
 from learners.lora import apply_lora
 from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -150,3 +151,37 @@ def test_the_main_job_trains_through_vllm(server, tiny, tmp_path):
     # a group of 4 copies of one sample would give 0.25
     assert all(r["train/distinct_completions"] > 0.5 for r in steps), steps
     assert json.load(open(out / "summary.json"))["sampler"] == "vllm"
+
+
+def test_an_adapter_above_the_servers_rank_is_refused_in_one_error(server, tiny, chat_tokenizer,
+                                                                  tmp_path):
+    _, base = tiny
+    big = apply_lora(nnx.clone(base), rank=16, alpha=16, rngs=nnx.Rngs(2))  # server: rank 8
+    sampler = VLLMSampler(server.url, chat_tokenizer, adapter_dir=str(tmp_path))
+    with pytest.raises(ServerError, match="below this adapter's: restart it with a larger"):
+        sampler.sync_adapter(big, 1)
+    assert sampler.adapter_version == 0  # nothing changed: the base model still answers
+    assert sampler.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0][0].token_ids
+
+
+def test_a_server_dying_mid_rollout_ends_the_collection_with_a_clear_error(
+        server, chat_tokenizer, tmp_path):
+    """Last in this module: it stops the module's server."""
+    sampler = VLLMSampler(server.url, chat_tokenizer, retries=2, backoff_s=0.05,
+                          adapter_dir=str(tmp_path))
+    calls = []
+    real = sampler.generate
+
+    def generate_then_die(*args, **kwargs):
+        if calls:
+            server.stop()  # the process group VLLMServer started
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    sampler.generate = force_two_rounds(generate_then_die, chat_tokenizer)
+    cfg = RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=1024)
+    with Rollouts(lambda: gym.make("ToolMath-Arith-v0", max_turns=10), sampler, chat_tokenizer,
+                  cfg) as rollouts:
+        with pytest.raises(RolloutError, match="unreachable"):
+            rollouts.collect([0])
+    assert len(calls) == 2 and server.process is None
