@@ -246,8 +246,9 @@ class VLLMServer:
     The command is `vllm_command()` (vLLM's API server module) unless `command` replaces it
     (`python_serve_command()` runs agents.serve, which takes the same flags). The server gets
     `--generation-config vllm` (`generation_config`), so it never applies the model's
-    generation_config.json to a request (the client sends every sampling field too), `--max-lora-rank` rounded up to a rank
-    vLLM accepts, and `--max-loras 2` (the adapter in use and the one replacing it).
+    generation_config.json to a request (the client sends every sampling field too),
+    `--max-lora-rank` rounded up to a rank vLLM accepts, and `--max-loras 2` (the adapter in use
+    and the one replacing it).
     `gpu_memory_utilization` is vLLM's share of the GPU memory: the rest is left to the JAX
     learner. `env` adds environment variables (for the CPU build, VLLM_CPU_KVCACHE_SPACE: its
     KV cache in GiB)."""
