@@ -54,7 +54,8 @@ class ToolMathEnv(gym.Env):
     ## Starting State
     A problem drawn with the env's seeded generator, or `options={"index": i}`. `info` holds
     "messages" (chat form, as chat templates take it: system prompt with the tool instructions,
-    user problem), "problem_id", "stop", "tools" (function schema for the "qwen" protocol) and "protocol".
+    user problem), "problem_id", "stop", "tools" (function schema for the "qwen" protocol) and
+    "protocol".
 
     ## Rewards
     0 until the episode ends; then the weighted sum of `info["reward_components"]`: correctness (a
