@@ -119,6 +119,8 @@ class Config:
     """Seed of sampling and problem order."""
     debug: bool = False
     """Show the traceback of an input error instead of its one-line message."""
+    allow_cpu: bool = False
+    """Run on the CPU even where jax has no access to the machine's GPU or TPU."""
 
     def __post_init__(self):
         if self.steps < 1 or self.problems_per_step < 1 or self.group_size < 2:
@@ -293,15 +295,19 @@ def main(cfg: Config) -> dict:
     import envs
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
-    from grpo_loop import (GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate,
+    from grpo_loop import (GracefulInterrupt, GRPOLoop, ProblemOrder, RunLog, evaluate, fail,
                            one_line_errors, prepare_run_directory, run_environment,
                            truncate_metrics)
     from learners.checkpoint import Checkpointer
+    from learners.devices import unused_accelerator
     from learners.lora import merge_lora, save_peft_adapter
     from learners.params import read_model_config, resolve
     from learners.tokenizer import load_tokenizer
 
     prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    unused = None if cfg.allow_cpu else unused_accelerator()
+    if unused:
+        fail(unused)
     env_kwargs = {"protocol": cfg.protocol, "max_turns": cfg.max_turns}
     train_kwargs = {**env_kwargs, **({"problems": cfg.problems} if cfg.problems else {})}
     eval_kwargs = {**env_kwargs, "split": "test",

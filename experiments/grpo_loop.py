@@ -210,7 +210,8 @@ def truncate_metrics(path: str, step: int) -> int:
 
 
 RESUMABLE_CHANGES = frozenset({
-    "steps", "resume", "overwrite", "out", "eval_every", "eval_limit", "checkpoint_every",
+    "steps", "resume", "overwrite", "out", "debug", "allow_cpu", "eval_every", "eval_limit",
+    "checkpoint_every",
     "keep_checkpoints", "wandb", "wandb_project", "export_merged", "sampler", "vllm_url",
     "vllm_gpu_memory"})
 """Settings a resumed run may change; any other difference from the saved config.json stops it."""
