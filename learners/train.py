@@ -122,8 +122,11 @@ def _loss(lora, state: TrainState, mb: dict, cfg: GRPOConfig):
     model = nnx.merge(state.graphdef, lora, state.rest)
     logits = model(mb["tokens"], mb["attention_mask"])
     logprobs = grpo.token_logprobs(logits, mb["tokens"])
+    # one update per batch: the old policy is the current one, so its log-probabilities are the
+    # current ones held constant (ratio exactly 1, the gradient of the plain policy gradient)
+    old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(logprobs)
     return grpo.policy_loss(
-        logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], eps_low=cfg.eps_low,
+        logprobs, old, mb["advantages"], mb["loss_mask"], eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, aggregation=cfg.aggregation, max_tokens=cfg.max_tokens,
         ref_logprobs=mb.get("ref_logprobs"), beta=cfg.beta,
         sampler_logprobs=mb.get("sampler_logprobs"), tis_cap=cfg.tis_cap,
@@ -161,7 +164,9 @@ _logprobs_jit = jax.jit(sequence_logprobs, static_argnames="adapters")
 
 
 def grpo_step(state: TrainState, batch: dict, cfg: GRPOConfig):
-    """Advantages, old (and reference) log-probabilities, then `ppo_epochs` updates."""
+    """Advantages, old (and reference) log-probabilities, then `ppo_epochs` updates. With one
+    epoch there is no separate old-log-probability pass: the update's own log-probabilities,
+    held constant, are the old ones (what TRL does)."""
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     # right padding: real tokens never attend to the padding after them, so no mask is needed
     attention_mask = jnp.asarray(batch.get("attention_mask", jnp.ones_like(tokens)))
@@ -169,8 +174,9 @@ def grpo_step(state: TrainState, batch: dict, cfg: GRPOConfig):
     advantages = grpo.group_advantages(batch["rewards"], batch["group_ids"], cfg.scale_by_std)
     _, _, zero_var = grpo.group_stats(batch["rewards"], batch["group_ids"])
     full = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "advantages": advantages,
-            "old_logprobs": _logprobs_jit(state, tokens, attention_mask, adapters=True)}
+            "advantages": advantages}
+    if cfg.ppo_epochs > 1:  # later epochs compare with the policy before the first one
+        full["old_logprobs"] = _logprobs_jit(state, tokens, attention_mask, adapters=True)
     if cfg.beta:
         full["ref_logprobs"] = _logprobs_jit(state, tokens, attention_mask, adapters=False)
     if "sampler_logprobs" in batch:

@@ -168,3 +168,30 @@ def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(state.rest)} == {jnp.dtype(jnp.bfloat16)}
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+def test_one_epoch_needs_no_old_logprob_pass():
+    """With ppo_epochs 1 the loss takes the update's own log-probabilities, held constant, as the
+    old ones: the same loss and gradient as with a separate pass over the same parameters."""
+    from learners.train import _loss
+
+    tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, 32)
+    cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant")
+    state = init_state(tiny_model(), cfg)
+    mb = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
+          "loss_mask": jnp.ones((4, 6)).at[:, :2].set(0),
+          "advantages": jnp.array([1.0, -1.0, 0.5, -0.5])}
+    with_pass = {**mb, "old_logprobs": sequence_logprobs(state, tokens, mb["attention_mask"])}
+    grad = jax.value_and_grad(_loss, has_aux=True)
+    (loss_a, aux_a), grads_a = grad(state.lora, state, mb, cfg)
+    (loss_b, aux_b), grads_b = grad(state.lora, state, with_pass, cfg)
+    assert float(aux_a["ratio_mean"]) == 1.0
+    # float32: the two passes may differ in the last bits of each log-probability
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        scale = float(jnp.max(jnp.abs(b))) + 1e-12
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale)
+    _, metrics = grpo_step(state, {"tokens": tokens, "loss_mask": mb["loss_mask"],
+                                   "rewards": jnp.array([1.0, 0.0, 0.5, 0.0]),
+                                   "group_ids": jnp.array([0, 0, 1, 1])}, cfg)
+    assert metrics["first_pass_ratio_mean"] == 1.0
