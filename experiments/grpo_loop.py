@@ -22,7 +22,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from flax import nnx
 
-from agents.rollout import RolloutBatch, Rollouts, episode_metrics
+from agents.batch import RolloutBatch, episode_metrics
+from agents.rollout import Rollouts
 from learners.train import GRPOConfig, grpo_step
 
 PLOTS = {"reward": ("train/reward", "eval/reward"), "accuracy": ("train/accuracy", "eval/pass@1"),
