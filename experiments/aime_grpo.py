@@ -402,18 +402,20 @@ def main(cfg: Config) -> dict:
         with GracefulInterrupt() as interrupt:
             for step in bar:
                 metrics, batch = loop.step(problems, seed=cfg.seed * 1_000_003 + step)
+                # Read once: a Ctrl-C that arrives later in this step is acted on after the next.
+                stop = interrupt.requested
                 log.log(step, metrics)
                 if step % 10 == 1:
                     log.transcripts(step, batch.transcripts[:4])
                 meta = {"data_position": problems.position, "adapter_version": step}
-                if ckpt.maybe_save(loop.state, meta, force=interrupt.requested):
+                if ckpt.maybe_save(loop.state, meta, force=stop):
                     export_checkpoint_adapter(step)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not stop:
                     last_eval = run_eval(step)
                 bar.set_postfix(reward=f"{metrics.get('train/reward', 0):.3f}",
                                 acc=f"{metrics.get('train/accuracy', 0):.3f}",
                                 tools=f"{metrics.get('train/tool_use_rate', 0):.2f}")
-                if interrupt.requested:
+                if stop:
                     save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model)
                     print(f"saved checkpoint {step} in {ckpt.directory} and its adapter in "
                           f"{adapter_dir}; continue with --resume", flush=True)
