@@ -253,10 +253,10 @@ def main(argv=None) -> None:
         parser.error("give the model (positional or --model)")
     import jax.numpy as jnp
 
-    from learners.qwen2 import Qwen2ForCausalLM
+    from learners.params import from_pretrained
     from learners.tokenizer import load_tokenizer
 
-    model = Qwen2ForCausalLM.from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+    model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     service = CompletionService(model, tokenizer, args.served_model_name or args.model,
                                 args.max_lora_rank if args.enable_lora else 0,

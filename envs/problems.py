@@ -43,7 +43,20 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 
 
 class HubUnavailableError(RuntimeError):
-    """A data set could not be had from the Hugging Face Hub (offline, and not in the cache)."""
+    """A data set could not be had from the Hugging Face Hub (offline, and not in the cache).
+
+    `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
+    when offline; str(exc) is both, "{reason}. {offline_hint}". learners.params has a class of the
+    same name and shape for models: envs and learners never import each other, so a caller that
+    handles both catches the two classes and reads the same fields.
+    """
+
+    def __init__(self, reason: str, offline_hint: str):
+        super().__init__(reason, offline_hint)
+        self.reason, self.offline_hint = reason, offline_hint
+
+    def __str__(self) -> str:
+        return f"{self.reason}. {self.offline_hint}"
 
 
 def _load_table(source: str, split: str):
@@ -77,9 +90,10 @@ def _load_table(source: str, split: str):
         text = ("the Hub cannot be reached and it is not in the local cache" if unreachable
                 else f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
         raise HubUnavailableError(
-            f"could not load {source!r} from the Hugging Face Hub ({text}). Offline, pass a local "
-            "JSON/JSONL/CSV/Parquet file instead, e.g. gym.make('ToolMath-AIME-v0', "
-            "problems='aime.jsonl') with one {\"problem\": ..., \"answer\": ...} per line.") from exc
+            f"could not load {source!r} from the Hugging Face Hub ({text})",
+            "Offline, pass a local JSON/JSONL/CSV/Parquet file instead, e.g. "
+            "gym.make('ToolMath-AIME-v0', problems='aime.jsonl') with one "
+            "{\"problem\": ..., \"answer\": ...} per line.") from exc
     if split in loaded:
         return loaded[split]
     if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is

@@ -79,6 +79,7 @@ def main(args: Args) -> dict:
     from transformers import Qwen2ForCausalLM as HFQwen2
 
     from agents.sampler import JaxSampler, SamplingParams
+    from learners.params import save_pretrained
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
@@ -101,7 +102,7 @@ def main(args: Args) -> dict:
     ids = torch.tensor(prompts)
     with contextlib.ExitStack() as stack, torch.no_grad():
         d = stack.enter_context(tempfile.TemporaryDirectory())
-        model.save_pretrained(d)
+        save_pretrained(model, d)
         tokenizer.save_pretrained(d)
         hf = HFQwen2.from_pretrained(d).eval()
 

@@ -93,9 +93,9 @@ def main(args: Args) -> dict:
     else:
         from agents.sampler import JaxSampler
         from learners.lora import load_peft_adapter
-        from learners.qwen2 import Qwen2ForCausalLM
+        from learners.params import from_pretrained
 
-        model = Qwen2ForCausalLM.from_pretrained(args.model)
+        model = from_pretrained(args.model)
         if args.adapter:
             load_peft_adapter(model, args.adapter)
         eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]

@@ -56,6 +56,7 @@ def export(args: Args) -> str:
     from aime_grpo import build_learner
     from learners.checkpoint import Checkpointer
     from learners.lora import merge_lora, save_peft_adapter
+    from learners.params import save_pretrained
     from learners.tokenizer import load_tokenizer
 
     cfg = run_config(args.run)
@@ -75,7 +76,7 @@ def export(args: Args) -> str:
     save_peft_adapter(model, out, base_model_name_or_path=cfg.model)
     if args.merged:
         merged = os.path.join(out, "merged")
-        merge_lora(model).save_pretrained(merged)
+        save_pretrained(merge_lora(model), merged)
         load_tokenizer(cfg.model).save_pretrained(merged)
     return out
 

@@ -36,6 +36,7 @@ class Args:
 def make_model(directory: str, seed: int = 0) -> str:
     from flax import nnx
 
+    from learners.params import save_pretrained
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
     from learners.tokenizer import train_chat_tokenizer
 
@@ -44,7 +45,7 @@ def make_model(directory: str, seed: int = 0) -> str:
     cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       rope_theta=10_000.0, max_position_embeddings=1024)
-    Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(seed)).save_pretrained(directory)
+    save_pretrained(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(seed)), directory)
     tokenizer.save_pretrained(directory)
     return directory
 

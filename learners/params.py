@@ -1,7 +1,12 @@
 """Hugging Face <-> NNX: tensor names, safetensors files (sharded or not), hub downloads.
 
+    from learners.params import from_pretrained, save_pretrained
+
+    model = from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", dtype=jnp.bfloat16)  # or a directory
+    save_pretrained(model, "out/model")      # config.json + model.safetensors
+
 Hugging Face stores a linear layer's weight as [out, in]; nnx.Linear's kernel is [in, out]. Every
-other tensor keeps its shape.
+other tensor keeps its shape. This module depends on learners/qwen2.py, never the other way round.
 """
 
 from __future__ import annotations
@@ -14,11 +19,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
 class HubUnavailableError(RuntimeError):
-    """The model is not on disk and the Hugging Face Hub cannot be reached."""
+    """The model is not on disk and the Hugging Face Hub cannot be reached.
+
+    `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
+    when offline; str(exc) is both, "{reason}. {offline_hint}". envs.problems has a class of the
+    same name and shape for data sets: envs and learners never import each other, so a caller
+    that handles both catches the two classes and reads the same fields.
+    """
+
+    def __init__(self, reason: str, offline_hint: str):
+        super().__init__(reason, offline_hint)
+        self.reason, self.offline_hint = reason, offline_hint
+
+    def __str__(self) -> str:
+        return f"{self.reason}. {self.offline_hint}"
 
 
 def resolve(path_or_id: str) -> str:
@@ -37,11 +57,12 @@ def resolve(path_or_id: str) -> str:
                                      local_files_only=True)
         except Exception:  # noqa: BLE001
             pass
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        cause = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
         raise HubUnavailableError(
             f"cannot load {path_or_id!r}: the Hugging Face Hub is unreachable and the model is "
-            f"not in the local cache ({reason}). Offline, pass a local directory holding "
-            "config.json and *.safetensors (for example one written by save_pretrained).") from None
+            f"not in the local cache ({cause})",
+            "Offline, pass a local directory holding config.json and *.safetensors (for example "
+            "one written by save_pretrained).") from None
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -117,13 +138,17 @@ def read_model_config(directory: str) -> dict:
     return config
 
 
-def load_pretrained(cls, path_or_id: str, *, dtype, param_dtype, remat: bool):
-    from learners.qwen2 import Qwen2Config
-
+def from_pretrained(path_or_id: str, dtype=jnp.float32, param_dtype=None,
+                    remat: bool = False) -> Qwen2ForCausalLM:
+    """Load a Hugging Face Qwen2 checkpoint (a local directory or a hub id), sharded or not,
+    bf16 or fp32. `dtype` is the computation's, `param_dtype` the parameters' (default: `dtype`);
+    `remat` recomputes each layer's activations in the backward pass. Raises HubUnavailableError
+    for a hub id that can be neither downloaded nor found in the cache."""
+    param_dtype = param_dtype or dtype
     directory = resolve(path_or_id)
     cfg = Qwen2Config.from_hf_config(read_model_config(directory))
-    model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                       rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                    remat=remat, rngs=nnx.Rngs(0)))
     tensors = read_safetensors(directory)
     used = set()
     for path, var in _base_params(model).items():
@@ -144,7 +169,9 @@ def load_pretrained(cls, path_or_id: str, *, dtype, param_dtype, remat: bool):
     return model
 
 
-def save_pretrained(model, directory: str) -> None:
+def save_pretrained(model: Qwen2ForCausalLM, directory: str) -> None:
+    """Write config.json and model.safetensors in the Hugging Face format (LoRA adapters, if any,
+    are left out: merge_lora first to keep them, or save them with save_peft_adapter)."""
     from safetensors.flax import save_file
 
     os.makedirs(directory, exist_ok=True)

@@ -1,6 +1,8 @@
 """Qwen2 / Qwen2.5 causal language model in Flax NNX, with a KV cache for sampling.
 
-    model = Qwen2ForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", dtype=jnp.bfloat16)
+    from learners.params import from_pretrained, save_pretrained
+
+    model = from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", dtype=jnp.bfloat16)
     logits = model(input_ids, attention_mask)                      # [B, T, V]
     logits, cache = model.prefill(input_ids, attention_mask, max_len=512)
     logits, cache = model.decode(next_tokens, cache)               # [B, V], one token a row
@@ -9,13 +11,15 @@ The architecture follows Hugging Face transformers' `Qwen2ForCausalLM` exactly (
 logits with it): grouped-query attention with q/k/v biases, rotary embeddings (rotate-half form),
 RMSNorm computed in float32, SwiGLU MLP, tied or untied embeddings. Parameters (`param_dtype`) and
 computation (`dtype`) have separate dtypes. Loading and saving the Hugging Face format live in
-`learners/params.py`.
+`learners/params.py` (`from_pretrained`, `save_pretrained`), which depends on this module; this
+module never imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from dataclasses import dataclass
 
 import flax.struct
@@ -41,7 +45,10 @@ class Qwen2Config:
     num_key_value_heads: int = 2
     """Key/value heads (grouped-query attention: each serves num_attention_heads / this)."""
     head_dim: int | None = None
-    """Per-head width; hidden_size // num_attention_heads when None."""
+    """Per-head width of queries, keys and values. None (as in config.json files that leave it
+    out) means hidden_size // num_attention_heads; a constructed config always holds the resolved
+    width here, never None. (So `dataclasses.replace` with a new hidden_size or head count keeps
+    the old width: pass head_dim=None with them to have it derived again.)"""
     rope_theta: float = 1_000_000.0
     """Base of the rotary embedding frequencies."""
     rms_norm_eps: float = 1e-6
@@ -55,13 +62,17 @@ class Qwen2Config:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}; give head_dim")
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                                 f"num_attention_heads={self.num_attention_heads}; give head_dim")
+            # frozen: the resolved width is set once, here
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, numbers.Integral)
+                or self.head_dim < 2 or self.head_dim % 2):
+            raise ValueError(f"head_dim must be an even integer >= 2 (the rotary embedding "
+                             f"rotates pairs of channels), got {self.head_dim!r}")
+        object.__setattr__(self, "head_dim", int(self.head_dim))
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "Qwen2Config":
@@ -82,9 +93,7 @@ class Qwen2Config:
         return cls(**{k: v for k, v in hf.items() if k in names})
 
     def to_hf_config(self) -> dict:
-        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if hf["head_dim"] is None:
-            del hf["head_dim"]
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # head_dim too
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}  # both spellings
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
                 "attention_dropout": 0.0, "use_sliding_window": False, "use_cache": True,
@@ -185,7 +194,7 @@ class Cache:
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
-        h = cfg.dim
+        h = cfg.head_dim
         self.q_proj = linear(d, n * h, True, dtype, param_dtype, rngs)
         self.k_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
         self.v_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
@@ -317,7 +326,7 @@ class Qwen2ForCausalLM(nnx.Module):
 
     # -- sampling ---------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-        k, h = self.config.num_key_value_heads, self.config.dim
+        k, h = self.config.num_key_value_heads, self.config.head_dim
         dtype = dtype or self.dtype
         layers = tuple(LayerCache(jnp.zeros((batch, k, h, max_len), dtype),
                                   jnp.zeros((batch, k, max_len, h), dtype))
@@ -353,21 +362,3 @@ class Qwen2ForCausalLM(nnx.Module):
             x, lc = layer(x, positions, mask_bts, lc, cache.lengths)
             new_layers.append(lc)
         return self.logits(self.norm(x))[:, 0], Cache(tuple(new_layers), cache.lengths + 1)
-
-    # -- Hugging Face format ----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path_or_id: str, dtype=jnp.float32, param_dtype=None,
-                        remat: bool = False) -> "Qwen2ForCausalLM":
-        """Load a Hugging Face Qwen2 checkpoint (a local directory or a hub id), sharded or not,
-        bf16 or fp32. `param_dtype` defaults to `dtype`."""
-        from learners import params
-
-        return params.load_pretrained(cls, path_or_id, dtype=dtype,
-                                      param_dtype=param_dtype or dtype, remat=remat)
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write config.json and model.safetensors in the Hugging Face format."""
-        from learners import params
-
-        params.save_pretrained(self, directory)
-

@@ -4,11 +4,10 @@ Qwen2 with LoRA (the scripted sampler lives in scripted.py)."""
 import jax
 import pytest
 from flax import nnx
+from tiny import tiny_model
 
 from envs.problems import ArithProblems
 from envs.protocols import get_protocol
-from learners.lora import apply_lora
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from learners.tokenizer import train_chat_tokenizer
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -30,9 +29,6 @@ def chat_tokenizer():
 
 @pytest.fixture(scope="session")
 def chat_model(chat_tokenizer):
-    cfg = Qwen2Config(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      rope_theta=10_000.0, max_position_embeddings=1024)
-    model = apply_lora(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), rank=4, alpha=8)
+    model = tiny_model(vocab_size=len(chat_tokenizer), max_position_embeddings=1024)
     nnx.update(model, jax.tree.map(lambda x: x + 0.05, nnx.state(model, nnx.LoRAParam)))
     return model

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny import tiny_model
 from transformers import PreTrainedTokenizerFast
 
 from agents.sampler import JaxSampler, SamplingParams
 from learners.grpo import token_logprobs
-from learners.lora import apply_lora
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 jax.config.update("jax_default_matmul_precision", "highest")
 VOCAB = 48
@@ -20,10 +19,7 @@ def sampler():
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1")
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0,
-                      max_position_embeddings=512)
-    model = apply_lora(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(3)), rank=4, alpha=8)
+    model = tiny_model(seed=3, vocab_size=VOCAB, max_position_embeddings=512)
     nnx.update(model, jax.tree.map(lambda x: x + 0.3, nnx.state(model, nnx.LoRAParam)))
     return JaxSampler(model, tokenizer, bucket=16)
 

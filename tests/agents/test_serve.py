@@ -7,6 +7,7 @@ import json
 import urllib.request
 
 import gymnasium as gym
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from agents.vllm_client import (ServerError, StaleAdapterError, VLLMSampler, VLL
                                 python_serve_command)
 from scripted import force_two_rounds
 from learners.grpo import token_logprobs
-from learners.lora import lora_disabled
+from learners.lora import lora_disabled, merge_lora
+from learners.params import save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +35,11 @@ def server(chat_model, chat_tokenizer):
 
 
 def _without_lora(model):
-    """A copy of the base model: every LoRA module replaced by its frozen base layer."""
-    from learners.lora import LoRALinear, _projections
-
+    """A copy of the base model: the adapters zeroed, then merged (which adds exactly nothing to
+    the frozen kernels) and so removed."""
     copy = nnx.clone(model)
-    for _, owner, name in _projections(copy):
-        module = getattr(owner, name)
-        if isinstance(module, LoRALinear):
-            setattr(owner, name, module.base)
-    return copy
+    nnx.update(copy, jax.tree.map(jnp.zeros_like, nnx.state(copy, nnx.LoRAParam)))
+    return merge_lora(copy)
 
 
 def post(url, path, body):
@@ -146,7 +144,7 @@ def test_launcher_and_a_server_dying_mid_rollout(chat_model, chat_tokenizer, tmp
     """VLLMServer starts `python -m agents.serve` (vllm serve's flags); killing it mid-rollout
     ends the collection with a clear error and no batch."""
     model_dir = tmp_path / "model"
-    _without_lora(chat_model).save_pretrained(str(model_dir))
+    save_pretrained(_without_lora(chat_model), str(model_dir))
     chat_tokenizer.save_pretrained(str(model_dir))
     server = VLLMServer(str(model_dir), max_lora_rank=8, command=python_serve_command(),
                         startup_timeout_s=120)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from scripted import force_two_rounds
+from tiny import tiny_base_model
 
 import envs  # noqa: F401
 from agents.rollout import RolloutConfig, RolloutError, Rollouts
@@ -27,7 +28,7 @@ from agents.sampler import SamplingParams
 from agents.vllm_client import ServerError, VLLMSampler, VLLMServer, vllm_command, vllm_lora_rank
 from learners.grpo import token_logprobs
 from learners.lora import apply_lora
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from learners.params import save_pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -37,14 +38,13 @@ pytestmark = pytest.mark.slow
 def tiny(chat_tokenizer, tmp_path_factory):
     """A random Qwen2 with head_dim 64 (what vLLM's CPU attention takes) and peaked logits (a
     scaled embedding), so that a repetition penalty would change what is sampled."""
-    cfg = Qwen2Config(vocab_size=len(chat_tokenizer), hidden_size=128, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      rope_theta=10_000.0, max_position_embeddings=2048)
-    model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    model = tiny_base_model(vocab_size=len(chat_tokenizer), hidden_size=128, intermediate_size=128,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                            max_position_embeddings=2048)
     embed = model.embed_tokens.embedding
     embed[...] = embed[...] * 2.5
     directory = tmp_path_factory.mktemp("tiny-vllm")
-    model.save_pretrained(str(directory))
+    save_pretrained(model, str(directory))
     chat_tokenizer.save_pretrained(str(directory))
     (directory / "generation_config.json").write_text(json.dumps(
         {"repetition_penalty": 2.0, "top_k": 1, "temperature": 0.1}))

@@ -1,4 +1,5 @@
 import json
+import pickle
 import re
 import socket
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from envs.problems import ArithProblems, Problem, load_problems
+from envs.problems import ArithProblems, HubUnavailableError, Problem, load_problems
 
 
 def write_jsonl(path, rows):
@@ -70,16 +71,35 @@ def test_unreadable_csv_names_the_file(tmp_path):
 
 
 def test_unreachable_hub_says_so_and_names_the_offline_alternative(tmp_path):
-    code = ("from envs.problems import load_problems, HubUnavailableError\n"
+    code = ("import json\n"
+            "from envs.problems import load_problems, HubUnavailableError\n"
             "try:\n    load_problems('aime', 'train')\n"
-            "except HubUnavailableError as e:\n    print('ERR', e)\n")
+            "except HubUnavailableError as e:\n    print('ERR', e)\n"
+            "    print(json.dumps([e.reason, e.offline_hint]))\n")
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path),
            "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
-    line = out.stdout.strip()
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stdout + out.stderr
+    line = lines[0]
     assert line.startswith("ERR could not load 'gneubig/aime-1983-2024'"), out.stdout + out.stderr
-    assert "local" in line and "aime.jsonl" in line and "\n" not in line
+    assert "local" in line and "aime.jsonl" in line
+    # structured: what could not be had (no hint in it), and what to do offline
+    reason, hint = json.loads(lines[1])
+    assert reason.startswith("could not load 'gneubig/aime-1983-2024' from the Hugging Face Hub")
+    assert "Offline, pass" not in reason and "aime.jsonl" not in reason
+    assert hint.startswith("Offline, pass a local JSON/JSONL/CSV/Parquet file")
+    assert line == f"ERR {reason}. {hint}"
+
+
+def test_hub_unavailable_error_fields():
+    exc = HubUnavailableError("could not load 'x'", "Offline, pass a file.")
+    assert (exc.reason, exc.offline_hint) == ("could not load 'x'", "Offline, pass a file.")
+    assert str(exc) == "could not load 'x'. Offline, pass a file."
+    again = pickle.loads(pickle.dumps(exc))  # e.g. from a worker process
+    assert (again.reason, again.offline_hint, str(again)) == (exc.reason, exc.offline_hint,
+                                                              str(exc))
 
 
 def test_a_plainly_unreachable_hub_fails_at_once_without_retries(tmp_path):

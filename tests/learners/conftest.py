@@ -2,12 +2,13 @@
 
 import jax
 import pytest
-from tiny_qwen import TINY_CONFIGS, build_hf_model
+from tiny import VARIANTS
+from tiny_qwen import build_hf_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+@pytest.fixture(scope="session", params=sorted(VARIANTS))
 def hf_model_dir(request, tmp_path_factory):
     """(name, directory, torch model) of a tiny Qwen2 saved with save_pretrained."""
     model = build_hf_model(request.param)

@@ -8,19 +8,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from tiny import tiny_model  # tests/ is on PYTHONPATH: test_checkpoint.py's subprocess_env
 
 from learners.checkpoint import Checkpointer
-from learners.lora import apply_lora
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from learners.train import GRPOConfig, grpo_step, init_state
 
 directory, total, kill_after, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10, ppo_epochs=2,
                  micro_batch_size=2)
-model_cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0)
-state = init_state(apply_lora(Qwen2ForCausalLM(model_cfg, rngs=nnx.Rngs(0)), rank=4, alpha=8), cfg)
+state = init_state(tiny_model(), cfg)
 ckpt = Checkpointer(directory, keep=2)
 position, rng = 0, jax.random.key(42)
 if ckpt.latest_step is not None:

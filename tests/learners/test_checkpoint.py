@@ -6,12 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
-from test_grpo import tiny_model
+from tiny import subprocess_env, tiny_model
 
 from learners.checkpoint import CheckpointError, Checkpointer
-from learners.lora import apply_lora
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from learners.train import GRPOConfig, init_state
 
 WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
@@ -20,7 +17,7 @@ WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
 def worker(directory, total, kill_after, out):
     return subprocess.run([sys.executable, str(WORKER), str(directory), str(total),
                            str(kill_after), str(out)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          timeout=600, env=subprocess_env(JAX_PLATFORMS="cpu"))
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
@@ -43,9 +40,7 @@ def test_incompatible_or_missing_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         ckpt.restore(init_state(tiny_model(), cfg))
     ckpt.save(init_state(tiny_model(), cfg), {"data_position": 0})
-    other_cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=48,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    other = apply_lora(Qwen2ForCausalLM(other_cfg, rngs=nnx.Rngs(0)), rank=8, alpha=8)
+    other = tiny_model(lora_rank=8, lora_alpha=8)  # the same model with a larger adapter
     with pytest.raises(CheckpointError, match="does not fit"):
         ckpt.restore(init_state(other, cfg))
     # corrupt the stored arrays: a clear error, never a silent fresh start

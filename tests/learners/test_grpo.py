@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from tiny import tiny_base_model, tiny_model
 
 from learners import grpo
 from learners.lora import apply_lora
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
 
 S3 = math.sqrt(3) / 2  # (1 - 0.5) / sqrt(1/3): rewards [0, 1, 1, 0] in one group
@@ -92,12 +91,6 @@ def test_token_logprobs_match_log_softmax():
     assert float(lp[1, 3]) == pytest.approx(float(expect), abs=1e-6) and float(lp[0, 0]) == 0
 
 
-def tiny_model():
-    cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0)
-    return apply_lora(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), rank=4, alpha=8)
-
-
 def test_a_few_steps_raise_the_rewarded_completion():
     """Two completions of one prompt; the first is rewarded. Its log-probability must rise, the
     other's fall, the first pass's ratio is exactly 1, and the base model stays frozen."""
@@ -147,16 +140,12 @@ def test_config_validation():
     with pytest.raises(ValueError, match="max_tokens"):
         GRPOConfig(aggregation="seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="LoRA"):
-        cfg = Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1)
-        init_state(Qwen2ForCausalLM(cfg), GRPOConfig())
+        init_state(tiny_base_model(), GRPOConfig())
 
 
 def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
-    cfg_m = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0)
-    model = Qwen2ForCausalLM(cfg_m, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                             remat=True, rngs=nnx.Rngs(0))  # base frozen in bf16, remat on
+    model = tiny_base_model(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                            remat=True)  # base frozen in bf16, remat on
     apply_lora(model, rank=4, alpha=8, param_dtype=jnp.float32)
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant")
     state = init_state(model, cfg)

@@ -13,7 +13,7 @@ from tiny_qwen import build_hf_model, random_batch, torch_logits
 
 from learners.lora import (ALL_TARGETS, apply_lora, load_peft_adapter, lora_disabled,
                            merge_lora, save_peft_adapter)
-from learners.qwen2 import Qwen2ForCausalLM
+from learners.params import from_pretrained, save_pretrained
 
 
 
@@ -26,7 +26,7 @@ def randomize_lora(model, seed=0):
 
 def test_fresh_adapter_changes_nothing_and_only_lora_is_trainable(hf_model_dir):
     _, directory, hf = hf_model_dir
-    model = Qwen2ForCausalLM.from_pretrained(directory)
+    model = from_pretrained(directory)
     ids, mask = random_batch(hf.config.vocab_size)
     before = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     apply_lora(model, rank=4, alpha=8)
@@ -47,7 +47,7 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(hf_model_dir, tmp_path):
     from peft import PeftModel
 
     name, directory, hf = hf_model_dir
-    model = Qwen2ForCausalLM.from_pretrained(directory)
+    model = from_pretrained(directory)
     apply_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
     randomize_lora(model)
     save_peft_adapter(model, str(tmp_path), base_model_name_or_path=directory)
@@ -77,7 +77,7 @@ def test_a_peft_adapter_loads_here_with_the_same_logits(hf_model_dir, tmp_path, 
         r=8, lora_alpha=16, target_modules=list(ALL_TARGETS), lora_dropout=0.0,
         init_lora_weights=False, use_rslora=rslora)).eval()  # random A and B
     peft.save_pretrained(str(tmp_path))
-    model = load_peft_adapter(Qwen2ForCausalLM.from_pretrained(directory), str(tmp_path))
+    model = load_peft_adapter(from_pretrained(directory), str(tmp_path))
     ids, mask = random_batch(hf.config.vocab_size, seed=6)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))[real],
@@ -97,12 +97,12 @@ def test_merged_adapter_exports_a_plain_hugging_face_model(hf_model_dir, tmp_pat
     from transformers import Qwen2ForCausalLM as HF
 
     name, directory, hf = hf_model_dir
-    model = apply_lora(Qwen2ForCausalLM.from_pretrained(directory), rank=4, alpha=4)
+    model = apply_lora(from_pretrained(directory), rank=4, alpha=4)
     randomize_lora(model, seed=3)
     save_peft_adapter(model, str(tmp_path / "adapter"))
     merge_lora(model)
     assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
-    model.save_pretrained(str(tmp_path / "merged"))
+    save_pretrained(model, str(tmp_path / "merged"))
     merged = HF.from_pretrained(str(tmp_path / "merged")).eval()
     peft = PeftModel.from_pretrained(build_hf_model(name), str(tmp_path / "adapter")).eval()
     ids, mask = random_batch(hf.config.vocab_size, seed=7)
@@ -113,7 +113,7 @@ def test_merged_adapter_exports_a_plain_hugging_face_model(hf_model_dir, tmp_pat
 
 def test_bad_lora_requests_are_clear_errors(hf_model_dir, tmp_path):
     _, directory, _ = hf_model_dir
-    model = Qwen2ForCausalLM.from_pretrained(directory)
+    model = from_pretrained(directory)
     with pytest.raises(ValueError, match="targets"):
         apply_lora(model, targets=("qkv",))
     with pytest.raises(ValueError, match="no LoRA"):

@@ -3,19 +3,18 @@
 import jax
 import numpy as np
 from flax import nnx
-from tiny_qwen import TINY_CONFIGS
+from tiny import VARIANTS, tiny_base_model
 
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from learners.sft import SFTStep, sft_loss
 
 
 def _model():
-    return Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIGS["gqa_tied"]), rngs=nnx.Rngs(0))
+    return tiny_base_model("gqa_tied")
 
 
 def _batch():
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 97, (4, 16)).astype(np.int32)
+    tokens = rng.integers(0, VARIANTS["gqa_tied"]["vocab_size"], (4, 16)).astype(np.int32)
     loss_mask = np.zeros((4, 16), np.int32)
     loss_mask[:, 8:] = 1  # learn only the second half of each row
     return {"tokens": tokens, "loss_mask": loss_mask}

@@ -11,29 +11,27 @@ What sharding may change is the order of float32 sums, so the test bounds what t
   update itself, about lr a step.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from tiny import subprocess_env
 
 SCRIPT = textwrap.dedent("""
     import dataclasses
     import jax, jax.numpy as jnp, numpy as np, optax
     from flax import nnx
     from learners import grpo
-    from learners.lora import apply_lora
-    from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from tiny import tiny_model
     from learners.sharding import make_mesh, shard_batch, shard_state
     from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
     GRAD_RTOL = 1e-5
     assert len(jax.devices()) == 8
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant", ppo_epochs=2,
                      micro_batch_size=8)
-    mcfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4)
     def fresh():
-        model = apply_lora(Qwen2ForCausalLM(mcfg, rngs=nnx.Rngs(0)), rank=8, alpha=8,
-                           rngs=nnx.Rngs(1))
+        model = tiny_model(lora_rank=8, lora_alpha=8, lora_seed=1, vocab_size=64,
+                           intermediate_size=64)
         # B != 0, so that every LoRA matrix has a gradient on the first pass
         for path, p in nnx.iter_graph(model):
             if isinstance(p, nnx.LoRAParam) and path[-1] == "lora_b":
@@ -82,8 +80,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_eight_fake_devices_give_the_same_update_as_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                         JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0 and "SAME" in out.stdout, out.stderr[-3000:]

@@ -1,31 +1,20 @@
-"""Tiny random Qwen2 models built with Hugging Face transformers: the oracle for the Flax model."""
+"""Tiny random Qwen2 models built with Hugging Face transformers: the oracle for the Flax model
+(their shapes: tests/tiny.py's VARIANTS)."""
 
 import jax
 import numpy as np
+from tiny import tiny_fields
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-TINY_CONFIGS = {
-    # grouped-query attention, 3 query heads per KV head, tied embeddings, odd vocabulary
-    "gqa_tied": dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                     num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
-    # multi-head attention, odd MLP width, untied embeddings, three layers
-    "mha_untied": dict(vocab_size=101, hidden_size=40, intermediate_size=50, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
-    # one KV head for eight query heads, an explicit head_dim
-    "mqa": dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                num_attention_heads=8, num_key_value_heads=1, head_dim=8,
-                tie_word_embeddings=True),
-}
-
 
 def build_hf_model(name: str, seed: int = 0):
+    """transformers' Qwen2ForCausalLM of the tiny variant `name`, every tensor random."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(rope_theta=10_000.0, rms_norm_eps=1e-6, max_position_embeddings=256,
-                      **TINY_CONFIGS[name])
+    cfg = Qwen2Config(rms_norm_eps=1e-6, max_position_embeddings=256, **tiny_fields(name))
     model = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # every tensor random, biases and norm weights included
         for pname, p in model.named_parameters():
