@@ -1,8 +1,9 @@
 """The batch the GRPO learner trains on (DESIGN.md's rollout contract) and per-episode stats.
 
     batch = rollouts.collect([3, 8], seed=0)     # agents.rollout.Rollouts
-    state, metrics = grpo_step(state, batch.arrays(), cfg)
+    state, metrics = grpo_step(state, batch, cfg)  # a RolloutBatch is a learners.train.TrainBatch
     batch.metrics(), batch.distinct_completions(), batch.episodes[0].header()
+    batch.select(batch.informative_rows()), RolloutBatch.concat([a, b], pad_id=0)
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from learners.train import TrainBatch
 
 
 @dataclass(frozen=True)
@@ -48,24 +51,21 @@ class EpisodeStats:
                 f"turns {self.turns}, tool calls {self.tool_calls} ({self.tool_errors} errors)")
 
 
-@dataclass
-class RolloutBatch:
-    """The rollout contract of DESIGN.md: one row per episode, right-padded."""
+@dataclass(frozen=True)
+class RolloutBatch(TrainBatch):
+    """A TrainBatch (tokens, loss_mask, rewards, group_ids, sampler_logprobs: see there) with
+    what the rollout knows besides, one row per episode:
 
-    tokens: np.ndarray            # int32 [B, T]
-    loss_mask: np.ndarray         # int32 [B, T]: 1 exactly on sampled tokens
-    sampler_logprobs: np.ndarray  # float32 [B, T]: 0 where loss_mask is 0
-    rewards: np.ndarray           # float32 [B]
-    group_ids: np.ndarray         # int32 [B]
-    adapter_version: np.ndarray   # int32 [B]: the oldest adapter that sampled the episode
-    lengths: np.ndarray           # int32 [B]: real tokens of each row
+    adapter_version  int32 [B]  the oldest adapter that sampled the episode
+    lengths          int32 [B]  real (unpadded) tokens of each row
+    episodes         B EpisodeStats
+    transcripts      B strings
+    """
+
+    adapter_version: np.ndarray
+    lengths: np.ndarray
     episodes: list[EpisodeStats]
     transcripts: list[str]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays `learners.train.grpo_step` takes."""
-        return {"tokens": self.tokens, "loss_mask": self.loss_mask, "rewards": self.rewards,
-                "group_ids": self.group_ids, "sampler_logprobs": self.sampler_logprobs}
 
     def metrics(self) -> dict[str, float]:
         """See `episode_metrics`."""
@@ -83,6 +83,42 @@ class RolloutBatch:
         return float(np.mean([
             len({self.tokens[i, :self.lengths[i]].tobytes() for i in rows}) / len(rows)
             for rows in groups.values()]))
+
+    def informative_rows(self) -> np.ndarray:
+        """bool [B]: rows whose group's rewards differ (a zero-variance group has zero
+        advantage, so no gradient)."""
+        keep = np.zeros(len(self.rewards), bool)
+        for g in np.unique(self.group_ids):
+            rows = self.group_ids == g
+            keep[rows] = np.ptp(self.rewards[rows]) > 1e-9
+        return keep
+
+    def select(self, keep: np.ndarray) -> "RolloutBatch":
+        """The rows where `keep` (bool [B]) is true."""
+        rows = np.flatnonzero(keep)
+        return RolloutBatch(
+            tokens=self.tokens[rows], loss_mask=self.loss_mask[rows],
+            sampler_logprobs=self.sampler_logprobs[rows], rewards=self.rewards[rows],
+            group_ids=self.group_ids[rows], adapter_version=self.adapter_version[rows],
+            lengths=self.lengths[rows], episodes=[self.episodes[i] for i in rows],
+            transcripts=[self.transcripts[i] for i in rows])
+
+    @staticmethod
+    def concat(batches: Sequence["RolloutBatch"], pad_id: int) -> "RolloutBatch":
+        """One batch from several: group ids made distinct, rows padded to the longest."""
+        t = max(b.tokens.shape[1] for b in batches)
+        pad = lambda x, v: np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=v)  # noqa: E731
+        offsets = np.cumsum([0] + [int(b.group_ids.max()) + 1 for b in batches[:-1]])
+        return RolloutBatch(
+            tokens=np.concatenate([pad(b.tokens, pad_id) for b in batches]),
+            loss_mask=np.concatenate([pad(b.loss_mask, 0) for b in batches]),
+            sampler_logprobs=np.concatenate([pad(b.sampler_logprobs, 0) for b in batches]),
+            rewards=np.concatenate([b.rewards for b in batches]),
+            group_ids=np.concatenate([b.group_ids + o for b, o in zip(batches, offsets)]),
+            adapter_version=np.concatenate([b.adapter_version for b in batches]),
+            lengths=np.concatenate([b.lengths for b in batches]),
+            episodes=[e for b in batches for e in b.episodes],
+            transcripts=[s for b in batches for s in b.transcripts])
 
 
 def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:

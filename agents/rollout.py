@@ -2,7 +2,7 @@
 
     rollouts = Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, tokenizer, RolloutConfig())
     batch = rollouts.collect(problem_indices=[3, 8], seed=0)   # G episodes for each problem
-    state, metrics = grpo_step(state, batch.arrays(), cfg)
+    state, metrics = grpo_step(state, batch, cfg)
 
 Each episode: the chat template renders the environment's first messages into prompt tokens; the
 sampler generates until a tool-call stop sequence, end of sequence or the turn budget; the text of
@@ -38,9 +38,9 @@ class RolloutConfig:
 
     group_size: int = 8
     """Episodes per problem (the GRPO group)."""
-    max_turn_tokens: int = 512
+    max_turn_tokens: int = 1024
     """Generation budget of one assistant turn."""
-    max_total_tokens: int = 2048
+    max_total_tokens: int = 4096
     """Context budget of an episode: prompt, every turn and every observation."""
     temperature: float = 1.0
     """Sampling temperature."""

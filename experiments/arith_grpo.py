@@ -18,7 +18,7 @@
    transition after a plateau whose length depends on the seed, so phase a ends on the measured
    criterion, not after a fixed count (docs/results.md has the measurements behind this design).
 3. GRPO with LoRA on ToolMath-Arith-v0 through the JAX sampler and the sandbox: the same library
-   code (agents.rollout, learners.train, experiments.grpo_loop) as the main job.
+   code (agents.rollout, learners.train, agents.training) as the main job.
 Held-out accuracy (pass@1 at temperature 1) and the tool-use rate are measured before and after,
 on problems the model never trained on. Writes DIR/summary.json, DIR/metrics.jsonl and
 DIR/arith_grpo.png.
@@ -43,17 +43,15 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 @dataclass(frozen=True)
 class Config:
     """Offline tool-learning demo settings (defaults: the full run quoted in README)."""
 
     out: str = "runs/arith"
+    """Run directory: summary.json, metrics.jsonl, the plot, transcripts."""
     overwrite: bool = False
     """Replace a run already in --out (a new run into a non-empty --out stops otherwise)."""
-    """Run directory: summary.json, metrics.jsonl, the plot, transcripts."""
     quick: bool = False
     """The shortened version the test runs (fewer steps and evaluation problems)."""
     seed: int = 0
@@ -291,14 +289,14 @@ def warm_start(model, cfg: Config, tool_rows: TokenRows, mixed_rows: TokenRows,
 def main(cfg: Config) -> dict:
     import gymnasium as gym
     from flax import nnx
-    from tqdm import tqdm
 
     import envs  # noqa: F401 - registers the environments
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
+    from agents.training import (GRPOLoop, Interrupted, ProblemOrder, RunLog, evaluate, fit,
+                                 run_environment)
+    from agents.training.run import prepare_run_directory
     from envs.problems import ArithProblems
-    from grpo_loop import (GRPOLoop, ProblemOrder, RunLog, evaluate, prepare_run_directory,
-                           run_environment)
     from learners.lora import apply_lora
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
     from learners.tokenizer import train_chat_tokenizer
@@ -352,7 +350,7 @@ def main(cfg: Config) -> dict:
                              max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
                              pad_to=64, sync_rounds=True)  # figures that do not hang on timing
     grpo_cfg = GRPOConfig(learning_rate=cfg.learning_rate, warmup_steps=3,
-                          total_steps=cfg.grpo_steps, schedule="constant")
+                          total_steps=cfg.grpo_steps, schedule="constant", micro_batch_size=None)
     train = Rollouts(make_train_env, sampler, tokenizer, roll_cfg)
     evaluator = Rollouts(make_eval_env, sampler, tokenizer,
                          dataclasses.replace(roll_cfg, group_size=cfg.eval_samples))
@@ -370,15 +368,12 @@ def main(cfg: Config) -> dict:
           f"{before['eval/tool_use_rate']:.3f}", flush=True)
     loop = GRPOLoop(model, init_state(model, grpo_cfg), grpo_cfg, train, cfg.problems_per_step)
     problems = ProblemOrder(None, position=cfg.sft_examples)  # never seen in the warm start
-    bar = tqdm(range(1, cfg.grpo_steps + 1), desc="GRPO", dynamic_ncols=True)
-    for step in bar:
-        metrics, batch = loop.step(problems, seed=cfg.seed * 1_000_003 + step)
-        log.log(step, metrics)
-        if step % 10 == 1:
-            log.transcripts(step, batch.transcripts[:4])
-        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}",
-                        acc=f"{metrics['train/accuracy']:.2f}",
-                        tool=f"{metrics['train/tool_use_rate']:.2f}")
+    try:
+        fit(loop, problems, log, start=0, steps=cfg.grpo_steps, seed=cfg.seed)
+    except Interrupted as stop:
+        log.close()
+        print(f"stopped after GRPO step {stop.step} (the demo keeps no checkpoints)")
+        raise SystemExit(130) from None
     after = held_out(cfg.grpo_steps)
     train.close()
     evaluator.close()

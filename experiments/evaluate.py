@@ -3,7 +3,8 @@
     python experiments/evaluate.py --model Qwen/Qwen2.5-0.5B-Instruct                  # base model
     python experiments/evaluate.py --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/x/adapter
     python experiments/evaluate.py --endpoint http://127.0.0.1:8000 --tokenizer Qwen/Qwen2.5-0.5B-Instruct
-    python experiments/evaluate.py --model DIR --env-id ToolMath-Arith-v0 --limit 50 --json
+    python experiments/evaluate.py --model DIR --env-id ToolMath-Arith-v0 --limit 50 --json \
+        --rollout.group-size 4 --rollout.temperature 0.6
 
 A model (hub id or local directory, optionally with a PEFT adapter) runs in-process with the JAX
 sampler; an endpoint is any server with vLLM's OpenAI-compatible completions API (vLLM itself, or
@@ -12,14 +13,13 @@ sampler; an endpoint is any server with vLLM's OpenAI-compatible completions API
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from dataclasses import dataclass
 
-import tyro
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from agents.rollout import RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -44,26 +44,20 @@ class Args:
     """Data split."""
     limit: int | None = None
     """Evaluate the first N problems (required for generated environments like Arith)."""
-    samples: int = 8
-    """Samples per problem."""
     k: tuple[int, ...] = (1, 8)
-    """The k of pass@k (each <= samples)."""
+    """The k of pass@k (each <= rollout.group_size, the samples per problem)."""
     protocol: str = "markdown"
     """Tool protocol: "markdown" or "qwen"."""
     max_turns: int = 4
     """Assistant turns per episode."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    max_turn_tokens: int = 1024
-    """Generation budget of a turn."""
-    max_total_tokens: int = 4096
-    """Context budget of an episode."""
     seed: int = 0
     """Sampling seed."""
     report: str | None = None
     """Write the JSON report here."""
     json: bool = False
     """Print the JSON report instead of a table."""
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    """How episodes are played; group_size is the samples per problem."""
 
     def __post_init__(self):
         if (self.model is None) == (self.endpoint is None):
@@ -72,16 +66,17 @@ class Args:
             raise ValueError("--endpoint needs --tokenizer (prompts are sent as token ids)")
         if self.adapter and not self.model:
             raise ValueError("--adapter applies to --model")
-        if any(k < 1 or k > self.samples for k in self.k):
-            raise ValueError(f"every k must be in 1..samples ({self.samples}), got {self.k}")
+        n = self.rollout.group_size
+        if any(k < 1 or k > n for k in self.k):
+            raise ValueError(f"every k must be in 1..rollout.group_size ({n}), got {self.k}")
 
 
 def main(args: Args) -> dict:
     import gymnasium as gym
 
     import envs  # noqa: F401 - registers the environments
-    from agents.rollout import RolloutConfig, Rollouts
-    from grpo_loop import evaluate
+    from agents.rollout import Rollouts
+    from agents.training import evaluate
     from learners.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -109,9 +104,8 @@ def main(args: Args) -> dict:
     n = min(available, args.limit or available)
     if n > 100_000:
         raise SystemExit(f"{args.env_id} has {available} problems: pass --limit N")
-    cfg = RolloutConfig(group_size=args.samples, max_turn_tokens=args.max_turn_tokens,
-                        max_total_tokens=args.max_total_tokens, temperature=args.temperature)
-    with Rollouts(lambda: gym.make(args.env_id, **kwargs), sampler, tokenizer, cfg) as rollouts:
+    with Rollouts(lambda: gym.make(args.env_id, **kwargs), sampler, tokenizer,
+                  args.rollout) as rollouts:
         metrics, _ = evaluate(rollouts, list(range(n)), ks=args.k, seed=args.seed)
     report = {"model": name, "env_id": args.env_id, **metrics}
     if args.report:
@@ -129,8 +123,9 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    from grpo_loop import exit_cleanly_when_offline
+    from agents.training.cli import exit_cleanly_when_offline, load_config, one_line_errors
 
-    arguments = tyro.cli(Args)
+    with one_line_errors(debug=False):
+        arguments = load_config(sys.argv[1:], Args, description=__doc__.split("\n\n")[0])
     exit_cleanly_when_offline(lambda: main(arguments), "offline? pass a local model directory "
                               "(--model DIR) and problems file (--problems FILE)")

@@ -12,7 +12,6 @@ in PEFT (`PeftModel.from_pretrained`), in vLLM (`--lora-modules`) and in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -39,21 +38,24 @@ class Args:
 
 def run_config(run: str):
     """The main job's Config a run was started with (its config.json)."""
-    from aime_grpo import Config
+    from agents.training import config_from_dict
 
     path = os.path.join(run, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run} is not a run directory of the main job: no config.json")
     with open(path) as f:
         saved = json.load(f)
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in saved.items() if k in fields})
+    saved.pop("environment", None)  # what the run ran on, not a setting
+    try:
+        return config_from_dict(saved)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a main-job config: {exc}") from None
 
 
 def export(args: Args) -> str:
     from flax import nnx
 
-    from aime_grpo import build_learner
+    from agents.training import build_learner
     from learners.checkpoint import Checkpointer
     from learners.lora import merge_lora, save_peft_adapter
     from learners.params import save_pretrained
@@ -73,21 +75,21 @@ def export(args: Args) -> str:
     state, _, _ = ckpt.restore(template, step=step)
     nnx.update(model, state.lora)
     out = args.out or os.path.join(args.run, "exported", str(step))
-    save_peft_adapter(model, out, base_model_name_or_path=cfg.model)
+    save_peft_adapter(model, out, base_model_name_or_path=cfg.model.name)
     if args.merged:
         merged = os.path.join(out, "merged")
         save_pretrained(merge_lora(model), merged)
-        load_tokenizer(cfg.model).save_pretrained(merged)
+        load_tokenizer(cfg.model.name).save_pretrained(merged)
     return out
 
 
 def main(args: Args) -> None:
-    from grpo_loop import exit_cleanly_when_offline, one_line_errors
+    from agents.training.cli import exit_cleanly_when_offline, one_line_errors
 
-    from aime_grpo import OFFLINE_HINT
+    hint = "offline? the run's --model.name must be a local directory"
 
     with one_line_errors(debug=args.debug):
-        out = exit_cleanly_when_offline(lambda: export(args), OFFLINE_HINT)
+        out = exit_cleanly_when_offline(lambda: export(args), hint)
     print(f"exported the adapter to {out}" + (f" and the merged model to {out}/merged"
                                               if args.merged else ""))
 

@@ -1,10 +1,12 @@
 """A tiny local 'Qwen' and problem files, for trying the main job without the hub or a GPU.
 
     uv run python experiments/make_tiny.py --out runs/tiny
-    uv run python experiments/aime_grpo.py --model runs/tiny/model --problems runs/tiny/train.jsonl \
-        --eval-problems runs/tiny/test.jsonl --sampler jax --no-wandb --steps 2 \
-        --problems-per-step 2 --group-size 2 --micro-batch-size 2 --lora-rank 4 \
-        --max-turn-tokens 12 --max-total-tokens 512 --eval-samples 2 --out runs/tiny-run
+    uv run python experiments/aime_grpo.py --model.name runs/tiny/model \
+        --env.problems runs/tiny/train.jsonl --env.eval-problems runs/tiny/test.jsonl \
+        --sampler.engine jax --log.no-wandb --steps 2 --problems-per-step 2 \
+        --rollout.group-size 2 --grpo.micro-batch-size 2 --model.lora-rank 4 \
+        --rollout.max-turn-tokens 12 --rollout.max-total-tokens 512 --eval.samples 2 \
+        --out runs/tiny-run
 
 The model is a random Qwen2 (2 layers, width 32) with a BPE tokenizer in Qwen's chat format, saved
 as Hugging Face does (config.json, model.safetensors, tokenizer files): what the tests load.

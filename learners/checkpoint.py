@@ -1,12 +1,12 @@
 """Orbax checkpoints of a GRPO run: everything a resume needs, written atomically.
 
     ckpt = Checkpointer("runs/x/checkpoints", keep=3, every=10)
-    ckpt.maybe_save(state, meta={"data_position": 123, "adapter_version": 7}, rng=key)
-    ckpt.save(state, meta=..., rng=key)                    # unconditionally (end of run)
+    ckpt.maybe_save(step, state, meta={"data_position": 123}, rng=key)   # every 10th step
+    ckpt.save(step, state, meta=..., rng=key)                            # unconditionally
     state, meta, rng = ckpt.restore(state_template)      # latest; exact (bitwise on CPU)
 
-A checkpoint holds the LoRA parameters, the optimizer state and the step (the TrainState's arrays,
-by position), the PRNG key, and a JSON record (`meta`, plus the tree structure and shapes, which
+Checkpoints are numbered by the loop's step. One holds the LoRA parameters, the optimizer state
+and the update count (the TrainState's arrays, by position), the PRNG key, and a JSON record (`meta`, plus the tree structure and shapes, which
 are checked on restore). Orbax writes each step to a temporary directory and renames it when
 complete, so a crash mid-save leaves the previous checkpoints intact.
 """
@@ -27,12 +27,12 @@ class CheckpointError(RuntimeError):
 
 
 def _arrays(state) -> list:
-    return jax.tree.leaves((state.lora, state.opt_state, state.step))
+    return jax.tree.leaves((state.lora, state.opt_state, state.updates))
 
 
 def _signature(state) -> dict:
     leaves = _arrays(state)
-    return {"structure": str(jax.tree.structure((state.lora, state.opt_state, state.step))),
+    return {"structure": str(jax.tree.structure((state.lora, state.opt_state, state.updates))),
             "shapes": [[list(np.shape(x)), str(jnp.asarray(x).dtype)] for x in leaves]}
 
 
@@ -56,16 +56,16 @@ class Checkpointer:
         """The steps kept on disk, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def maybe_save(self, state, meta: dict | None = None, rng: jax.Array | None = None,
-                   force: bool = False) -> bool:
-        """Save when the step is a multiple of `every` (or when forced: at the end, on Ctrl-C)."""
-        if force or int(state.step) % self.every == 0:
-            self.save(state, meta, rng)
+    def maybe_save(self, step: int, state, meta: dict | None = None,
+                   rng: jax.Array | None = None, force: bool = False) -> bool:
+        """Save when `step` is a multiple of `every` (or when forced: at the end, on Ctrl-C)."""
+        if force or step % self.every == 0:
+            self.save(step, state, meta, rng)
             return True
         return False
 
-    def save(self, state, meta: dict | None = None, rng: jax.Array | None = None) -> int:
-        step = int(state.step)
+    def save(self, step: int, state, meta: dict | None = None,
+             rng: jax.Array | None = None) -> int:
         if step in self.manager.all_steps():  # a state is saved once per step
             return step
         arrays = {f"{i:06d}": np.asarray(x) for i, x in enumerate(_arrays(state))}
@@ -109,9 +109,9 @@ class Checkpointer:
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable: "
                                   f"{type(exc).__name__}: {str(exc)[:200]}") from exc
-        treedef = jax.tree.structure((template.lora, template.opt_state, template.step))
-        lora, opt_state, st = jax.tree.unflatten(
+        treedef = jax.tree.structure((template.lora, template.opt_state, template.updates))
+        lora, opt_state, updates = jax.tree.unflatten(
             treedef, [jnp.asarray(arrays[f"{i:06d}"]) for i in range(len(leaves))])
-        state = dataclasses.replace(template, lora=lora, opt_state=opt_state, step=st)
+        state = dataclasses.replace(template, lora=lora, opt_state=opt_state, updates=updates)
         rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"])) if "rng" in arrays else None
         return state, record["meta"], rng

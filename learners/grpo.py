@@ -86,8 +86,8 @@ def aggregate(per_token_bt, mask_bt, aggregation: str, max_tokens: int | None = 
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float = 0.2,
-                eps_high: float = 0.2, aggregation: str = "seq-mean-token-mean",
+def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float,
+                eps_high: float, aggregation: str = "seq-mean-token-mean",
                 max_tokens: int | None = None, ref_logprobs=None, beta: float = 0.0,
                 sampler_logprobs=None, tis_cap: float | None = None, entropy=None):
     """The clipped GRPO objective, as a loss to minimise. Per token t of episode i:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from learners.train import TrainState
+from learners.train import TrainBatch, TrainState
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
@@ -50,10 +50,10 @@ def shard_tree(tree, mesh: Mesh):
 def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
     return TrainState(shard_tree(state.lora, mesh), shard_tree(state.rest, mesh),
                       shard_tree(state.opt_state, mesh),
-                      jax.device_put(state.step, NamedSharding(mesh, P())), state.graphdef)
+                      jax.device_put(state.updates, NamedSharding(mesh, P())), state.graphdef)
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
+def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def put(x):
@@ -63,4 +63,4 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         spec = P(("data", "fsdp"), *([None] * (x.ndim - 1)))
         return jax.device_put(x, NamedSharding(mesh, spec))
 
-    return {k: put(v) for k, v in batch.items()}
+    return jax.tree.map(put, batch)

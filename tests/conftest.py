@@ -25,3 +25,21 @@ def vllm_python():
                 pytest.fail(message)
             pytest.skip(message)
     return python
+
+
+@pytest.fixture(scope="session")
+def installed_python(tmp_path_factory):
+    """The Python of a fresh venv with this project installed as a user would (`uv pip install
+    .`, no editable link, no PYTHONPATH): what another project imports."""
+    import shutil
+    import sys
+
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    venv = tmp_path_factory.mktemp("installed") / "venv"
+    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    subprocess.run([uv, "pip", "install", "-q", "-p", python, str(ROOT)], check=True, timeout=900)
+    return python
+

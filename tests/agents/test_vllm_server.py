@@ -137,12 +137,13 @@ def test_the_main_job_trains_through_vllm(server, tiny, tmp_path):
     train, test = make_problems(str(tmp_path / "problems"))
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), "--model", directory,
-         "--problems", train, "--eval-problems", test, "--out", str(out), "--steps", "2",
-         "--problems-per-step", "2", "--group-size", "4", "--micro-batch-size", "4",
-         "--lora-rank", "4", "--max-turn-tokens", "16", "--max-total-tokens", "1024",
-         "--eval-samples", "2", "--eval-every", "0", "--no-wandb", "--sampler", "vllm",
-         "--vllm-url", server.url], capture_output=True, text=True, timeout=900, cwd=ROOT)
+        [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), "--model.name", directory,
+         "--env.problems", train, "--env.eval-problems", test, "--out", str(out),
+         "--steps", "2", "--problems-per-step", "2", "--rollout.group-size", "4",
+         "--grpo.micro-batch-size", "4", "--model.lora-rank", "4",
+         "--rollout.max-turn-tokens", "16", "--rollout.max-total-tokens", "1024",
+         "--eval.samples", "2", "--eval.every", "0", "--log.no-wandb",
+         "--sampler.engine", "vllm", "--sampler.vllm-url", server.url], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rollouts: vLLM server at {server.url}" in done.stdout
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,19 +41,16 @@ def test_check_env_on_every_registered_id(env_id, aime_file):
     env.close()
 
 
-REPO = Path(__file__).resolve().parents[2]
+OUTSIDE = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+"""The environment of a program outside the repo: no PYTHONPATH, no active venv."""
 
 
 @pytest.mark.slow
-def test_an_installed_package_registers_its_ids_in_any_program(tmp_path, aime_file):
+def test_an_installed_package_registers_its_ids_in_any_program(tmp_path, aime_file,
+                                                               installed_python):
     """A fresh venv with the built wheel: plain gym.make("ToolMath-...") from outside the repo."""
-    uv = os.environ.get("UV") or shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not on PATH")
-    venv = tmp_path / "venv"
-    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    subprocess.run([uv, "pip", "install", "-q", "-p", python, str(REPO)], check=True, timeout=600)
+    python = installed_python
+    venv = os.path.dirname(os.path.dirname(python))
     script = ("import sys\n"
               "print('gymnasium' in sys.modules)\n"  # the start-up hook imports nothing
               "import gymnasium as gym\n"
@@ -62,9 +58,8 @@ def test_an_installed_package_registers_its_ids_in_any_program(tmp_path, aime_fi
               "obs, info = env.reset(seed=0)\nprint(info['problem_id'])\n"
               "env = gym.make('ToolMath-Arith-v0')\nobs, info = env.reset(seed=0)\n"
               "print(type(env.unwrapped).__module__, sys.modules['envs'].__file__)")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     out = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path, env=env)
+                         cwd=tmp_path, env=OUTSIDE)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "False"

@@ -1,5 +1,6 @@
 """GRPO math against hand-computed values, and the train step on a tiny model."""
 
+import dataclasses
 import math
 
 import jax
@@ -10,7 +11,7 @@ from tiny import tiny_base_model, tiny_model
 
 from learners import grpo
 from learners.lora import apply_lora
-from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
+from learners.train import GRPOConfig, TrainBatch, grpo_step, init_state, sequence_logprobs
 
 S3 = math.sqrt(3) / 2  # (1 - 0.5) / sqrt(1/3): rewards [0, 1, 1, 0] in one group
 
@@ -42,7 +43,8 @@ def test_policy_loss_ratio_one_clipping_and_kl_by_hand():
     mask = jnp.ones((2, 1))
     adv = jnp.array([1.0, -1.0])
     logp = jnp.log(jnp.array([[0.3], [0.3]]))
-    loss, aux = grpo.policy_loss(logp, logp, adv, mask, aggregation="token-mean")
+    loss, aux = grpo.policy_loss(logp, logp, adv, mask, eps_low=0.2, eps_high=0.28,
+                                 aggregation="token-mean")
     assert float(loss) == pytest.approx(0.0) and float(aux["ratio_mean"]) == pytest.approx(1.0)
     # ratio 1.5 with A=+1 is clipped at 1 + eps_high; ratio 0.5 with A=-1 at 1 - eps_low
     new = jnp.log(jnp.array([[0.45], [0.15]]))
@@ -62,8 +64,8 @@ def test_truncated_importance_sampling_weights():
     mask = jnp.ones((1, 2))
     logp = jnp.log(jnp.array([[0.5, 0.5]]))
     sampler = jnp.log(jnp.array([[0.25, 0.5]]))  # weights min(2, cap) and 1
-    loss, aux = grpo.policy_loss(logp, logp, jnp.array([1.0]), mask, aggregation="token-mean",
-                                 sampler_logprobs=sampler, tis_cap=1.5)
+    loss, aux = grpo.policy_loss(logp, logp, jnp.array([1.0]), mask, eps_low=0.2, eps_high=0.28,
+                                 aggregation="token-mean", sampler_logprobs=sampler, tis_cap=1.5)
     assert float(loss) == pytest.approx(-(1.5 + 1.0) / 2)
     assert float(aux["sampler_learner_gap"]) == pytest.approx(math.log(2) / 2, abs=1e-6)
 
@@ -75,10 +77,12 @@ def test_masked_tokens_and_zero_advantages_give_no_gradient():
     mask = jnp.array([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     for agg in grpo.AGGREGATIONS:
         g = jax.grad(lambda lp: grpo.policy_loss(lp, old, jnp.array([1.0, -2.0, 0.5]), mask,
-                                                 aggregation=agg, max_tokens=5)[0])(logp)
+                                                 eps_low=0.2, eps_high=0.28, aggregation=agg,
+                                                 max_tokens=5)[0])(logp)
         assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0), agg
         assert np.any(np.asarray(g)[np.asarray(mask) == 1] != 0), agg
-        g0 = jax.grad(lambda lp: grpo.policy_loss(lp, old, jnp.zeros(3), mask, aggregation=agg,
+        g0 = jax.grad(lambda lp: grpo.policy_loss(lp, old, jnp.zeros(3), mask, eps_low=0.2,
+                                                  eps_high=0.28, aggregation=agg,
                                                   max_tokens=5)[0])(logp)
         assert np.all(np.asarray(g0) == 0), agg
 
@@ -96,8 +100,8 @@ def test_a_few_steps_raise_the_rewarded_completion():
     other's fall, the first pass's ratio is exactly 1, and the base model stays frozen."""
     tokens = jnp.array([[1, 2, 3, 10, 11, 12, 0], [1, 2, 3, 20, 21, 22, 0]], jnp.int32)
     loss_mask = jnp.array([[0, 0, 0, 1, 1, 1, 0]] * 2, jnp.float32)
-    batch = {"tokens": tokens, "loss_mask": loss_mask, "rewards": jnp.array([1.0, 0.0]),
-             "group_ids": jnp.array([0, 0])}
+    batch = TrainBatch(tokens, loss_mask, rewards=jnp.array([1.0, 0.0]),
+                       group_ids=jnp.array([0, 0]))
     cfg = GRPOConfig(learning_rate=3e-3, warmup_steps=1, schedule="constant", ppo_epochs=2,
                      micro_batch_size=1)
     state = init_state(tiny_model(), cfg)
@@ -113,15 +117,16 @@ def test_a_few_steps_raise_the_rewarded_completion():
         assert metrics["first_pass_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     after = completion_logprob(state)
     assert after[0] > before[0] + 0.5 and after[1] < before[1] - 0.5, (before, after)
-    assert int(state.step) == 10 and metrics["grad_norm"] > 0
+    assert int(state.updates) == 5 and metrics["grad_norm"] > 0  # one update a grpo_step
+    assert int(state.opt_state[1][0].count) == 10  # two optimizer steps each (ppo_epochs 2)
     for a, b in zip(jax.tree.leaves(rest_before), jax.tree.leaves(state.rest)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient():
     tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 32)
-    batch = {"tokens": tokens, "loss_mask": jnp.ones((4, 6)).at[:, :2].set(0),
-             "rewards": jnp.array([1.0, 0.0, 0.5, 0.0]), "group_ids": jnp.array([0, 0, 1, 1])}
+    batch = TrainBatch(tokens, jnp.ones((4, 6)).at[:, :2].set(0),
+                       rewards=jnp.array([1.0, 0.0, 0.5, 0.0]), group_ids=jnp.array([0, 0, 1, 1]))
     results = []
     for mbs in (None, 2):
         cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant",
@@ -150,8 +155,8 @@ def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant")
     state = init_state(model, cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 32)
-    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, 6)), "rewards": jnp.array([1.0, 0.0]),
-             "group_ids": jnp.array([0, 0])}
+    batch = TrainBatch(tokens, jnp.ones((2, 6)), rewards=jnp.array([1.0, 0.0]),
+                       group_ids=jnp.array([0, 0]))
     state, metrics = grpo_step(state, batch, cfg)
     assert {x.dtype for x in jax.tree.leaves(state.lora)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
@@ -162,15 +167,15 @@ def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
 def test_one_epoch_needs_no_old_logprob_pass():
     """With ppo_epochs 1 the loss takes the update's own log-probabilities, held constant, as the
     old ones: the same loss and gradient as with a separate pass over the same parameters."""
-    from learners.train import _loss
+    from learners.train import _loss, _UpdateBatch  # the loss of one pass, tested as such
 
     tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, 32)
     cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant")
     state = init_state(tiny_model(), cfg)
-    mb = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
-          "loss_mask": jnp.ones((4, 6)).at[:, :2].set(0),
-          "advantages": jnp.array([1.0, -1.0, 0.5, -0.5])}
-    with_pass = {**mb, "old_logprobs": sequence_logprobs(state, tokens, mb["attention_mask"])}
+    mb = _UpdateBatch(tokens, jnp.ones_like(tokens), jnp.ones((4, 6)).at[:, :2].set(0),
+                      jnp.array([1.0, -1.0, 0.5, -0.5]))
+    with_pass = dataclasses.replace(
+        mb, old_logprobs=sequence_logprobs(state, tokens, mb.attention_mask))
     grad = jax.value_and_grad(_loss, has_aux=True)
     (loss_a, aux_a), grads_a = grad(state.lora, state, mb, cfg)
     (loss_b, aux_b), grads_b = grad(state.lora, state, with_pass, cfg)
@@ -180,7 +185,7 @@ def test_one_epoch_needs_no_old_logprob_pass():
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale)
-    _, metrics = grpo_step(state, {"tokens": tokens, "loss_mask": mb["loss_mask"],
-                                   "rewards": jnp.array([1.0, 0.0, 0.5, 0.0]),
-                                   "group_ids": jnp.array([0, 0, 1, 1])}, cfg)
+    _, metrics = grpo_step(state, TrainBatch(tokens, mb.loss_mask,
+                                             rewards=jnp.array([1.0, 0.0, 0.5, 0.0]),
+                                             group_ids=jnp.array([0, 0, 1, 1])), cfg)
     assert metrics["first_pass_ratio_mean"] == 1.0

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     from learners import grpo
     from tiny import tiny_model
     from learners.sharding import make_mesh, shard_batch, shard_state
-    from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
+    from learners.train import GRPOConfig, TrainBatch, grpo_step, init_state, sequence_logprobs
     GRAD_RTOL = 1e-5
     assert len(jax.devices()) == 8
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant", ppo_epochs=2,
@@ -38,17 +38,17 @@ SCRIPT = textwrap.dedent("""
                 p.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), p.shape))
         return init_state(model, cfg)
     k1, k2 = jax.random.split(jax.random.key(0))
-    batch = {"tokens": np.asarray(jax.random.randint(k1, (16, 12), 0, 64)),
-             "loss_mask": np.ones((16, 12), np.float32),
-             "rewards": np.asarray(jax.random.uniform(k2, (16,))),
-             "group_ids": np.repeat(np.arange(4), 4)}
-    advantages = grpo.group_advantages(batch["rewards"], batch["group_ids"])
+    batch = TrainBatch(tokens=np.asarray(jax.random.randint(k1, (16, 12), 0, 64)),
+                       loss_mask=np.ones((16, 12), np.float32),
+                       rewards=np.asarray(jax.random.uniform(k2, (16,))),
+                       group_ids=np.repeat(np.arange(4), 4))
+    advantages = grpo.group_advantages(batch.rewards, batch.group_ids)
 
     def pg_loss(lora, state, b):  # the first pass's objective (ratio 1)
-        logp = sequence_logprobs(dataclasses.replace(state, lora=lora), b["tokens"],
-                                 jnp.ones_like(b["tokens"]))
-        return grpo.policy_loss(logp, jax.lax.stop_gradient(logp), advantages,
-                                b["loss_mask"])[0]
+        logp = sequence_logprobs(dataclasses.replace(state, lora=lora), b.tokens,
+                                 jnp.ones_like(b.tokens))
+        return grpo.policy_loss(logp, jax.lax.stop_gradient(logp), advantages, b.loss_mask,
+                                eps_low=cfg.eps_low, eps_high=cfg.eps_high)[0]
 
     mesh = make_mesh(data=2, fsdp=4)
     one, eight = fresh(), shard_state(fresh(), mesh)

@@ -1,0 +1,347 @@
+"""A GRPO run from its config: the run directory, the model, the sampler, the loop, checkpoints,
+evaluation and the exported adapter.
+
+    summary = train(Config(steps=50, out="runs/x"))   # what experiments/aime_grpo.py calls
+    fit(loop, problems, log, start=0, steps=20, seed=0)   # just the steps (the offline demo)
+
+A run directory holds one run: config.json, metrics.jsonl, the plots, transcripts/,
+checkpoints/ (orbax) with checkpoint_adapters/STEP (PEFT) beside, adapter/ (the final one, PEFT),
+summary.json. Ctrl-C finishes the step, saves a checkpoint and its adapter and exits with 130;
+`resume` continues from the latest checkpoint, bitwise where the machine is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+from typing import Callable
+
+from agents.training.cli import fail, one_line_errors
+from agents.training.config import RESUMABLE_CHANGES, Config, flatten
+from agents.training.evaluation import evaluate
+from agents.training.loop import GRPOLoop, ProblemOrder
+from agents.training.runlog import RunLog, run_environment, truncate_metrics
+
+
+class Interrupted(Exception):
+    """Ctrl-C ended `fit` after `step` (its checkpoint, if any, saved)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted after step {step}")
+        self.step = step
+
+
+class GracefulInterrupt:
+    """Turns the first Ctrl-C into a flag, so that the loop can checkpoint before exiting."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting "
+              "(Ctrl-C again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, steps: int, seed: int,
+        checkpoint: Callable[[int, bool], object] | None = None,
+        evaluate_at: Callable[[int], dict] | None = None, eval_every: int = 0,
+        transcripts_every: int = 10) -> dict:
+    """Steps start+1 .. steps of `loop`, each logged; `checkpoint(step, force)` after each (it
+    decides whether one is due), `evaluate_at(step)` every `eval_every` steps before the last.
+    Step t samples with seed `seed * 1_000_003 + t`. Returns the last step's metrics; Ctrl-C
+    raises Interrupted once that step is logged and checkpointed (forced)."""
+    from tqdm import tqdm
+
+    metrics: dict = {}
+    bar = tqdm(range(start + 1, steps + 1), desc="GRPO", initial=start, total=steps,
+               dynamic_ncols=True)
+    with GracefulInterrupt() as interrupt:
+        for step in bar:
+            metrics, batch = loop.step(problems, seed=seed * 1_000_003 + step)
+            # read once: a Ctrl-C that arrives later in this step is acted on after the next
+            stop = interrupt.requested
+            log.log(step, metrics)
+            if transcripts_every and step % transcripts_every == 1 % transcripts_every:
+                log.transcripts(step, batch.transcripts[:4])
+            if checkpoint is not None:
+                checkpoint(step, stop)
+            if evaluate_at and eval_every and step % eval_every == 0 and step < steps and not stop:
+                evaluate_at(step)
+            bar.set_postfix(reward=f"{metrics.get('train/reward', 0):.3f}",
+                            acc=f"{metrics.get('train/accuracy', 0):.3f}",
+                            tools=f"{metrics.get('train/tool_use_rate', 0):.2f}")
+            if stop:
+                raise Interrupted(step)
+    bar.close()
+    return metrics
+
+
+def config_changes(saved: dict, config: dict, allowed=RESUMABLE_CHANGES) -> list[str]:
+    """'setting: old -> new' for every setting of `config` (nested as dataclasses.asdict gives
+    it) whose saved value differs, but for the `allowed` settings and sections."""
+    old, new = flatten(saved), flatten(json.loads(json.dumps(config, default=str)))
+    changes = []
+    for key, value in new.items():
+        if key.split(".")[0] in allowed or key in allowed or key not in old:
+            continue
+        if old[key] != value:
+            changes.append(f"{key}: {old[key]!r} -> {value!r}")
+    return changes
+
+
+def prepare_run_directory(out: str, config, resume: bool, overwrite: bool) -> None:
+    """A run directory holds one run. A new run needs an empty (or missing) `out`, or
+    `overwrite`, which deletes what is there; `resume` needs the saved config to agree with
+    `config` but for RESUMABLE_CHANGES. Otherwise it says why in one line and exits with 2."""
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if resume:
+        saved_path = os.path.join(out, "config.json")
+        if os.path.exists(saved_path):
+            with open(saved_path) as f:
+                saved = json.load(f)
+            changes = config_changes(saved, cfg)
+            if changes:
+                fail(f"--resume with settings that differ from the run in {out}: "
+                     f"{'; '.join(changes)} (resume with the saved settings, or start a new run "
+                     f"with another --out)")
+        return
+    if present and not overwrite:
+        fail(f"{out} already holds a run ({', '.join(present[:4])}"
+             f"{', ...' if len(present) > 4 else ''}); continue it with --resume, replace it "
+             f"with --overwrite, or choose another --out")
+    if present:
+        shutil.rmtree(out)
+
+
+def choose_engine(cfg: Config) -> str:
+    """"vllm" or "jax": the configured engine, or for "auto" vLLM where it is installed and a GPU
+    is present (or a server URL is given)."""
+    if cfg.sampler.engine != "auto":
+        return cfg.sampler.engine
+    if cfg.sampler.vllm_url:
+        return "vllm"
+    import importlib.util
+
+    import jax
+
+    has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    return "vllm" if has_gpu and importlib.util.find_spec("vllm") else "jax"
+
+
+def check_context_budget(env, tokenizer, indices, cfg: Config) -> None:
+    """A prompt that fills rollout.max_total_tokens leaves nothing to sample: refuse such a
+    budget (and warn when the first turn gets less than its max_turn_tokens)."""
+    from agents.rollout import longest_prompt
+
+    budget, turn = cfg.rollout.max_total_tokens, cfg.rollout.max_turn_tokens
+    tokens, problem_id = longest_prompt(env, tokenizer, indices)
+    if tokens >= budget:
+        raise ValueError(
+            f"--rollout.max-total-tokens {budget} leaves no room to answer: the prompt of "
+            f"{problem_id} is {tokens} tokens; raise it above {tokens} (to {tokens + turn} for "
+            "one full turn)")
+    if tokens + turn > budget:
+        print(f"warning: the prompt of {problem_id} is {tokens} tokens, so its first turn gets "
+              f"{budget - tokens} of --rollout.max-turn-tokens {turn}", file=sys.stderr,
+              flush=True)
+
+
+def build_learner(cfg: Config):
+    """(model with LoRA, GRPOConfig, a fresh TrainState): what a checkpoint of `cfg` restores
+    into."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from learners.lora import apply_lora
+    from learners.params import from_pretrained
+    from learners.train import init_state
+
+    dtype = getattr(jnp, cfg.model.dtype)
+    model = from_pretrained(cfg.model.name, dtype=dtype, param_dtype=dtype, remat=cfg.model.remat)
+    model = apply_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
+                       rngs=nnx.Rngs(cfg.seed))
+    grpo_cfg = cfg.grpo_for_run()
+    return model, grpo_cfg, init_state(model, grpo_cfg)
+
+
+def _env_kwargs(cfg: Config, split: str) -> dict:
+    kwargs = {"protocol": cfg.env.protocol, "max_turns": cfg.env.max_turns}
+    source = cfg.env.problems if split == "train" else cfg.env.eval_problems
+    if split != "train":
+        kwargs["split"] = split
+    return {**kwargs, **({"problems": source} if source else {})}
+
+
+def check_inputs(cfg: Config) -> tuple[int, int]:
+    """Everything a run reads, checked before the model loads (a ValueError or
+    FileNotFoundError otherwise): the model's config, the tokenizer, the environment and both
+    problem sets, the context budget. Returns (training problems, evaluation problems)."""
+    import gymnasium as gym
+
+    import envs
+    from learners.params import read_model_config, resolve
+    from learners.tokenizer import load_tokenizer
+
+    read_model_config(resolve(cfg.model.name))
+    tokenizer = load_tokenizer(cfg.model.name)
+    if cfg.env.env_id not in envs.ENV_IDS:
+        raise ValueError(f"--env.env-id {cfg.env.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
+    sizes = []
+    for split in ("train", "test"):
+        probe = gym.make(cfg.env.env_id, **_env_kwargs(cfg, split))  # loads the problems now
+        sizes.append(len(probe.unwrapped.problems))
+        check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg)
+        probe.close()
+    return sizes[0], min(sizes[1], cfg.eval.limit or 10**9)
+
+
+@contextlib.contextmanager
+def open_sampler(cfg: Config, engine: str, model, tokenizer):
+    """The rollout engine of `cfg`: a vLLM server (given, or launched here and stopped on exit)
+    or the in-process JAX sampler."""
+    with contextlib.ExitStack() as stack:
+        if engine == "vllm":
+            from agents.vllm_client import VLLMSampler, VLLMServer
+
+            url = cfg.sampler.vllm_url or stack.enter_context(VLLMServer(
+                cfg.model.name, max_lora_rank=cfg.model.lora_rank,
+                gpu_memory_utilization=cfg.sampler.vllm_gpu_memory,
+                extra_args=["--max-model-len", str(cfg.rollout.max_total_tokens)])).url
+            print(f"rollouts: vLLM server at {url}", flush=True)
+            yield VLLMSampler(url, tokenizer, adapter_dir=os.path.join(cfg.out, "adapters"))
+        else:
+            import jax
+
+            from agents.sampler import JaxSampler
+
+            eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
+            print(f"rollouts: in-process JAX sampler on {jax.devices()[0].platform}"
+                  + ("" if cfg.sampler.engine == "jax" else " (vLLM needs a GPU and `pip install "
+                     "toolgrpo[vllm]`)"), flush=True)
+            yield JaxSampler(model, tokenizer, eos_token_ids=eos)
+
+
+def train(cfg: Config) -> dict:
+    """The whole run of `cfg` (module docstring); returns the summary it writes to
+    OUT/summary.json. Bad input ends it with one line (exit code 2) before the model loads."""
+    if cfg.sampler.engine != "jax" and not cfg.sampler.vllm_url:  # leave vLLM its GPU share
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                              f"{0.92 - cfg.sampler.vllm_gpu_memory:.2f}")
+    import gymnasium as gym
+    from flax import nnx
+
+    from agents.rollout import Rollouts
+    from learners.checkpoint import Checkpointer
+    from learners.devices import unused_accelerator
+    from learners.lora import merge_lora, save_peft_adapter
+    from learners.params import save_pretrained
+    from learners.tokenizer import load_tokenizer
+
+    prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    unused = None if cfg.allow_cpu else unused_accelerator()
+    if unused:
+        fail(unused)
+    with one_line_errors(debug=cfg.debug):
+        n_train, n_eval = check_inputs(cfg)
+    tokenizer = load_tokenizer(cfg.model.name)
+    engine = choose_engine(cfg)
+    model, grpo_cfg, state = build_learner(cfg)
+
+    with contextlib.ExitStack() as stack:
+        sampler = stack.enter_context(open_sampler(cfg, engine, model, tokenizer))
+        train_rollouts = stack.enter_context(Rollouts(
+            lambda: gym.make(cfg.env.env_id, **_env_kwargs(cfg, "train")), sampler, tokenizer,
+            cfg.rollout))
+        evaluator = stack.enter_context(Rollouts(
+            lambda: gym.make(cfg.env.env_id, **_env_kwargs(cfg, "test")), sampler, tokenizer,
+            dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples)))
+        loop = GRPOLoop(model, state, grpo_cfg, train_rollouts, cfg.problems_per_step,
+                        cfg.dynamic_sampling, cfg.max_refills)
+        ckpt = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=cfg.log.keep_checkpoints,
+                            every=cfg.log.checkpoint_every)
+        start, position = 0, 0
+        if cfg.resume and ckpt.latest_step is not None:
+            start = ckpt.latest_step
+            loop.state, meta, _ = ckpt.restore(loop.state)
+            nnx.update(model, loop.state.lora)
+            position = int(meta.get("data_position", 0))
+            sampler.sync_adapter(model, loop.adapter_version)
+            print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+        elif cfg.resume:
+            print(f"--resume: no checkpoint in {ckpt.directory}; starting a new run", flush=True)
+        dropped = truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} records logged after step {start} (they "
+                  "are logged again)", flush=True)
+        log = RunLog(cfg.out, cfg, wandb_mode="online" if cfg.log.wandb else "off",
+                     project=cfg.log.wandb_project, resume=cfg.resume)
+        problems = ProblemOrder(n_train, seed=cfg.seed, position=position)
+        ks = sorted({1, cfg.eval.samples} | ({8} if cfg.eval.samples >= 8 else set()))
+
+        def evaluate_at(step: int) -> dict:
+            metrics, transcripts = evaluate(evaluator, range(n_eval), ks=ks,
+                                            seed=cfg.seed + 99 * step,
+                                            adapter_version=loop.adapter_version)
+            metrics = {f"eval/{k}": v for k, v in metrics.items()}
+            log.log(step, metrics)
+            log.transcripts(step, transcripts, tag="eval")
+            return metrics
+
+        adapters_of_checkpoints = os.path.join(cfg.out, "checkpoint_adapters")
+
+        def checkpoint(step: int, force: bool = False) -> None:
+            """The orbax checkpoint of `step` when due, and its PEFT adapter (evaluate.py
+            --adapter loads it); adapters of checkpoints no longer kept are removed."""
+            meta = {"data_position": problems.position, "adapter_version": loop.adapter_version}
+            if not ckpt.maybe_save(step, loop.state, meta, force=force):
+                return
+            directory = os.path.join(adapters_of_checkpoints, str(step))
+            if not os.path.isdir(directory):
+                save_peft_adapter(model, directory, base_model_name_or_path=cfg.model.name)
+            for name in os.listdir(adapters_of_checkpoints):
+                if name.isdigit() and int(name) not in ckpt.steps:
+                    shutil.rmtree(os.path.join(adapters_of_checkpoints, name))
+
+        adapter_dir = os.path.join(cfg.out, "adapter")
+        try:
+            metrics = fit(loop, problems, log, start=start, steps=cfg.steps, seed=cfg.seed,
+                          checkpoint=checkpoint, evaluate_at=evaluate_at,
+                          eval_every=cfg.eval.every, transcripts_every=cfg.log.transcripts_every)
+        except Interrupted as stop:
+            save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
+            print(f"saved checkpoint {stop.step} in {ckpt.directory} and its adapter in "
+                  f"{adapter_dir}; continue with --resume", flush=True)
+            log.close()
+            raise SystemExit(130) from None  # the shell's code for a run ended by Ctrl-C
+        checkpoint(cfg.steps, force=True)
+        last_eval = evaluate_at(cfg.steps)
+        save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
+        if cfg.log.export_merged:
+            merged = os.path.join(cfg.out, "merged")
+            save_pretrained(merge_lora(nnx.clone(model)), merged)
+            tokenizer.save_pretrained(merged)
+        log.close()
+    summary = {"step": cfg.steps, **last_eval,
+               **{k: v for k, v in metrics.items() if k.startswith("train/")},
+               "adapter": adapter_dir, "sampler": engine, "seed": cfg.seed,
+               "environment": run_environment()}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: summary[k] for k in summary if k.startswith("eval/pass@")}))
+    return summary

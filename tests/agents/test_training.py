@@ -1,0 +1,129 @@
+"""The loop as a library: the config tree, resume rules, pass@k, the run log, and the installed
+package running the loop from another program."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from agents.training import (Config, EvalConfig, LogConfig, ModelConfig, RunLog,
+                             config_from_dict, pass_at_k)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = str(tmp_path / "run")
+
+    def run_id(resume: bool) -> str:
+        log = RunLog(run_dir, {"steps": 3}, wandb_mode="offline", resume=resume)
+        log.log(1, {"train/reward": 0.5})
+        identity = log.wandb.id
+        log.close()
+        return identity
+
+    first = run_id(resume=False)
+    assert open(os.path.join(run_dir, "wandb_run_id")).read().strip() == first
+    assert run_id(resume=True) == first
+    assert run_id(resume=False) != first  # a new run (after --overwrite) is a new W&B run
+
+
+def test_every_setting_of_every_part_is_a_flag_and_a_yaml_key(tmp_path):
+    """The tree is the library's own configs: a flag or a file key reaches RolloutConfig and
+    GRPOConfig fields the main job never named, and defaults live in one place."""
+    from agents.rollout import RolloutConfig
+    from agents.training.cli import load_config
+    from learners.train import GRPOConfig
+
+    assert Config().rollout == RolloutConfig() and Config().grpo == GRPOConfig()
+    cfg = load_config(["--grpo.eps-high", "0.31", "--grpo.aggregation", "token-mean",
+                       "--grpo.no-scale-by-std", "--rollout.top-k", "5", "--steps", "7"], Config)
+    assert (cfg.grpo.eps_high, cfg.grpo.aggregation, cfg.grpo.scale_by_std) == (0.31,
+                                                                                "token-mean", False)
+    assert cfg.rollout.top_k == 5 and cfg.steps == 7 and cfg.grpo.eps_low == GRPOConfig().eps_low
+    (tmp_path / "c.yaml").write_text("steps: 9\ngrpo:\n  tis_cap: 2.0\n  ppo_epochs: 2\n")
+    cfg = load_config(["--config", str(tmp_path / "c.yaml"), "--grpo.ppo-epochs", "3"], Config)
+    assert (cfg.steps, cfg.grpo.tis_cap, cfg.grpo.ppo_epochs) == (9, 2.0, 3)  # flags win
+    assert cfg.grpo_for_run().total_steps == 27  # the schedule spans steps x ppo_epochs
+
+
+def test_config_from_dict_checks_every_value_and_names_its_path():
+    cfg = config_from_dict({"steps": 3, "model": {"lora_rank": 4}, "eval": {"every": 0}})
+    assert (cfg.steps, cfg.model.lora_rank, cfg.eval.every) == (3, 4, 0)
+    assert config_from_dict(dataclasses.asdict(cfg)) == cfg  # what config.json holds, read back
+    for values, message in [
+        ({"grpo": {"eps_high": "high"}}, "grpo.eps_high is 'high', expected float"),
+        ({"rollout": {"group_sise": 4}}, "unknown settings ['rollout.group_sise']"),
+        ({"log": {"checkpoint_every": 0}}, "log: checkpoint_every and keep_checkpoints"),
+        ({"sampler": {"engine": "tpu"}}, "sampler.engine is 'tpu'"),
+        ({"steps": True}, "steps is True, expected int"),
+        ({"model": 3}, "model. must map setting names"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_from_dict(values)
+
+
+def test_a_resume_may_change_only_the_resumable_settings():
+    from agents.training.run import config_changes
+
+    saved = json.loads(json.dumps(dataclasses.asdict(Config()), default=str))
+    allowed = dataclasses.replace(Config(), steps=500, eval=EvalConfig(every=5),
+                                  log=LogConfig(wandb=False))
+    assert config_changes(saved, dataclasses.asdict(allowed)) == []
+    changed = dataclasses.replace(Config(), model=ModelConfig(lora_rank=8), seed=3)
+    assert config_changes(saved, dataclasses.asdict(changed)) == ["seed: 0 -> 3",
+                                                                  "model.lora_rank: 128 -> 8"]
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 2) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - (3 * 2) / (4 * 3))  # 1 - C(3,2)/C(4,2)
+    with pytest.raises(ValueError, match="needs at least 8 samples"):
+        pass_at_k(4, 1, 8)
+
+
+@pytest.mark.slow
+def test_the_installed_package_runs_the_loop_from_another_program(installed_python, tmp_path):
+    """`pip install .` in a fresh venv, then a script outside the repo imports the loop and
+    trains a tiny local model for two steps (in-process JAX sampler)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from make_tiny import make_model, make_problems
+
+    model = make_model(str(tmp_path / "model"))
+    train, test = make_problems(str(tmp_path / "problems"))
+    script = f"""
+import sys
+from agents.rollout import RolloutConfig
+from agents.training import Config, EnvConfig, EvalConfig, LogConfig, ModelConfig, SamplerConfig, train
+from learners.train import GRPOConfig
+cfg = Config(out={str(tmp_path / "run")!r}, steps=2, problems_per_step=2,
+             model=ModelConfig(name={model!r}, lora_rank=4),
+             env=EnvConfig(problems={train!r}, eval_problems={test!r}),
+             sampler=SamplerConfig(engine="jax"),
+             rollout=RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=512),
+             grpo=GRPOConfig(micro_batch_size=2), eval=EvalConfig(samples=2, limit=1),
+             log=LogConfig(wandb=False))
+summary = train(cfg)
+import agents.training
+print("LOOP", agents.training.__file__, summary["step"], summary["eval/pass@1"])
+"""
+    outside = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([installed_python, "-c", script], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env=outside)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("LOOP"))
+    _, origin, step, pass1 = line.split()
+    assert origin.startswith(os.path.dirname(os.path.dirname(installed_python))), origin
+    assert step == "2" and 0.0 <= float(pass1) <= 1.0
+    records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "train/reward" in r] == [1, 2]
