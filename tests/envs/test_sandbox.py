@@ -1,4 +1,5 @@
-"""One adversarial test per property of PythonSandbox (see the threat model in envs/sandbox.py).
+"""One adversarial test per property of PythonSandbox (see the threat model in
+envs/sandbox/__init__.py).
 
 Every hostile snippet is bounded so that it stays harmless even if containment failed: fork floods
 stop at a few thousand sleeping children that exit by themselves, files stop at 2 GB, daemons
@@ -97,7 +98,7 @@ def test_traceback_line_numbers_refer_to_the_snippet(sandbox):
     r = sandbox.run("a = 1\nb = 2\n\nraise ValueError('boom')\n")
     assert r.status == "error"
     assert 'File "<cell 1>", line 4' in r.stderr and "ValueError: boom" in r.stderr
-    assert "_sandbox_server" not in r.stderr  # no frames of the harness
+    assert "sandbox/" not in r.stderr  # no frames of the harness (envs/sandbox/*.py)
     syntax = sandbox.run("x = (1,\nprint(x")
     assert syntax.status == "error" and "SyntaxError" in syntax.stderr
 
@@ -570,9 +571,9 @@ def test_close_leaves_no_process_behind():
 
 
 def test_reduced_isolation_still_contains_time_and_memory(monkeypatch):
-    import envs.sandbox
+    import envs.sandbox.client
 
-    monkeypatch.setattr(envs.sandbox, "_warned", False)
+    monkeypatch.setattr(envs.sandbox.client, "_warned", False)
     with pytest.warns(UserWarning, match="Off: network_isolated, pid_namespace"):
         sb = PythonSandbox(FAST, isolation="none", pool_size=0).start()
     with sb:
@@ -585,10 +586,11 @@ def test_reduced_isolation_still_contains_time_and_memory(monkeypatch):
 def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
     """No namespaces and no uid of its own (a non-root caller without user namespaces): a cell
     cannot be promoted by killing its whole scope, so it ends the previous state alone."""
-    import envs.sandbox
+    import envs.sandbox.client
 
-    monkeypatch.setattr(envs.sandbox, "_warned", True)
-    monkeypatch.setattr(envs.sandbox.os, "geteuid", lambda: 1000)  # the caller looks unprivileged
+    monkeypatch.setattr(envs.sandbox.client, "_warned", True)
+    # the caller looks unprivileged
+    monkeypatch.setattr(envs.sandbox.client.os, "geteuid", lambda: 1000)
     with PythonSandbox(FAST, isolation="none", pool_size=0) as sb:
         assert not sb.protections["separate_uid"] and not sb.protections["daemon_cleanup"]
         with sb.session() as s:
@@ -602,11 +604,11 @@ def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
 
 def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     """The kernel facts the rollback shortcut rests on, checked on a tree made here."""
-    from envs._sandbox_server import _children, _dead, _proc_pid
+    from envs.sandbox.linux import children, dead, pid_of_pidfd
 
     def listed(pid: int) -> set[int]:  # None while one of pytest's own threads ends mid-read
         found: list[set[int]] = []
-        assert wait_until(lambda: found.append(_children(pid)) or found[-1] is not None, 2.0)
+        assert wait_until(lambda: found.append(children(pid)) or found[-1] is not None, 2.0)
         return found[-1]
 
     me = int(os.readlink("/proc/self"))
@@ -622,13 +624,36 @@ def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     pid = started[0]
     pidfd = os.pidfd_open(pid)
     try:
-        assert _proc_pid(pidfd) == pid
-        assert listed(me) - before == {pid} and not _dead(pid)
+        assert pid_of_pidfd(pidfd) == pid
+        assert listed(me) - before == {pid} and not dead(pid)
         os.kill(pid, 9)
-        assert wait_until(lambda: _dead(pid), 2.0)  # a zombie until reaped: no longer listed
+        assert wait_until(lambda: dead(pid), 2.0)  # a zombie until reaped: no longer listed
         assert pid not in listed(me)
-        assert pid in _children(me, expected={pid})  # ...unless expected, zombie or not
+        assert pid in children(me, expected={pid})  # ...unless expected, zombie or not
     finally:
         os.waitpid(pid, 0)
         os.close(pidfd)
-    assert _dead(pid) and _children(2**22 + 7) is None  # reaped; a pid that does not exist
+    assert dead(pid) and children(2**22 + 7) is None  # reaped; a pid that does not exist
+
+
+def test_the_server_imports_its_own_modules_and_the_standard_library_only():
+    """The server runs as `python -I` and loads envs/sandbox as the package `sandbox` (see
+    server.py): neither envs/__init__.py (Gymnasium) nor the client is imported, and nothing
+    outside the standard library is before the preloads."""
+    import json
+    import subprocess
+    import sys
+
+    from envs.sandbox.client import SERVER_BOOTSTRAP
+
+    assert SERVER_BOOTSTRAP.endswith("\nmain()\n")
+    probe = (SERVER_BOOTSTRAP[:-len("main()\n")]
+             + "import json\nprint(json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True,
+                         cwd="/", timeout=60)
+    assert out.returncode == 0, out.stderr
+    modules = set(json.loads(out.stdout))
+    assert {m for m in modules if m.split(".")[0] == "sandbox"} == {
+        "sandbox", "sandbox.protocol", "sandbox.linux", "sandbox.cell", "sandbox.state",
+        "sandbox.supervisor", "sandbox.server"}
+    assert not {m.split(".")[0] for m in modules} & {"envs", "gymnasium", "numpy", "sympy"}

@@ -1,47 +1,8 @@
-"""PythonSandbox: run untrusted, model-written Python fast and contained.
+"""The client side: PythonSandbox, its sessions and its configuration, in the caller's process.
 
-    sandbox = PythonSandbox()
-    sandbox.run("print(2**100 % 997)").stdout          # stateless: a fresh session per call
-    with sandbox.session() as s:                        # notebook cells: state survives calls
-        s.run("import sympy as sp; x = sp.Symbol('x')")
-        s.run("print(sp.solve(x**2 - 4, x))")
-
-How it is fast: one server interpreter is started per sandbox with math, numpy, sympy, fractions,
-itertools and functools already imported (and sympy's caches warm); every session and every call is
-a `fork` of it, so no call pays for interpreter start-up or imports. Ready sessions wait in a pool.
-A session's state lives in a process of its own; each call runs in a fork of that state, which
-becomes the new state if the call succeeds and is thrown away (previous state intact) if it fails,
-times out or crashes. That fork is made, warmed up and announced while the session waits for its
-next call, so a call pays for neither the fork nor its page faults when calls are spaced out, as a
-rollout's are. See `envs/_sandbox_server.py` for the process tree.
-
-Threat model. The code is assumed hostile but ordinary: written by a model under training, which may
-loop, allocate, fork, print, crash or poke at its surroundings, by accident or because reward
-hacking found it useful. Covered, each with a test in tests/envs/test_sandbox.py:
-  * time: a wall-clock limit per call (SIGKILL, so ignoring signals does not help) and a CPU-time
-    limit per process;
-  * memory: a hard address-space limit (RLIMIT_AS; the code cannot raise it), reported as "memory";
-  * processes and threads: a cap per session (RLIMIT_NPROC on a uid of the session's own);
-  * output: stdout and stderr are capped, keeping head and tail with a marker; invalid UTF-8 is
-    replaced; the result travels on a channel of its own, so output cannot forge it;
-  * files: a per-file size cap; code writes only in a fresh scratch directory of its own (cwd,
-    HOME, TMPDIR), emptied after a stateless call and removed with its session; /tmp and /var/tmp
-    are private and unwritable, /dev/shm private and emptied of a session's files; directories
-    closed to other users (such as /root, with its tokens and caches) are hidden, only the
-    interpreter is shown there;
-  * network: a network namespace with no interfaces up (not even loopback to the host);
-  * secrets: the environment holds only allow-listed variables; no file descriptor is inherited;
-    the caller's processes are invisible (own pid namespace and /proc) and not readable (other uid);
-  * leftovers: every process the code started, double-forked setsid daemons included, is gone when
-    the call returns (a scoped kill(-1) inside the session's pid namespace or uid);
-  * the caller: hostile code cannot kill the supervisor (pid 1 of its namespace, another uid) or the
-    caller; a crash of the code is a result ("crashed"), never an exception in the caller.
-Not covered: kernel exploits and side channels (use a VM or gVisor for adversaries of that class);
-reading world-readable files (the code runs as an unprivileged user and sees what such a user
-sees); CPU and memory bandwidth shared with the caller; forged results of a call by the code itself
-(it can only lie about its own result). Which protections hold depends on the machine: full
-containment needs root or user namespaces plus util-linux `unshare`; `PythonSandbox.protections`
-lists them, and the first sandbox of a process warns once, naming the ones that are off.
+A PythonSandbox starts the server (server.py) as a fresh interpreter and talks to it, and to each
+session's supervisor, over sockets in the messages of protocol.py. The threat model is in the
+package's docstring (__init__.py).
 """
 
 from __future__ import annotations
@@ -61,13 +22,24 @@ import weakref
 from dataclasses import dataclass
 from typing import Literal
 
-from envs import _sandbox_server as proto
+from .protocol import Open, ProtocolError, Result, Run, ServerReady, recv, send
 
 Status = Literal["ok", "error", "timeout", "memory", "crashed"]
 
 DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
                    "heapq", "bisect", "statistics", "random", "re", "string", "json", "numpy",
                    "sympy")
+SERVER_BOOTSTRAP = """\
+import sys, types
+from importlib.machinery import ModuleSpec
+package = sys.modules["sandbox"] = types.ModuleType("sandbox")
+package.__spec__ = ModuleSpec("sandbox", None, is_package=True)
+package.__path__ = package.__spec__.submodule_search_locations = [{directory!r}]
+from sandbox.server import main
+main()
+""".format(directory=os.path.dirname(os.path.abspath(__file__)))
+"""What `python -I -c` runs to start the server: this package's directory as the package `sandbox`,
+without its __init__.py (server.py's docstring says why)."""
 ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 FIXED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
              "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8", "MPLBACKEND": "Agg",
@@ -168,8 +140,8 @@ _warn_lock = threading.Lock()
 class PythonSandbox:
     """A pool of contained Python sessions served by one pre-warmed interpreter.
 
-    Thread-safe: any number of threads may call `run` or hold sessions at once. Start-up (about a
-    second, mostly importing sympy) happens on first use or on `start()`. `close()`, the context
+    Thread-safe: any number of threads may call `run` or hold sessions at once. Start-up (mostly
+    importing sympy) happens on first use or on `start()`. `close()`, the context
     manager, or garbage collection stop the server and every process it started.
     """
 
@@ -219,7 +191,7 @@ class PythonSandbox:
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         env.update(FIXED_ENV)
         mine, theirs = socket.socketpair()
-        cmd = [*prefix, sys.executable, "-I", proto.__file__, str(theirs.fileno()),
+        cmd = [*prefix, sys.executable, "-I", "-c", SERVER_BOOTSTRAP, str(theirs.fileno()),
                json.dumps(settings)]
         try:
             proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env, cwd="/",
@@ -227,19 +199,20 @@ class PythonSandbox:
         finally:
             theirs.close()
         try:
-            ready, _, _ = proto.recv_msg_within(mine, cfg.start_timeout_s, max_payload=0, max_fds=0)
-        except proto.ProtocolError as exc:
+            ready, _, _ = recv(mine, ServerReady, timeout_s=cfg.start_timeout_s)
+        except ProtocolError as exc:
             proc.kill()
             proc.wait()
             mine.close()
+            shown = [*cmd[:-4], "-c", f"<SERVER_BOOTSTRAP of {os.path.dirname(__file__)}>", cmd[-2]]
             raise SandboxError(f"the sandbox server did not start ({exc}); its error output is "
-                               f"above. Command: {' '.join(cmd[:-1])} ...") from exc
+                               f"above. Command: {' '.join(shown)} ...") from exc
         self._proc, self._control = proc, mine
-        uid = bool(ready.get("separate_uid"))
+        uid = ready.separate_uid
         self._protections = {
             "network_isolated": namespaces, "pid_namespace": namespaces,
-            "private_tmp": bool(ready["protections"].get("private_tmp")),
-            "hidden_home": bool(ready["protections"].get("hidden_home")),
+            "private_tmp": bool(ready.protections.get("private_tmp")),
+            "hidden_home": bool(ready.protections.get("hidden_home")),
             "separate_uid": uid, "process_cap": uid, "daemon_cleanup": namespaces or uid,
             "resource_limits": True, "clean_environment": True, "no_new_privileges": True,
         }
@@ -314,7 +287,7 @@ class PythonSandbox:
             mine, theirs = socket.socketpair()
             try:
                 with self._lock:
-                    proto.send_msg(self._control, {"op": "open"}, fds=[theirs.fileno()])
+                    send(self._control, Open(), fds=[theirs.fileno()])
                 return mine, self
             except (OSError, AttributeError):
                 mine.close()
@@ -347,18 +320,17 @@ def _call(conn, code: str, timeout_s: float, keep: bool) -> ExecutionResult:
     """One call over a session's socket; the socket is closed if the session stops answering."""
     sock, _ = conn
     try:
-        proto.send_msg(sock, {"op": "run", "timeout_s": timeout_s, "keep": keep},
-                       code.encode("utf-8", "surrogatepass"))
-        header, payload, _ = proto.recv_msg_within(sock, timeout_s + 30.0, max_fds=0)
-    except (proto.ProtocolError, OSError) as exc:
+        send(sock, Run(timeout_s, keep), code.encode("utf-8", "surrogatepass"))
+        result, payload, _ = recv(sock, Result, timeout_s=timeout_s + 30.0)
+    except (ProtocolError, OSError) as exc:
         sock.close()
         raise SandboxError(f"the sandbox session stopped answering ({exc})") from exc
-    n = int(header["stdout_len"])
+    n = result.stdout_len
     return ExecutionResult(
         stdout=payload[:n].decode("utf-8", "replace"),
         stderr=payload[n:].decode("utf-8", "replace"),
-        status=header["status"], truncated=bool(header["truncated"]),
-        wall_s=float(header["wall_s"]), exit_code=header.get("exit_code"))
+        status=result.status, truncated=result.truncated, wall_s=result.wall_s,
+        exit_code=result.exit_code)
 
 
 class SandboxSession:

@@ -1,0 +1,126 @@
+"""The cell process C: a fork of the session's state that runs one snippet in its namespace, and
+becomes the new state if the snippet succeeds (and the session keeps state)."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import io
+import linecache
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from .linux import PR_SET_DUMPABLE, kill_all_but_self, own_proc_pid, prctl, set_cpu_limit, set_name
+from .protocol import (CellDone, CellReady, Message, Promote, Promoted, ProtocolError, RunCell,
+                       recv, rehearse, send)
+
+SPARE_WARM_UP = "squares = [i * i for i in range(8)]\nprint(sum(squares), 'ok')\nsquares"
+"""What C runs while it waits for its cell: the copy-on-write faults of running a cell, taken
+before the call."""
+
+
+def run_cell(code: str, ns: dict, cell: int) -> str:
+    """Execute `code` like a notebook cell; the value of a final expression is printed. Returns
+    "ok", "error" or "memory". Tracebacks go to stderr and only show frames of the cells, with
+    line numbers that refer to the snippet."""
+    filename = f"<cell {cell}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, filename, "exec"), ns)
+        if last is not None:
+            value = eval(compile(last, filename, "eval"), ns)
+            if value is not None:
+                print(repr(value))
+        return "ok"
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            return "ok"
+        print(f"SystemExit: {exc.code}", file=sys.stderr)
+        return "error"
+    except BaseException as exc:  # noqa: BLE001 - anything the snippet raises is reported
+        tb = exc.__traceback__
+        while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
+            tb = tb.tb_next
+        try:
+            sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
+        except BaseException:  # noqa: BLE001 - a broken stderr must not hide the status
+            pass
+        return "memory" if isinstance(exc, MemoryError) else "error"
+
+
+def text_stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
+                            errors="backslashreplace", line_buffering=line_buffering)
+
+
+def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
+    """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in
+    a warm-up run, makes its output pipes, and hands the supervisor its pidfd and their read ends,
+    all while the session waits for its caller. Then it runs the cell it is sent. Returns its
+    channel if the cell succeeded and C was promoted to be the state; otherwise never returns.
+    A cell that succeeds with time to spare before the call's deadline promotes itself and says
+    so with its status; one that finishes later leaves the choice to the supervisor, which is
+    the one to kill it at the deadline."""
+    set_name(b"sandbox-cell")
+    state_pid = os.getppid()
+    run_cell(SPARE_WARM_UP, {"__builtins__": builtins}, 0)
+    sys.stdout.flush()
+    rehearse(RunCell(0, 1, False, 0.0), CellDone("ok"))  # the call's messages, likewise
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.close(out_w)
+    os.close(err_w)
+    sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
+    os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
+    prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
+    pidfd = os.pidfd_open(os.getpid())
+    send(chan, CellReady(own_proc_pid()), fds=[pidfd, out_r, err_r])  # pid as P's /proc names it
+    for fd in (pidfd, out_r, err_r):
+        os.close(fd)
+    try:
+        order, payload, _ = recv(chan, RunCell)
+    except ProtocolError:
+        os._exit(0)
+    set_cpu_limit(order.cpu_s)
+    status = run_cell(payload.decode("utf-8", "replace"), ns, order.cell)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    if status == "ok" and order.keep and time.monotonic() < order.promote_by:
+        return _become_state(chan, CellDone("ok", promoted=True), scoped, state_pid)
+    send(chan, CellDone(status))
+    try:
+        recv(chan, Promote)
+    except ProtocolError:
+        os._exit(0)
+    return _become_state(chan, Promoted(), scoped, state_pid)
+
+
+def _become_state(chan: socket.socket, answer: Message, scoped: bool, state_pid: int):
+    """Promotion: end every other process of the session, detach from the cell's pipes, answer."""
+    if scoped:
+        kill_all_but_self(wait=False)  # the previous state, and everything the code started
+    elif os.getppid() == state_pid:  # no scope for kill(-1): end the previous state only
+        os.kill(state_pid, signal.SIGKILL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    set_cpu_limit(None)
+    send(chan, answer)
+    # fresh streams on /dev/null, whatever the cell left in sys.stdout and sys.stderr
+    sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
+    set_name(b"sandbox-state")
+    return chan

@@ -1,0 +1,402 @@
+"""The sandbox's wire protocol: the one module that both the client and the server import.
+
+Framing. A message is two uint32 lengths (`PREFIX`: header, payload), a JSON object (the header)
+and raw bytes (the payload, such as code or output). File descriptors travel with the length
+prefix (SCM_RIGHTS). A reader bounds every size, since the state and cell processes at the other
+end of some channels run untrusted code: a header of at most `MAX_HEADER` bytes, a payload and a
+number of descriptors of at most what the expected message types carry.
+
+Messages. Each kind of message is a small class below, named by the `op` of its header; the
+receiver says which kinds it expects, and anything else is a `BadMessage`. One call, and what the
+session prepares for the next one while it waits (server: `server.py`, supervisor P:
+`supervisor.py`, state S: `state.py`, cell C: `cell.py`):
+
+    client ── Open + [socket] ──► server ── Attach + [socket] ──► P      (opening a session)
+    client ── Run + code ──► P ── RunCell + code ──► C
+                                 P ◄── CellDone ── C        (C promotes itself if it has time)
+                                 P ── Promote ──► C, P ◄── Promoted ── C   (C finished late)
+    client ◄── Result + stdout + stderr ── P
+    after the reply:     P ── Rollback ──► S, P ◄── RolledBack ── S   (a discarded cell)
+                         P ── Fork + [socket] ──► S; on that socket P ◄── CellReady +
+                         [pidfd, stdout, stderr] ── C (the next call's cell), or ◄── ForkFailed ── S
+
+The server announces itself to the client with ServerReady on its control socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+
+PREFIX = struct.Struct("!II")
+MAX_HEADER = 1 << 16
+"""Largest header, in bytes, any reader accepts."""
+MAX_PAYLOAD = 1 << 26
+"""Largest payload (code, or a call's output) of the messages that carry one."""
+MAX_FDS = 4
+"""Most file descriptors `recv_msg` accepts with one message unless told otherwise."""
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not a well-formed message, or hung up."""
+
+
+class BadMessage(ProtocolError):
+    """A well-formed message that is not one the receiver expects: another op, or fields that do
+    not fit its kind."""
+
+
+# -- framing ---------------------------------------------------------------------------------------
+_encode_header = json.JSONEncoder(separators=(",", ":")).encode
+_decode_header = json.JSONDecoder().decode
+
+
+def send_msg(sock: socket.socket, header: dict, payload: bytes = b"", fds=()) -> None:
+    head = _encode_header(header).encode()
+    prefix = PREFIX.pack(len(head), len(payload))
+    if fds:
+        socket.send_fds(sock, [prefix], list(fds))
+        sock.sendall(head + payload)
+    else:
+        sock.sendall(prefix + head + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ProtocolError("peer closed the connection mid-message")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_msg(sock: socket.socket, max_payload: int = MAX_PAYLOAD, max_fds: int = MAX_FDS):
+    """Returns (header, payload, fds). Raises ProtocolError on EOF, a malformed message, or one
+    over the limits: a header over MAX_HEADER bytes, a payload over `max_payload` bytes, more
+    than `max_fds` descriptors (with `max_fds=0`, plain reads: the kernel discards descriptors
+    sent along). The descriptors received with a rejected message are closed."""
+    prefix, fds = b"", []
+    try:
+        while len(prefix) < PREFIX.size:
+            if max_fds:
+                data, new_fds, flags, _ = socket.recv_fds(sock, PREFIX.size - len(prefix), max_fds)
+                fds.extend(new_fds)
+                if flags & socket.MSG_CTRUNC:  # the kernel closed those that did not fit
+                    raise ProtocolError(f"more than {max_fds} file descriptors with a message")
+            else:  # descriptors sent along are closed by the kernel, unseen
+                data = sock.recv(PREFIX.size - len(prefix))
+            if not data:
+                raise ProtocolError("peer closed the connection")
+            prefix += data
+        head_len, payload_len = PREFIX.unpack(prefix)
+        if head_len > MAX_HEADER or payload_len > max_payload:
+            raise ProtocolError(f"message too large ({head_len}, {payload_len})")
+        body = _recv_exact(sock, head_len + payload_len)
+        header = _decode_header(body[:head_len].decode())
+        if not isinstance(header, dict):
+            raise ProtocolError("message header is not an object")
+        return header, body[head_len:], fds
+    except (ProtocolError, OSError, ValueError) as exc:  # UnicodeError is a ValueError
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(str(exc)) from exc
+
+
+def recv_msg_within(sock: socket.socket, timeout_s: float, **kwargs):
+    """recv_msg with every read bounded by `timeout_s`. The socket keeps that timeout (setting it
+    costs two fcntl calls), so use this function for every read of a socket, or none."""
+    if sock.gettimeout() != timeout_s:
+        sock.settimeout(timeout_s)
+    return recv_msg(sock, **kwargs)
+
+
+# -- messages --------------------------------------------------------------------------------------
+class Message:
+    """Base of the kinds of message. A kind's class holds its header's `op`, what one message may
+    carry (`max_payload` bytes, `fds` descriptors) and its fields (`names`, its `__slots__`: the
+    header's other keys); `header()` encodes a message, `from_header()` decodes one and says what
+    does not fit. Messages are not changed once made.
+
+    Each kind writes its methods out, small and plain, rather than having them generated (as a
+    dataclass would): the state and cell processes are fresh forks, which pay a copy-on-write
+    page fault for every page of objects they touch, and they run these methods on every call
+    (docs/sandbox.md)."""
+
+    __slots__ = ()
+    op = ""
+    max_payload = 0
+    fds = 0
+    names: tuple = ()
+
+    def header(self) -> dict:
+        return {"op": self.op}
+
+    @staticmethod
+    def from_header(header: dict) -> Message:
+        """The message `header` holds; KeyError, TypeError or ValueError if it does not fit.
+        (Kinds without fields need none: `decode` makes their messages.)"""
+        raise NotImplementedError
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, name) == getattr(other, name) for name in self.names)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.names)
+        return f"{type(self).__name__}({fields})"
+
+
+class ServerReady(Message):
+    """Server -> client, once the preloads are imported and the session pool is filled."""
+
+    __slots__ = names = ("pid", "protections", "separate_uid")
+    op = "ready"
+
+    def __init__(self, pid: int, protections: dict, separate_uid: bool):
+        self.pid = pid
+        self.protections = protections  # those the server established: private_tmp, hidden_home
+        self.separate_uid = separate_uid  # whether sessions run as uids of their own
+
+    def header(self) -> dict:
+        return {"op": "ready", "pid": self.pid, "protections": self.protections,
+                "separate_uid": self.separate_uid}
+
+    @staticmethod
+    def from_header(h: dict) -> ServerReady:
+        return ServerReady(int(h["pid"]), dict(h["protections"]), bool(h.get("separate_uid")))
+
+
+class Open(Message):
+    """Client -> server: open a session; carries the client's end of the session's socket."""
+
+    __slots__ = ()
+    op, fds = "open", 1
+
+
+class Attach(Message):
+    """Server -> a pooled supervisor P: serve this client (its socket travels along)."""
+
+    __slots__ = ()
+    op, fds = "attach", 1
+
+
+class Run(Message):
+    """Client -> P: run the payload (UTF-8 code) as the session's next cell."""
+
+    __slots__ = names = ("timeout_s", "keep")
+    op, max_payload = "run", MAX_PAYLOAD
+
+    def __init__(self, timeout_s: float, keep: bool):
+        self.timeout_s = timeout_s
+        self.keep = keep  # whether a successful cell becomes the session's state
+
+    def header(self) -> dict:
+        return {"op": "run", "timeout_s": self.timeout_s, "keep": self.keep}
+
+    @staticmethod
+    def from_header(h: dict) -> Run:
+        return Run(float(h["timeout_s"]), bool(h.get("keep", True)))
+
+
+class Result(Message):
+    """P -> client: a call's outcome; the payload is stdout then stderr, split at `stdout_len`."""
+
+    __slots__ = names = ("status", "wall_s", "truncated", "exit_code", "stdout_len", "cell")
+    op, max_payload = "result", MAX_PAYLOAD
+
+    def __init__(self, status: str, wall_s: float, truncated: bool, exit_code: int | None,
+                 stdout_len: int, cell: int):
+        self.status = status
+        self.wall_s = wall_s
+        self.truncated = truncated
+        self.exit_code = exit_code
+        self.stdout_len = stdout_len
+        self.cell = cell
+
+    def header(self) -> dict:
+        return {"op": "result", "status": self.status, "wall_s": self.wall_s,
+                "truncated": self.truncated, "exit_code": self.exit_code,
+                "stdout_len": self.stdout_len, "cell": self.cell}
+
+    @staticmethod
+    def from_header(h: dict) -> Result:
+        return Result(h["status"], float(h["wall_s"]), bool(h["truncated"]), h.get("exit_code"),
+                      int(h["stdout_len"]), int(h["cell"]))
+
+
+class Fork(Message):
+    """P -> state S: fork the next call's cell process C, which talks to P on the socket that
+    travels along."""
+
+    __slots__ = ()
+    op, fds = "fork", 1
+
+
+class ForkFailed(Message):
+    """S -> P, on the socket meant for the cell: the fork failed."""
+
+    __slots__ = names = ("error",)
+    op = "fork_failed"
+
+    def __init__(self, error: str):
+        self.error = error
+
+    def header(self) -> dict:
+        return {"op": "fork_failed", "error": self.error}
+
+    @staticmethod
+    def from_header(h: dict) -> ForkFailed:
+        return ForkFailed(str(h.get("error")))
+
+
+class CellReady(Message):
+    """C -> P: ready for its cell; carries C's pidfd and the read ends of its stdout and stderr."""
+
+    __slots__ = names = ("proc_pid",)
+    op, fds = "ready", 3
+
+    def __init__(self, proc_pid: int | None):
+        self.proc_pid = proc_pid  # C's pid as P's /proc names it (sent before any code ran)
+
+    def header(self) -> dict:
+        return {"op": "ready", "proc_pid": self.proc_pid}
+
+    @staticmethod
+    def from_header(h: dict) -> CellReady:
+        proc_pid = h.get("proc_pid")
+        return CellReady(proc_pid if type(proc_pid) is int else None)
+
+
+class RunCell(Message):
+    """P -> C: run the payload (UTF-8 code)."""
+
+    __slots__ = names = ("cell", "cpu_s", "keep", "promote_by")
+    op, max_payload = "run", MAX_PAYLOAD
+
+    def __init__(self, cell: int, cpu_s: int, keep: bool, promote_by: float):
+        self.cell = cell  # the cell's number, as tracebacks name it
+        self.cpu_s = cpu_s  # C's CPU-time limit
+        self.keep = keep
+        self.promote_by = promote_by  # time.monotonic() until which C may promote itself
+
+    def header(self) -> dict:
+        return {"op": "run", "cell": self.cell, "cpu_s": self.cpu_s, "keep": self.keep,
+                "promote_by": self.promote_by}
+
+    @staticmethod
+    def from_header(h: dict) -> RunCell:
+        return RunCell(int(h["cell"]), int(h["cpu_s"]), bool(h.get("keep")),
+                       float(h["promote_by"]))
+
+
+CELL_STATUSES = ("ok", "error", "memory")
+
+
+class CellDone(Message):
+    """C -> P: the cell's status, and whether C has made itself the session's state. C has run
+    the code by then, so this is read leniently: an unknown status reads as "crashed"."""
+
+    __slots__ = names = ("status", "promoted")
+    op = "done"
+
+    def __init__(self, status: str, promoted: bool = False):
+        self.status = status
+        self.promoted = promoted
+
+    def header(self) -> dict:
+        return {"op": "done", "status": self.status, "promoted": self.promoted}
+
+    @staticmethod
+    def from_header(h: dict) -> CellDone:
+        status = h.get("status")
+        return CellDone(status if status in CELL_STATUSES else "crashed",
+                        h.get("promoted") is True)
+
+
+class Promote(Message):
+    """P -> C, for a cell that finished too close to its deadline to promote itself."""
+
+    __slots__ = ()
+    op = "promote"
+
+
+class Promoted(Message):
+    """C -> P: C is now the session's state."""
+
+    __slots__ = ()
+    op = "promoted"
+
+
+class Rollback(Message):
+    """P -> S: kill the discarded cell and everything it started."""
+
+    __slots__ = ()
+    op = "rollback"
+
+
+class RolledBack(Message):
+    """S -> P: done; `wait_status` is the cell's, if it had ended by itself."""
+
+    __slots__ = names = ("wait_status",)
+    op = "rolled_back"
+
+    def __init__(self, wait_status: int | None):
+        self.wait_status = wait_status  # as sent: not checked here
+
+    def header(self) -> dict:
+        return {"op": "rolled_back", "wait_status": self.wait_status}
+
+    @staticmethod
+    def from_header(h: dict) -> RolledBack:
+        return RolledBack(h.get("wait_status"))
+
+
+def decode(header: dict, kinds) -> Message:
+    """The message of one of `kinds` that `header` holds; BadMessage if it holds none."""
+    op = header.get("op")
+    for kind in kinds:
+        if kind.op == op:
+            try:
+                return kind.from_header(header) if kind.names else kind()
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadMessage(f"malformed {op!r} message: {exc!r}") from None
+    raise BadMessage(f"expected {' or '.join(repr(k.op) for k in kinds)}, got {op!r}")
+
+
+def rehearse(*messages: Message) -> None:
+    """Encode and decode `messages` as `send` and `recv` do, without a socket. A forked process
+    that does this while it waits for its call takes then, not during the call, the
+    copy-on-write faults of the objects that path touches."""
+    for message in messages:
+        decode(_decode_header(_encode_header(message.header())), (type(message),))
+
+
+def send(sock: socket.socket, message: Message, payload: bytes = b"", fds=()) -> None:
+    send_msg(sock, message.header(), payload, fds)
+
+
+def recv(sock: socket.socket, *kinds, timeout_s: float | None = None):
+    """Returns (message, payload, fds) for a message of one of `kinds`, whose sizes bound the
+    read. ProtocolError on EOF or a malformed frame; BadMessage (its descriptors closed) for a
+    message of another kind. With `timeout_s`, every read is bounded (see `recv_msg_within`)."""
+    max_payload = max_fds = 0
+    for kind in kinds:
+        max_payload = max(max_payload, kind.max_payload)
+        max_fds = max(max_fds, kind.fds)
+    if timeout_s is None:
+        header, payload, fds = recv_msg(sock, max_payload=max_payload, max_fds=max_fds)
+    else:
+        header, payload, fds = recv_msg_within(sock, timeout_s, max_payload=max_payload,
+                                               max_fds=max_fds)
+    try:
+        return decode(header, kinds), payload, fds
+    except BadMessage:
+        for fd in fds:
+            os.close(fd)
+        raise
