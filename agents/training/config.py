@@ -12,12 +12,19 @@ Each default is written once, in the dataclass that owns the setting.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agents.rollout import RolloutConfig
+from envs.rewards import RewardWeights
+from envs.toolmath import ToolMathEnv
 from learners.train import GRPOConfig
+
+_ENV_DEFAULTS = {name: p.default for name, p in
+                 inspect.signature(ToolMathEnv.__init__).parameters.items()}
+"""ToolMathEnv's own defaults, which EnvConfig's fields take (one place for each)."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,36 @@ class EnvConfig:
     """Training problems override: a hub id or a local JSON/JSONL/CSV/Parquet file."""
     eval_problems: str | None = None
     """Evaluation problems override (default: the env's test split, AIME 2025)."""
-    protocol: Literal["markdown", "qwen"] = "markdown"
+    protocol: Literal["markdown", "qwen"] = _ENV_DEFAULTS["protocol"]
     """Tool protocol: ```python blocks, or Qwen's <tool_call>."""
-    max_turns: int = 4
+    max_turns: int = _ENV_DEFAULTS["max_turns"]
     """Assistant turns per episode."""
+    max_chars: int = _ENV_DEFAULTS["max_chars"]
+    """Characters of an episode's turns and observations before it is truncated."""
+    tool_timeout_s: float = _ENV_DEFAULTS["tool_timeout_s"]
+    """Wall-clock limit of one tool call."""
+    max_output_chars: int = _ENV_DEFAULTS["max_output_chars"]
+    """Tool output shown to the model (head and tail kept)."""
+    system_prompt: str | None = _ENV_DEFAULTS["system_prompt"]
+    """Replaces the protocol's instructions (which explain the tool format)."""
+    rewards: RewardWeights = field(default_factory=RewardWeights)
+    """Weights of the reward components (correctness, format, tool use)."""
 
     def __post_init__(self):
-        if self.max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if self.max_turns < 1 or self.tool_timeout_s <= 0:
+            raise ValueError(f"max_turns must be >= 1 and tool_timeout_s > 0, got "
+                             f"{self.max_turns}, {self.tool_timeout_s}")
+
+    def env_kwargs(self, split: str) -> dict:
+        """gym.make's keyword arguments for the train split or an evaluation split."""
+        kwargs = {"protocol": self.protocol, "max_turns": self.max_turns,
+                  "max_chars": self.max_chars, "tool_timeout_s": self.tool_timeout_s,
+                  "max_output_chars": self.max_output_chars,
+                  "system_prompt": self.system_prompt, "reward_weights": self.rewards}
+        source = self.problems if split == "train" else self.eval_problems
+        if split != "train":
+            kwargs["split"] = split
+        return {**kwargs, **({"problems": source} if source else {})}
 
 
 @dataclass(frozen=True)

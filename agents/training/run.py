@@ -180,14 +180,6 @@ def build_learner(cfg: Config):
     return model, grpo_cfg, init_state(model, grpo_cfg)
 
 
-def _env_kwargs(cfg: Config, split: str) -> dict:
-    kwargs = {"protocol": cfg.env.protocol, "max_turns": cfg.env.max_turns}
-    source = cfg.env.problems if split == "train" else cfg.env.eval_problems
-    if split != "train":
-        kwargs["split"] = split
-    return {**kwargs, **({"problems": source} if source else {})}
-
-
 def check_inputs(cfg: Config) -> tuple[int, int]:
     """Everything a run reads, checked before the model loads (a ValueError or
     FileNotFoundError otherwise): the model's config, the tokenizer, the environment and both
@@ -204,7 +196,7 @@ def check_inputs(cfg: Config) -> tuple[int, int]:
         raise ValueError(f"--env.env-id {cfg.env.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
     sizes = []
     for split in ("train", "test"):
-        probe = gym.make(cfg.env.env_id, **_env_kwargs(cfg, split))  # loads the problems now
+        probe = gym.make(cfg.env.env_id, **cfg.env.env_kwargs(split))  # loads the problems now
         sizes.append(len(probe.unwrapped.problems))
         check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg)
         probe.close()
@@ -266,10 +258,10 @@ def train(cfg: Config) -> dict:
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(open_sampler(cfg, engine, model, tokenizer))
         train_rollouts = stack.enter_context(Rollouts(
-            lambda: gym.make(cfg.env.env_id, **_env_kwargs(cfg, "train")), sampler, tokenizer,
+            lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("train")), sampler, tokenizer,
             cfg.rollout))
         evaluator = stack.enter_context(Rollouts(
-            lambda: gym.make(cfg.env.env_id, **_env_kwargs(cfg, "test")), sampler, tokenizer,
+            lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("test")), sampler, tokenizer,
             dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples)))
         loop = GRPOLoop(model, state, grpo_cfg, train_rollouts, cfg.problems_per_step,
                         cfg.dynamic_sampling, cfg.max_refills)

@@ -50,6 +50,12 @@ def test_every_setting_of_every_part_is_a_flag_and_a_yaml_key(tmp_path):
     assert (cfg.grpo.eps_high, cfg.grpo.aggregation, cfg.grpo.scale_by_std) == (0.31,
                                                                                 "token-mean", False)
     assert cfg.rollout.top_k == 5 and cfg.steps == 7 and cfg.grpo.eps_low == GRPOConfig().eps_low
+    cfg = load_config(["--env.rewards.tool-use", "0.2", "--env.tool-timeout-s", "3",
+                       "--env.eval-problems", "a.jsonl"], Config)
+    kwargs = cfg.env.env_kwargs("test")  # what gym.make gets for the evaluation split
+    assert kwargs["reward_weights"].tool_use == 0.2 and kwargs["tool_timeout_s"] == 3.0
+    assert (kwargs["split"], kwargs["problems"]) == ("test", "a.jsonl")
+    assert "problems" not in cfg.env.env_kwargs("train")  # the env's own training set
     (tmp_path / "c.yaml").write_text("steps: 9\ngrpo:\n  tis_cap: 2.0\n  ppo_epochs: 2\n")
     cfg = load_config(["--config", str(tmp_path / "c.yaml"), "--grpo.ppo-epochs", "3"], Config)
     assert (cfg.steps, cfg.grpo.tis_cap, cfg.grpo.ppo_epochs) == (9, 2.0, 3)  # flags win
