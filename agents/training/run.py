@@ -180,10 +180,11 @@ def build_learner(cfg: Config):
     return model, grpo_cfg, init_state(model, grpo_cfg)
 
 
-def check_inputs(cfg: Config) -> tuple[int, int]:
+def check_inputs(cfg: Config):
     """Everything a run reads, checked before the model loads (a ValueError or
     FileNotFoundError otherwise): the model's config, the tokenizer, the environment and both
-    problem sets, the context budget. Returns (training problems, evaluation problems)."""
+    problem sets, the context budget. Returns (the tokenizer, training problems, evaluation
+    problems)."""
     import gymnasium as gym
 
     import envs
@@ -200,7 +201,7 @@ def check_inputs(cfg: Config) -> tuple[int, int]:
         sizes.append(len(probe.unwrapped.problems))
         check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg)
         probe.close()
-    return sizes[0], min(sizes[1], cfg.eval.limit or 10**9)
+    return tokenizer, sizes[0], min(sizes[1], cfg.eval.limit or 10**9)
 
 
 @contextlib.contextmanager
@@ -243,15 +244,13 @@ def train(cfg: Config) -> dict:
     from learners.devices import unused_accelerator
     from learners.lora import merge_lora, save_peft_adapter
     from learners.params import save_pretrained
-    from learners.tokenizer import load_tokenizer
 
     prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
     unused = None if cfg.allow_cpu else unused_accelerator()
     if unused:
         fail(unused)
     with one_line_errors(debug=cfg.debug):
-        n_train, n_eval = check_inputs(cfg)
-    tokenizer = load_tokenizer(cfg.model.name)
+        tokenizer, n_train, n_eval = check_inputs(cfg)
     engine = choose_engine(cfg)
     model, grpo_cfg, state = build_learner(cfg)
 
