@@ -7,6 +7,7 @@ sampling), update the adapter, push it to the sampler.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -38,8 +39,15 @@ class GRPOLoop:
         return int(self.state.updates)
 
     def collect(self, problems: Iterator[int], seed: int) -> tuple[RolloutBatch, dict]:
-        """problems_per_step groups (with dynamic sampling, only groups whose rewards differ, as
-        many as max_refills further collections find) and the collection's stats."""
+        """Exactly problems_per_step groups of group_size episodes, whatever the rewards (one batch
+        shape, so the train step compiles once), and the collection's stats.
+
+        With dynamic sampling (DAPO), groups whose rewards are all equal (zero advantage, no
+        gradient) are set aside and up to max_refills further collections of problems_per_step
+        new problems look for informative ones. The batch is the first problems_per_step
+        informative groups (extra ones are dropped); when fewer were found it is completed with
+        set-aside groups whose loss_mask (and sampler_logprobs) are zeroed: filler that adds no
+        term to the loss. Filler rows come last; stats["filler_groups"] counts them."""
         def play(round_seed: int) -> RolloutBatch:
             return self.rollouts.collect([next(problems) for _ in range(self.problems_per_step)],
                                          seed=round_seed, adapter_version=self.adapter_version)
@@ -50,20 +58,30 @@ class GRPOLoop:
                  "distinct_completions": batch.distinct_completions()}
         if not self.dynamic_sampling:
             return batch, stats
-        kept = [batch.select(batch.informative_rows())]
+        informative, uniform = [], []
         refills = 0
-        n_groups = lambda: sum(len(np.unique(b.group_ids)) for b in kept)  # noqa: E731
-        while n_groups() < self.problems_per_step and refills < self.max_refills:
+        while True:
+            rows = batch.informative_rows()
+            informative.append(batch.select(rows))
+            uniform.append(batch.select(~rows))
+            found = sum(group_count(b) for b in informative)
+            if found >= self.problems_per_step or refills == self.max_refills:
+                break
             refills += 1
-            more = play(seed + 7919 * refills)
-            kept.append(more.select(more.informative_rows()))
+            batch = play(seed + 7919 * refills)
             stats["collected_groups"] += self.problems_per_step
-        kept = [b for b in kept if len(b.rewards)]
-        stats["refills"] = refills
-        if not kept:  # every group was uniform: its advantages, hence its gradient, are zero;
-            # the step is still taken so that optimizer steps and loop steps stay one count
-            return batch, {**stats, "all_groups_uniform": 1}
-        return RolloutBatch.concat(kept, self.rollouts.tokenizer.pad_token_id or 0), stats
+        filler = max(self.problems_per_step - found, 0)
+        stats.update(refills=refills, filler_groups=filler, informative_groups=min(
+            found, self.problems_per_step))
+        if not found:  # every group was uniform: the step is still taken (a zero-loss update)
+            stats["all_groups_uniform"] = 1  # so that optimizer steps and loop steps stay one count
+        pad_id = self.rollouts.tokenizer.pad_token_id or 0
+        parts = [first_groups(RolloutBatch.concat([b for b in informative if len(b.rewards)],
+                                                  pad_id), self.problems_per_step)] if found else []
+        if filler:
+            parts.append(without_loss(first_groups(RolloutBatch.concat(
+                [b for b in uniform if len(b.rewards)], pad_id), filler)))
+        return RolloutBatch.concat(parts, pad_id), stats
 
     def update(self, batch: RolloutBatch) -> dict:
         """One GRPO update of the adapter; the sampler gets the new version."""
@@ -77,11 +95,30 @@ class GRPOLoop:
         t0 = time.perf_counter()
         batch, stats = self.collect(problems, seed)
         t1 = time.perf_counter()
-        metrics = {f"train/{k}": v for k, v in batch.metrics().items()}
+        real = len(batch.rewards) - stats.get("filler_groups", 0) * self.rollouts.cfg.group_size
+        episodes = batch.select(np.arange(len(batch.rewards)) < real) if real else batch
+        metrics = {f"train/{k}": v for k, v in episodes.metrics().items()}
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update({f"train/{k}": v for k, v in self.update(batch).items()})
         metrics["time/rollout_s"], metrics["time/update_s"] = t1 - t0, time.perf_counter() - t1
         return metrics, batch
+
+
+def group_count(batch: RolloutBatch) -> int:
+    return len(np.unique(batch.group_ids))
+
+
+def first_groups(batch: RolloutBatch, k: int) -> RolloutBatch:
+    """The rows of the first `k` groups of `batch`, in the order the groups appear."""
+    _, first = np.unique(batch.group_ids, return_index=True)
+    keep = batch.group_ids[np.sort(first)][:k]
+    return batch.select(np.isin(batch.group_ids, keep))
+
+
+def without_loss(batch: RolloutBatch) -> RolloutBatch:
+    """`batch` with loss_mask and sampler_logprobs zeroed: rows that add nothing to the loss."""
+    return dataclasses.replace(batch, loss_mask=np.zeros_like(batch.loss_mask),
+                               sampler_logprobs=np.zeros_like(batch.sampler_logprobs))
 
 
 class ProblemOrder:
