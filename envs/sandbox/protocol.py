@@ -3,8 +3,10 @@
 Framing. A message is two uint32 lengths (`PREFIX`: header, payload), a JSON object (the header)
 and raw bytes (the payload, such as code or output). File descriptors travel with the length
 prefix (SCM_RIGHTS). A reader bounds every size, since the state and cell processes at the other
-end of some channels run untrusted code: a header of at most `MAX_HEADER` bytes, a payload and a
-number of descriptors of at most what the expected message types carry.
+end of some channels run untrusted code: a header, a payload and a number of descriptors of at
+most what the expected message types carry (the headers of what a state or cell sends are small:
+`SMALL_HEADER`). A reader given a deadline (`recv(..., deadline=)`) bounds the whole message by
+it, not each read: a peer that writes a frame a byte at a time cannot stretch a read past it.
 
 Messages. Each kind of message is a small class below, named by the `op` of its header; the
 receiver says which kinds it expects, and anything else is a `BadMessage`. One call, and what the
@@ -29,6 +31,7 @@ import json
 import os
 import socket
 import struct
+import time
 
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 1 << 16
@@ -37,6 +40,8 @@ MAX_PAYLOAD = 1 << 26
 """Largest payload (code, or a call's output) of the messages that carry one."""
 MAX_FDS = 4
 """Most file descriptors `recv_msg` accepts with one message unless told otherwise."""
+SMALL_HEADER = 512
+"""Largest header of the messages that a state or cell process sends (all have short fields)."""
 
 
 class ProtocolError(Exception):
@@ -63,9 +68,21 @@ def send_msg(sock: socket.socket, header: dict, payload: bytes = b"", fds=()) ->
         sock.sendall(prefix + head + payload)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _settle_timeout(sock: socket.socket, deadline: float | None) -> None:
+    """Bound the next read of `sock` by `deadline` (time.monotonic()); ProtocolError once it has
+    passed. Without a deadline, the socket's timeout is left as it is."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ProtocolError("the peer's message did not arrive in time")
+    sock.settimeout(left)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
     chunks, left = [], n
     while left:
+        _settle_timeout(sock, deadline)
         chunk = sock.recv(min(left, 1 << 20))
         if not chunk:
             raise ProtocolError("peer closed the connection mid-message")
@@ -74,14 +91,19 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv_msg(sock: socket.socket, max_payload: int = MAX_PAYLOAD, max_fds: int = MAX_FDS):
-    """Returns (header, payload, fds). Raises ProtocolError on EOF, a malformed message, or one
-    over the limits: a header over MAX_HEADER bytes, a payload over `max_payload` bytes, more
-    than `max_fds` descriptors (with `max_fds=0`, plain reads: the kernel discards descriptors
-    sent along). The descriptors received with a rejected message are closed."""
+def recv_msg(sock: socket.socket, max_payload: int = MAX_PAYLOAD, max_fds: int = MAX_FDS,
+             max_header: int = MAX_HEADER, deadline: float | None = None):
+    """Returns (header, payload, fds). Raises ProtocolError on EOF, a malformed message, one
+    over the limits (a header over `max_header` bytes, a payload over `max_payload` bytes, more
+    than `max_fds` descriptors; with `max_fds=0`, plain reads: the kernel discards descriptors
+    sent along), or one not whole by `deadline` (time.monotonic(); every read is bounded by what
+    is left of it, so a peer that sends a byte at a time cannot stretch the message past it).
+    Without a deadline the socket's own timeout bounds each read. The descriptors received with
+    a rejected message are closed."""
     prefix, fds = b"", []
     try:
         while len(prefix) < PREFIX.size:
+            _settle_timeout(sock, deadline)
             if max_fds:
                 data, new_fds, flags, _ = socket.recv_fds(sock, PREFIX.size - len(prefix), max_fds)
                 fds.extend(new_fds)
@@ -93,9 +115,9 @@ def recv_msg(sock: socket.socket, max_payload: int = MAX_PAYLOAD, max_fds: int =
                 raise ProtocolError("peer closed the connection")
             prefix += data
         head_len, payload_len = PREFIX.unpack(prefix)
-        if head_len > MAX_HEADER or payload_len > max_payload:
+        if head_len > max_header or payload_len > max_payload:
             raise ProtocolError(f"message too large ({head_len}, {payload_len})")
-        body = _recv_exact(sock, head_len + payload_len)
+        body = _recv_exact(sock, head_len + payload_len, deadline)
         header = _decode_header(body[:head_len].decode())
         if not isinstance(header, dict):
             raise ProtocolError("message header is not an object")
@@ -103,6 +125,8 @@ def recv_msg(sock: socket.socket, max_payload: int = MAX_PAYLOAD, max_fds: int =
     except (ProtocolError, OSError, ValueError) as exc:  # UnicodeError is a ValueError
         for fd in fds:
             os.close(fd)
+        if isinstance(exc, TimeoutError):
+            raise ProtocolError("the peer's message did not arrive in time") from exc
         raise ProtocolError(str(exc)) from exc
 
 
@@ -117,7 +141,7 @@ def recv_msg_within(sock: socket.socket, timeout_s: float, **kwargs):
 # -- messages --------------------------------------------------------------------------------------
 class Message:
     """Base of the kinds of message. A kind's class holds its header's `op`, what one message may
-    carry (`max_payload` bytes, `fds` descriptors) and its fields (`names`, its `__slots__`: the
+    carry (`max_payload` bytes, a header of `max_header` bytes, `fds` descriptors) and its fields (`names`, its `__slots__`: the
     header's other keys); `header()` encodes a message, `from_header()` decodes one and says what
     does not fit. Messages are not changed once made.
 
@@ -129,6 +153,7 @@ class Message:
     __slots__ = ()
     op = ""
     max_payload = 0
+    max_header = MAX_HEADER
     fds = 0
     names: tuple = ()
 
@@ -243,6 +268,7 @@ class ForkFailed(Message):
 
     __slots__ = names = ("error",)
     op = "fork_failed"
+    max_header = SMALL_HEADER
 
     def __init__(self, error: str):
         self.error = error
@@ -260,6 +286,7 @@ class CellReady(Message):
 
     __slots__ = names = ("proc_pid",)
     op, fds = "ready", 3
+    max_header = SMALL_HEADER
 
     def __init__(self, proc_pid: int | None):
         self.proc_pid = proc_pid  # C's pid as P's /proc names it (sent before any code ran)
@@ -304,6 +331,7 @@ class CellDone(Message):
 
     __slots__ = names = ("status", "promoted")
     op = "done"
+    max_header = SMALL_HEADER
 
     def __init__(self, status: str, promoted: bool = False):
         self.status = status
@@ -331,6 +359,7 @@ class Promoted(Message):
 
     __slots__ = ()
     op = "promoted"
+    max_header = SMALL_HEADER
 
 
 class Rollback(Message):
@@ -345,6 +374,7 @@ class RolledBack(Message):
 
     __slots__ = names = ("wait_status",)
     op = "rolled_back"
+    max_header = SMALL_HEADER
 
     def __init__(self, wait_status: int | None):
         self.wait_status = wait_status  # as sent: not checked here
@@ -381,19 +411,24 @@ def send(sock: socket.socket, message: Message, payload: bytes = b"", fds=()) ->
     send_msg(sock, message.header(), payload, fds)
 
 
-def recv(sock: socket.socket, *kinds, timeout_s: float | None = None):
+def recv(sock: socket.socket, *kinds, timeout_s: float | None = None,
+         deadline: float | None = None):
     """Returns (message, payload, fds) for a message of one of `kinds`, whose sizes bound the
-    read. ProtocolError on EOF or a malformed frame; BadMessage (its descriptors closed) for a
-    message of another kind. With `timeout_s`, every read is bounded (see `recv_msg_within`)."""
-    max_payload = max_fds = 0
+    read. ProtocolError on EOF, a malformed frame or a passed deadline; BadMessage (its
+    descriptors closed) for a message of another kind. With `timeout_s`, every read is bounded
+    (see `recv_msg_within`); with `deadline` (time.monotonic()), the whole message is."""
+    max_payload = max_fds = max_header = 0
     for kind in kinds:
         max_payload = max(max_payload, kind.max_payload)
         max_fds = max(max_fds, kind.fds)
-    if timeout_s is None:
-        header, payload, fds = recv_msg(sock, max_payload=max_payload, max_fds=max_fds)
+        max_header = max(max_header, kind.max_header)
+    bounds = {"max_payload": max_payload, "max_fds": max_fds, "max_header": max_header}
+    if deadline is not None:
+        header, payload, fds = recv_msg(sock, deadline=deadline, **bounds)
+    elif timeout_s is None:
+        header, payload, fds = recv_msg(sock, **bounds)
     else:
-        header, payload, fds = recv_msg_within(sock, timeout_s, max_payload=max_payload,
-                                               max_fds=max_fds)
+        header, payload, fds = recv_msg_within(sock, timeout_s, **bounds)
     try:
         return decode(header, kinds), payload, fds
     except BadMessage:

@@ -270,3 +270,50 @@ def test_a_large_payload_arrives_whole(pair):
     got, got_payload, _ = p.recv(b, p.Run)
     sender.join()
     assert got == p.Run(1.0, True) and got_payload == payload
+
+
+def test_a_deadline_bounds_a_frame_sent_a_byte_at_a_time(pair):
+    """A peer that writes a valid frame one byte every 50 ms passes every per-read timeout; the
+    deadline bounds the whole message."""
+    a, b = pair
+    frame = p.PREFIX.pack(*(len(h) for h in (b'{"op":"promoted"}', b""))) + b'{"op":"promoted"}'
+    stop = threading.Event()
+
+    def dribble():
+        for byte in frame:
+            if stop.wait(0.05):
+                return
+            try:
+                a.send(bytes([byte]))
+            except OSError:
+                return
+
+    sender = threading.Thread(target=dribble)
+    sender.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(p.ProtocolError, match="in time"):
+            p.recv(b, p.Promoted, deadline=t0 + 0.3)
+        assert time.monotonic() - t0 < 0.6
+    finally:
+        stop.set()
+        sender.join()
+    with pytest.raises(p.ProtocolError, match="in time"):  # a deadline already passed
+        p.recv(b, p.Promoted, deadline=time.monotonic() - 1)
+
+
+def test_what_a_state_or_cell_sends_has_a_small_header(pair):
+    """A long header from the untrusted side is refused from its length prefix alone, before a
+    byte of it is read."""
+    a, b = pair
+    for kind in (p.CellReady, p.CellDone, p.Promoted, p.ForkFailed, p.RolledBack):
+        assert kind.max_header == p.SMALL_HEADER
+    a.sendall(p.PREFIX.pack(p.SMALL_HEADER + 1, 0))  # the header itself is never sent
+    t0 = time.monotonic()
+    with pytest.raises(p.ProtocolError, match="too large"):
+        p.recv(b, p.CellDone, deadline=t0 + 5)
+    assert time.monotonic() - t0 < 1
+    c, d = socket.socketpair()
+    with c, d:
+        p.send(c, p.CellDone("ok", promoted=True))
+        assert p.recv(d, p.CellDone, deadline=time.monotonic() + 1)[0] == p.CellDone("ok", True)
