@@ -61,14 +61,23 @@ def text_stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
                             errors="backslashreplace", line_buffering=line_buffering)
 
 
-def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
+def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
+                 scratch: str) -> socket.socket:
     """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in
     a warm-up run, makes its output pipes, and hands the supervisor its pidfd and their read ends,
     all while the session waits for its caller. Then it runs the cell it is sent. Returns its
     channel if the cell succeeded and C was promoted to be the state; otherwise never returns.
     A cell that succeeds with time to spare before the call's deadline promotes itself and says
     so with its status; one that finishes later leaves the choice to the supervisor, which is
-    the one to kill it at the deadline."""
+    the one to kill it at the deadline.
+
+    C first takes the session's uid (when the state it forks from is the pristine one, still
+    root) and enters the scratch directory: the one mounted now, not one of a past call."""
+    if uid is not None and os.getuid() != uid:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    os.chdir(scratch)
     set_name(b"sandbox-cell")
     state_pid = os.getppid()
     run_cell(SPARE_WARM_UP, {"__builtins__": builtins}, 0)
@@ -81,7 +90,8 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool) -> socket.socket:
     os.close(out_w)
     os.close(err_w)
     sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
-    os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
+    os.setsid()  # killpg(getpgrp()) by the code reaches only C and its children; and a group
+    # orphaned from the start gets no SIGHUP when its old state dies while it is stopped
     prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
     pidfd = os.pidfd_open(os.getpid())
     send(chan, CellReady(own_proc_pid()), fds=[pidfd, out_r, err_r])  # pid as P's /proc names it
@@ -113,7 +123,10 @@ def _become_state(chan: socket.socket, answer: Message, scoped: bool, state_pid:
     if scoped:
         kill_all_but_self(wait=False)  # the previous state, and everything the code started
     elif os.getppid() == state_pid:  # no scope for kill(-1): end the previous state only
-        os.kill(state_pid, signal.SIGKILL)
+        try:
+            os.kill(state_pid, signal.SIGKILL)
+        except OSError:
+            pass  # a state of another uid: the supervisor ends it
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)

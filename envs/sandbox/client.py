@@ -211,10 +211,9 @@ class PythonSandbox:
         uid = ready.separate_uid
         self._protections = {
             "network_isolated": namespaces, "pid_namespace": namespaces,
-            "private_tmp": bool(ready.protections.get("private_tmp")),
-            "hidden_home": bool(ready.protections.get("hidden_home")),
             "separate_uid": uid, "process_cap": uid, "daemon_cleanup": namespaces or uid,
             "resource_limits": True, "clean_environment": True, "no_new_privileges": True,
+            **{name: bool(on) for name, on in ready.protections.items()},
         }
         self._finalizer = weakref.finalize(self, _stop, proc, mine)
         self._warn_once()

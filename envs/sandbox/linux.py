@@ -15,8 +15,10 @@ import time
 
 # PyDLL: calls keep the GIL, as os.fork() does (`lean_fork`); every caller is single-threaded.
 libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-CLONE_NEWPID = 0x20000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID = 0x20000, 0x08000000, 0x40000000, 0x20000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PF_EXITING = 0x4  # /proc/<pid>/stat flags: the process has begun to exit
 PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 15, 36, 38
 
 CLOSED_TMP_DIRS = ("/tmp", "/var/tmp")  # root-owned 755: code writes in its scratch dir only
@@ -45,6 +47,11 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
           f"mount {target}")
 
 
+def umount(target: str) -> None:
+    """Detach the mount at `target` (lazily: it is freed when its last user lets go)."""
+    check(libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
 def prctl(option: int, arg: int) -> None:
     check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
 
@@ -52,6 +59,69 @@ def prctl(option: int, arg: int) -> None:
 def set_name(name: bytes) -> None:
     """The process's name as `ps` and `top` show it (at most 15 bytes)."""
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+# -- keyrings and seccomp ---------------------------------------------------------------------------
+_MACHINE = os.uname().machine
+# (seccomp's AUDIT_ARCH of this machine, syscall numbers of add_key, request_key, keyctl)
+_KEY_SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250)),
+                 "aarch64": (0xC00000B7, (217, 218, 219))}.get(_MACHINE)
+KEYCTL_JOIN_SESSION_KEYRING = 1
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def join_fresh_session_keyring() -> bool:
+    """Replace this process's session keyring with a new, empty, anonymous one (children inherit
+    it): nothing of the caller's session keyring is reachable from here on. False where the
+    machine is unknown or the kernel refuses."""
+    if _KEY_SYSCALLS is None:
+        return False
+    return libc.syscall(_KEY_SYSCALLS[1][2], KEYCTL_JOIN_SESSION_KEYRING, None) >= 0
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def key_filter_program(arch: int, numbers: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """A seccomp BPF program (code, jt, jf, k) that fails with EPERM the system calls `numbers`,
+    every call of another ABI than `arch` (i386 through int 0x80, x32) and allows the rest."""
+    ld_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, eperm = 0x7FFF0000, 0x00050000 | 1
+    n = len(numbers)
+    prog = [(ld_abs, 0, 0, 4),  # seccomp_data.arch
+            (jeq, 1, 0, arch),
+            (ret, 0, 0, eperm),
+            (ld_abs, 0, 0, 0),  # seccomp_data.nr
+            (jge, n + 1, 0, 0x40000000)]  # x32 numbers
+    prog += [(jeq, n - i, 0, nr) for i, nr in enumerate(numbers)]
+    return prog + [(ret, 0, 0, allow), (ret, 0, 0, eperm)]
+
+
+def keyrings_deniable() -> bool:
+    """Whether `deny_keyrings` can work here: a known machine, a kernel with seccomp filters."""
+    try:
+        with open("/proc/self/status") as f:
+            return _KEY_SYSCALLS is not None and "Seccomp:" in f.read()
+    except OSError:
+        return False
+
+
+def deny_keyrings() -> bool:
+    """Install a seccomp filter (inherited by every child) that fails add_key, request_key and
+    keyctl with EPERM: the code reaches no keyring, its session's or its uid's, so no key
+    outlives a call. Needs no_new_privs (or root). False where the machine is unknown."""
+    if _KEY_SYSCALLS is None:
+        return False
+    prog = key_filter_program(*_KEY_SYSCALLS)
+    filters = (_SockFilter * len(prog))(*(_SockFilter(*insn) for insn in prog))
+    fprog = _SockFprog(len(prog), filters)
+    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
 
 
 # -- resource limits -------------------------------------------------------------------------------
@@ -110,6 +180,36 @@ def fork_when_possible(patience_s: float = 2.0) -> int | None:
 
 
 # -- cleanup ---------------------------------------------------------------------------------------
+def in_nested_pid_namespace() -> bool:
+    """Whether this process's pid namespace differs from that of pid 1 of its /proc (as in a
+    session of the sandbox, whose /proc is the server's)."""
+    try:
+        return os.readlink("/proc/self/ns/pid") != os.readlink("/proc/1/ns/pid")
+    except OSError:
+        return False
+
+
+def kill_as(uid: int) -> None:
+    """`kill_all_but_self` in a helper of uid `uid`, for a root process outside a pid namespace
+    of its own: it reaches only the processes of that uid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            kill_all_but_self()
+        finally:
+            os._exit(0)
+    while True:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        break
+
+
 def kill_all_but_self(wait: bool = True, timeout_s: float = 2.0) -> None:
     """SIGKILL every process this process may signal, except itself and the namespace's init.
 
@@ -117,7 +217,11 @@ def kill_all_but_self(wait: bool = True, timeout_s: float = 2.0) -> None:
     A process with SIGKILL pending never runs another instruction of its code, so the hot paths
     return without waiting for the kernel to tear the address spaces down (`wait=False`); the
     session's init reaps them. `wait=True` also waits until they are gone from the process table.
-    Zombie children of this process are reaped either way."""
+    Zombie children of this process are reaped either way. As root, it refuses (RuntimeError)
+    unless this process is in a pid namespace nested in that of its /proc, since kill(-1) by root
+    outside one reaches every process of the machine."""
+    if os.geteuid() == 0 and not in_nested_pid_namespace():
+        raise RuntimeError("refusing kill(-1) as root outside a pid namespace of the sandbox")
     try:
         os.kill(-1, signal.SIGKILL)
     except ProcessLookupError:
@@ -138,6 +242,44 @@ def kill_all_but_self(wait: bool = True, timeout_s: float = 2.0) -> None:
         except ProcessLookupError:
             pass
         time.sleep(0.0002)
+
+
+def remove_tree(path: str, keep_top: bool = False, owner: int | None = None) -> None:
+    """Remove `path` and everything under it without following links, iteratively (a tree of
+    any depth costs no recursion), ignoring what cannot be removed; with `keep_top`, only its
+    entries (with `owner`, only the top entries of that uid)."""
+    stack: list[tuple[str, bool]] = []
+    try:
+        for entry in os.scandir(path):
+            if owner is None or entry.stat(follow_symlinks=False).st_uid == owner:
+                stack.append((entry.path, entry.is_dir(follow_symlinks=False)))
+    except OSError:
+        return
+    if not keep_top:
+        stack.insert(0, (path, True))
+    while stack:
+        entry_path, is_dir = stack[-1]
+        if not is_dir:
+            stack.pop()
+            try:
+                os.unlink(entry_path)
+            except OSError:
+                pass
+            continue
+        try:
+            os.rmdir(entry_path)
+            stack.pop()
+            continue
+        except OSError:
+            pass
+        try:
+            entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in os.scandir(entry_path)]
+        except OSError:
+            entries = []
+        if not entries:  # cannot be emptied, or not removable when empty: leave it
+            stack.pop()
+            continue
+        stack.extend(entries)
 
 
 def reap_children(watch_pid: int = 0) -> int | None:
@@ -168,7 +310,11 @@ def describe(wait_status: int | None) -> tuple[int | None, str]:
         return None, "the process ended without reporting"
     if os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)
-        return -sig, f"the process was killed by signal {sig} ({signal.Signals(sig).name})"
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        return -sig, f"the process was killed by signal {sig} ({name})"
     code = os.WEXITSTATUS(wait_status)
     return code, f"the process exited with code {code}"
 
@@ -218,8 +364,38 @@ def children(pid: int, expected: set[int] = frozenset()) -> set[int] | None:
 
 
 def dead(pid: int) -> bool:
-    """A zombie (it ran to its end and creates nothing more), or already reaped."""
+    """A process that runs no more code of its own: a zombie, already reaped, one that has begun
+    to exit (PF_EXITING), or one with SIGKILL pending (a process cannot hold one off)."""
     try:
-        return read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
+        fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X") or int(fields[6]) & PF_EXITING:
+            return True
+        for line in read_proc(f"/proc/{pid}/status").splitlines():
+            if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & (1 << 8):
+                return True
+        return False
+    except (OSError, IndexError, ValueError):
         return True
+
+
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is stopped (by a signal, or traced), or the process is
+    dead; False if they cannot be read."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            state = read_proc(f"/proc/{pid}/task/{tid}/stat").rsplit(b")", 1)[1].split()[0]
+            if state not in (b"T", b"t", b"Z", b"X"):
+                return False
+        return True
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        return False
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` (as /proc names both), None if it cannot be read."""
+    try:
+        return int(read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

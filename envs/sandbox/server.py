@@ -53,7 +53,8 @@ import socket
 import sys
 
 from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE,
-                    MS_REC, SHARED_TMP_DIRS, libc, mount, set_name, setns, unshare)
+                    MS_REC, SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc,
+                    mount, set_name, setns, unshare)
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
 from .supervisor import session_main
 
@@ -183,12 +184,17 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     set_name(b"sandbox-server")
     settings = json.loads(sys.argv[2])
-    protections = {"private_tmp": False, "hidden_home": False}
-    if settings["private_fs"]:
-        private_filesystem(int(settings["scratch_mb"]))
-        protections.update(private_tmp=True, hidden_home=True)
+    join_fresh_session_keyring()  # the caller's session keyring is not the server's
+    own = settings["private_fs"]  # namespaces of its own: so may each session have them
+    settings["session_namespaces"] = own
     if settings["separate_uid"] and os.geteuid() != 0:
         settings["separate_uid"] = False
+    protections = {"private_tmp": own, "hidden_home": own, "session_ipc": own,
+                   "session_network": own, "session_shm": own, "scratch_per_call": own,
+                   "scratch_quota": own, "keyrings_denied": keyrings_deniable(),
+                   "state_untouchable": settings["separate_uid"]}
+    if own:
+        private_filesystem(int(settings["scratch_mb"]))
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if settings["pid_namespace"] else None
     preload(settings["preload"])
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel

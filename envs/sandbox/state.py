@@ -9,8 +9,9 @@ import socket
 import sys
 
 from .cell import cell_process, run_cell, text_stream
-from .linux import (PR_SET_NO_NEW_PRIVS, alive, fork_when_possible, kill_all_but_self,
-                    limit_resources, prctl, reap_children, set_name)
+from .linux import (PR_SET_NO_NEW_PRIVS, alive, deny_keyrings, fork_when_possible,
+                    in_nested_pid_namespace, kill_all_but_self, kill_as, limit_resources, prctl,
+                    reap_children, set_name)
 from .protocol import BadMessage, Fork, ForkFailed, ProtocolError, Rollback, RolledBack, recv, send
 
 WARM_UP = ("import math, numpy, sympy\n"
@@ -19,10 +20,18 @@ WARM_UP = ("import math, numpy, sympy\n"
 
 
 def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: str, scoped: bool):
-    """Drops privileges, then serves the supervisor's orders: Fork a cell process (announced with
+    """Sets the limits, then serves the supervisor's orders: Fork a cell process (announced with
     a channel of its own) that waits for the next cell, and Rollback (kill the cell and all it
     started). A promoted cell continues this loop as the new state. The supervisor orders the
-    fork once its caller has the previous result, so that the fork does not compete with it."""
+    fork once its caller has the previous result, so that the fork does not compete with it.
+
+    The first state of a session, which no code has run in, keeps the supervisor's uid (root)
+    where sessions have a uid of their own: each cell drops to the session's uid right after the
+    fork (`cell.cell_process`), so no cell can signal, renice, re-limit or trace the pristine state
+    that the next call forks from. A promoted cell, the state of a session that keeps state, has
+    the session's uid, like the cells it forks: it is the code's own process. The state's working
+    directory is "/", so that it keeps no scratch filesystem of a past call alive; cells enter the
+    session's scratch directory by its path."""
     os.setsid()
     set_name(b"sandbox-state")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -35,12 +44,9 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
     limit_resources(limits["memory_mb"], limits["max_file_mb"], limits["max_processes"],
                     limits["max_open_files"], cpu_s=int(limits["max_timeout_s"]) + 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file past the cap raises OSError(EFBIG)
-    if uid is not None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)  # also clears "dumpable": cells of this uid cannot ptrace the state
     prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot raise privileges
-    os.chdir(scratch)
+    deny_keyrings()  # no cell reaches a keyring (linux.deny_keyrings); inherited by every fork
+    os.chdir("/")
     os.environ.update(HOME=scratch, TMPDIR=scratch)
     sys.stdout = sys.stderr = text_stream(1, False)  # /dev/null until a cell rebinds them
     run_cell(WARM_UP, {"__builtins__": builtins}, 0)
@@ -58,7 +64,7 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             cell_pid = fork_when_possible()
             if cell_pid == 0:
                 ctl.close()
-                ctl = cell_process(socket.socket(fileno=fds[0]), ns, scoped)
+                ctl = cell_process(socket.socket(fileno=fds[0]), ns, scoped, uid, scratch)
                 continue  # this process is now the state
             if cell_pid is None:  # the answer to the order goes where the cell's would have
                 cell_pid = 0
@@ -69,7 +75,9 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
                 os.close(fds[0])
         elif isinstance(order, Rollback) and cell_pid:
             status = reap_children(watch_pid=cell_pid)  # set if the cell had already ended
-            if scoped:
+            if scoped and uid is not None and os.getuid() != uid and not in_nested_pid_namespace():
+                kill_as(uid)  # the pristine state is root: kill(-1) as the session's uid
+            elif scoped:
                 kill_all_but_self(wait=False)
             elif alive(cell_pid):
                 os.killpg(cell_pid, signal.SIGKILL)

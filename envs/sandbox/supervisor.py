@@ -1,33 +1,50 @@
 """The session supervisor P: owns one session's processes and answers its caller's calls.
 
 P is forked from the server (pid 1 of the session's own pid namespace where the machine allows;
-root). It forks the state process S (`state.py`), which forks each call's cell process C
-(`cell.py`); both run as the session's uid. P keeps the next call's C forked and announced
-(`Session.prepare`), so a call only sends C its code, drains C's output pipes, waits for C's
-status, and then keeps C as the new state or discards it (`Session.run`). What can wait until
-the caller has its answer (a deferred rollback, a stateless call's file reset, the next fork)
-happens in `Session.finish`.
+root), and gives its session namespaces of its own (`isolate_session`: mounts, IPC, network), its
+own scratch and shared-memory filesystems, and an empty session keyring. It forks the state
+process S (`state.py`), which forks each call's cell process C (`cell.py`). P keeps the next
+call's C forked and announced (`Session.prepare`), so a call only sends C its code, drains C's
+output pipes, waits for C's status, and then keeps C as the new state or discards it
+(`Session.run`). What can wait until the caller has its answer (a deferred rollback, a stateless
+call's fresh filesystems, the next fork) happens in `Session.finish`.
+
+S and C run code, so P believes nothing they say without checking it: every read has a deadline
+and a size limit (protocol.py); a cell's announcement is checked against the kernel (its pidfd is
+one of a child of the state, its output descriptors are read ends of pipes: `checked_cell`); a
+promotion holds only if P, having killed the old state and stopped the cell, finds no other
+process of the code (`promotion_holds`); a rollback's reply is checked the same way
+(`nothing_left`). A state that has run code is stopped (SIGSTOP) except while it forks, so
+threads that the code left in it do not run between calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import random
 import select
-import shutil
 import signal
 import socket
+import stat
 import time
 
-from .linux import (PR_SET_CHILD_SUBREAPER, SHARED_TMP_DIRS, children, describe, kill_all_but_self,
-                    own_proc_pid, pid_of_pidfd, prctl, reap_children, set_name)
+from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOSUID, MS_PRIVATE,
+                    MS_REC, PR_SET_CHILD_SUBREAPER, SHARED_TMP_DIRS, all_stopped, children,
+                    describe, join_fresh_session_keyring, kill_as, mount, own_proc_pid,
+                    parent_of, pid_of_pidfd, prctl, reap_children, remove_tree, set_name, umount,
+                    unshare)
 from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
                        Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
                        send)
 from .state import state_process
 
 PROMOTION_MARGIN_S = 0.05  # a cell promotes itself only this long before its deadline or earlier
+PROMOTE_GRACE_S = 0.25  # a cell asked to promote itself after its deadline answers within this
+READY_S = 10.0  # a state forks and its cell announces itself within this
+ROLLBACK_S = 2.0  # a state rolls back within this
+STOP_S = 0.5  # a cell stopped to check its promotion stops within this
 
 
 class OutputBuffer:
@@ -65,19 +82,35 @@ class OutputBuffer:
 
 @dataclasses.dataclass
 class ReadyCell:
-    """P's handles on the state's forked, waiting cell process."""
+    """P's handles on the state's forked, waiting cell process (checked by `checked_cell`)."""
 
     chan: socket.socket | None  # None once it is the new state's channel
-    pidfd: int
+    pidfd: int  # -1 once it is the new state's
     out_r: int
     err_r: int
-    proc_pid: int | None  # its pid as /proc names it, from its own CellReady (no code had run)
+    proc_pid: int  # its pid as P's /proc names it, read from its pidfd
 
     def close(self) -> None:
         if self.chan is not None:
             self.chan.close()
         for fd in (self.pidfd, self.out_r, self.err_r):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+
+
+def _is_pipe_read_end(fd: int) -> bool:
+    return stat.S_ISFIFO(os.fstat(fd).st_mode) and \
+        fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
+def _signal(pidfd: int | None, sig: int) -> bool:
+    if pidfd is None or pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except OSError:
+        return False
 
 
 class Session:
@@ -86,24 +119,50 @@ class Session:
     def __init__(self, settings: dict, uid: int | None, scoped: bool):
         self.settings, self.uid, self.scoped = settings, uid, scoped
         self.is_init = settings["pid_namespace"] and os.getpid() == 1
+        self.own_mounts = bool(settings.get("session_namespaces"))
         self.scratch = os.path.join(settings["scratch_root"], f"toolgrpo-sbx-{os.getpid()}-"
                                     f"{random.getrandbits(40):010x}")
         os.makedirs(self.scratch, mode=0o700)
-        if uid is not None:
-            os.chown(self.scratch, uid, uid)
         self.state: socket.socket | None = None
-        self.cell: ReadyCell | None = None
-        self.ordered: socket.socket | None = None  # the channel of a cell ordered, not yet ready
-        self.rollback_due = False  # a discarded cell's rollback, left for after the reply
+        self.state_pidfd: int | None = None
         self.state_proc_pid: int | None = None  # pids as /proc names them
+        self.state_ran_code = False  # a promoted cell: its threads are the code's
+        self.state_stopped = False
+        self.cell: ReadyCell | None = None
+        self.lost: str | None = None  # why the state was last reset, for the next call's notes
+        self.rollback_due = False  # a discarded cell's rollback, left for after the reply
         self.own_proc_pid = own_proc_pid()
         self.cells = 0
+        self.fresh_files()
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
         self.prepare()
 
     @staticmethod
     def _on_child(*_):
         reap_children()
+
+    # -- the session's filesystems ----------------------------------------------------------------
+    def fresh_files(self) -> None:
+        """A fresh scratch directory and shared temporary directories for the next call. With
+        mounts of its own, each is a new tmpfs (the scratch directory's sized `scratch_mb`, owned
+        by the session's uid): nothing of a past call, extended attributes included, survives,
+        and however the code filled a directory, this costs a mount, never a walk."""
+        quota = f"size={int(self.settings['scratch_mb'])}m"
+        owner = f",uid={self.uid},gid={self.uid}" if self.uid is not None else ""
+        if self.own_mounts:
+            for path, options in ((self.scratch, f"{quota},mode=700{owner}"),
+                                  *((d, f"{quota},mode=1777") for d in SHARED_TMP_DIRS
+                                    if os.path.isdir(d))):
+                if os.path.ismount(path):
+                    umount(path)
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options)
+            return
+        remove_tree(self.scratch, keep_top=True)
+        os.chmod(self.scratch, 0o700)
+        if self.uid is not None:
+            os.chown(self.scratch, self.uid, self.uid)
+            for d in SHARED_TMP_DIRS:
+                remove_tree(d, keep_top=True, owner=self.uid)
 
     # -- the session's processes ------------------------------------------------------------------
     def spawn_state(self) -> None:
@@ -117,103 +176,117 @@ class Session:
                 os._exit(1)
         theirs.close()
         pidfd = os.pidfd_open(pid)
-        self.set_state(mine, pid_of_pidfd(pidfd))
-        os.close(pidfd)
+        self.set_state(mine, pidfd, pid_of_pidfd(pidfd), ran_code=False)
 
-    def set_state(self, chan: socket.socket, proc_pid: int | None) -> None:
+    def set_state(self, chan: socket.socket, pidfd: int, proc_pid: int | None,
+                  ran_code: bool) -> None:
         if self.state is not None:
             self.state.close()
-        self.state, self.state_proc_pid = chan, proc_pid
+        if self.state_pidfd is not None:
+            os.close(self.state_pidfd)
+        self.state, self.state_pidfd, self.state_proc_pid = chan, pidfd, proc_pid
+        self.state_ran_code, self.state_stopped = ran_code, False
+
+    def wake_state(self) -> None:
+        if self.state_stopped:
+            _signal(self.state_pidfd, signal.SIGCONT)
+            self.state_stopped = False
+
+    def stop_state(self) -> None:
+        """Stop a state that has run code, so that its threads do not run until it is needed."""
+        if self.state_ran_code and not self.state_stopped:
+            self.state_stopped = _signal(self.state_pidfd, signal.SIGSTOP)
 
     def prepare(self) -> None:
-        """Have a cell process forked for the next call (a state first, if there is none). The
-        order carries the cell's channel: the state forks and closes its copy, nothing more, as
-        whatever it writes while the cell lives costs a copy-on-write fault."""
-        if self.state is None:
-            self.spawn_state()
-        if self.cell is None and self.ordered is None:
+        """Have a cell process forked, announced and checked for the next call (a state first, if
+        there is none); then stop the state. A state that cannot fork (at its process limit for
+        longer than the patience of `linux.fork_when_possible`), or whose announcement does not
+        hold, is replaced by a fresh one, once; `lost` says why, for the next call's notes."""
+        for _ in range(2):
+            if self.cell is not None:
+                return
+            if self.state is None:
+                self.spawn_state()
+            self.wake_state()
             mine, theirs = socket.socketpair()
             try:
                 send(self.state, Fork(), fds=[theirs.fileno()])
-                self.ordered = mine
-            except OSError:  # the state died (its code killed it): the next call starts afresh
-                mine.close()
-                self.kill_all()
-            finally:
                 theirs.close()
+                ready, _, fds = recv(mine, CellReady, ForkFailed,
+                                     deadline=time.monotonic() + READY_S)
+            except (ProtocolError, OSError):
+                theirs.close()
+                mine.close()
+                self.lost = "the session's state process was gone; state was reset"
+                self.kill_all()
+                continue
+            if isinstance(ready, ForkFailed):
+                mine.close()
+                self.lost = f"{ready.error}; state was reset"
+                self.kill_all()
+                continue
+            self.cell = self.checked_cell(mine, fds)
+            if self.cell is None:
+                self.lost = "the session's state announced a cell that is not one; state was reset"
+                self.kill_all()
+                continue
+            self.stop_state()
+
+    def checked_cell(self, chan: socket.socket, fds: list[int]) -> ReadyCell | None:
+        """The announced cell, if the kernel confirms the announcement: a pidfd of a live child
+        of the state, and the read ends of two pipes. None (everything closed) otherwise."""
+        proc_pid = None
+        try:
+            if len(fds) == 3 and _is_pipe_read_end(fds[1]) and _is_pipe_read_end(fds[2]):
+                proc_pid = pid_of_pidfd(fds[0])  # None for a descriptor that is no pidfd
+        except OSError:
+            pass
+        if proc_pid is None or proc_pid == self.state_proc_pid or \
+                parent_of(proc_pid) != self.state_proc_pid:
+            chan.close()
+            for fd in fds:
+                os.close(fd)
+            return None
+        return ReadyCell(chan, fds[0], fds[1], fds[2], proc_pid)
 
     def kill_all(self) -> None:
         """SIGKILL every process of the session but this supervisor; no state survives."""
         if self.cell is not None:
+            _signal(self.cell.pidfd, signal.SIGKILL)
             self.cell.close()
             self.cell = None
-        if self.ordered is not None:
-            self.ordered.close()
-            self.ordered = None
+        _signal(self.state_pidfd, signal.SIGKILL)  # the pristine state may be of another uid
         if self.state is not None:
             self.state.close()
             self.state = None
-        self.rollback_due, self.state_proc_pid = False, None
+        if self.state_pidfd is not None:
+            os.close(self.state_pidfd)
+        self.state_pidfd = self.state_proc_pid = None
+        self.state_ran_code = self.state_stopped = self.rollback_due = False
         if self.is_init:  # pid 1 of the session's own namespace: kill(-1) reaches only it
             try:
                 os.kill(-1, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         elif self.scoped:  # a helper with the session's uid does it
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.setgid(self.uid)
-                    os.setuid(self.uid)
-                    kill_all_but_self()
-                finally:
-                    os._exit(0)
-            while True:
-                try:
-                    os.waitpid(pid, 0)
-                except ChildProcessError:
-                    break
-                except InterruptedError:
-                    continue
-                break
+            kill_as(self.uid)
 
-    def ready_cell(self, notes: list[str], keep: bool, retry: bool = True) -> ReadyCell | None:
-        """The state's waiting cell process (normally forked and announced long before this call);
-        None, with a note saying why, if there is none to be had. A state that cannot fork (at
-        its process limit for longer than the patience of `linux.fork_when_possible`) is
-        replaced by a fresh one, once."""
-        if self.cell is not None:
-            return self.cell
-        if self.state is None and keep:
-            notes.append("the previous state was lost; this cell ran in a fresh session")
-        self.prepare()
-        chan, self.ordered = self.ordered, None
-        try:
-            if chan is None:
-                raise ProtocolError("no state to fork")
-            ready, _, fds = recv(chan, CellReady, ForkFailed, timeout_s=10.0)
-            if isinstance(ready, ForkFailed):
-                chan.close()
-                notes.append(f"{ready.error}; state was reset")
-                self.kill_all()
-                return self.ready_cell(notes, keep, retry=False) if retry else None
-            if len(fds) != 3:
-                for fd in fds:
-                    os.close(fd)
-                raise ProtocolError("the cell process did not get ready")
-            self.cell = ReadyCell(chan, *fds, ready.proc_pid)
-            return self.cell
-        except (ProtocolError, OSError):
-            if chan is not None:
-                chan.close()
-            notes.append("the session's state process was gone; state was reset")
-            self.kill_all()
-            return None
+    def ready_cell(self, notes: list[str], keep: bool) -> ReadyCell | None:
+        """The waiting cell process (normally forked and announced long before this call); None,
+        with a note saying why, if there is none to be had."""
+        if self.cell is None:
+            self.prepare()
+        if self.lost is not None:
+            notes.append(self.lost)
+            if keep:
+                notes.append("the previous state was lost; this cell ran in a fresh session")
+            self.lost = None
+        return self.cell
 
     # -- one call ---------------------------------------------------------------------------------
     def run(self, code: bytes, timeout_s: float, keep: bool) -> tuple[Result, bytes]:
-        """One cell. With keep=False the cell never becomes the state (and the caller resets the
-        session's files afterwards): the next call starts from the same pristine state."""
+        """One cell. With keep=False the cell never becomes the state (and the session's files
+        are fresh afterwards): the next call starts from the same pristine state."""
         notes: list[str] = []
         cell_number = self.cells + 1 if keep else 1  # a stateless call is always the first cell
         self.cells += keep
@@ -231,7 +304,7 @@ class Session:
         if status == "timeout":
             notes.append(f"timed out after {timeout_s:g} s")
         wall = time.monotonic() - t0
-        status, wait_status = self._keep_or_discard(cell, status, promoted, keep, notes)
+        status, wait_status = self._keep_or_discard(cell, status, promoted, keep, deadline, notes)
         exit_code = None
         if status == "crashed":
             exit_code, why = describe(wait_status)
@@ -257,7 +330,8 @@ class Session:
     @staticmethod
     def _wait(cell: ReadyCell, streams: dict, keep: bool, deadline: float) -> tuple[str, bool]:
         """Feed the cell's output to `streams` until the cell reports, ends or reaches the
-        deadline. Returns (status, whether the cell has promoted itself)."""
+        deadline, which also bounds the report's read. Returns (status, whether the cell says it
+        has promoted itself)."""
         poller = select.poll()
         for fd in (cell.out_r, cell.err_r, cell.chan.fileno(), cell.pidfd):
             poller.register(fd, select.POLLIN)
@@ -274,49 +348,100 @@ class Session:
                         poller.unregister(fd)
                 elif fd == cell.chan.fileno():
                     try:
-                        done, _, _ = recv(cell.chan, CellDone, timeout_s=2.0)
+                        done, _, _ = recv(cell.chan, CellDone, deadline=deadline)
                     except BadMessage:
                         return "crashed", False
                     except ProtocolError:
-                        poller.unregister(fd)  # the code closed its channel; wait for its exit
+                        poller.unregister(fd)  # closed, cut short or late: wait for its end
                         continue
                     return done.status, done.status == "ok" and keep and done.promoted
                 elif fd == cell.pidfd:
                     return "crashed", False
 
     def _keep_or_discard(self, cell: ReadyCell, status: str, promoted: bool, keep: bool,
-                         notes: list[str]) -> tuple[str, int | None]:
-        """Make a successful cell of a stateful call the new state; roll the state back from any
-        other. Returns the status ("crashed" if the cell could not be kept) and the cell's wait
-        status, where the rollback learnt it."""
+                         deadline: float, notes: list[str]) -> tuple[str, int | None]:
+        """Make a successful cell of a stateful call the new state, if its promotion holds; roll
+        the state back from any other. Returns the status ("crashed" if the cell could not be
+        kept) and the cell's wait status, where the rollback learnt it."""
         wait_status = None
         if status == "ok" and keep:
             if not promoted:
                 try:
                     send(cell.chan, Promote())
-                    recv(cell.chan, Promoted, timeout_s=5.0)
+                    recv(cell.chan, Promoted,
+                         deadline=max(deadline, time.monotonic()) + PROMOTE_GRACE_S)
                     promoted = True
                 except (ProtocolError, OSError):
                     pass
-            if promoted:  # the cell's channel is the new state's
-                self.set_state(cell.chan, cell.proc_pid)
-                cell.chan = None
+            if promoted and self.promotion_holds(cell):  # the cell's channel is the new state's
+                self.set_state(cell.chan, cell.pidfd, cell.proc_pid, ran_code=True)
+                self.state_stopped = True
+                cell.chan, cell.pidfd = None, -1
             else:
                 status = "crashed"
-                notes.append("the cell could not be kept as the new state; state was reset")
+                notes.append("the cell could not be kept as the new state" +
+                             (" (other processes of it were still running)" if promoted else "") +
+                             "; state was reset")
                 self.kill_all()
         elif self.state is not None and status != "crashed" and self.cell_was_alone(cell):
             self.rollback_due = True  # nothing of the code is left: it can wait for the reply
         elif self.state is not None:
-            try:
-                send(self.state, Rollback())
-                ack, _, _ = recv(self.state, RolledBack, timeout_s=5.0)
-                wait_status = ack.wait_status
-            except (ProtocolError, OSError):
-                if keep:
-                    notes.append("the session's state process was gone; state was reset")
-                self.kill_all()
+            _signal(cell.pidfd, signal.SIGKILL)
+            wait_status = self.rollback(cell.proc_pid)
+            if self.state is None and keep:
+                notes.append("the session's state did not roll back; state was reset")
+        else:
+            self.kill_all()
         return status, wait_status
+
+    def promotion_holds(self, cell: ReadyCell) -> bool:
+        """Check a cell's claim to be the new state, which only it made: end the old state,
+        stop the cell (so that it creates nothing more), and ask the kernel's lists of children
+        whether any other process of the code is still alive. A cell that promotes itself ends
+        every other process of the session before it says so; one that only says so does not."""
+        _signal(self.state_pidfd, signal.SIGKILL)
+        if not _signal(cell.pidfd, signal.SIGSTOP):
+            return False
+        give_up = time.monotonic() + STOP_S
+        while not all_stopped(cell.proc_pid):
+            if time.monotonic() > give_up:
+                return False
+            time.sleep(0.0001)
+        c, s = cell.proc_pid, self.state_proc_pid
+        of_cell = children(c)
+        of_state = children(s, {c}) if s is not None else None  # None: gone, its children are P's
+        of_self = children(self.own_proc_pid, {c, s})
+        return (of_cell == set() and (of_state is None or of_state <= {c})
+                and of_self is not None and of_self <= {c, s})
+
+    def rollback(self, cell_proc_pid: int | None) -> int | None:
+        """Have the state kill the discarded cell and all it started, and check that it did (a
+        state that has run code may not); on any failure, end every process of the session.
+        Returns the cell's wait status as the state reports it, if plausible."""
+        self.wake_state()
+        try:
+            send(self.state, Rollback())
+            ack, _, _ = recv(self.state, RolledBack, deadline=time.monotonic() + ROLLBACK_S)
+        except (ProtocolError, OSError):
+            self.kill_all()
+            return None
+        if not self.nothing_left(cell_proc_pid):
+            self.kill_all()
+            return None
+        ws = ack.wait_status
+        return ws if type(ws) is int and 0 <= ws < 1 << 16 else None
+
+    def nothing_left(self, cell_proc_pid: int | None) -> bool:
+        """Whether no process of the code is alive but the state (the cell killed, and all it
+        started), by the kernel's lists, read in the order in which orphans move up."""
+        s = self.state_proc_pid
+        if s is None:
+            return False
+        of_cell = children(cell_proc_pid) if cell_proc_pid is not None else set()
+        of_state = children(s, set())
+        of_self = children(self.own_proc_pid, {s})
+        return ((of_cell is None or of_cell == set()) and of_state == set()
+                and of_self is not None and of_self <= {s})
 
     @staticmethod
     def _reply(cell_number: int, status: str, wall: float, exit_code: int | None,
@@ -336,12 +461,10 @@ class Session:
         children, a child of C, a child of the state S (clone with CLONE_PARENT), or an orphan
         adopted by this supervisor (the subreaper). If all three lists are empty but for the
         expected members, nothing needs the state's scoped kill before the caller is answered."""
-        try:
-            signal.pidfd_send_signal(cell.pidfd, signal.SIGKILL)
-        except OSError:
+        if not _signal(cell.pidfd, signal.SIGKILL):
             return False
         c, s = cell.proc_pid, self.state_proc_pid
-        if c is None or s is None:
+        if s is None:
             return False
         of_cell, of_state = children(c), children(s, {c})
         of_self = children(self.own_proc_pid, {s})
@@ -350,35 +473,22 @@ class Session:
 
     # -- after the reply --------------------------------------------------------------------------
     def finish(self, keep: bool) -> None:
-        """After the reply: the deferred rollback, the stateless call's file reset, and the
-        order to fork the next call's cell process."""
+        """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
+        next call's cell process, forked, announced and checked."""
         if self.rollback_due:
             self.rollback_due = False
-            try:
-                send(self.state, Rollback())
-                recv(self.state, RolledBack, timeout_s=5.0)
-            except (ProtocolError, OSError):
-                self.kill_all()
+            self.rollback(None)
         if not keep:
-            self.reset_files()
+            self.fresh_files()
         self.prepare()
-
-    def reset_files(self) -> None:
-        """Empty the scratch directory and remove the session's files from the shared temporary
-        directories. Every process of the session has been killed by now, so nothing races."""
-        _empty_dir(self.scratch)
-        os.chmod(self.scratch, 0o700)
-        if self.uid is not None:
-            os.chown(self.scratch, self.uid, self.uid)
-            for d in SHARED_TMP_DIRS:
-                _empty_dir(d, owner=self.uid)
 
     def close(self) -> None:
         self.kill_all()
-        if self.uid is not None:
-            for d in SHARED_TMP_DIRS:
-                _empty_dir(d, owner=self.uid)
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if not self.own_mounts:  # with mounts of its own, they end with the session
+            if self.uid is not None:
+                for d in SHARED_TMP_DIRS:
+                    remove_tree(d, keep_top=True, owner=self.uid)
+            remove_tree(self.scratch)
 
 
 def _drain(streams: dict) -> None:
@@ -392,28 +502,20 @@ def _drain(streams: dict) -> None:
             pass
 
 
-def _empty_dir(path: str, owner: int | None = None) -> None:
-    """Remove the entries of `path` (those of `owner` only, if given) without following links."""
-    try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            if owner is not None and entry.stat(follow_symlinks=False).st_uid != owner:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
-        except OSError:
-            pass
+def isolate_session() -> None:
+    """P's own mount, IPC and network namespaces (children inherit them): SysV IPC, POSIX message
+    queues, abstract UNIX sockets and /dev/shm are the session's alone."""
+    unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
 def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped: bool) -> None:
     """The body of P: wait to be handed a caller, then serve it until it hangs up."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     set_name(b"sandbox-super")
+    if settings.get("session_namespaces"):
+        isolate_session()
+    join_fresh_session_keyring()
     session = Session(settings, uid, scoped)
     try:
         _, _, fds = recv(handoff, Attach)
