@@ -74,6 +74,12 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
     C first takes the session's uid (when the state it forks from is the pristine one, still
     root) and enters the scratch directory: the one mounted now, not one of a past call."""
     if uid is not None and os.getuid() != uid:
+        try:  # the OOM killer of the session's cgroup picks the cell before the state
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            os.write(fd, b"500")
+            os.close(fd)
+        except OSError:
+            pass
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)

@@ -15,6 +15,7 @@ import time
 
 # PyDLL: calls keep the GIL, as os.fork() does (`lean_fork`); every caller is single-threaded.
 libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.shmctl.argtypes = libc.msgctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWPID = 0x20000, 0x08000000, 0x40000000, 0x20000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
 MNT_DETACH = 2
@@ -122,6 +123,126 @@ def deny_keyrings() -> bool:
     filters = (_SockFilter * len(prog))(*(_SockFilter(*insn) for insn in prog))
     fprog = _SockFprog(len(prog), filters)
     return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+
+
+# -- System V IPC and POSIX message queues --------------------------------------------------------
+IPC_RMID = 0
+
+
+def remove_ipc_objects(mqueue_dir: str | None) -> None:
+    """Remove every System V shared memory segment, message queue and semaphore set of this
+    process's IPC namespace (as /proc/sysvipc lists them) and every POSIX message queue in
+    `mqueue_dir` (an mqueue filesystem mounted in that namespace)."""
+    for kind, ctl in (("shm", libc.shmctl), ("msg", libc.msgctl), ("sem", libc.semctl)):
+        try:
+            lines = read_proc(f"/proc/sysvipc/{kind}").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 1:
+                ctl(int(fields[1]), IPC_RMID, None) if kind != "sem" else \
+                    ctl(int(fields[1]), 0, IPC_RMID)
+    if mqueue_dir is not None:
+        try:
+            names = os.listdir(mqueue_dir)
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                os.unlink(os.path.join(mqueue_dir, name))
+            except OSError:
+                pass
+
+
+# -- memory cgroups --------------------------------------------------------------------------------
+def memory_cgroup_base() -> tuple[str, bool] | None:
+    """(the directory of this process's memory cgroup, whether it is cgroup v2) where this
+    process may create cgroups below it; None where it may not (no memory controller, or not
+    writable)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v1 = [ln.split(":", 2)[2] for ln in lines if "memory" in ln.split(":", 2)[1].split(",")]
+    unified = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    candidates = []
+    if v1 and os.path.isdir("/sys/fs/cgroup/memory"):
+        candidates.append(("/sys/fs/cgroup/memory" + v1[0].rstrip("/"), False))
+    if unified:
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+            try:
+                with open(f"{root}/cgroup.controllers") as f:
+                    if "memory" in f.read().split():
+                        candidates.append((root + unified[0].rstrip("/"), True))
+                        break
+            except OSError:
+                pass
+    for path, v2 in candidates:
+        if os.path.isdir(path) and os.access(path, os.W_OK):
+            return path, v2
+    return None
+
+
+def make_memory_cgroup(path: str, limit_bytes: int, v2: bool) -> bool:
+    """Create the cgroup `path` with a hard memory limit (no swap); False where it cannot be."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    names = (("memory.max", "memory.swap.max") if v2 else
+             ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"))
+    try:
+        with open(os.path.join(path, names[0]), "w") as f:
+            f.write(str(limit_bytes))
+    except OSError:
+        remove_cgroup(path)
+        return False
+    try:
+        with open(os.path.join(path, names[1]), "w") as f:
+            f.write("0" if v2 else str(limit_bytes))
+    except OSError:
+        pass  # no swap accounting on this machine
+    return True
+
+
+def join_cgroup(path: str) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write("0")
+
+
+def oom_kills(path: str, v2: bool) -> int:
+    """How many processes the kernel's OOM killer has killed in the cgroup `path`."""
+    try:
+        text = read_proc(os.path.join(path, "memory.events" if v2 else "memory.oom_control"))
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(b"oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
+def remove_cgroup(path: str, patience_s: float = 0.0) -> None:
+    """Remove the cgroup `path` and the cgroups below it, waiting up to `patience_s` for the
+    processes that are still leaving them; best effort."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            for entry in os.scandir(path):
+                if entry.is_dir(follow_symlinks=False):
+                    remove_cgroup(entry.path)
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
 
 # -- resource limits -------------------------------------------------------------------------------

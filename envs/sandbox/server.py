@@ -54,7 +54,8 @@ import sys
 
 from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE,
                     MS_REC, SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc,
-                    mount, set_name, setns, unshare)
+                    make_memory_cgroup, memory_cgroup_base, mount, reap_children, remove_cgroup,
+                    set_name, setns, unshare)
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
 from .supervisor import session_main
 
@@ -148,6 +149,34 @@ def collapse_into_huge_pages() -> None:
             madvise(chunk, HUGE_PAGE, MADV_COLLAPSE)
 
 
+def session_cgroups(settings: dict) -> str | None:
+    """A memory cgroup of this server's, below which each session gets one of its own (where
+    the machine lets this process create cgroups, with hierarchical limits): its path, or None.
+    The parent has no limit of its own; each session's is `memory_mb`."""
+    if not settings["separate_uid"]:
+        return None
+    base = memory_cgroup_base()
+    if base is None:
+        return None
+    path, v2 = base
+    parent = os.path.join(path, f"toolgrpo-sandbox-{os.getpid()}-{random.getrandbits(32):08x}")
+    settings["cgroup_v2"] = v2
+    if v2:  # the parent must hand the memory controller down to its sessions
+        try:
+            os.mkdir(parent, 0o755)
+            with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory")
+            return parent
+        except OSError:
+            remove_cgroup(parent)
+            return None
+    try:
+        os.mkdir(parent, 0o755)
+        return parent
+    except OSError:
+        return None
+
+
 # -- serving ---------------------------------------------------------------------------------------
 def spawn_session(settings: dict, own_pidns: int | None) -> socket.socket:
     """Fork a pooled session supervisor P (pid 1 of a new pid namespace when `own_pidns` is
@@ -195,6 +224,8 @@ def main() -> None:
                    "state_untouchable": settings["separate_uid"]}
     if own:
         private_filesystem(int(settings["scratch_mb"]))
+    settings["cgroup_parent"] = session_cgroups(settings)
+    protections["memory_cgroup"] = settings["cgroup_parent"] is not None
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if settings["pid_namespace"] else None
     preload(settings["preload"])
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
@@ -205,8 +236,13 @@ def main() -> None:
             _, _, fds = recv(control, Open)
         except BadMessage:
             continue  # its descriptors are closed
-        except ProtocolError:
-            return  # the caller is gone: returning ends this pid namespace and every session
+        except ProtocolError:  # the caller is gone: end every session, then this server
+            if own_pidns is not None and os.getpid() == 1:  # init of the server's namespace
+                os.kill(-1, signal.SIGKILL)
+                reap_children()
+            if settings["cgroup_parent"] is not None:
+                remove_cgroup(settings["cgroup_parent"], patience_s=2.0)
+            return
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)

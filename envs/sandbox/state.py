@@ -10,8 +10,8 @@ import sys
 
 from .cell import cell_process, run_cell, text_stream
 from .linux import (PR_SET_NO_NEW_PRIVS, alive, deny_keyrings, fork_when_possible,
-                    in_nested_pid_namespace, kill_all_but_self, kill_as, limit_resources, prctl,
-                    reap_children, set_name)
+                    in_nested_pid_namespace, join_cgroup, kill_all_but_self, kill_as,
+                    limit_resources, prctl, reap_children, set_name)
 from .protocol import BadMessage, Fork, ForkFailed, ProtocolError, Rollback, RolledBack, recv, send
 
 WARM_UP = ("import math, numpy, sympy\n"
@@ -44,6 +44,8 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
     limit_resources(limits["memory_mb"], limits["max_file_mb"], limits["max_processes"],
                     limits["max_open_files"], cpu_s=int(limits["max_timeout_s"]) + 2)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file past the cap raises OSError(EFBIG)
+    if limits.get("cgroup"):  # the session's memory cgroup: every later fork is in it too
+        join_cgroup(limits["cgroup"])
     prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot raise privileges
     deny_keyrings()  # no cell reaches a keyring (linux.deny_keyrings); inherited by every fork
     os.chdir("/")
@@ -85,3 +87,4 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             send(ctl, RolledBack(status))
         else:
             os._exit(1)
+

@@ -32,9 +32,9 @@ import time
 
 from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOSUID, MS_PRIVATE,
                     MS_REC, PR_SET_CHILD_SUBREAPER, SHARED_TMP_DIRS, all_stopped, children,
-                    describe, join_fresh_session_keyring, kill_as, mount, own_proc_pid,
-                    parent_of, pid_of_pidfd, prctl, reap_children, remove_tree, set_name, umount,
-                    unshare)
+                    describe, join_fresh_session_keyring, kill_as, make_memory_cgroup, mount,
+                    oom_kills, own_proc_pid, parent_of, pid_of_pidfd, prctl, reap_children,
+                    remove_cgroup, remove_ipc_objects, remove_tree, set_name, umount, unshare)
 from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
                        Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
                        send)
@@ -133,6 +133,9 @@ class Session:
         self.rollback_due = False  # a discarded cell's rollback, left for after the reply
         self.own_proc_pid = own_proc_pid()
         self.cells = 0
+        self.cgroup = self.make_cgroup()
+        self.oom_kills = 0  # the OOM kills of `cgroup` accounted for
+        self.mqueue_dir = self.mount_mqueue() if self.own_mounts else None
         self.fresh_files()
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
         self.prepare()
@@ -140,6 +143,40 @@ class Session:
     @staticmethod
     def _on_child(*_):
         reap_children()
+
+    # -- the session's kernel objects -------------------------------------------------------------
+    def make_cgroup(self) -> str | None:
+        """The session's memory cgroup (below the server's), limited to `memory_mb`: it counts
+        what address-space limits do not, such as memfd and tmpfs pages. The state joins it, so
+        every process of the code is in it; None where the machine allows none."""
+        parent = self.settings.get("cgroup_parent")
+        if parent is None:
+            return None
+        path = os.path.join(parent, f"session-{random.getrandbits(48):012x}")
+        limit = int(self.settings["memory_mb"]) << 20
+        if not make_memory_cgroup(path, limit, bool(self.settings.get("cgroup_v2"))):
+            return None
+        self.settings = {**self.settings, "cgroup": path}  # what the state is forked with
+        return path
+
+    def mount_mqueue(self) -> str | None:
+        """The session's POSIX message queues as files (an mqueue filesystem of its own IPC
+        namespace), where only this supervisor reaches them."""
+        path = f"{self.scratch}.mqueue"
+        try:
+            os.mkdir(path, 0o700)
+            mount("mqueue", path, "mqueue", MS_NOSUID | MS_NODEV)
+            return path
+        except OSError:
+            return None
+
+    def memory_exceeded(self) -> bool:
+        """Whether the kernel's OOM killer has killed a process of the session since last asked."""
+        if self.cgroup is None:
+            return False
+        kills = oom_kills(self.cgroup, bool(self.settings.get("cgroup_v2")))
+        exceeded, self.oom_kills = kills > self.oom_kills, kills
+        return exceeded
 
     # -- the session's filesystems ----------------------------------------------------------------
     def fresh_files(self) -> None:
@@ -150,6 +187,7 @@ class Session:
         quota = f"size={int(self.settings['scratch_mb'])}m"
         owner = f",uid={self.uid},gid={self.uid}" if self.uid is not None else ""
         if self.own_mounts:
+            remove_ipc_objects(self.mqueue_dir)  # IPC objects outlive the processes of a call
             for path, options in ((self.scratch, f"{quota},mode=700{owner}"),
                                   *((d, f"{quota},mode=1777") for d in SHARED_TMP_DIRS
                                     if os.path.isdir(d))):
@@ -311,6 +349,8 @@ class Session:
             notes.append(why)
             if exit_code == -signal.SIGXCPU:
                 status, notes[-1] = "timeout", "CPU time limit exceeded"
+            elif self.memory_exceeded():
+                status, notes[-1] = "memory", "the session's memory limit was exceeded"
         _drain(streams)  # what the cell wrote before it ended is in the pipes
         cell.close()
         return self._reply(cell_number, status, wall, exit_code, out, err, notes)
@@ -484,6 +524,8 @@ class Session:
 
     def close(self) -> None:
         self.kill_all()
+        if self.cgroup is not None:
+            remove_cgroup(self.cgroup, patience_s=1.0)
         if not self.own_mounts:  # with mounts of its own, they end with the session
             if self.uid is not None:
                 for d in SHARED_TMP_DIRS:
