@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agents.rollout import RolloutConfig
+from agents.training.loop import PIPELINED_TIS_CAP
 from envs.rewards import RewardWeights
 from envs.toolmath import ToolMathEnv
 from learners.train import GRPOConfig
@@ -161,6 +162,11 @@ class Config:
     """Drop groups whose rewards are all equal and refill with new problems (DAPO)."""
     max_refills: int = 2
     """Extra collections a step may make to refill dropped groups."""
+    max_staleness: int = 1
+    """Pipelined rollouts: the next steps' batches are collected while this one learns, by an
+    adapter at most this many updates older than the one they train (0: synchronous, collect
+    then learn). Above 0 the update weights tokens by truncated importance sampling
+    (grpo.tis_cap, 2.0 unless set)."""
     seed: int = 0
     """Seed of sampling, LoRA initialisation and problem order."""
     resume: bool = False
@@ -183,9 +189,11 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
-        if self.steps < 1 or self.problems_per_step < 1 or self.max_refills < 0:
-            raise ValueError(f"need steps >= 1, problems_per_step >= 1, max_refills >= 0; got "
-                             f"{self.steps}, {self.problems_per_step}, {self.max_refills}")
+        if (self.steps < 1 or self.problems_per_step < 1 or self.max_refills < 0
+                or self.max_staleness < 0):
+            raise ValueError(f"need steps >= 1, problems_per_step >= 1, max_refills >= 0, "
+                             f"max_staleness >= 0; got {self.steps}, {self.problems_per_step}, "
+                             f"{self.max_refills}, {self.max_staleness}")
         if self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 (GRPO compares the episodes of a "
                              f"group), got {self.rollout.group_size}")
@@ -203,10 +211,14 @@ class Config:
 
     def grpo_for_run(self) -> GRPOConfig:
         """The learner's settings, with the schedule's horizon set to this run's optimizer steps
-        when the config leaves it open."""
-        if self.grpo.total_steps is not None:
-            return self.grpo
-        return dataclasses.replace(self.grpo, total_steps=self.steps * self.grpo.ppo_epochs)
+        when the config leaves it open, and for a pipelined run (max_staleness > 0) truncated
+        importance sampling at PIPELINED_TIS_CAP unless grpo.tis_cap is set."""
+        grpo = self.grpo
+        if grpo.total_steps is None:
+            grpo = dataclasses.replace(grpo, total_steps=self.steps * grpo.ppo_epochs)
+        if self.max_staleness and grpo.tis_cap is None:
+            grpo = dataclasses.replace(grpo, tis_cap=PIPELINED_TIS_CAP)
+        return grpo
 
 
 RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "out", "debug", "allow_cpu", "eval", "log",

@@ -2,14 +2,17 @@
 sampling), update the adapter, push it to the sampler.
 
     loop = GRPOLoop(model, state, grpo_cfg, rollouts, problems_per_step=8, dynamic_sampling=True)
-    metrics, batch = loop.step(ProblemOrder(len(problems), seed=0), seed=1)
+    metrics, batch = loop.step(ProblemOrder(len(problems), seed=0), seed=1)   # synchronous
+
+`agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
+learns (`max_staleness` > 0); `fit` runs every step through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -19,11 +22,37 @@ from agents.batch import RolloutBatch
 from agents.rollout import Rollouts
 from learners.train import GRPOConfig, TrainState, grpo_step
 
+PIPELINED_TIS_CAP = 2.0
+"""The truncated importance weight cap a pipelined run uses when its GRPOConfig sets none: its
+samples come from an adapter up to max_staleness updates old."""
+
+
+@dataclass(frozen=True)
+class Collected:
+    """One step's batch as the rollouts made it."""
+
+    batch: RolloutBatch
+    stats: dict
+    position: int
+    """ProblemOrder.position after this collection: what a checkpoint of its step records."""
+    version: int
+    """The adapter version that sampled every episode of the batch."""
+    collect_s: float
+    """Seconds the collection took."""
+
+
+def sampler_copy(model):
+    """A model for the sampler that shares `model`'s arrays (no copy of the weights) but has
+    its own variables, so that the learner can update its LoRA parameters while the sampler
+    reads the previous ones (`GRPOLoop.sampler_model`). (nnx.merge(*nnx.split(model)) would
+    not do: it returns the same variables.)"""
+    return nnx.clone(model)
+
 
 @dataclass
 class GRPOLoop:
-    """The state of a run between steps: the model the sampler reads, the learner's TrainState,
-    the rollouts that play the training problems."""
+    """The state of a run between steps: the model the learner updates, the learner's
+    TrainState, the rollouts that play the training problems."""
 
     model: Any
     state: TrainState
@@ -32,13 +61,50 @@ class GRPOLoop:
     problems_per_step: int
     dynamic_sampling: bool = False
     max_refills: int = 2
+    max_staleness: int = 0
+    """Updates the adapter that samples a step's batch may lag the one it trains (0: the
+    synchronous loop). Above 0 the sampler needs a model of its own (`sampler_model`) and the
+    update weights tokens by truncated importance sampling (cfg.tis_cap, PIPELINED_TIS_CAP
+    unless set)."""
+    sampler_model: Any = None
+    """The model the sampler reads (the JAX sampler's; the one whose adapter goes to vLLM):
+    None means `model` itself, which only a synchronous loop may share."""
+    data_position: int = 0
+    """ProblemOrder.position after the last batch trained on (checkpoints record it)."""
+    _synced: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.sampler_model is None:
+            self.sampler_model = self.model
+        if self.max_staleness and self.sampler_model is self.model:
+            raise ValueError("max_staleness > 0 needs a sampler_model apart from the learner's "
+                             "model (agents.training.loop.sampler_copy(model)), which the "
+                             "sampler must read")
+        if self.max_staleness and self.cfg is not None and self.cfg.tis_cap is None:
+            self.cfg = dataclasses.replace(self.cfg, tis_cap=PIPELINED_TIS_CAP)
+        self._synced = self.rollouts.sampler.adapter_version
 
     @property
     def adapter_version(self) -> int:
         """The updates the adapter has had: the version that tags the samples it makes."""
         return int(self.state.updates)
 
-    def collect(self, problems: Iterator[int], seed: int) -> tuple[RolloutBatch, dict]:
+    def sync_sampler(self, version: int | None = None, lora: Any = None) -> None:
+        """Give the sampler adapter `version` with LoRA parameters `lora` (default: the
+        learner's latest), unless it holds that version already."""
+        if version is None:
+            version, lora = self.adapter_version, self.state.lora
+        if version == self._synced:
+            return
+        if self.sampler_model is not self.model:
+            nnx.update(self.sampler_model, lora)
+        self.rollouts.sampler.sync_adapter(self.sampler_model, version)
+        self._synced = version
+
+    def collect(self, problems: Iterator[int], seed: int,
+                adapter_version: int | None = None) -> tuple[RolloutBatch, dict]:
         """Exactly problems_per_step groups of group_size episodes, whatever the rewards (one batch
         shape, so the train step compiles once), and the collection's stats.
 
@@ -47,10 +113,13 @@ class GRPOLoop:
         new problems look for informative ones. The batch is the first problems_per_step
         informative groups (extra ones are dropped); when fewer were found it is completed with
         set-aside groups whose loss_mask (and sampler_logprobs) are zeroed: filler that adds no
-        term to the loss. Filler rows come last; stats["filler_groups"] counts them."""
+        term to the loss. Filler rows come last; stats["filler_groups"] counts them.
+        `adapter_version` (default: the learner's) is the version the sampler holds."""
+        version = self.adapter_version if adapter_version is None else adapter_version
+
         def play(round_seed: int) -> RolloutBatch:
             return self.rollouts.collect([next(problems) for _ in range(self.problems_per_step)],
-                                         seed=round_seed, adapter_version=self.adapter_version)
+                                         seed=round_seed, adapter_version=version)
 
         batch = play(seed)
         # the first collection's, before zero-variance groups are dropped: a collapse detector
@@ -84,24 +153,45 @@ class GRPOLoop:
         return RolloutBatch.concat(parts, pad_id), stats
 
     def update(self, batch: RolloutBatch) -> dict:
-        """One GRPO update of the adapter; the sampler gets the new version."""
+        """One GRPO update of the adapter (the learner's model gets it; the sampler's does
+        through sync_sampler)."""
         self.state, metrics = grpo_step(self.state, batch, self.cfg)
-        nnx.update(self.model, self.state.lora)  # the in-process sampler reads the live model
-        self.rollouts.sampler.sync_adapter(self.model, self.adapter_version)
+        nnx.update(self.model, self.state.lora)
         return metrics
 
-    def step(self, problems: Iterator[int], seed: int) -> tuple[dict, RolloutBatch]:
-        """collect, then update: ("train/..." and "time/..." metrics, the batch trained on)."""
-        t0 = time.perf_counter()
-        batch, stats = self.collect(problems, seed)
-        t1 = time.perf_counter()
+    def learn(self, collected: Collected, waited_s: float) -> tuple[dict, RolloutBatch]:
+        """The update on a collected batch: ("train/..." and "time/..." metrics, the batch).
+        train/staleness is the mean over episodes of (learner version - sampler version); a
+        batch older than max_staleness is refused (RolloutPipeline never makes one)."""
+        batch, stats = collected.batch, collected.stats
+        staleness = self.adapter_version - batch.adapter_version
+        if staleness.max(initial=0) > self.max_staleness:
+            raise RuntimeError(f"a batch sampled by adapter {collected.version} reached the update "
+                               f"of adapter {self.adapter_version} (max_staleness "
+                               f"{self.max_staleness})")
         real = len(batch.rewards) - stats.get("filler_groups", 0) * self.rollouts.cfg.group_size
         episodes = batch.select(np.arange(len(batch.rewards)) < real) if real else batch
         metrics = {f"train/{k}": v for k, v in episodes.metrics().items()}
         metrics.update({f"train/{k}": v for k, v in stats.items()})
+        metrics["train/staleness"] = float(np.mean(staleness))
+        t0 = time.perf_counter()
         metrics.update({f"train/{k}": v for k, v in self.update(batch).items()})
-        metrics["time/rollout_s"], metrics["time/update_s"] = t1 - t0, time.perf_counter() - t1
+        self.data_position = collected.position
+        metrics["time/update_s"] = time.perf_counter() - t0
+        metrics["time/rollout_s"], metrics["time/collect_s"] = waited_s, collected.collect_s
         return metrics, batch
+
+    def step(self, problems: Iterator[int], seed: int) -> tuple[dict, RolloutBatch]:
+        """Synchronously: collect, update, sync the sampler ("train/..." and "time/..." metrics,
+        the batch trained on). time/rollout_s is the collection's time."""
+        t0 = time.perf_counter()
+        self.sync_sampler()
+        batch, stats = self.collect(problems, seed)
+        took = time.perf_counter() - t0
+        out = self.learn(Collected(batch, stats, problems.position, self.adapter_version, took),
+                         took)
+        self.sync_sampler()
+        return out
 
 
 def group_count(batch: RolloutBatch) -> int:

@@ -24,7 +24,7 @@ from typing import Callable
 from agents.training.cli import fail, one_line_errors
 from agents.training.config import RESUMABLE_CHANGES, Config, flatten
 from agents.training.evaluation import evaluate
-from agents.training.loop import GRPOLoop, ProblemOrder
+from agents.training.loop import GRPOLoop, ProblemOrder, sampler_copy
 from agents.training.runlog import RunLog, run_environment, truncate_metrics
 
 
@@ -63,16 +63,26 @@ def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, step
         transcripts_every: int = 10) -> dict:
     """Steps start+1 .. steps of `loop`, each logged; `checkpoint(step, force)` after each (it
     decides whether one is due), `evaluate_at(step)` every `eval_every` steps before the last.
-    Step t samples with seed `seed * 1_000_003 + t`. Returns the last step's metrics; Ctrl-C
-    raises Interrupted once that step is logged and checkpointed (forced)."""
+    Step t samples with seed `seed * 1_000_003 + t`. Batches come from a RolloutPipeline, up to
+    loop.max_staleness steps ahead (0: the synchronous loop); evaluations pause it. Returns the
+    last step's metrics; Ctrl-C raises Interrupted once that step is logged and checkpointed
+    (forced)."""
+    import time
+
     from tqdm import tqdm
+
+    from agents.training.pipeline import RolloutPipeline
 
     metrics: dict = {}
     bar = tqdm(range(start + 1, steps + 1), desc="GRPO", initial=start, total=steps,
                dynamic_ncols=True)
-    with GracefulInterrupt() as interrupt:
+    with GracefulInterrupt() as interrupt, RolloutPipeline(
+            loop, problems, lambda step: seed * 1_000_003 + step, start + 1, steps) as rollouts:
         for step in bar:
-            metrics, batch = loop.step(problems, seed=seed * 1_000_003 + step)
+            t0 = time.perf_counter()
+            collected = rollouts.get(step)
+            metrics, batch = loop.learn(collected, waited_s=time.perf_counter() - t0)
+            rollouts.publish()
             # read once: a Ctrl-C that arrives later in this step is acted on after the next
             stop = interrupt.requested
             log.log(step, metrics)
@@ -81,7 +91,8 @@ def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, step
             if checkpoint is not None:
                 checkpoint(step, stop)
             if evaluate_at and eval_every and step % eval_every == 0 and step < steps and not stop:
-                evaluate_at(step)
+                with rollouts.paused():
+                    evaluate_at(step)
             bar.set_postfix(reward=f"{metrics.get('train/reward', 0):.3f}",
                             acc=f"{metrics.get('train/accuracy', 0):.3f}",
                             tools=f"{metrics.get('train/tool_use_rate', 0):.2f}")
@@ -254,8 +265,10 @@ def train(cfg: Config) -> dict:
     engine = choose_engine(cfg)
     model, grpo_cfg, state = build_learner(cfg)
 
+    # a pipelined sampler reads its own copy of the adapter while the learner updates the model
+    sampler_model = sampler_copy(model) if cfg.max_staleness else model
     with contextlib.ExitStack() as stack:
-        sampler = stack.enter_context(open_sampler(cfg, engine, model, tokenizer))
+        sampler = stack.enter_context(open_sampler(cfg, engine, sampler_model, tokenizer))
         train_rollouts = stack.enter_context(Rollouts(
             lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("train")), sampler, tokenizer,
             cfg.rollout))
@@ -263,7 +276,7 @@ def train(cfg: Config) -> dict:
             lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("test")), sampler, tokenizer,
             dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples)))
         loop = GRPOLoop(model, state, grpo_cfg, train_rollouts, cfg.problems_per_step,
-                        cfg.dynamic_sampling, cfg.max_refills)
+                        cfg.dynamic_sampling, cfg.max_refills, cfg.max_staleness, sampler_model)
         ckpt = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=cfg.log.keep_checkpoints,
                             every=cfg.log.checkpoint_every)
         start, position = 0, 0
@@ -272,7 +285,7 @@ def train(cfg: Config) -> dict:
             loop.state, meta, _ = ckpt.restore(loop.state)
             nnx.update(model, loop.state.lora)
             position = int(meta.get("data_position", 0))
-            sampler.sync_adapter(model, loop.adapter_version)
+            loop.sync_sampler()
             print(f"resumed from step {start} in {ckpt.directory}", flush=True)
         elif cfg.resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting a new run", flush=True)
@@ -286,6 +299,7 @@ def train(cfg: Config) -> dict:
         ks = sorted({1, cfg.eval.samples} | ({8} if cfg.eval.samples >= 8 else set()))
 
         def evaluate_at(step: int) -> dict:
+            loop.sync_sampler()  # the learner's latest adapter (a no-op when it has it)
             metrics, transcripts = evaluate(evaluator, range(n_eval), ks=ks,
                                             seed=cfg.seed + 99 * step,
                                             adapter_version=loop.adapter_version)
@@ -299,7 +313,7 @@ def train(cfg: Config) -> dict:
         def checkpoint(step: int, force: bool = False) -> None:
             """The orbax checkpoint of `step` when due, and its PEFT adapter (evaluate.py
             --adapter loads it); adapters of checkpoints no longer kept are removed."""
-            meta = {"data_position": problems.position, "adapter_version": loop.adapter_version}
+            meta = {"data_position": loop.data_position, "adapter_version": loop.adapter_version}
             if not ckpt.maybe_save(step, loop.state, meta, force=force):
                 return
             directory = os.path.join(adapters_of_checkpoints, str(step))

@@ -29,7 +29,7 @@ class StubRollouts:
         self.varied, self.length, self.sampled, self.vocab = set(varied), length, sampled, vocab
         self.cfg = RolloutConfig(group_size=group_size)
         self.tokenizer = SimpleNamespace(pad_token_id=0)
-        self.sampler = SimpleNamespace(sync_adapter=lambda model, version: None)
+        self.sampler = SimpleNamespace(sync_adapter=lambda model, version: None, adapter_version=0)
         self.asked: list[list[int]] = []
 
     def collect(self, problem_ids, seed=0, adapter_version=None) -> RolloutBatch:
