@@ -3,12 +3,20 @@ the Flax model here against transformers + PEFT in PyTorch, on the same shape an
 
     python experiments/bench_learner.py                        # both shapes, a table
     python experiments/bench_learner.py --shapes tiny --json   # one JSON object
+    python experiments/bench_learner.py --plan --shapes 0.5b --batch 8 --seq-len 4096 \
+        --dtype bfloat16 --json                                # a memory plan: compile, not run
 
 Each framework runs in a subprocess of its own, one after the other in the same run, so that its
 peak resident memory (ru_maxrss, imports included) is its own. Step times are medians after
 warm-up (JAX's compilation is excluded; it is reported apart). "0.5b-width" is Qwen2.5-0.5B's
 width (hidden 896, MLP 4864, 14/2 heads, vocabulary 151936) with 2 layers, to run on a CPU; on a
 GPU, "0.5b" is the whole model in bf16, with model FLOP utilisation.
+
+`--plan` measures without running (and without the memory): it compiles, with abstract shapes,
+every program one GRPO step of the main job runs on a micro-batch of `--batch` x `--seq-len` (the
+update's forward and backward, the optimizer step, and the old- and reference-log-probability
+passes where `--ppo-epochs` > 1 and `--beta` > 0 ask for them) for the current backend, and prints
+XLA's figures: temporaries, arguments, outputs (GiB) and the compile time of each.
 """
 
 from __future__ import annotations
@@ -55,6 +63,19 @@ class Args:
     """Seed of the weights and the token batch (both sides get the same batch)."""
     json: bool = False
     """Print one JSON object instead of a table."""
+    plan: bool = False
+    """Compile one step's programs with abstract shapes and print their memory (runs nothing)."""
+    dtype: str | None = None
+    """Compute dtype: float32 or bfloat16 (default: bfloat16 on a GPU or for --plan, else
+    float32). LoRA weights and optimizer state are float32 either way."""
+    ppo_epochs: int = 1
+    """--plan: the step's optimisation passes (> 1 adds the old-log-probability pass)."""
+    beta: float = 0.0
+    """--plan: the KL weight (> 0 adds the reference-log-probability pass)."""
+    attention_block: int = 512
+    """--plan: positions per block of the blockwise attention (the model's attention_block)."""
+    logprob_chunk: int = 1024
+    """--plan: positions whose logits are computed at once (GRPOConfig.logprob_chunk)."""
     worker: str = ""
     """Internal: run one side ("jax:SHAPE" or "torch:SHAPE") and print its figures."""
 
@@ -77,7 +98,7 @@ def model_config(shape: dict) -> dict:
     return {k: v for k, v in shape.items() if k not in ("batch", "seq_len", "rank")}
 
 
-def jax_side(shape: dict, steps: int, seed: int) -> dict:
+def jax_side(shape: dict, steps: int, seed: int, dtype_name: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -87,7 +108,7 @@ def jax_side(shape: dict, steps: int, seed: int) -> dict:
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
     gpu = jax.default_backend() == "gpu"
-    dtype = jnp.bfloat16 if gpu else jnp.float32
+    dtype = getattr(jnp, dtype_name) if dtype_name else (jnp.bfloat16 if gpu else jnp.float32)
     cfg = Qwen2Config(**model_config(shape), tie_word_embeddings=True)
     model = Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
     apply_lora(model, rank=shape["rank"], alpha=shape["rank"])
@@ -147,10 +168,73 @@ def torch_side(shape: dict, steps: int, seed: int) -> dict:
             "version": torch.__version__}
 
 
+def memory_plan(args: Args, name: str) -> dict:
+    """XLA's memory figures for every program of one step at the shape (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from learners.lora import apply_lora
+    from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from learners.train import GRPOConfig, init_state, lower_passes
+
+    shape = shape_of(args, name)
+    dtype = getattr(jnp, args.dtype or "bfloat16")
+    cfg = Qwen2Config(**model_config(shape))
+    grpo_cfg = GRPOConfig(micro_batch_size=shape["batch"], ppo_epochs=args.ppo_epochs,
+                          beta=args.beta, total_steps=100, logprob_chunk=args.logprob_chunk)
+
+    def build():
+        model = Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=dtype, remat=True,
+                                 attention_block=args.attention_block, rngs=nnx.Rngs(args.seed))
+        apply_lora(model, rank=shape["rank"], alpha=shape["rank"], param_dtype=jnp.float32)
+        return init_state(model, grpo_cfg)
+
+    state = jax.eval_shape(build)
+    gib = 2.0**30
+    row = {"batch": shape["batch"], "seq_len": shape["seq_len"], "rank": shape["rank"],
+           "layers": cfg.num_hidden_layers, "dtype": str(jnp.dtype(dtype)),
+           "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+    t0 = time.perf_counter()
+    programs = lower_passes(state, grpo_cfg, shape["batch"], shape["seq_len"])
+    row["lower_s"] = time.perf_counter() - t0
+    for program, lowered in programs.items():
+        t0 = time.perf_counter()
+        memory = lowered.compile().memory_analysis()
+        row[f"{program}_compile_s"] = time.perf_counter() - t0
+        row[f"{program}_temp_gib"] = memory.temp_size_in_bytes / gib
+        row[f"{program}_argument_gib"] = memory.argument_size_in_bytes / gib
+        row[f"{program}_output_gib"] = memory.output_size_in_bytes / gib
+    row["argument_gib"] = row["update_argument_gib"]
+    row["compile_s"] = row["lower_s"] + sum(row[f"{p}_compile_s"] for p in programs)
+    row["programs"] = list(programs)
+    return row
+
+
+def main_plan(args: Args) -> dict:
+    report = {"shapes": {name: memory_plan(args, name) for name in args.shapes}}
+    headline = report["shapes"][args.shapes[-1]]
+    report.update({k: headline[k] for k in ("update_temp_gib", "argument_gib", "compile_s")})
+    report["headline_shape"] = args.shapes[-1]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name, r in report["shapes"].items():
+            print(f"{name}: {r['layers']} layers, {r['batch']} x {r['seq_len']}, {r['dtype']}, "
+                  f"{r['backend']} (lowering {r['lower_s']:.1f} s)")
+            for program in r["programs"]:
+                print(f"  {program:13} temporaries {r[f'{program}_temp_gib']:7.2f} GiB  "
+                      f"arguments {r[f'{program}_argument_gib']:6.2f} GiB  "
+                      f"outputs {r[f'{program}_output_gib']:6.2f} GiB  "
+                      f"compile {r[f'{program}_compile_s']:6.1f} s")
+    return report
+
+
 def run_worker(args: Args) -> None:
     side, name = args.worker.split(":")
     shape = shape_of(args, name)
-    result = (jax_side if side == "jax" else torch_side)(shape, args.steps, args.seed)
+    result = (jax_side(shape, args.steps, args.seed, args.dtype) if side == "jax"
+              else torch_side(shape, args.steps, args.seed))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -158,7 +242,7 @@ def run_worker(args: Args) -> None:
 def measure(args: Args, side: str, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", f"{side}:{name}", "--steps", str(args.steps),
            "--seed", str(args.seed)]
-    for flag in ("batch", "seq_len"):
+    for flag in ("batch", "seq_len", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -220,4 +304,9 @@ def _param_count(shape: dict) -> int:
 
 if __name__ == "__main__":
     parsed = tyro.cli(Args)
-    run_worker(parsed) if parsed.worker else main(parsed)
+    if parsed.dtype not in (None, "float32", "bfloat16"):
+        sys.exit(f"--dtype must be float32 or bfloat16, got {parsed.dtype!r}")
+    if parsed.worker:
+        run_worker(parsed)
+    else:
+        main_plan(parsed) if parsed.plan else main(parsed)

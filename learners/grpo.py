@@ -63,18 +63,56 @@ def token_entropy(logits_btv):
     return jnp.pad(ent, ((0, 0), (1, 0)))
 
 
-def aggregate(per_token_bt, mask_bt, aggregation: str, max_tokens: int | None = None):
+def token_logprobs_from_hidden(hidden_btd, output_embedding_vd, tokens_bt, chunk: int = 1024,
+                               entropy: bool = False):
+    """What `token_logprobs` (and, with `entropy`, `token_entropy`) give, from the final hidden
+    states [B, T, D] and the output embedding [V, D] (logits = hidden @ embedding.T), without
+    the [B, T, V] logits: `chunk` positions at a time, under a scan, each chunk's logits
+    recomputed in the backward pass (jax.checkpoint). Live memory is O(chunk V), not O(B T V).
+    Returns (logprobs [B, T], entropy [B, T] or None); the entropy carries no gradient."""
+    b, t, d = hidden_btd.shape
+    n = b * t
+    chunk = max(1, min(chunk, n))
+    # position t predicts token t+1; the last position of a row predicts nothing (target 0)
+    targets = jnp.concatenate([tokens_bt[:, 1:], jnp.zeros((b, 1), tokens_bt.dtype)], axis=1)
+    pad = -n % chunk
+    h = jnp.pad(hidden_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
+    w = output_embedding_vd.astype(hidden_btd.dtype)
+
+    @jax.checkpoint
+    def one_chunk(h_cd, y_c):
+        logits = jnp.dot(h_cd, w.T, preferred_element_type=jnp.float32)  # [chunk, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0] - lse
+        if not entropy:
+            return picked, jnp.zeros_like(picked)
+        fixed, fixed_lse = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
+        ent = fixed_lse - jnp.sum(jax.nn.softmax(fixed, axis=-1) * fixed, axis=-1)
+        return picked, ent
+
+    _, (logp, ent) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, y))
+    shift = lambda x: jnp.pad(x.reshape(-1)[:n].reshape(b, t)[:, :-1], ((0, 0), (1, 0)))  # noqa
+    return shift(logp), (shift(ent) if entropy else None)
+
+
+def aggregate(per_token_bt, mask_bt, aggregation: str, max_tokens: int | None = None, *,
+              n_tokens=None, n_seqs=None):
     """Reduce a per-token loss to a scalar over the tokens where mask == 1.
     "seq-mean-token-mean": mean over each sequence's tokens, then over sequences (GRPO);
     "token-mean": mean over all tokens of the batch (DAPO);
     "seq-mean-token-sum-norm": each sequence's sum divided by the constant `max_tokens`, then the
-    mean over sequences (Dr. GRPO)."""
+    mean over sequences (Dr. GRPO).
+    When the rows are one micro-batch of a larger batch, `n_tokens` (its masked tokens) and
+    `n_seqs` (its rows with any) are the whole batch's: the result is then this micro-batch's
+    share, and the shares of all micro-batches sum to the whole batch's value exactly."""
     mask = mask_bt.astype(jnp.float32)
     if aggregation == "token-mean":
-        return jnp.sum(per_token_bt * mask) / jnp.maximum(mask.sum(), 1.0)
+        n = jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens
+        return jnp.sum(per_token_bt * mask) / n
     seq_tokens = mask.sum(-1)
     has = (seq_tokens > 0).astype(jnp.float32)
-    n_seq = jnp.maximum(has.sum(), 1.0)
+    n_seq = jnp.maximum(has.sum(), 1.0) if n_seqs is None else n_seqs
     if aggregation == "seq-mean-token-mean":
         per_seq = jnp.sum(per_token_bt * mask, -1) / jnp.maximum(seq_tokens, 1.0)
         return jnp.sum(per_seq * has) / n_seq
@@ -89,7 +127,8 @@ def aggregate(per_token_bt, mask_bt, aggregation: str, max_tokens: int | None = 
 def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float,
                 eps_high: float, aggregation: str = "seq-mean-token-mean",
                 max_tokens: int | None = None, ref_logprobs=None, beta: float = 0.0,
-                sampler_logprobs=None, tis_cap: float | None = None, entropy=None):
+                sampler_logprobs=None, tis_cap: float | None = None, entropy=None,
+                n_tokens=None, n_seqs=None):
     """The clipped GRPO objective, as a loss to minimise. Per token t of episode i:
 
         ratio = exp(logp - logp_old)
@@ -98,7 +137,9 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float
 
     With `tis_cap`, l_t is weighted by min(exp(logp_old - logp_sampler), tis_cap) (no gradient):
     truncated importance sampling for the gap between the sampler and the learner. Only tokens
-    with loss_mask == 1 count. Arrays are [B, T]; `advantages` is [B]. Returns (loss, aux)."""
+    with loss_mask == 1 count. Arrays are [B, T]; `advantages` is [B]. Returns (loss, aux).
+    With `n_tokens` and `n_seqs` (the whole batch's counts, see `aggregate`) the loss and every
+    token mean in aux are this micro-batch's share of the batch's."""
     mask = loss_mask.astype(jnp.float32)
     adv = advantages[:, None].astype(jnp.float32)
     log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
@@ -112,15 +153,16 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float
         weight = jnp.minimum(jnp.exp(jnp.where(mask > 0, old_logprobs - sampler_logprobs, 0.0)),
                              tis_cap)
         per_token = per_token * jax.lax.stop_gradient(weight)
-        aux["tis_weight_mean"] = jnp.sum(weight * mask) / jnp.maximum(mask.sum(), 1.0)
+        aux["tis_weight_mean"] = jnp.sum(weight * mask) / (
+            jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens)
     if beta:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs ref_logprobs (the base model's, adapters off)")
         d = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)
         kl = jnp.exp(d) - d - 1.0
         per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, aggregation, max_tokens)
-    n = jnp.maximum(mask.sum(), 1.0)
+    loss = aggregate(per_token, mask, aggregation, max_tokens, n_tokens=n_tokens, n_seqs=n_seqs)
+    n = jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens
     token_mean = lambda x: jnp.sum(x * mask) / n  # noqa: E731
     aux.update(
         loss=loss,

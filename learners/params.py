@@ -139,16 +139,17 @@ def read_model_config(directory: str) -> dict:
 
 
 def from_pretrained(path_or_id: str, dtype=jnp.float32, param_dtype=None,
-                    remat: bool = False) -> Qwen2ForCausalLM:
+                    remat: bool = False, **options) -> Qwen2ForCausalLM:
     """Load a Hugging Face Qwen2 checkpoint (a local directory or a hub id), sharded or not,
     bf16 or fp32. `dtype` is the computation's, `param_dtype` the parameters' (default: `dtype`);
-    `remat` recomputes each layer's activations in the backward pass. Raises HubUnavailableError
-    for a hub id that can be neither downloaded nor found in the cache."""
+    `remat` recomputes each layer's activations in the backward pass; `options` are the model's
+    other settings (scan_layers, attention, attention_block). Raises HubUnavailableError for a
+    hub id that can be neither downloaded nor found in the cache."""
     param_dtype = param_dtype or dtype
     directory = resolve(path_or_id)
     cfg = Qwen2Config.from_hf_config(read_model_config(directory))
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                    remat=remat, rngs=nnx.Rngs(0)))
+                                                    remat=remat, rngs=nnx.Rngs(0), **options))
     tensors = read_safetensors(directory)
     used = set()
     for path, var in _base_params(model).items():

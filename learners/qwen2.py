@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from learners.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from learners.attention import causal_attention
+
 
 @dataclass(frozen=True)
 class Qwen2Config:
@@ -201,7 +204,10 @@ class Attention(nnx.Module):
         self.o_proj = linear(n * h, d, False, dtype, param_dtype, rngs)
         self.n, self.k, self.h, self.theta = n, k, h, cfg.rope_theta
 
-    def __call__(self, x_btd, positions_bt, mask_bts, cache: LayerCache | None, write_at):
+    def __call__(self, x_btd, positions_bt, mask, cache: LayerCache | None, write_at,
+                 implementation: str = "auto", block: int = 512):
+        """`mask`: the valid keys, [B, S] for a whole sequence (causal attention over positions
+        0..T-1) or [B, 1, S] for a decode step against the cache (`write_at` given)."""
         b, t, _ = x_btd.shape
         if write_at is None:
             q, k, v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
@@ -222,13 +228,8 @@ class Attention(nnx.Module):
                 ck = cache.k.at[rows, :, :, write_at].set(k[:, 0].astype(cache.k.dtype))
                 cv = cache.v.at[rows, :, write_at].set(v[:, 0].astype(cache.v.dtype))
                 cache = LayerCache(ck, cv)
-                return self.o_proj(self._decode_attention(q, ck, cv, mask_bts, groups)), cache
-        q = q.reshape(b, t, self.k, groups, self.h)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * self.h**-0.5
-        logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.n * self.h)
-        return self.o_proj(out), cache
+                return self.o_proj(self._decode_attention(q, ck, cv, mask, groups)), cache
+        return self.o_proj(causal_attention(q, k, v, mask, implementation, block)), cache
 
     def _decode_attention(self, q_b1nh, k_bkhs, v_bksh, mask_b1s, groups):
         """One query a row against the cache: two plain batched matmuls, [G, H] x [H, S] and
@@ -266,29 +267,44 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x_btd, positions_bt, mask_bts, cache=None, write_at=None):
-        attn, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, mask_bts, cache,
-                                     write_at)
+    def __call__(self, x_btd, positions_bt, mask, cache=None, write_at=None, **attention):
+        attn, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, mask, cache,
+                                     write_at, **attention)
         x_btd = x_btd + attn
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd),
                                 decoding=write_at is not None), cache
 
 
-def _positions_and_mask(attention_mask_bt):
-    """Positions 0..T-1 (as transformers') and the causal mask that also hides padding keys."""
+def _positions(attention_mask_bt):
+    """Positions 0..T-1 of every row (as transformers')."""
     b, t = attention_mask_bt.shape
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return (jnp.broadcast_to(jnp.arange(t), (b, t)),
-            causal[None] & attention_mask_bt[:, None, :].astype(bool))
+    return jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
 class Qwen2ForCausalLM(nnx.Module):
-    """The causal LM. `remat=True` recomputes each layer's activations in the backward pass."""
+    """The causal LM.
+
+    remat           recompute each layer's activations in the backward pass (memory: one layer's
+                    activations live at a time, plus each layer's input)
+    scan_layers     run the layers of a whole-sequence forward under `jax.lax.scan`, so that one
+                    layer is compiled whatever the depth (their parameters are stacked per call)
+    attention       whole-sequence attention: "auto", "blockwise" or "dot_product" (see
+                    learners.attention); decoding against the cache has its own kernel
+    attention_block positions per block of the blockwise attention
+    """
 
     def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs | None = None):
+                 remat: bool = False, scan_layers: bool = True, attention: str = "auto",
+                 attention_block: int = 512, rngs: nnx.Rngs | None = None):
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                             f"got {attention!r}")
+        if attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {attention_block}")
         rngs = rngs or nnx.Rngs(0)
         self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.scan_layers, self.attention, self.attention_block = (scan_layers, attention,
+                                                                  attention_block)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
@@ -302,22 +318,38 @@ class Qwen2ForCausalLM(nnx.Module):
     # -- forward ----------------------------------------------------------------------------------
     def __call__(self, input_ids, attention_mask=None, positions=None, return_hidden=False):
         """Logits [B, T, V] for right-padded `input_ids` [B, T]; `attention_mask` [B, T] marks
-        real tokens (1) and padding (0). Positions default to 0..T-1, as transformers'."""
+        real tokens (1) and padding (0). Positions default to 0..T-1, as transformers'.
+        `return_hidden`: the final hidden states [B, T, D] instead (see `output_embedding`)."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        default_positions, mask_bts = _positions_and_mask(attention_mask)
-        positions = default_positions if positions is None else positions
+        positions = _positions(attention_mask) if positions is None else positions
+        key_mask = attention_mask.astype(bool)
+        attention = dict(implementation=self.attention, block=self.attention_block)
+
+        def run(graphdef, state, x):  # one layer, split/merged so that jax transforms apply
+            return nnx.merge(graphdef, state)(x, positions, key_mask, **attention)[0]
+
+        if self.remat:
+            run = jax.checkpoint(run, static_argnums=0)
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            if self.remat:  # split/merge + jax.checkpoint: works under jax and nnx transforms
-                graphdef, state = nnx.split(layer)
-                x = jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a)[0])(
-                    state, x, positions, mask_bts)
-            else:
-                x, _ = layer(x, positions, mask_bts)
+        split = [nnx.split(layer) for layer in self.layers]
+        graphdefs = {graphdef for graphdef, _ in split}
+        if self.scan_layers and len(split) > 1 and len(graphdefs) == 1:
+            (graphdef,) = graphdefs
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in split])
+            x, _ = jax.lax.scan(lambda x, st: (run(graphdef, st, x), None), x, stacked)
+        else:  # layers that differ in structure (or one layer): one after the other
+            for graphdef, state in split:
+                x = run(graphdef, state, x)
         hidden = self.norm(x)
         return hidden if return_hidden else self.logits(hidden)
+
+    def output_embedding(self):
+        """The output projection as a [V, D] matrix: logits = hidden @ output_embedding().T."""
+        if self.lm_head is not None:
+            return self.lm_head.kernel[...].T
+        return self.embed_tokens.embedding[...]
 
     def logits(self, hidden_btd):
         if self.lm_head is not None:
@@ -341,11 +373,12 @@ class Qwen2ForCausalLM(nnx.Module):
         if t > max_len:
             raise ValueError(f"prompt length {t} exceeds the cache capacity {max_len}")
         cache = self.init_cache(b, max_len)
-        positions, mask_bts = _positions_and_mask(attention_mask)
+        positions, key_mask = _positions(attention_mask), attention_mask.astype(bool)
+        attention = dict(implementation=self.attention, block=self.attention_block)
         x = self.embed_tokens(input_ids)
         new_layers = []
         for layer, lc in zip(self.layers, cache.layers):
-            x, lc = layer(x, positions, mask_bts, lc, None)
+            x, lc = layer(x, positions, key_mask, lc, None, **attention)
             new_layers.append(lc)
         lengths = attention_mask.sum(-1).astype(jnp.int32)
         hidden = self.norm(x)
@@ -355,10 +388,10 @@ class Qwen2ForCausalLM(nnx.Module):
         """One new token per row, at position `cache.lengths`; returns logits [B, V] and the cache
         with every length advanced by one."""
         positions = cache.lengths[:, None]  # [B, 1]
-        mask_bts = (jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None])[:, None, :]
+        mask_b1s = (jnp.arange(cache.max_len)[None, :] <= cache.lengths[:, None])[:, None, :]
         x = self.embed_tokens(tokens_b[:, None])
         new_layers = []
         for layer, lc in zip(self.layers, cache.layers):
-            x, lc = layer(x, positions, mask_bts, lc, cache.lengths)
+            x, lc = layer(x, positions, mask_b1s, lc, cache.lengths)
             new_layers.append(lc)
         return self.logits(self.norm(x))[:, 0], Cache(tuple(new_layers), cache.lengths + 1)

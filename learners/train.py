@@ -3,9 +3,14 @@ micro-batches, several optimisation passes (PPO epochs) over one rollout batch.
 
     state = init_state(model, cfg)                 # LoRA params, frozen base, optimizer state
     state, metrics = grpo_step(state, batch, cfg)  # batch: a TrainBatch (DESIGN.md's contract)
+    programs = lower_passes(abstract_state, cfg, rows=8, length=4096)   # a memory plan
 
-With several passes the old log-probabilities of the clipped ratio are computed once, before the
-first, so the ratio is exactly 1 on the first pass.
+Memory scales with the work, not with the batch: episodes are sorted by length and cut into
+micro-batches padded to one of a few lengths (`plan_micro_batches`); each adds its exact share of
+the batch's loss and gradient; log-probabilities come from the hidden states a chunk of positions
+at a time (never the [B, T, V] logits); with one pass there is no separate old-log-probability
+pass, with several the old log-probabilities are computed once, before the first, so the ratio
+is exactly 1 on the first pass.
 """
 
 from __future__ import annotations
@@ -42,8 +47,15 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clipping."""
     micro_batch_size: int | None = 8
-    """Episodes per forward/backward; gradients are accumulated over the batch (which must be a
-    multiple of it, or smaller). None: the whole batch at once."""
+    """Episodes per forward/backward (rows of a micro-batch); gradients are accumulated over the
+    batch. None: the whole batch at once."""
+    micro_batch_tokens: int | None = None
+    """Token budget of a micro-batch instead: rows x padded length <= this, so that a
+    micro-batch of short episodes takes more of them (at most the batch). None: micro_batch_size
+    rows whatever their length."""
+    logprob_chunk: int = 1024
+    """Positions whose full-vocabulary logits are computed at once (the loss never holds the
+    [B, T, V] logits of a micro-batch)."""
     ppo_epochs: int = 1
     """Optimisation passes over one rollout batch."""
     eps_low: float = 0.2
@@ -73,6 +85,11 @@ class GRPOConfig:
             raise ValueError("learning_rate, ppo_epochs and total_steps must be positive")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1 or None, got "
+                             f"{self.micro_batch_tokens}")
+        if self.logprob_chunk < 1:
+            raise ValueError(f"logprob_chunk must be >= 1, got {self.logprob_chunk}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, "
                              f"{self.eps_high}")
@@ -103,17 +120,64 @@ jax.tree_util.register_dataclass(TrainBatch, data_fields=[f.name for f in datacl
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class _UpdateBatch:
-    """The arrays of one update pass (micro-batched along B): a TrainBatch's, plus advantages [B]
-    and the log-probabilities a pass compares with (None where not used)."""
+class MicroBatch:
+    """One forward/backward's rows of a TrainBatch, the longest first, cut to a padded length
+    from LENGTHS (so that a run compiles a few shapes, not one per batch), plus the advantages
+    [R] and the log-probabilities a pass compares with (None where not used). Rows past the
+    batch's episodes are filler: all-zero loss mask."""
 
-    tokens: jax.Array
-    attention_mask: jax.Array
-    loss_mask: jax.Array
-    advantages: jax.Array
+    tokens: jax.Array  # int32 [R, L]
+    loss_mask: jax.Array  # float32 [R, L]
+    advantages: jax.Array  # float32 [R]
+    sampler_logprobs: jax.Array | None = None
     old_logprobs: jax.Array | None = None
     ref_logprobs: jax.Array | None = None
-    sampler_logprobs: jax.Array | None = None
+
+
+LENGTHS = tuple(sorted({m * 2**k for k in range(4, 20) for m in (2, 3)}))
+"""Padded lengths of micro-batches: 32, 48, 64, 96, ...: two a doubling, so that padding is at
+most a third of a row and a run meets at most two new shapes per doubling of its episodes."""
+
+
+def padded_length(n: int) -> int:
+    return next(x for x in LENGTHS if x >= n)
+
+
+def plan_micro_batches(lengths, cfg: GRPOConfig) -> list[tuple[np.ndarray, int, int]]:
+    """How a batch whose episodes need `lengths` [B] tokens (up to their last sampled one) is cut
+    into micro-batches: [(episode indices, rows, padded length)], longest episodes first.
+    Episodes without a sampled token are left out (they carry no loss). Rows are
+    micro_batch_size (the batch's size at most), or with micro_batch_tokens as many as the
+    budget allows at that length; a micro-batch with fewer episodes than rows is filled."""
+    lengths = np.asarray(lengths)
+    b = len(lengths)
+    order = [int(i) for i in np.argsort(-lengths, kind="stable") if lengths[i] > 0]
+    plan = []
+    while order:
+        length = padded_length(int(lengths[order[0]]))
+        if cfg.micro_batch_tokens is not None:
+            rows = max(1, min(cfg.micro_batch_tokens // length, b))
+        else:
+            rows = min(cfg.micro_batch_size or b, b)
+        plan.append((np.array(order[:rows]), rows, length))
+        order = order[rows:]
+    return plan
+
+
+def needed_lengths(loss_mask) -> np.ndarray:
+    """Tokens each row needs: up to and including its last sampled one (0 for none); what
+    follows cannot change the log-probability of a sampled token."""
+    mask = np.asarray(loss_mask) > 0
+    last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+    return np.where(mask.any(1), last, 0)
+
+
+def _rows(x: np.ndarray, index: np.ndarray, rows: int, length: int) -> np.ndarray:
+    """x[index, :length], zero-padded to [rows, length]."""
+    out = np.zeros((rows, length) + x.shape[2:], x.dtype)
+    width = min(length, x.shape[1])
+    out[:len(index), :width] = x[index, :width]
+    return out
 
 
 def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
@@ -159,85 +223,142 @@ def model_of(state: TrainState):
     return nnx.merge(state.graphdef, state.lora, state.rest)
 
 
-def sequence_logprobs(state: TrainState, tokens, attention_mask, adapters: bool = True):
-    """Per-token log-probabilities [B, T] of the policy (or of the base model, adapters off)."""
+def _logprobs(model, tokens, chunk: int, entropy: bool = False):
+    """Per-token log-probabilities [B, T] (and entropies) of right-padded rows, in chunks."""
+    # right padding: real tokens never attend to the padding after them, so no mask is needed
+    hidden = model(tokens, jnp.ones_like(tokens), return_hidden=True)
+    return grpo.token_logprobs_from_hidden(hidden, model.output_embedding(), tokens, chunk,
+                                           entropy=entropy)
+
+
+def sequence_logprobs(state: TrainState, tokens, attention_mask=None, adapters: bool = True,
+                      chunk: int = 1024):
+    """Per-token log-probabilities [B, T] of the policy (or of the base model, adapters off) for
+    right-padded `tokens` (`attention_mask` is accepted for symmetry and not needed)."""
     model = model_of(state)
     if adapters:
-        return grpo.token_logprobs(model(tokens, attention_mask), tokens)
+        return _logprobs(model, tokens, chunk)[0]
     with lora_disabled(model):
-        return grpo.token_logprobs(model(tokens, attention_mask), tokens)
+        return _logprobs(model, tokens, chunk)[0]
 
 
-def _loss(lora, state: TrainState, mb: _UpdateBatch, cfg: GRPOConfig):
+def _loss(lora, state: TrainState, mb: MicroBatch, totals, cfg: GRPOConfig):
+    """This micro-batch's share of the batch's loss (`totals`: the batch's masked tokens and
+    rows with any), and its share of every metric."""
     model = nnx.merge(state.graphdef, lora, state.rest)
-    logits = model(mb.tokens, mb.attention_mask)
-    logprobs = grpo.token_logprobs(logits, mb.tokens)
+    logprobs, entropy = _logprobs(model, mb.tokens, cfg.logprob_chunk, entropy=True)
     # one update per batch: the old policy is the current one, so its log-probabilities are the
     # current ones held constant (ratio exactly 1, the gradient of the plain policy gradient)
     old = mb.old_logprobs if mb.old_logprobs is not None else jax.lax.stop_gradient(logprobs)
+    n_tokens, n_seqs = totals
     return grpo.policy_loss(
         logprobs, old, mb.advantages, mb.loss_mask, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, aggregation=cfg.aggregation, max_tokens=cfg.max_tokens,
         ref_logprobs=mb.ref_logprobs, beta=cfg.beta,
-        sampler_logprobs=mb.sampler_logprobs, tis_cap=cfg.tis_cap,
-        entropy=jax.lax.stop_gradient(grpo.token_entropy(logits)))
+        sampler_logprobs=mb.sampler_logprobs, tis_cap=cfg.tis_cap, entropy=entropy,
+        n_tokens=n_tokens, n_seqs=n_seqs)
 
 
-def _update(state: TrainState, batch: _UpdateBatch, cfg: GRPOConfig):
-    """One optimizer step: gradients accumulated over micro-batches (mean of their losses)."""
-    b = batch.tokens.shape[0]
-    mbs = min(cfg.micro_batch_size or b, b)
-    if b % mbs:
-        raise ValueError(f"batch size {b} is not a multiple of micro_batch_size {mbs}")
-    micro = jax.tree.map(lambda x: x.reshape(b // mbs, mbs, *x.shape[1:]), batch)
-    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+@jax.jit
+def _add(acc, more):
+    return jax.tree.map(jnp.add, acc, more)
 
-    def body(acc, mb):
-        (loss, aux), grads = grad_fn(state.lora, state, mb, cfg)
-        return jax.tree.map(jnp.add, acc, (grads, aux)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.lora)
-    aux0 = jax.eval_shape(lambda: grad_fn(state.lora, state, jax.tree.map(lambda x: x[0], micro),
-                                          cfg)[0][1])
-    (grads, aux), _ = jax.lax.scan(body, (zeros, jax.tree.map(jnp.zeros_like, aux0)), micro)
-    n = b // mbs
-    grads = jax.tree.map(lambda g: g / n, grads)
-    aux = jax.tree.map(lambda a: a / n, aux)
+def _apply(state: TrainState, grads, cfg: GRPOConfig):
+    """One optimizer step with the batch's gradient."""
     updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.lora)
     lora = optax.apply_updates(state.lora, updates)
-    aux["grad_norm"] = optax.tree_utils.tree_norm(grads)
-    return dataclasses.replace(state, lora=lora, opt_state=opt_state), aux
+    return (dataclasses.replace(state, lora=lora, opt_state=opt_state),
+            optax.tree_utils.tree_norm(grads))
 
 
-_update_jit = jax.jit(_update, static_argnames="cfg")
-_logprobs_jit = jax.jit(sequence_logprobs, static_argnames="adapters")
+_grad_jit = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnames="cfg")
+_apply_jit = jax.jit(_apply, static_argnames="cfg")
+_logprobs_jit = jax.jit(sequence_logprobs, static_argnames=("adapters", "chunk"))
 
 
-def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig):
+def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch], tuple, dict]:
+    """The batch cut as `plan_micro_batches` says (numpy, on the host), the batch's totals
+    (masked tokens, rows with any) and what the cut costs in padding."""
+    loss_mask = np.asarray(batch.loss_mask, np.float32)
+    tokens = np.asarray(batch.tokens, np.int32)
+    advantages = np.asarray(grpo.group_advantages(batch.rewards, batch.group_ids,
+                                                  cfg.scale_by_std), np.float32)
+    sampler = None if batch.sampler_logprobs is None else np.asarray(batch.sampler_logprobs,
+                                                                     np.float32)
+    lengths = needed_lengths(loss_mask)
+    plan = plan_micro_batches(lengths, cfg) or [(np.zeros(0, int), 1, LENGTHS[0])]
+    out = []
+    for index, rows, length in plan:
+        adv = np.zeros(rows, np.float32)
+        adv[:len(index)] = advantages[index]
+        out.append(MicroBatch(
+            _rows(tokens, index, rows, length), _rows(loss_mask, index, rows, length), adv,
+            None if sampler is None else _rows(sampler, index, rows, length)))
+    totals = (np.float32(max(loss_mask.sum(), 1.0)),
+              np.float32(max((loss_mask.sum(-1) > 0).sum(), 1)))
+    computed = sum(rows * length for _, rows, length in plan)
+    stats = {"micro_batches": len(plan),
+             "padding_frac": 1.0 - float(lengths.sum()) / computed if computed else 0.0}
+    return out, totals, stats
+
+
+def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None):
     """Advantages, old (and reference) log-probabilities, then `ppo_epochs` updates; returns the
     new state (`updates` one higher) and the metrics of the last pass. With one epoch there is no
     separate old-log-probability pass: the update's own log-probabilities, held constant, are the
-    old ones (what TRL does)."""
-    tokens = jnp.asarray(batch.tokens, jnp.int32)
-    # right padding: real tokens never attend to the padding after them, so no mask is needed
-    attention_mask = jnp.ones_like(tokens)
-    advantages = grpo.group_advantages(batch.rewards, batch.group_ids, cfg.scale_by_std)
-    _, _, zero_var = grpo.group_stats(batch.rewards, batch.group_ids)
-    old = ref = None
+    old ones (what TRL does). Every pass runs micro-batch by micro-batch (`micro_batches`), each
+    adding its exact share of the batch's loss and gradient. `place`, when given, puts each
+    micro-batch on the devices (for example learners.sharding.shard_batch over a mesh)."""
+    mbs, totals, stats = micro_batches(batch, cfg)
+    place = place or (lambda mb: jax.tree.map(jnp.asarray, mb))
+    mbs = [place(mb) for mb in mbs]
     if cfg.ppo_epochs > 1:  # later epochs compare with the policy before the first one
-        old = _logprobs_jit(state, tokens, attention_mask, adapters=True)
+        mbs = [dataclasses.replace(mb, old_logprobs=_logprobs_jit(
+            state, mb.tokens, adapters=True, chunk=cfg.logprob_chunk)) for mb in mbs]
     if cfg.beta:
-        ref = _logprobs_jit(state, tokens, attention_mask, adapters=False)
-    sampler = (None if batch.sampler_logprobs is None
-               else jnp.asarray(batch.sampler_logprobs, jnp.float32))
-    full = _UpdateBatch(tokens, attention_mask, jnp.asarray(batch.loss_mask, jnp.float32),
-                        advantages, old, ref, sampler)
+        mbs = [dataclasses.replace(mb, ref_logprobs=_logprobs_jit(
+            state, mb.tokens, adapters=False, chunk=cfg.logprob_chunk)) for mb in mbs]
     metrics = []
     for _ in range(cfg.ppo_epochs):
-        state, aux = _update_jit(state, full, cfg)
+        acc = None
+        for mb in mbs:
+            (_, aux), grads = _grad_jit(state.lora, state, mb, totals, cfg)
+            acc = (grads, aux) if acc is None else _add(acc, (grads, aux))
+        grads, aux = acc
+        state, aux["grad_norm"] = _apply_jit(state, grads, cfg)
         metrics.append(aux)
     state = dataclasses.replace(state, updates=state.updates + 1)
     out = {k: float(v) for k, v in metrics[-1].items()}
-    out["zero_variance_groups"] = float(jnp.mean(zero_var))
-    out["first_pass_ratio_mean"] = float(metrics[0]["ratio_mean"])
+    _, std, zero_var = grpo.group_stats(batch.rewards, batch.group_ids)
+    advantages = grpo.group_advantages(batch.rewards, batch.group_ids, cfg.scale_by_std)
+    out.update(stats, advantage_mean=float(jnp.mean(advantages)),
+               advantage_std=float(jnp.std(advantages)),
+               zero_variance_groups=float(jnp.mean(zero_var)),
+               first_pass_ratio_mean=float(metrics[0]["ratio_mean"]))
     return state, out
+
+
+def lower_passes(state: TrainState, cfg: GRPOConfig, rows: int, length: int,
+                 sampler_logprobs: bool = False) -> dict:
+    """The programs one step of `cfg` runs on a micro-batch of [rows, length], lowered for the
+    current backend (nothing runs; `state` may hold jax.ShapeDtypeStructs): "update" (forward
+    and backward of one micro-batch), "apply" (the optimizer step) and, where the step has them,
+    "old_logprobs" (ppo_epochs > 1) and "ref_logprobs" (beta > 0). Compile them and read
+    `.memory_analysis()` for what a step needs."""
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    tokens = spec((rows, length), jnp.int32)
+    per_token = spec((rows, length), jnp.float32)
+    mb = MicroBatch(tokens, per_token, spec((rows,), jnp.float32),
+                    per_token if sampler_logprobs else None,
+                    per_token if cfg.ppo_epochs > 1 else None, per_token if cfg.beta else None)
+    totals = (spec((), jnp.float32), spec((), jnp.float32))
+    programs = {"update": _grad_jit.lower(state.lora, state, mb, totals, cfg),
+                "apply": _apply_jit.lower(state, state.lora, cfg)}
+    if cfg.ppo_epochs > 1:
+        programs["old_logprobs"] = _logprobs_jit.lower(state, tokens, adapters=True,
+                                                       chunk=cfg.logprob_chunk)
+    if cfg.beta:
+        programs["ref_logprobs"] = _logprobs_jit.lower(state, tokens, adapters=False,
+                                                       chunk=cfg.logprob_chunk)
+    return programs

@@ -167,18 +167,17 @@ def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
 def test_one_epoch_needs_no_old_logprob_pass():
     """With ppo_epochs 1 the loss takes the update's own log-probabilities, held constant, as the
     old ones: the same loss and gradient as with a separate pass over the same parameters."""
-    from learners.train import _loss, _UpdateBatch  # the loss of one pass, tested as such
+    from learners.train import MicroBatch, _loss  # the loss of one pass, tested as such
 
     tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, 32)
     cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant")
     state = init_state(tiny_model(), cfg)
-    mb = _UpdateBatch(tokens, jnp.ones_like(tokens), jnp.ones((4, 6)).at[:, :2].set(0),
-                      jnp.array([1.0, -1.0, 0.5, -0.5]))
-    with_pass = dataclasses.replace(
-        mb, old_logprobs=sequence_logprobs(state, tokens, mb.attention_mask))
+    mb = MicroBatch(tokens, jnp.ones((4, 6)).at[:, :2].set(0), jnp.array([1.0, -1.0, 0.5, -0.5]))
+    with_pass = dataclasses.replace(mb, old_logprobs=sequence_logprobs(state, tokens))
     grad = jax.value_and_grad(_loss, has_aux=True)
-    (loss_a, aux_a), grads_a = grad(state.lora, state, mb, cfg)
-    (loss_b, aux_b), grads_b = grad(state.lora, state, with_pass, cfg)
+    totals = (jnp.float32(16), jnp.float32(4))
+    (loss_a, aux_a), grads_a = grad(state.lora, state, mb, totals, cfg)
+    (loss_b, aux_b), grads_b = grad(state.lora, state, with_pass, totals, cfg)
     assert float(aux_a["ratio_mean"]) == 1.0
     # float32: the two passes may differ in the last bits of each log-probability
     np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-5, atol=1e-6)
