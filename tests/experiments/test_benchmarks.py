@@ -131,3 +131,38 @@ def test_bench_sampler_json(vllm_python):
     # server), so the bound leaves 5x beyond what has been seen: outside it a side is broken
     for key in ("speed_ratio", "vllm_ratio"):
         assert 0.01 < report[key] < 200, (key, report[key])
+
+
+PIPELINE_KEYS = {"sync_steps_per_s", "pipelined_steps_per_s", "speedup", "mean_staleness",
+                 "sync_mean_staleness", "calibrated_update_s", "per_token_ms", "sync_collect_s",
+                 "sync_update_s", "pipelined_collect_s", "pipelined_update_s", "steps",
+                 "problems_per_step", "group_size", "new_tokens", "cpu_count", "device"}
+
+
+def test_bench_pipeline_json():
+    steps, problems, group, tokens = 3, 4, 2, 16
+    report, wall_s = run_json("bench_pipeline.py", "--steps", str(steps), "--problems-per-step",
+                              str(problems), "--group-size", str(group), "--new-tokens",
+                              str(tokens), timeout=600)
+    assert set(report) == PIPELINE_KEYS, set(report) ^ PIPELINE_KEYS
+    assert (report["steps"], report["problems_per_step"], report["group_size"],
+            report["new_tokens"]) == (steps, problems, group, tokens)
+    assert report["speedup"] == pytest.approx(
+        report["pipelined_steps_per_s"] / report["sync_steps_per_s"])
+    # the first pipelined batch is fresh, every later one one update old; the synchronous side's
+    # batches are never old
+    assert report["mean_staleness"] == pytest.approx((steps - 1) / steps)
+    assert report["sync_mean_staleness"] == 0
+    # the engine's latency was calibrated to the update: one round of `tokens` tokens a step
+    assert report["per_token_ms"] == pytest.approx(report["calibrated_update_s"] * 1e3 / tokens)
+    # each side's steps 2..steps ran within the whole run; a synchronous step takes at least its
+    # collection and its update, a pipelined one at least the longer of the two (the update,
+    # within the 2x of timing noise on a shared machine)
+    for side in ("sync", "pipelined"):
+        assert report[f"{side}_steps_per_s"] > (steps - 1) / wall_s, side
+    sync_step = report["sync_collect_s"] + report["sync_update_s"]
+    assert report["sync_steps_per_s"] <= 1.05 / sync_step
+    assert report["pipelined_steps_per_s"] <= 2 / max(report["pipelined_collect_s"],
+                                                      report["pipelined_update_s"])
+    # overlap can at most halve a step of two equal halves: beyond 2.5x something is not timed
+    assert 0.5 < report["speedup"] < 2.5, report["speedup"]
