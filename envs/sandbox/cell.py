@@ -96,8 +96,7 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
     os.close(out_w)
     os.close(err_w)
     sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
-    os.setsid()  # killpg(getpgrp()) by the code reaches only C and its children; and a group
-    # orphaned from the start gets no SIGHUP when its old state dies while it is stopped
+    os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
     prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
     pidfd = os.pidfd_open(os.getpid())
     send(chan, CellReady(own_proc_pid()), fds=[pidfd, out_r, err_r])  # pid as P's /proc names it
@@ -125,7 +124,16 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
 
 
 def _become_state(chan: socket.socket, answer: Message, scoped: bool, state_pid: int):
-    """Promotion: end every other process of the session, detach from the cell's pipes, answer."""
+    """Promotion: end every other process of the session, detach from the cell's pipes, answer.
+
+    C first joins the old state's process group: the supervisor stops the new state, and a
+    stopped process whose group the old state's death orphans would get SIGHUP (which kills it)
+    and SIGCONT. (A session of its own, setsid(), would avoid that too, but costs ~2 ms here: the
+    kernel makes the new session a scheduler autogroup.)"""
+    try:
+        os.setpgid(0, os.getpgid(state_pid))
+    except OSError:
+        pass
     if scoped:
         kill_all_but_self(wait=False)  # the previous state, and everything the code started
     elif os.getppid() == state_pid:  # no scope for kill(-1): end the previous state only

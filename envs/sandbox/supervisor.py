@@ -136,6 +136,7 @@ class Session:
         self.cgroup = self.make_cgroup()
         self.oom_kills = 0  # the OOM kills of `cgroup` accounted for
         self.mqueue_dir = self.mount_mqueue() if self.own_mounts else None
+        self.mounted: set[str] = set()  # the tmpfs mounts of the session's own
         self.fresh_files()
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
         self.prepare()
@@ -188,12 +189,15 @@ class Session:
         owner = f",uid={self.uid},gid={self.uid}" if self.uid is not None else ""
         if self.own_mounts:
             remove_ipc_objects(self.mqueue_dir)  # IPC objects outlive the processes of a call
-            for path, options in ((self.scratch, f"{quota},mode=700{owner}"),
-                                  *((d, f"{quota},mode=1777") for d in SHARED_TMP_DIRS
-                                    if os.path.isdir(d))):
-                if os.path.ismount(path):
+            for path, mode, options in ((self.scratch, 0o700, f"{quota},mode=700{owner}"),
+                                        *((d, 0o1777, f"{quota},mode=1777")
+                                          for d in SHARED_TMP_DIRS if os.path.isdir(d))):
+                if path in self.mounted:
+                    if _untouched(path, mode, self.uid if mode == 0o700 else 0):
+                        continue  # a call that wrote nothing here leaves it as it was
                     umount(path)
                 mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options)
+                self.mounted.add(path)
             return
         remove_tree(self.scratch, keep_top=True)
         os.chmod(self.scratch, 0o700)
@@ -531,6 +535,15 @@ class Session:
                 for d in SHARED_TMP_DIRS:
                     remove_tree(d, keep_top=True, owner=self.uid)
             remove_tree(self.scratch)
+
+
+def _untouched(path: str, mode: int, uid: int | None) -> bool:
+    """Whether a fresh tmpfs at `path` is still as it was mounted: empty, without extended
+    attributes, with its mode and owner. (Nothing else of a tmpfs root can be changed by a
+    process that does not own the mount.)"""
+    st = os.lstat(path)
+    return (stat.S_IMODE(st.st_mode) == mode and st.st_uid == (uid or 0)
+            and not os.listdir(path) and not os.listxattr(path))
 
 
 def _drain(streams: dict) -> None:

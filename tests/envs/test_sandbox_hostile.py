@@ -39,6 +39,11 @@ def need(sandbox: PythonSandbox, *names: str) -> None:
         pytest.skip(f"protection off on this machine: {', '.join(off)}")
 
 
+def random_key() -> int:
+    """A System V IPC key no other run uses (a leak of a failed run cannot collide with it)."""
+    return int.from_bytes(os.urandom(3), "big") | 0x10000000
+
+
 def still_serves(sandbox: PythonSandbox) -> None:
     r = sandbox.run("print(6 * 7)")
     assert (r.status, r.stdout) == ("ok", "42\n"), r
@@ -90,7 +95,7 @@ def test_a_stateless_call_leaves_no_file_attribute_or_ipc_object_to_the_next(san
     """A 1,000-deep tree costs the cleanup nothing (a fresh filesystem per call, not a walk);
     extended attributes and System V objects do not outlive the call either."""
     need(sandbox, "scratch_per_call", "session_ipc")
-    key = 0x5B0000 + os.getpid() % 0xFFFF
+    key = random_key()
     r = sandbox.run(f"""
 import ctypes, os
 os.setxattr(".", "user.mark", b"1")
@@ -115,7 +120,7 @@ print(os.listdir("."), os.listxattr("."), os.listdir("/dev/shm"),
 # --- 2. sessions and the host share no kernel object ------------------------------------------------
 def test_sessions_have_their_own_ipc_namespace(sandbox):
     need(sandbox, "session_ipc")
-    key = 0x5C0000 + os.getpid() % 0xFFFF
+    key = random_key()
     name = f"/tg{uuid.uuid4().hex[:8]}"
     make = (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
             f"print(libc.shmget({key}, 4096, 0o1666) >= 0, libc.msgget({key}, 0o1666) >= 0,"
