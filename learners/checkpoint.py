@@ -68,7 +68,10 @@ class Checkpointer:
              rng: jax.Array | None = None) -> int:
         if step in self.manager.all_steps():  # a state is saved once per step
             return step
-        arrays = {f"{i:06d}": np.asarray(x) for i, x in enumerate(_arrays(state))}
+        # jax arrays as they are: sharded over the devices of several processes, each process
+        # writes its own shards (orbax); the record is written once
+        arrays = {f"{i:06d}": x if isinstance(x, jax.Array) else np.asarray(x)
+                  for i, x in enumerate(_arrays(state))}
         if rng is not None:
             arrays["rng"] = np.asarray(jax.random.key_data(rng))
         record = {"meta": meta or {}, "signature": _signature(state), "has_rng": rng is not None}
@@ -99,7 +102,10 @@ class Checkpointer:
                 "(different LoRA rank, targets, model size or optimizer?). Start a new run "
                 "directory, or restore with the settings it was written with.")
         leaves = _arrays(template)
-        target = {f"{i:06d}": np.zeros(np.shape(x), jnp.asarray(x).dtype)
+        # each array comes back with the template's sharding (across processes: each reads its
+        # own shards)
+        target = {f"{i:06d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding)
+                  if isinstance(x, jax.Array) else np.zeros(np.shape(x), np.asarray(x).dtype)
                   for i, x in enumerate(leaves)}
         if record.get("has_rng"):
             target["rng"] = np.zeros((2,), np.uint32)
@@ -111,7 +117,8 @@ class Checkpointer:
                                   f"{type(exc).__name__}: {str(exc)[:200]}") from exc
         treedef = jax.tree.structure((template.lora, template.opt_state, template.updates))
         lora, opt_state, updates = jax.tree.unflatten(
-            treedef, [jnp.asarray(arrays[f"{i:06d}"]) for i in range(len(leaves))])
+            treedef, [arrays[f"{i:06d}"] if isinstance(arrays[f"{i:06d}"], jax.Array)
+                      else jnp.asarray(arrays[f"{i:06d}"]) for i in range(len(leaves))])
         state = dataclasses.replace(template, lora=lora, opt_state=opt_state, updates=updates)
         rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"])) if "rng" in arrays else None
         return state, record["meta"], rng

@@ -10,6 +10,11 @@ moments shard alike): a matrix is split along its first dimension that the fsdp 
 largest such dimension first; vectors, scalars and indivisible arrays are replicated. The batch
 dimension of every batch array is split over both axes, so that each device holds one share of
 episodes.
+
+Across processes (`jax.distributed`, one process a host): the mesh holds every process's devices
+(jax.devices()), each process holds the whole value of an array (the same in every process: the
+model it loaded, the batch process 0 broadcast) and `put` places only its own shards of it;
+`gather` brings a sharded array back whole to every process (for an export).
 """
 
 from __future__ import annotations
@@ -41,26 +46,45 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P()
 
 
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """`x` (its whole value, the same in every process) as an array with `sharding`, whose
+    devices may belong to several processes: each process places its own shards."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def gather(tree):
+    """Every array of `tree` whole, as numpy, in every process (all processes must call it)."""
+    from jax.experimental import multihost_utils
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(whole, tree)
+
+
 def shard_tree(tree, mesh: Mesh):
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: jax.device_put(
-        x, NamedSharding(mesh, param_spec(np.shape(x), fsdp))), tree)
+    return jax.tree.map(lambda x: put(x, NamedSharding(mesh, param_spec(np.shape(x), fsdp))),
+                        tree)
 
 
 def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
     return TrainState(shard_tree(state.lora, mesh), shard_tree(state.rest, mesh),
                       shard_tree(state.opt_state, mesh),
-                      jax.device_put(state.updates, NamedSharding(mesh, P())), state.graphdef)
+                      put(state.updates, NamedSharding(mesh, P())), state.graphdef)
 
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
 
-    def put(x):
+    def place(x):
         x = np.asarray(x)
         if x.shape[0] % n:
             raise ValueError(f"batch size {x.shape[0]} is not a multiple of the {n} devices")
         spec = P(("data", "fsdp"), *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        return put(x, NamedSharding(mesh, spec))
 
-    return jax.tree.map(put, batch)
+    return jax.tree.map(place, batch)
