@@ -15,7 +15,9 @@ import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from agents.rollout import RolloutConfig
 from agents.training.loop import PIPELINED_TIS_CAP
@@ -97,8 +99,10 @@ class SamplerConfig:
 
     engine: Literal["auto", "vllm", "jax"] = "auto"
     """vLLM when installed and a GPU is present ("auto"), or forced."""
-    vllm_url: str | None = None
-    """Use this running vLLM server (started with --enable-lora) instead of launching one."""
+    vllm_url: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Use these running vLLM servers (started with --enable-lora) instead of launching one;
+    give the flag once a server. Requests are spread over them; each new adapter is loaded on
+    every one before any sample is tagged with its version."""
     vllm_gpu_memory: float = 0.35
     """GPU memory share of a launched vLLM server; the JAX learner gets most of the rest."""
 

@@ -222,13 +222,17 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer):
     with contextlib.ExitStack() as stack:
         if engine == "vllm":
             from agents.vllm_client import VLLMSampler, VLLMServer
+            from agents.vllm_pool import VLLMPool
 
-            url = cfg.sampler.vllm_url or stack.enter_context(VLLMServer(
+            urls = cfg.sampler.vllm_url or (stack.enter_context(VLLMServer(
                 cfg.model.name, max_lora_rank=cfg.model.lora_rank,
                 gpu_memory_utilization=cfg.sampler.vllm_gpu_memory,
-                extra_args=["--max-model-len", str(cfg.rollout.max_total_tokens)])).url
-            print(f"rollouts: vLLM server at {url}", flush=True)
-            yield VLLMSampler(url, tokenizer, adapter_dir=os.path.join(cfg.out, "adapters"))
+                extra_args=["--max-model-len", str(cfg.rollout.max_total_tokens)])).url,)
+            print(f"rollouts: vLLM server{'s' if len(urls) > 1 else ''} at {', '.join(urls)}",
+                  flush=True)
+            adapters = os.path.join(cfg.out, "adapters")
+            clients = [VLLMSampler(url, tokenizer, adapter_dir=adapters) for url in urls]
+            yield clients[0] if len(clients) == 1 else VLLMPool(clients, adapter_dir=adapters)
         else:
             import jax
 
