@@ -21,6 +21,7 @@ MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PF_EXITING = 0x4  # /proc/<pid>/stat flags: the process has begun to exit
 PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 15, 36, 38
+PR_SET_TIMERSLACK = 29
 
 CLOSED_TMP_DIRS = ("/tmp", "/var/tmp")  # root-owned 755: code writes in its scratch dir only
 SHARED_TMP_DIRS = ("/dev/shm", "/run/lock")  # sticky 1777 (POSIX semaphores live in /dev/shm),

@@ -31,7 +31,7 @@ import stat
 import time
 
 from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOSUID, MS_PRIVATE,
-                    MS_REC, PR_SET_CHILD_SUBREAPER, SHARED_TMP_DIRS, all_stopped, children,
+                    MS_REC, PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, SHARED_TMP_DIRS, all_stopped, children,
                     describe, join_fresh_session_keyring, kill_as, make_memory_cgroup, mount,
                     oom_kills, own_proc_pid, parent_of, pid_of_pidfd, prctl, reap_children,
                     remove_cgroup, remove_ipc_objects, remove_tree, set_name, umount, unshare)
@@ -450,7 +450,7 @@ class Session:
         while not all_stopped(cell.proc_pid):
             if time.monotonic() > give_up:
                 return False
-            time.sleep(0.0001)
+            time.sleep(0.00002)  # precise: P's timer slack is 1 us
         c, s = cell.proc_pid, self.state_proc_pid
         of_cell = children(c)
         of_state = children(s, {c}) if s is not None else None  # None: gone, its children are P's
@@ -567,6 +567,7 @@ def isolate_session() -> None:
 def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped: bool) -> None:
     """The body of P: wait to be handed a caller, then serve it until it hangs up."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_TIMERSLACK, 1)  # short waits (for a cell to stop) last as long as asked
     set_name(b"sandbox-super")
     if settings.get("session_namespaces"):
         isolate_session()
