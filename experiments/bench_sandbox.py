@@ -1,10 +1,18 @@
-"""Benchmark PythonSandbox against a fresh `python -c` subprocess per call (the naive baseline).
+"""Benchmark PythonSandbox against the floor (a bare fork of a warm interpreter, no isolation) and
+against a fresh `python -c` subprocess per call (the naive baseline).
 
     python experiments/bench_sandbox.py            # a table
     python experiments/bench_sandbox.py --json     # one JSON object
 
-Both are measured side by side in the same run, on the same machine, with the same interpreter
-(the baseline gets the same thread-limiting environment). Latencies are end-to-end as the caller
+All are measured side by side in the same run, on the same machine, with the same interpreter
+(the baseline gets the same thread-limiting environment). The floor is what any fork-based
+sandbox costs at least: a server interpreter with the sandbox's preloads imported forks a child
+per call, which runs the code with its stdout on a pipe; the server sends the output back and
+reaps the child. It has no namespace, no uid, no limit, no pre-forked process and no cleanup.
+The floor and the sandbox alternate, round by round (`--rounds`), so that the host's load, which
+moves here by up to a factor of two from minute to minute, weighs on both alike; each figure is
+the median over the rounds of each round's median. Both ratios divide by the floor's
+back-to-back calls (the floor's paced calls, also reported, are slower on this host). Latencies are end-to-end as the caller
 sees them: request, execution, output back. Latency calls are paced (`--pace-ms`, 10 ms apart by
 default), the way a rollout calls its tool between generation steps; the sandbox uses those pauses
 to fork and warm the next call's process. Back-to-back calls, which leave it no pause, are
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -24,7 +33,7 @@ from dataclasses import dataclass
 
 import tyro
 
-from envs.sandbox import PythonSandbox
+from envs.sandbox import DEFAULT_PRELOAD, FIXED_ENV, PythonSandbox
 
 TRIVIAL = "print(1+1)"
 SYMPY = "import sympy as sp\nx = sp.Symbol('x')\nprint(sp.factor(x**4 - 1), sp.isprime(2**61 - 1))"
@@ -35,7 +44,9 @@ class Args:
     """Sandbox benchmark settings."""
 
     calls: int = 300
-    """Sandbox calls per latency measurement."""
+    """Sandbox calls per latency measurement (split over the rounds of the floor comparison)."""
+    rounds: int = 3
+    """Alternating rounds of floor and sandbox calls (back-to-back and paced)."""
     baseline_calls: int = 20
     """Subprocess calls per baseline measurement (each costs 50-700 ms)."""
     sessions: int = 16
@@ -65,6 +76,58 @@ def time_calls(fn, n: int, pace_s: float = 0.0) -> list[float]:
         if pace_s:
             time.sleep(pace_s)
     return samples
+
+
+FLOOR_SERVER = """
+import os, struct, sys
+for name in sys.argv[1].split(","):
+    __import__(name)
+frame = struct.Struct("!I")
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+while header := inp.read(4):
+    code = inp.read(frame.unpack(header)[0])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(w, 1)
+        sys.stdout = open(1, "w", closefd=False)
+        exec(compile(code, "<cell>", "exec"), {"__name__": "__main__"})
+        sys.stdout.flush()
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 1 << 16):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    result = b"".join(chunks)
+    out.write(frame.pack(len(result)) + result)
+    out.flush()
+"""
+
+
+class Floor:
+    """The bare fork of a warm interpreter: a server with the sandbox's preloads imported that
+    forks a child per call (FLOOR_SERVER)."""
+
+    frame = struct.Struct("!I")
+
+    def __init__(self):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **FIXED_ENV}
+        cmd = [sys.executable, "-c", FLOOR_SERVER, ",".join(DEFAULT_PRELOAD)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def run(self, code: str) -> bytes:
+        data = code.encode()
+        self.proc.stdin.write(self.frame.pack(len(data)) + data)
+        self.proc.stdin.flush()
+        n = self.frame.unpack(self.proc.stdout.read(4))[0]
+        return self.proc.stdout.read(n)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
 
 
 def subprocess_call(code: str) -> None:
@@ -109,13 +172,21 @@ def concurrent_throughput(sandbox: PythonSandbox, sessions: int, calls: int) -> 
 
 
 def main(args: Args) -> dict:
+    floor = Floor()
+    assert floor.run(TRIVIAL) == b"2\n"
     with PythonSandbox(pool_size=4) as sandbox:
         protections = sandbox.protections
         for _ in range(20):  # warm-up: page-in, pool full
             sandbox.run(TRIVIAL)
+            floor.run(TRIVIAL)
         pace = args.pace_ms / 1e3
-        trivial = time_calls(checked(lambda: sandbox.run(TRIVIAL)), args.calls, pace)
-        trivial_b2b = time_calls(checked(lambda: sandbox.run(TRIVIAL)), args.calls)
+        per_round = max(1, args.calls // args.rounds)
+        trivial, trivial_b2b, floor_paced, floor_b2b = [], [], [], []
+        for _ in range(args.rounds):  # floor and sandbox alternate, sharing the host's load
+            floor_b2b.append(time_calls(lambda: floor.run(TRIVIAL), per_round))
+            trivial_b2b.append(time_calls(checked(lambda: sandbox.run(TRIVIAL)), per_round))
+            floor_paced.append(time_calls(lambda: floor.run(TRIVIAL), per_round, pace))
+            trivial.append(time_calls(checked(lambda: sandbox.run(TRIVIAL)), per_round, pace))
         sympy_ = time_calls(checked(lambda: sandbox.run(SYMPY)), args.calls // 2, pace)
         with sandbox.session() as s:
             s.run("import sympy as sp")
@@ -123,10 +194,21 @@ def main(args: Args) -> dict:
             session_b2b = time_calls(checked(lambda: s.run(TRIVIAL)), args.calls)
         throughput_runs = [concurrent_throughput(sandbox, args.sessions, args.calls_per_session)
                            for _ in range(args.throughput_runs)]
+    floor.close()
     throughput = statistics.median(throughput_runs)
     base_trivial = time_calls(lambda: subprocess_call(TRIVIAL), args.baseline_calls, pace)
     base_sympy = time_calls(lambda: subprocess_call(SYMPY), args.baseline_calls, pace)
 
+    def round_medians(rounds: list[list[float]]) -> list[float]:
+        return [statistics.median(r) * 1e3 for r in rounds]
+
+    floor_b2b_rounds, floor_paced_rounds = round_medians(floor_b2b), round_medians(floor_paced)
+    b2b_ratios = [a / f for a, f in zip(round_medians(trivial_b2b), floor_b2b_rounds)]
+    # paced calls against the floor's cost of a call, back to back (which is lower, on this host,
+    # than the floor's paced calls: the stricter comparison)
+    paced_ratios = [a / f for a, f in zip(round_medians(trivial), floor_b2b_rounds)]
+    trivial = [t for r in trivial for t in r]
+    trivial_b2b = [t for r in trivial_b2b for t in r]
     (t50, t99), (s50, s99), (c50, c99) = map(percentiles, (trivial, sympy_, session))
     (tb50, tb99), (cb50, cb99) = map(percentiles, (trivial_b2b, session_b2b))
     (b50, b99), (bs50, bs99) = map(percentiles, (base_trivial, base_sympy))
@@ -137,6 +219,12 @@ def main(args: Args) -> dict:
         "trivial_back_to_back_p50_ms": tb50, "trivial_back_to_back_p99_ms": tb99,
         "session_cell_back_to_back_p50_ms": cb50, "session_cell_back_to_back_p99_ms": cb99,
         "pace_ms": args.pace_ms,
+        "floor_back_to_back_p50_ms": statistics.median(floor_b2b_rounds),
+        "floor_paced_p50_ms": statistics.median(floor_paced_rounds),
+        "back_to_back_vs_floor": statistics.median(b2b_ratios),
+        "paced_vs_floor": statistics.median(paced_ratios),
+        "back_to_back_vs_floor_rounds": b2b_ratios,
+        "paced_vs_floor_rounds": paced_ratios,
         "subprocess_trivial_p50_ms": b50, "subprocess_trivial_p99_ms": b99,
         "subprocess_sympy_p50_ms": bs50, "subprocess_sympy_p99_ms": bs99,
         "trivial_speedup_vs_subprocess": b50 / t50,
@@ -161,6 +249,11 @@ def main(args: Args) -> dict:
         for name, a, a99, b, b99_ in rows:
             print(f"{name:32} {a:10.2f}ms {a99:6.1f}ms {b:13.1f}ms {b99_:6.1f}ms {b / a:8.1f}x")
         print(f"latency calls {args.pace_ms:g} ms apart unless back-to-back")
+        print(f"floor (bare fork of a warm interpreter): back-to-back "
+              f"{report['floor_back_to_back_p50_ms']:.2f} ms, paced "
+              f"{report['floor_paced_p50_ms']:.2f} ms; sandbox/floor back-to-back "
+              f"{report['back_to_back_vs_floor']:.2f}x, paced {report['paced_vs_floor']:.2f}x "
+              f"(against the floor back-to-back; medians of {args.rounds} alternating rounds)")
         print(f"throughput: {throughput:.0f} executions/s with {args.sessions} concurrent sessions "
               f"on {os.cpu_count()} cores (median of "
               f"{', '.join(f'{t:.0f}' for t in throughput_runs)})")

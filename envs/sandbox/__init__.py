@@ -15,23 +15,46 @@ times out or crashes. That fork is made, warmed up and announced while the sessi
 next call, so a call pays for neither the fork nor its page faults when calls are spaced out, as a
 rollout's are. server.py draws the process tree; docs/sandbox.md says where a call's time goes.
 
-Threat model. The code is assumed hostile but ordinary: written by a model under training, which may
-loop, allocate, fork, print, crash or poke at its surroundings, by accident or because reward
-hacking found it useful. Covered, each with a test in tests/envs/test_sandbox.py:
+Threat model. The code is assumed hostile: written by a model under training, which may loop,
+allocate, fork, print, crash or poke at its surroundings, by accident or because reward hacking
+found it useful, and which may read this package's source (it is importable from inside as
+`sandbox`) and speak its protocol. What holds, each property with a test in
+tests/envs/test_sandbox.py or, for hostile code aimed at the isolation and the protocol,
+tests/envs/test_sandbox_hostile.py:
   * time: a wall-clock limit per call (SIGKILL, so ignoring signals does not help) and a CPU-time
     limit per process;
-  * memory: a hard address-space limit (RLIMIT_AS; the code cannot raise it), reported as "memory";
+  * memory: a hard address-space limit (RLIMIT_AS; the code cannot raise it), reported as
+    "memory"; and, where the machine lets the server create cgroups, a memory cgroup per session
+    limited to `memory_mb`, which also counts what no address space holds (memfd, shared memory,
+    tmpfs files); an OOM kill in it is reported as "memory";
   * processes and threads: a cap per session (RLIMIT_NPROC on a uid of the session's own);
   * output: stdout and stderr are capped, keeping head and tail with a marker; invalid UTF-8 is
     replaced; the result travels on a channel of its own, so output cannot forge it;
-  * files: a per-file size cap; code writes only in a fresh scratch directory of its own (cwd,
-    HOME, TMPDIR), emptied after a stateless call and removed with its session; /tmp and /var/tmp
-    are private and unwritable, /dev/shm private and emptied of a session's files; directories
-    closed to other users (such as /root, with its tokens and caches) are hidden, only the
-    interpreter is shown there;
+  * a call cannot change what later calls run in: a stateless call forks from a pristine state of
+    another uid (root), which it cannot signal, renice, re-limit, re-pin or trace; its scratch
+    directory and /dev/shm are fresh tmpfs mounts for the next call (no file or extended attribute
+    survives, and a tree of any depth costs the cleanup nothing), and the System V IPC objects
+    and POSIX message queues it made are removed;
+  * sessions and the host share no kernel object: each session has its own mount, IPC and
+    network namespaces (SysV IPC, POSIX message queues, abstract UNIX sockets), its own /dev/shm
+    and scratch tmpfs, each sized `scratch_mb`; the keyring system calls fail (seccomp), so
+    neither the caller's session keyring nor any key made by a call is reachable, and the server
+    and each session join a fresh, empty session keyring;
+  * files: a per-file size cap; code writes only in its session's scratch directory (cwd, HOME,
+    TMPDIR) and /dev/shm; /tmp and /var/tmp are private and unwritable; directories closed to
+    other users (such as /root, with its tokens and caches) are hidden, only the interpreter is
+    shown there;
   * network: a network namespace with no interfaces up (not even loopback to the host);
   * secrets: the environment holds only allow-listed variables; no file descriptor is inherited;
     the caller's processes are invisible (own pid namespace and /proc) and not readable (other uid);
+  * the supervisor believes nothing the code's processes say without checking it: every read
+    from a state or cell has a size limit and a deadline for the whole message (a report
+    dribbled a byte at a time ends at the call's timeout); a cell's announcement is checked
+    against the kernel (a pidfd of a child of the state, read ends of pipes); a claimed promotion
+    holds only if, the old state killed and the cell stopped, no other process of the code is
+    alive; a state's rollback reply is checked the same way, and a state that did not roll back
+    is replaced; a kept state is stopped (SIGSTOP) between calls, so threads the code left in it
+    do not run while the caller is away;
   * leftovers: every process the code started, double-forked setsid daemons included, is gone when
     the call returns (a scoped kill(-1) inside the session's pid namespace or uid);
   * the caller: hostile code cannot kill the supervisor (pid 1 of its namespace, another uid) or the
@@ -39,9 +62,16 @@ hacking found it useful. Covered, each with a test in tests/envs/test_sandbox.py
 Not covered: kernel exploits and side channels (use a VM or gVisor for adversaries of that class);
 reading world-readable files (the code runs as an unprivileged user and sees what such a user
 sees); CPU and memory bandwidth shared with the caller; forged results of a call by the code itself
-(it can only lie about its own result). Which protections hold depends on the machine: full
-containment needs root or user namespaces plus util-linux `unshare`; `PythonSandbox.protections`
-lists them, and the first sandbox of a process warns once, naming the ones that are off.
+(it can only lie about its own result). Within a session that keeps state, the state is the code's
+own process, of the session's uid: a cell can signal, renice or lower the limits of the state it
+forks from, and a later cell of that session can resume a stopped state's threads; that changes
+only what the same session's code could change in a successful cell, and no other session or
+stateless call. While a stopped state forks the next cell, its threads run for that moment
+(milliseconds). Which protections hold depends on the machine: full containment needs root or
+user namespaces plus util-linux `unshare`; the pristine state of another uid, the per-session
+cgroup and the keyring filter need root (or a writable cgroup) and a known CPU architecture
+(x86-64 or arm64); `PythonSandbox.protections` lists them, and the first sandbox of a process
+warns once, naming the ones that are off.
 
 Modules, one concern each. The caller imports only client.py and protocol.py; the server imports
 every module but client.py (and not this file: server.py's docstring says how it imports them).

@@ -63,7 +63,7 @@ def set_name(name: bytes) -> None:
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
-# -- keyrings and seccomp ---------------------------------------------------------------------------
+# -- keyrings and seccomp --------------------------------------------------------------------------
 _MACHINE = os.uname().machine
 # (seccomp's AUDIT_ARCH of this machine, syscall numbers of add_key, request_key, keyctl)
 _KEY_SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250)),

@@ -141,9 +141,9 @@ def recv_msg_within(sock: socket.socket, timeout_s: float, **kwargs):
 # -- messages --------------------------------------------------------------------------------------
 class Message:
     """Base of the kinds of message. A kind's class holds its header's `op`, what one message may
-    carry (`max_payload` bytes, a header of `max_header` bytes, `fds` descriptors) and its fields (`names`, its `__slots__`: the
-    header's other keys); `header()` encodes a message, `from_header()` decodes one and says what
-    does not fit. Messages are not changed once made.
+    carry (`max_payload` bytes, a header of `max_header` bytes, `fds` descriptors) and its fields
+    (`names`, its `__slots__`: the header's other keys); `header()` encodes a message,
+    `from_header()` decodes one and says what does not fit. Messages are not changed once made.
 
     Each kind writes its methods out, small and plain, rather than having them generated (as a
     dataclass would): the state and cell processes are fresh forks, which pay a copy-on-write

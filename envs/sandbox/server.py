@@ -4,8 +4,10 @@
 so none of the caller's memory or secrets is copied), inside new mount, network and pid
 namespaces where the machine allows. It imports the scientific stack once, then serves sessions:
 
-    server ──unshare(pid) + fork──► P  (pid 1 of the session's own pid namespace; root)
-                                     └─fork─► S  (state: the session's globals; uid X)
+    server ──unshare(pid) + fork──► P  (pid 1 of the session's own pid namespace; its own
+                                     │   mount, IPC and network namespaces; root)
+                                     └─fork─► S  (state: the session's globals; the pristine one
+                                               │  root, a kept one uid X; in the session's cgroup)
                                                └─fork─► C  (runs one cell; uid X)
 
 The server keeps a few sessions ready (P and S forked and warmed up) and hands one to each caller
@@ -18,8 +20,9 @@ C lives (each page it writes then is a copied page), and forks without CPython's
 when it has no other thread (`linux.lean_fork`). The processes name themselves (sandbox-server,
 -super, -state, -cell) for ps. C runs the cell with stdout/stderr on the pipes that P drains, and
 reports its status. If the cell succeeds (and the session keeps state), C becomes the new state
-and kills every other process of the session (the old state, and whatever the code started);
-otherwise S kills C and everything C started and stays the state. Stateless calls use the same
+and kills every other process of the session (the old state, and whatever the code started),
+which P checks before it believes it; otherwise S kills C and everything C started and stays
+the state, which P checks too (supervisor.py). Stateless calls use the same
 path but never promote. "Kill every other process" is `kill(-1, SIGKILL)`, which is scoped: it
 only reaches the session's own pid namespace (or, without namespaces, the session's own uid), and
 it is never used where neither scope holds. A discarded cell is killed by P at once; when the
@@ -54,8 +57,8 @@ import sys
 
 from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE,
                     MS_REC, SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc,
-                    make_memory_cgroup, memory_cgroup_base, mount, reap_children, remove_cgroup,
-                    set_name, setns, unshare)
+                    memory_cgroup_base, mount, reap_children, remove_cgroup, set_name, setns,
+                    unshare)
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
 from .supervisor import session_main
 

@@ -657,3 +657,17 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
         "sandbox", "sandbox.protocol", "sandbox.linux", "sandbox.cell", "sandbox.state",
         "sandbox.supervisor", "sandbox.server"}
     assert not {m.split(".")[0] for m in modules} & {"envs", "gymnasium", "numpy", "sympy"}
+
+
+def test_kill_of_every_process_refuses_as_root_outside_a_sandbox_pid_namespace(monkeypatch):
+    """kill(-1) by root outside a pid namespace of the sandbox would reach every process of the
+    machine: `kill_all_but_self` refuses (os.kill is replaced here, so nothing is sent)."""
+    from envs.sandbox import linux
+    if linux.in_nested_pid_namespace():
+        pytest.skip("this test process is itself in a nested pid namespace")
+    sent = []
+    monkeypatch.setattr(linux.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(linux.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    with pytest.raises(RuntimeError, match="refusing kill"):
+        linux.kill_all_but_self()
+    assert sent == []
