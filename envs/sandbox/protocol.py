@@ -18,7 +18,8 @@ session prepares for the next one while it waits (server: `server.py`, superviso
                                  P ◄── CellDone ── C        (C promotes itself if it has time)
                                  P ── Promote ──► C, P ◄── Promoted ── C   (C finished late)
     client ◄── Result + stdout + stderr ── P
-    after the reply:     P ── Rollback ──► S, P ◄── RolledBack ── S   (a discarded cell)
+    after the reply:     P ── Rollback ──► S, P ◄── RolledBack ── S   (a discarded cell; for
+                         one found alone, by the pristine state, Fork's `reap` does it)
                          P ── Fork + [socket] ──► S; on that socket P ◄── CellReady +
                          [pidfd, stdout, stderr] ── C (the next call's cell), or ◄── ForkFailed ── S
 
@@ -257,10 +258,21 @@ class Result(Message):
 
 class Fork(Message):
     """P -> state S: fork the next call's cell process C, which talks to P on the socket that
-    travels along."""
+    travels along. With `reap`, S first forgets the previous cell, which P has killed and found
+    alone: a rollback with nothing to kill, without a round trip of its own."""
 
-    __slots__ = ()
+    __slots__ = names = ("reap",)
     op, fds = "fork", 1
+
+    def __init__(self, reap: bool = False):
+        self.reap = reap
+
+    def header(self) -> dict:
+        return {"op": "fork", "reap": self.reap}
+
+    @staticmethod
+    def from_header(h: dict) -> Fork:
+        return Fork(h.get("reap") is True)
 
 
 class ForkFailed(Message):

@@ -62,7 +62,8 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             os._exit(1)
         except ProtocolError:
             os._exit(0)  # the supervisor is gone, or a promoted cell killed this old state
-        if isinstance(order, Fork) and not cell_pid and len(fds) == 1:
+        if isinstance(order, Fork) and (order.reap or not cell_pid) and len(fds) == 1:
+            reap_children()  # the previous cell, if it has ended (else at a later fork)
             cell_pid = fork_when_possible()
             if cell_pid == 0:
                 ctl.close()

@@ -245,7 +245,7 @@ class Session:
         if self.state_ran_code and not self.state_stopped:
             self.state_stopped = _signal(self.state_pidfd, signal.SIGSTOP)
 
-    def prepare(self) -> None:
+    def prepare(self, reap: bool = False) -> None:
         """Have a cell process forked, announced and checked for the next call (a state first, if
         there is none); then stop the state. A state that cannot fork (at its process limit for
         longer than the patience of `linux.fork_when_possible`), or whose announcement does not
@@ -258,7 +258,7 @@ class Session:
             self.wake_state()
             mine, theirs = socket.socketpair()
             try:
-                send(self.state, Fork(), fds=[theirs.fileno()])
+                send(self.state, Fork(reap), fds=[theirs.fileno()])
                 theirs.close()
                 ready, _, fds = recv(mine, CellReady, ForkFailed,
                                      deadline=time.monotonic() + READY_S)
@@ -268,6 +268,8 @@ class Session:
                 self.lost = "the session's state process was gone; state was reset"
                 self.kill_all()
                 continue
+            finally:
+                reap = False  # a fresh state has no cell to forget
             if isinstance(ready, ForkFailed):
                 mine.close()
                 self.lost = f"{ready.error}; state was reset"
@@ -464,12 +466,10 @@ class Session:
         return (of_cell == set() and (of_state is None or of_state <= {c})
                 and of_self is not None and of_self <= {c, s})
 
-    def rollback(self, cell_proc_pid: int | None, check: bool = True) -> int | None:
+    def rollback(self, cell_proc_pid: int | None) -> int | None:
         """Have the state kill the discarded cell and all it started, and check that it did (a
         state that has run code may not); on any failure, end every process of the session.
-        Returns the cell's wait status as the state reports it, if plausible. `check=False`
-        skips the kernel's lists, for a deferred rollback that only reaps a cell known to have
-        been alone, by a state the code cannot have touched (`state_trusted`)."""
+        Returns the cell's wait status as the state reports it, if plausible."""
         self.wake_state()
         try:
             send(self.state, Rollback())
@@ -477,7 +477,7 @@ class Session:
         except (ProtocolError, OSError):
             self.kill_all()
             return None
-        if check and not self.nothing_left(cell_proc_pid):
+        if not self.nothing_left(cell_proc_pid):
             self.kill_all()
             return None
         ws = ack.wait_status
@@ -527,12 +527,15 @@ class Session:
     def finish(self, keep: bool) -> None:
         """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
         next call's cell process, forked, announced and checked."""
-        if self.rollback_due:
+        reap = False
+        if self.rollback_due:  # the discarded cell was alone: only the state's bookkeeping is left
             self.rollback_due = False
-            self.rollback(None, check=not self.state_trusted())
+            reap = self.state_trusted()  # then the next Fork does it
+            if not reap:
+                self.rollback(None)
         if not keep:
             self.fresh_files()
-        self.prepare()
+        self.prepare(reap)
 
     def close(self) -> None:
         self.kill_all()
