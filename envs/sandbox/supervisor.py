@@ -454,11 +454,12 @@ class Session:
         _signal(self.state_pidfd, signal.SIGKILL)
         if not _signal(cell.pidfd, signal.SIGSTOP):
             return False
-        give_up = time.monotonic() + STOP_S
+        give_up, pause = time.monotonic() + STOP_S, 20e-6
         while not all_stopped(cell.proc_pid):
             if time.monotonic() > give_up:
                 return False
-            time.sleep(0.00002)  # precise: P's timer slack is 1 us
+            time.sleep(pause)  # precise: P's timer slack is 1 us
+            pause = min(2 * pause, 160e-6)  # few wake-ups for a stop that takes ~0.1-0.3 ms
         c, s = cell.proc_pid, self.state_proc_pid
         of_cell = children(c)
         of_state = children(s, {c}) if s is not None else None  # None: gone, its children are P's
