@@ -542,11 +542,19 @@ class Session:
         self.kill_all()
         if self.cgroup is not None:
             remove_cgroup(self.cgroup, patience_s=1.0)
-        if not self.own_mounts:  # with mounts of its own, they end with the session
-            if self.uid is not None:
-                for d in SHARED_TMP_DIRS:
-                    remove_tree(d, keep_top=True, owner=self.uid)
-            remove_tree(self.scratch)
+        if self.own_mounts:  # the mounts end with the session; their mount points are the server's
+            for path in (self.scratch, self.mqueue_dir):
+                if path is not None:
+                    try:
+                        umount(path)
+                        os.rmdir(path)
+                    except OSError:
+                        pass
+            return
+        if self.uid is not None:
+            for d in SHARED_TMP_DIRS:
+                remove_tree(d, keep_top=True, owner=self.uid)
+        remove_tree(self.scratch)
 
 
 def _untouched(path: str, mode: int, uid: int | None) -> bool:
