@@ -12,11 +12,13 @@ reaps the child. It has no namespace, no uid, no limit, no pre-forked process an
 The floor and the sandbox alternate, round by round (`--rounds`), so that the host's load, which
 moves here by up to a factor of two from minute to minute, weighs on both alike; each figure is
 the median over the rounds of each round's median. Both ratios divide by the floor's
-back-to-back calls (the floor's paced calls, also reported, are slower on this host). Latencies are end-to-end as the caller
-sees them: request, execution, output back. Latency calls are paced (`--pace-ms`, 10 ms apart by
-default), the way a rollout calls its tool between generation steps; the sandbox uses those pauses
-to fork and warm the next call's process. Back-to-back calls, which leave it no pause, are
-reported too; saturation is what the throughput figure (many concurrent sessions) measures.
+back-to-back calls (the floor's paced calls, also reported, are slower on this host).
+
+Latencies are end-to-end as the caller sees them: request, execution, output back. Latency
+calls are paced (`--pace-ms`, 10 ms apart by default), the way a rollout calls its tool between
+generation steps; the sandbox uses those pauses to fork and warm the next call's process.
+Back-to-back calls, which leave it no pause, are reported too; saturation is what the throughput
+figure (many concurrent sessions) measures.
 """
 
 from __future__ import annotations
