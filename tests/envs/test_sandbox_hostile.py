@@ -58,7 +58,7 @@ chan = next(socket.socket(fileno=os.dup(fd)) for fd in range(3, 64)
 """
 
 
-# --- 1. a call cannot change what later calls run in ------------------------------------------------
+# --- 1. a call cannot change what later calls run in ----------------------------------------------
 def test_a_stateless_cell_cannot_signal_renice_relimit_or_trace_the_state_it_forks_from(sandbox):
     need(sandbox, "state_untouchable")
     r = sandbox.run("""
@@ -117,7 +117,7 @@ print(os.listdir("."), os.listxattr("."), os.listdir("/dev/shm"),
         assert r.stdout == "[] [] [] -1 -1\n", r
 
 
-# --- 2. sessions and the host share no kernel object ------------------------------------------------
+# --- 2. sessions and the host share no kernel object ----------------------------------------------
 def test_sessions_have_their_own_ipc_namespace(sandbox):
     need(sandbox, "session_ipc")
     key = random_key()
@@ -190,7 +190,7 @@ print(results)
     assert r.stdout == f"[-1, {errno.EPERM}, -1, {errno.EPERM}]\n", r
 
 
-# --- 3. the supervisor believes nothing unchecked ---------------------------------------------------
+# --- 3. the supervisor believes nothing unchecked -------------------------------------------------
 @pytest.mark.parametrize("frame", ["dribbled", "long_header"])
 def test_a_result_frame_cannot_stretch_a_call_past_its_timeout(sandbox, frame):
     """The cell's report is read under the call's deadline: one written a byte every 0.2 s, or
