@@ -11,8 +11,9 @@ latency; sleeping leaves the CPU to the learner, as a remote server would), and 
 time per token is calibrated so that a step's generation takes about as long as its update (the
 median of a few timed updates): the case where overlap pays most, an ideal speedup of 2.
 
-A step's time is the wall time between two logged steps; the first step of each side (compiles)
-is not counted. `mean_staleness` is the pipelined side's mean of train/staleness over every
+A side's steps a second are (steps - 1) over the wall time from its first logged step to its
+last (the first step compiles); the sides run `repeats` times, alternating, and each figure is
+the median of its runs. `mean_staleness` is the pipelined side's mean of train/staleness over every
 step (the first step's batch is fresh, every later one one update old: (steps - 1) / steps).
 """
 
@@ -47,8 +48,17 @@ class Args:
     """Width of the learner's Qwen2 (its update time sets the engine's latency)."""
     layers: int = 2
     """Decoder layers of the learner's Qwen2."""
+    repeats: int = 3
+    """Runs of each side, alternating (sync, pipelined, sync, ...); figures are medians."""
     per_token_ms: float | None = None
     """The engine's latency a generated token; None: calibrated to the update time."""
+    engine: str = "latency"
+    """"latency": the stand-in above; "vllm": a real vLLM server (PyPI's CPU build from
+    --vllm-python, its own process) serving the learner's model (head_dim 64, as vLLM's CPU
+    attention needs), new adapters loaded at each sync: the real configuration, whose overlap
+    on a CPU-only machine is bounded by the cores the server and the learner share."""
+    vllm_python: str | None = None
+    """Python of a vLLM install (default: $TOOLGRPO_VLLM_PYTHON, else .venv-vllm)."""
     json: bool = False
     """Print one JSON object instead of a table."""
 
@@ -124,14 +134,15 @@ def build(args: Args):
                 for i, (a, b) in enumerate(pairs)]
     tokenizer = train_chat_tokenizer([p.question for p in problems[:64]] + [
         "So \\boxed{391}. ok ok"], vocab_size=400)
-    heads = args.hidden_size // 32
+    head_dim = 64 if args.engine == "vllm" else 32  # vLLM's CPU attention takes 64 and up
+    heads = args.hidden_size // head_dim
 
     def learner():
         cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
                           intermediate_size=3 * args.hidden_size,
                           num_hidden_layers=args.layers, num_attention_heads=heads,
-                          num_key_value_heads=max(1, heads // 2), rope_theta=10_000.0,
-                          max_position_embeddings=1024)
+                          num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
+                          rope_theta=10_000.0, max_position_embeddings=1024)
         return apply_lora(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), rank=8, alpha=16,
                           rngs=nnx.Rngs(1))
 
@@ -141,7 +152,7 @@ def build(args: Args):
 
 
 def run_side(args: Args, tokenizer, learner, make_env, n_problems: int, max_staleness: int,
-             per_token_s: float) -> dict:
+             make_engine) -> dict:
     """fit over args.steps steps with `max_staleness`: steps a second after the first step,
     the mean staleness, the mean collection and update times."""
     from agents.rollout import RolloutConfig, Rollouts
@@ -150,7 +161,8 @@ def run_side(args: Args, tokenizer, learner, make_env, n_problems: int, max_stal
     from learners.train import GRPOConfig, init_state
 
     model = learner()
-    engine = LatencyEngine(tokenizer, args.new_tokens, per_token_s)
+    sampler_model = sampler_copy(model) if max_staleness else model
+    engine = make_engine(sampler_model)
     cfg = GRPOConfig(learning_rate=1e-4, warmup_steps=1, schedule="constant",
                      micro_batch_size=None)
     roll = RolloutConfig(group_size=args.group_size, max_turn_tokens=args.new_tokens,
@@ -159,7 +171,7 @@ def run_side(args: Args, tokenizer, learner, make_env, n_problems: int, max_stal
     with Rollouts(make_env, engine, tokenizer, roll) as rollouts:
         loop = GRPOLoop(model, init_state(model, cfg), cfg, rollouts, args.problems_per_step,
                         max_staleness=max_staleness,
-                        sampler_model=sampler_copy(model) if max_staleness else None)
+                        sampler_model=sampler_model if max_staleness else None)
         fit(loop, ProblemOrder(n_problems), clock, start=0, steps=args.steps, seed=0)
     timed = clock.times[-1] - clock.times[0]
     later = clock.metrics[1:]
@@ -203,12 +215,39 @@ def main(args: Args) -> dict:
 
     import envs  # noqa: F401 - registers the environments
 
+    import contextlib
+    import tempfile
+
     tokenizer, learner, make_env, n = build(args)
     update_s, per_token_s = calibrate(args, tokenizer, learner, make_env, n)
     if args.per_token_ms is not None:
         per_token_s = args.per_token_ms / 1e3
-    sync = run_side(args, tokenizer, learner, make_env, n, 0, per_token_s)
-    pipelined = run_side(args, tokenizer, learner, make_env, n, 1, per_token_s)
+    runs = {0: [], 1: []}
+    with contextlib.ExitStack() as stack:
+        if args.engine == "vllm":
+            from agents.vllm_client import VLLMSampler, VLLMServer, vllm_command
+            from learners.params import save_pretrained
+
+            directory = stack.enter_context(tempfile.TemporaryDirectory())
+            save_pretrained(learner(), directory)
+            tokenizer.save_pretrained(directory)
+            python = args.vllm_python or os.environ.get("TOOLGRPO_VLLM_PYTHON") or os.path.join(
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-vllm",
+                "bin", "python")
+            server = stack.enter_context(VLLMServer(
+                directory, max_lora_rank=8, command=vllm_command(python),
+                env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                extra_args=["--max-model-len", "1024", "--dtype", "float32"]))
+            make_engine = lambda model: VLLMSampler(server.url, tokenizer)  # noqa: E731
+        else:
+            make_engine = lambda model: LatencyEngine(  # noqa: E731
+                tokenizer, args.new_tokens, per_token_s)
+        for _ in range(args.repeats):  # alternating: a change in the machine's load hits both
+            for staleness in (0, 1):
+                runs[staleness].append(run_side(args, tokenizer, learner, make_env, n,
+                                                staleness, make_engine))
+    sync, pipelined = ({k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]}
+                       for s in (0, 1))
     return {"sync_steps_per_s": sync["steps_per_s"],
             "pipelined_steps_per_s": pipelined["steps_per_s"],
             "speedup": pipelined["steps_per_s"] / sync["steps_per_s"],
@@ -218,7 +257,10 @@ def main(args: Args) -> dict:
             "sync_collect_s": sync["collect_s"], "sync_update_s": sync["update_s"],
             "pipelined_collect_s": pipelined["collect_s"],
             "pipelined_update_s": pipelined["update_s"],
-            "steps": args.steps, "problems_per_step": args.problems_per_step,
+            "sync_steps_per_s_runs": [r["steps_per_s"] for r in runs[0]],
+            "pipelined_steps_per_s_runs": [r["steps_per_s"] for r in runs[1]],
+            "engine": args.engine, "steps": args.steps, "repeats": args.repeats,
+            "problems_per_step": args.problems_per_step,
             "group_size": args.group_size, "new_tokens": args.new_tokens,
             "cpu_count": os.cpu_count(), "device": jax.devices()[0].platform}
 

@@ -88,3 +88,13 @@ def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
         return put(x, NamedSharding(mesh, spec))
 
     return jax.tree.map(place, batch)
+
+
+def place_batch(batch, mesh: Mesh):
+    """`shard_batch` where the devices divide the batch; otherwise the batch replicated on
+    every device (the same result, without the data parallelism): for the odd micro-batch, such
+    as the one-row batch of a step without any sampled token."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if all(np.shape(x)[0] % n == 0 for x in jax.tree.leaves(batch)):
+        return shard_batch(batch, mesh)
+    return jax.tree.map(lambda x: put(x, NamedSharding(mesh, P())), batch)

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from agents.rollout import RolloutConfig
+from agents.training.distributed import DistConfig
 from agents.training.loop import PIPELINED_TIS_CAP
 from envs.rewards import RewardWeights
 from envs.toolmath import ToolMathEnv
@@ -191,6 +192,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
         if (self.steps < 1 or self.problems_per_step < 1 or self.max_refills < 0
@@ -226,7 +228,7 @@ class Config:
 
 
 RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "out", "debug", "allow_cpu", "eval", "log",
-                     "sampler")
+                     "sampler", "dist")
 """Settings (or whole sections) a resumed run may change; any other difference from the saved
 config.json stops it."""
 

@@ -57,7 +57,8 @@ class GRPOLoop:
     model: Any
     state: TrainState
     cfg: GRPOConfig
-    rollouts: Rollouts
+    rollouts: Rollouts | None
+    """None in the processes of a multi-process learner but process 0, which alone collects."""
     problems_per_step: int
     dynamic_sampling: bool = False
     max_refills: int = 2
@@ -71,6 +72,12 @@ class GRPOLoop:
     None means `model` itself, which only a synchronous loop may share."""
     data_position: int = 0
     """ProblemOrder.position after the last batch trained on (checkpoints record it)."""
+    mesh: Any = None
+    """A jax.sharding.Mesh the state is sharded over (learners.sharding.shard_state): each
+    update's micro-batches are placed over it too. None: one device."""
+    local_lora: Any = None
+    """The adapter's LoRA parameters as the model holds them (whole in this process: gathered
+    from the mesh when it spans several processes)."""
     _synced: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -84,7 +91,9 @@ class GRPOLoop:
                              "sampler must read")
         if self.max_staleness and self.cfg is not None and self.cfg.tis_cap is None:
             self.cfg = dataclasses.replace(self.cfg, tis_cap=PIPELINED_TIS_CAP)
-        self._synced = self.rollouts.sampler.adapter_version
+        self._synced = None if self.rollouts is None else self.rollouts.sampler.adapter_version
+        if self.local_lora is None:
+            self.local_lora = self.state.lora
 
     @property
     def adapter_version(self) -> int:
@@ -95,8 +104,8 @@ class GRPOLoop:
         """Give the sampler adapter `version` with LoRA parameters `lora` (default: the
         learner's latest), unless it holds that version already."""
         if version is None:
-            version, lora = self.adapter_version, self.state.lora
-        if version == self._synced:
+            version, lora = self.adapter_version, self.local_lora
+        if version == self._synced or self.rollouts is None:
             return
         if self.sampler_model is not self.model:
             nnx.update(self.sampler_model, lora)
@@ -155,8 +164,14 @@ class GRPOLoop:
     def update(self, batch: RolloutBatch) -> dict:
         """One GRPO update of the adapter (the learner's model gets it; the sampler's does
         through sync_sampler)."""
-        self.state, metrics = grpo_step(self.state, batch, self.cfg)
-        nnx.update(self.model, self.state.lora)
+        from learners.sharding import gather, place_batch
+
+        place = None if self.mesh is None else (lambda mb: place_batch(mb, self.mesh))
+        self.state, metrics = grpo_step(self.state, batch, self.cfg, place=place)
+        # whole in this process (across processes a collective that every process joins), so
+        # that the model, which the sampler and the exports read, is not spread over the mesh
+        self.local_lora = self.state.lora if self.mesh is None else gather(self.state.lora)
+        nnx.update(self.model, self.local_lora)
         return metrics
 
     def learn(self, collected: Collected, waited_s: float) -> tuple[dict, RolloutBatch]:
@@ -169,9 +184,12 @@ class GRPOLoop:
             raise RuntimeError(f"a batch sampled by adapter {collected.version} reached the update "
                                f"of adapter {self.adapter_version} (max_staleness "
                                f"{self.max_staleness})")
-        real = len(batch.rewards) - stats.get("filler_groups", 0) * self.rollouts.cfg.group_size
-        episodes = batch.select(np.arange(len(batch.rewards)) < real) if real else batch
-        metrics = {f"train/{k}": v for k, v in episodes.metrics().items()}
+        metrics = {}
+        if batch.episodes:  # (a process but 0 of a multi-process learner has only the arrays)
+            filler = stats.get("filler_groups", 0) * self.rollouts.cfg.group_size
+            real = len(batch.rewards) - filler
+            episodes = batch.select(np.arange(len(batch.rewards)) < real) if real else batch
+            metrics = {f"train/{k}": v for k, v in episodes.metrics().items()}
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics["train/staleness"] = float(np.mean(staleness))
         t0 = time.perf_counter()

@@ -30,6 +30,9 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
+from agents.batch import RolloutBatch
 from agents.training.loop import Collected, GRPOLoop, ProblemOrder
 
 
@@ -43,14 +46,17 @@ class RolloutPipeline:
         loop.data_position = problems.position
         self._cond = threading.Condition()
         self._ready: dict[int, Collected] = {}
-        self._published = (loop.adapter_version, loop.state.lora)
+        self._published = (loop.adapter_version, loop.local_lora)
+        # with several processes only process 0 collects; get() sends each batch to the others
+        self._collects = loop.rollouts is not None
         self._error: BaseException | None = None
         self._stop, self._pauses, self._busy = False, 0, False
         self._thread = threading.Thread(target=self._produce, name="rollout-pipeline",
                                         daemon=True)
 
     def __enter__(self) -> RolloutPipeline:
-        self._thread.start()
+        if self._collects:
+            self._thread.start()
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -87,23 +93,32 @@ class RolloutPipeline:
                 self._cond.notify_all()
 
     def get(self, step: int) -> Collected:
-        """Step `step`'s batch, once collected (the collection's error, if it failed)."""
-        with self._cond:
-            self._cond.wait_for(lambda: step in self._ready or self._error is not None)
-            if step not in self._ready:
-                raise self._error
-            return self._ready.pop(step)
+        """Step `step`'s batch, once collected (the collection's error, if it failed); across
+        processes, process 0's, to every process (a collective: every process calls get)."""
+        import jax
+
+        collected = None
+        if self._collects:
+            with self._cond:
+                self._cond.wait_for(lambda: step in self._ready or self._error is not None)
+                if step not in self._ready:
+                    raise self._error
+                collected = self._ready.pop(step)
+        return broadcast_collected(collected) if jax.process_count() > 1 else collected
 
     def publish(self) -> None:
         """The learner's adapter changed: collections that start from now on use it."""
         with self._cond:
-            self._published = (self.loop.adapter_version, self.loop.state.lora)
+            self._published = (self.loop.adapter_version, self.loop.local_lora)
             self._cond.notify_all()
 
     @contextlib.contextmanager
     def paused(self):
         """No collection runs inside (it waits for the one in flight to end), and the sampler
         holds the learner's latest adapter: for an evaluation."""
+        if not self._collects:
+            yield
+            return
         with self._cond:
             self._pauses += 1
             self._cond.wait_for(lambda: not self._busy)
@@ -125,3 +140,29 @@ class RolloutPipeline:
             self._thread.join(0.2)
         if sync:
             self.loop.sync_sampler()
+
+
+BATCH_ARRAYS = {"tokens": np.int32, "loss_mask": np.int32, "sampler_logprobs": np.float32,
+                "rewards": np.float32, "group_ids": np.int32, "adapter_version": np.int32,
+                "lengths": np.int32}
+"""The arrays of a RolloutBatch that the processes of a multi-process learner share."""
+
+
+def broadcast_collected(collected: Collected | None) -> Collected:
+    """Process 0's `collected` in every process (the others pass None): its arrays, position and
+    version; the episodes' stats stay with process 0, which alone logs them."""
+    from jax.experimental import multihost_utils
+
+    head = np.zeros(4, np.int32)
+    if collected is not None:
+        b, t = collected.batch.tokens.shape
+        head[:] = (b, t, collected.position, collected.version)
+    b, t, position, version = (int(x) for x in multihost_utils.broadcast_one_to_all(head))
+    rows = {"tokens": (b, t), "loss_mask": (b, t), "sampler_logprobs": (b, t)}
+    arrays = {name: np.asarray(getattr(collected.batch, name), dtype) if collected is not None
+              else np.zeros(rows.get(name, (b,)), dtype) for name, dtype in BATCH_ARRAYS.items()}
+    arrays = {k: np.asarray(v) for k, v in multihost_utils.broadcast_one_to_all(arrays).items()}
+    if collected is not None:
+        return collected
+    return Collected(RolloutBatch(**arrays, episodes=[], transcripts=[]), {}, position, version,
+                     0.0)

@@ -21,6 +21,8 @@ import signal
 import sys
 from typing import Callable
 
+import numpy as np
+
 from agents.training.cli import fail, one_line_errors
 from agents.training.config import RESUMABLE_CHANGES, Config, flatten
 from agents.training.evaluation import evaluate
@@ -83,8 +85,9 @@ def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, step
             collected = rollouts.get(step)
             metrics, batch = loop.learn(collected, waited_s=time.perf_counter() - t0)
             rollouts.publish()
-            # read once: a Ctrl-C that arrives later in this step is acted on after the next
-            stop = interrupt.requested
+            # read once: a Ctrl-C that arrives later in this step is acted on after the next;
+            # across processes, process 0's (so that all of them stop after the same step)
+            stop = agree(interrupt.requested)
             log.log(step, metrics)
             if transcripts_every and step % transcripts_every == 1 % transcripts_every:
                 log.transcripts(step, batch.transcripts[:4])
@@ -100,6 +103,17 @@ def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, step
                 raise Interrupted(step)
     bar.close()
     return metrics
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's `flag` in every process (a collective); `flag` itself in a single one."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
 def config_changes(saved: dict, config: dict, allowed=RESUMABLE_CHANGES) -> list[str]:
@@ -247,7 +261,13 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer):
 
 def train(cfg: Config) -> dict:
     """The whole run of `cfg` (module docstring); returns the summary it writes to
-    OUT/summary.json. Bad input ends it with one line (exit code 2) before the model loads."""
+    OUT/summary.json. Bad input ends it with one line (exit code 2) before the model loads.
+
+    Across processes (cfg.dist: jax.distributed), every process runs this with the same config
+    and OUT (a shared file system): the state is sharded over the mesh of all their devices,
+    process 0 alone plays the rollouts (its batches sent to the others), evaluates and writes
+    logs, transcripts and adapters; the orbax checkpoints are written by all (each its
+    shards)."""
     if cfg.sampler.engine != "jax" and not cfg.sampler.vllm_url:  # leave vLLM its GPU share
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
                               f"{0.92 - cfg.sampler.vllm_gpu_memory:.2f}")
@@ -255,12 +275,19 @@ def train(cfg: Config) -> dict:
     from flax import nnx
 
     from agents.rollout import Rollouts
+    from agents.training.distributed import initialize, is_main
     from learners.checkpoint import Checkpointer
     from learners.devices import unused_accelerator
     from learners.lora import merge_lora, save_peft_adapter
     from learners.params import save_pretrained
+    from learners.sharding import gather, shard_state
 
-    prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    with one_line_errors(debug=cfg.debug):
+        mesh = initialize(cfg.dist)  # before jax is used for anything else
+    main, several = is_main(), mesh.devices.size > 1
+    if main:
+        prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    barrier("run directory")
     unused = None if cfg.allow_cpu else unused_accelerator()
     if unused:
         fail(unused)
@@ -268,41 +295,51 @@ def train(cfg: Config) -> dict:
         tokenizer, n_train, n_eval = check_inputs(cfg)
     engine = choose_engine(cfg)
     model, grpo_cfg, state = build_learner(cfg)
+    if several:  # parameters and optimizer state over the mesh's devices
+        state = shard_state(state, mesh)
 
     # a pipelined sampler reads its own copy of the adapter while the learner updates the model
     sampler_model = sampler_copy(model) if cfg.max_staleness else model
     with contextlib.ExitStack() as stack:
-        sampler = stack.enter_context(open_sampler(cfg, engine, sampler_model, tokenizer))
-        train_rollouts = stack.enter_context(Rollouts(
-            lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("train")), sampler, tokenizer,
-            cfg.rollout))
-        evaluator = stack.enter_context(Rollouts(
-            lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("test")), sampler, tokenizer,
-            dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples)))
+        train_rollouts = evaluator = None
+        if main:
+            sampler = stack.enter_context(open_sampler(cfg, engine, sampler_model, tokenizer))
+            train_rollouts = stack.enter_context(Rollouts(
+                lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("train")), sampler,
+                tokenizer, cfg.rollout))
+            evaluator = stack.enter_context(Rollouts(
+                lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("test")), sampler,
+                tokenizer, dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples)))
         loop = GRPOLoop(model, state, grpo_cfg, train_rollouts, cfg.problems_per_step,
-                        cfg.dynamic_sampling, cfg.max_refills, cfg.max_staleness, sampler_model)
+                        cfg.dynamic_sampling, cfg.max_refills, cfg.max_staleness, sampler_model,
+                        mesh=mesh if several else None)
         ckpt = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=cfg.log.keep_checkpoints,
                             every=cfg.log.checkpoint_every)
         start, position = 0, 0
         if cfg.resume and ckpt.latest_step is not None:
             start = ckpt.latest_step
             loop.state, meta, _ = ckpt.restore(loop.state)
-            nnx.update(model, loop.state.lora)
+            loop.local_lora = gather(loop.state.lora) if several else loop.state.lora
+            nnx.update(model, loop.local_lora)
             position = int(meta.get("data_position", 0))
+            loop.data_position = position
             loop.sync_sampler()
             print(f"resumed from step {start} in {ckpt.directory}", flush=True)
         elif cfg.resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting a new run", flush=True)
-        dropped = truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
-        if dropped:
-            print(f"metrics.jsonl: dropped {dropped} records logged after step {start} (they "
-                  "are logged again)", flush=True)
+        if main:
+            dropped = truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+            if dropped:
+                print(f"metrics.jsonl: dropped {dropped} records logged after step {start} "
+                      "(they are logged again)", flush=True)
         log = RunLog(cfg.out, cfg, wandb_mode="online" if cfg.log.wandb else "off",
-                     project=cfg.log.wandb_project, resume=cfg.resume)
+                     project=cfg.log.wandb_project, resume=cfg.resume) if main else SilentLog()
         problems = ProblemOrder(n_train, seed=cfg.seed, position=position)
         ks = sorted({1, cfg.eval.samples} | ({8} if cfg.eval.samples >= 8 else set()))
 
         def evaluate_at(step: int) -> dict:
+            if not main:
+                return {}
             loop.sync_sampler()  # the learner's latest adapter (a no-op when it has it)
             metrics, transcripts = evaluate(evaluator, range(n_eval), ks=ks,
                                             seed=cfg.seed + 99 * step,
@@ -315,10 +352,11 @@ def train(cfg: Config) -> dict:
         adapters_of_checkpoints = os.path.join(cfg.out, "checkpoint_adapters")
 
         def checkpoint(step: int, force: bool = False) -> None:
-            """The orbax checkpoint of `step` when due, and its PEFT adapter (evaluate.py
-            --adapter loads it); adapters of checkpoints no longer kept are removed."""
+            """The orbax checkpoint of `step` when due (every process, each its shards), and
+            its PEFT adapter (evaluate.py --adapter loads it); adapters of checkpoints no longer
+            kept are removed."""
             meta = {"data_position": loop.data_position, "adapter_version": loop.adapter_version}
-            if not ckpt.maybe_save(step, loop.state, meta, force=force):
+            if not ckpt.maybe_save(step, loop.state, meta, force=force) or not main:
                 return
             directory = os.path.join(adapters_of_checkpoints, str(step))
             if not os.path.isdir(directory):
@@ -333,24 +371,56 @@ def train(cfg: Config) -> dict:
                           checkpoint=checkpoint, evaluate_at=evaluate_at,
                           eval_every=cfg.eval.every, transcripts_every=cfg.log.transcripts_every)
         except Interrupted as stop:
-            save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
-            print(f"saved checkpoint {stop.step} in {ckpt.directory} and its adapter in "
-                  f"{adapter_dir}; continue with --resume", flush=True)
+            if main:
+                save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
+                print(f"saved checkpoint {stop.step} in {ckpt.directory} and its adapter in "
+                      f"{adapter_dir}; continue with --resume", flush=True)
             log.close()
             raise SystemExit(130) from None  # the shell's code for a run ended by Ctrl-C
         checkpoint(cfg.steps, force=True)
         last_eval = evaluate_at(cfg.steps)
-        save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
-        if cfg.log.export_merged:
-            merged = os.path.join(cfg.out, "merged")
-            save_pretrained(merge_lora(nnx.clone(model)), merged)
-            tokenizer.save_pretrained(merged)
+        if main:
+            save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
+            if cfg.log.export_merged:
+                merged = os.path.join(cfg.out, "merged")
+                save_pretrained(merge_lora(nnx.clone(model)), merged)
+                tokenizer.save_pretrained(merged)
         log.close()
     summary = {"step": cfg.steps, **last_eval,
                **{k: v for k, v in metrics.items() if k.startswith("train/")},
                "adapter": adapter_dir, "sampler": engine, "seed": cfg.seed,
                "environment": run_environment()}
+    barrier("end of run")  # every process's checkpoint is written before any exits
+    if not main:
+        return summary
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps({k: summary[k] for k in summary if k.startswith("eval/pass@")}))
     return summary
+
+
+def jax_processes() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for the others (nothing with a single process)."""
+    if jax_processes() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class SilentLog:
+    """The RunLog of the processes that do not write (all but process 0 of several)."""
+
+    def log(self, step, metrics) -> None:
+        pass
+
+    def transcripts(self, step, texts, tag="train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -54,8 +54,8 @@ class StubRollouts:
 
 
 def loop_of(rollouts, problems_per_step=4, max_refills=2) -> GRPOLoop:
-    return GRPOLoop(model=None, state=SimpleNamespace(updates=0), cfg=None, rollouts=rollouts,
-                    problems_per_step=problems_per_step, dynamic_sampling=True,
+    return GRPOLoop(model=None, state=SimpleNamespace(updates=0, lora=None), cfg=None,
+                    rollouts=rollouts, problems_per_step=problems_per_step, dynamic_sampling=True,
                     max_refills=max_refills)
 
 

@@ -136,17 +136,20 @@ def test_bench_sampler_json(vllm_python):
 PIPELINE_KEYS = {"sync_steps_per_s", "pipelined_steps_per_s", "speedup", "mean_staleness",
                  "sync_mean_staleness", "calibrated_update_s", "per_token_ms", "sync_collect_s",
                  "sync_update_s", "pipelined_collect_s", "pipelined_update_s", "steps",
-                 "problems_per_step", "group_size", "new_tokens", "cpu_count", "device"}
+                 "problems_per_step", "group_size", "new_tokens", "cpu_count", "device",
+                 "engine", "repeats", "sync_steps_per_s_runs", "pipelined_steps_per_s_runs"}
 
 
 def test_bench_pipeline_json():
     steps, problems, group, tokens = 3, 4, 2, 16
     report, wall_s = run_json("bench_pipeline.py", "--steps", str(steps), "--problems-per-step",
                               str(problems), "--group-size", str(group), "--new-tokens",
-                              str(tokens), timeout=600)
+                              str(tokens), "--repeats", "1", timeout=600)
     assert set(report) == PIPELINE_KEYS, set(report) ^ PIPELINE_KEYS
     assert (report["steps"], report["problems_per_step"], report["group_size"],
-            report["new_tokens"]) == (steps, problems, group, tokens)
+            report["new_tokens"], report["repeats"]) == (steps, problems, group, tokens, 1)
+    assert report["sync_steps_per_s_runs"] == [report["sync_steps_per_s"]]
+    assert report["pipelined_steps_per_s_runs"] == [report["pipelined_steps_per_s"]]
     assert report["speedup"] == pytest.approx(
         report["pipelined_steps_per_s"] / report["sync_steps_per_s"])
     # the first pipelined batch is fresh, every later one one update old; the synchronous side's

@@ -47,7 +47,7 @@ def batch_of(step: int) -> TrainBatch:
                       group_ids=np.repeat(np.arange(2), 4).astype(np.int32))
 
 
-ckpt = Checkpointer(directory, keep=2)
+ckpt = Checkpointer(directory, keep=3)
 start, history = 0, []
 if ckpt.latest_step is not None:
     state, meta, _ = ckpt.restore(state)  # each process reads its shards into the template's
