@@ -186,6 +186,20 @@ def memory_cgroup_base() -> tuple[str, bool] | None:
     return None
 
 
+def make_parent_cgroup(path: str, v2: bool) -> bool:
+    """Create (or keep) the cgroup `path`, below which memory cgroups are made (on v2, it hands
+    the memory controller down); False where it cannot be."""
+    try:
+        os.makedirs(path, 0o755, exist_ok=True)
+        if v2:
+            with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory")
+        return True
+    except OSError:
+        remove_cgroup(path)
+        return False
+
+
 def make_memory_cgroup(path: str, limit_bytes: int, v2: bool) -> bool:
     """Create the cgroup `path` with a hard memory limit (no swap); False where it cannot be."""
     try:

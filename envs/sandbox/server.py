@@ -57,8 +57,8 @@ import sys
 
 from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE,
                     MS_REC, SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc,
-                    memory_cgroup_base, mount, reap_children, remove_cgroup, set_name, setns,
-                    unshare)
+                    make_parent_cgroup, memory_cgroup_base, mount, reap_children, remove_cgroup,
+                    set_name, setns, unshare)
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
 from .supervisor import session_main
 
@@ -164,20 +164,7 @@ def session_cgroups(settings: dict) -> str | None:
     path, v2 = base
     parent = os.path.join(path, f"toolgrpo-sandbox-{os.getpid()}-{random.getrandbits(32):08x}")
     settings["cgroup_v2"] = v2
-    if v2:  # the parent must hand the memory controller down to its sessions
-        try:
-            os.mkdir(parent, 0o755)
-            with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
-                f.write("+memory")
-            return parent
-        except OSError:
-            remove_cgroup(parent)
-            return None
-    try:
-        os.mkdir(parent, 0o755)
-        return parent
-    except OSError:
-        return None
+    return parent if make_parent_cgroup(parent, v2) else None
 
 
 # -- serving ---------------------------------------------------------------------------------------

@@ -32,10 +32,10 @@ import time
 
 from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOSUID, MS_PRIVATE,
                     MS_REC, PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, SHARED_TMP_DIRS,
-                    all_stopped, children,
-                    describe, join_fresh_session_keyring, kill_as, make_memory_cgroup, mount,
-                    oom_kills, own_proc_pid, parent_of, pid_of_pidfd, prctl, reap_children,
-                    remove_cgroup, remove_ipc_objects, remove_tree, set_name, umount, unshare)
+                    all_stopped, children, describe, join_fresh_session_keyring, kill_as,
+                    make_memory_cgroup, make_parent_cgroup, mount, oom_kills, own_proc_pid,
+                    parent_of, pid_of_pidfd, prctl, reap_children, remove_cgroup,
+                    remove_ipc_objects, remove_tree, set_name, umount, unshare)
 from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
                        Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
                        send)
@@ -155,8 +155,11 @@ class Session:
         if parent is None:
             return None
         path = os.path.join(parent, f"session-{random.getrandbits(48):012x}")
-        limit = int(self.settings["memory_mb"]) << 20
-        if not make_memory_cgroup(path, limit, bool(self.settings.get("cgroup_v2"))):
+        limit, v2 = int(self.settings["memory_mb"]) << 20, bool(self.settings.get("cgroup_v2"))
+        # the last session to close removes the parent (`close`); a later one makes it again
+        if not (os.path.isdir(parent) or make_parent_cgroup(parent, v2)):
+            return None
+        if not make_memory_cgroup(path, limit, v2):
             return None
         self.settings = {**self.settings, "cgroup": path}  # what the state is forked with
         return path
@@ -542,6 +545,10 @@ class Session:
         self.kill_all()
         if self.cgroup is not None:
             remove_cgroup(self.cgroup, patience_s=1.0)
+            try:  # the server's parent cgroup, if no other session has one below it any more
+                os.rmdir(os.path.dirname(self.cgroup))
+            except OSError:
+                pass
         if self.own_mounts:  # the mounts end with the session; their mount points are the server's
             for path in (self.scratch, self.mqueue_dir):
                 if path is not None:
