@@ -44,7 +44,10 @@ def causal_attention(q_btnh, k_bskh, v_bskh, key_mask_bs, implementation: str = 
             key_value_seq_lengths=key_mask_bs.astype(jnp.int32).sum(-1))
         return out.reshape(b, t, n * h)
     g = n // kh
-    c = max(1, min(block, t))
+    if t <= block:  # one block: the plain formulation, differentiated as it is
+        return _one_block(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
+                          key_mask_bs.astype(bool)).reshape(b, t, n * h)
+    c = block
     pad = -t % c
     # [B, T, N, H] -> [B, K, T*G, H]: rows (t, g) of one key/value head, so that a block of c
     # positions is c*G consecutive rows and meets its keys in one plain batched matmul
@@ -56,6 +59,17 @@ def causal_attention(q_btnh, k_bskh, v_bskh, key_mask_bs, implementation: str = 
     out = _blockwise(q, k.astype(q.dtype), v.astype(q.dtype), valid, c, g)
     out = out.reshape(b, kh, t + pad, g, h)[:, :, :t].transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, n * h)
+
+
+def _one_block(q_btnh, k_bskh, v_bskh, valid_bs):
+    b, t, n, h = q_btnh.shape
+    kh = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, kh, n // kh, h)
+    s = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & valid_bs[:, None, :]  # [B, T, S]
+    s = jnp.where(allowed[:, None, None], s * h**-0.5, _MASKED)
+    p = jax.nn.softmax(s, axis=-1).astype(v_bskh.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", p, v_bskh)
 
 
 def _slice(x, start, size, axis):

@@ -91,7 +91,10 @@ def token_logprobs_from_hidden(hidden_btd, output_embedding_vd, tokens_bt, chunk
         ent = fixed_lse - jnp.sum(jax.nn.softmax(fixed, axis=-1) * fixed, axis=-1)
         return picked, ent
 
-    _, (logp, ent) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, y))
+    if h.shape[0] == 1:  # one chunk: no loop
+        logp, ent = (x[None] for x in one_chunk(h[0], y[0]))
+    else:
+        _, (logp, ent) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, y))
     shift = lambda x: jnp.pad(x.reshape(-1)[:n].reshape(b, t)[:, :-1], ((0, 0), (1, 0)))  # noqa
     return shift(logp), (shift(ent) if entropy else None)
 
