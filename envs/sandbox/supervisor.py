@@ -156,10 +156,11 @@ class Session:
             return None
         path = os.path.join(parent, f"session-{random.getrandbits(48):012x}")
         limit, v2 = int(self.settings["memory_mb"]) << 20, bool(self.settings.get("cgroup_v2"))
-        # the last session to close removes the parent (`close`); a later one makes it again
-        if not (os.path.isdir(parent) or make_parent_cgroup(parent, v2)):
-            return None
-        if not make_memory_cgroup(path, limit, v2):
+        for _ in range(2):  # the last session to close removes the parent (`close`): make it again
+            if make_memory_cgroup(path, limit, v2):
+                break
+            make_parent_cgroup(parent, v2)
+        else:
             return None
         self.settings = {**self.settings, "cgroup": path}  # what the state is forked with
         return path
