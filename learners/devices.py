@@ -38,3 +38,22 @@ def unused_accelerator(backend: str | None = None,
     what, hint = INSTALL_HINTS[present[0]]
     return (f"this machine has {what} but jax runs on the CPU (a CPU-only jaxlib is installed): "
             f"{hint} installs the accelerator build; --allow-cpu runs on the CPU anyway")
+
+
+def enable_compilation_cache(directory: str | None = None, min_compile_time_s: float = 1.0) -> str:
+    """Keep compiled programs on disk (jax's persistent compilation cache), so that a rerun or a
+    resumed run with the same shapes loads them instead of compiling again. The directory is
+    `directory`, else $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/toolgrpo/jax
+    (~/.cache/toolgrpo/jax); programs that compile faster than `min_compile_time_s` are not
+    kept. Returns the directory."""
+    import os
+
+    import jax
+
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                  ".cache")
+    path = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            or os.path.join(cache_home, "toolgrpo", "jax"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+    return path

@@ -36,7 +36,8 @@ SANDBOX_LATENCIES = ("trivial", "sympy", "session_cell", "trivial_back_to_back",
 SANDBOX_KEYS = {f"{name}_{p}_ms" for name in SANDBOX_LATENCIES for p in ("p50", "p99")} | {
     "pace_ms", "trivial_speedup_vs_subprocess", "sympy_speedup_vs_subprocess", "executions_per_s",
     "executions_per_s_runs", "concurrent_sessions", "cpu_count", "all_protections_on",
-    "protections"}
+    "protections", "floor_back_to_back_p50_ms", "floor_paced_p50_ms", "back_to_back_vs_floor",
+    "paced_vs_floor", "back_to_back_vs_floor_rounds", "paced_vs_floor_rounds"}
 
 
 def test_bench_sandbox_json():
