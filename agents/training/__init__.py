@@ -8,9 +8,10 @@ logging, checkpoints, resume.
     loop = GRPOLoop(model, state, grpo_cfg, rollouts, problems_per_step=8)
     fit(loop, ProblemOrder(n), RunLog("runs/y", cfg), start=0, steps=20, seed=0)
 
-Modules: config (the settings tree), loop (one step), evaluation (pass@k), runlog (the run's
-record), run (a whole run: directory, checkpoints, Ctrl-C, resume), cli (flags and YAML, one-line
-errors).
+Modules: config (the settings tree), loop (one step), pipeline (rollouts ahead of the learner,
+within max_staleness), distributed (jax.distributed and the mesh of a multi-process learner),
+evaluation (pass@k), runlog (the run's record), run (a whole run: directory, checkpoints, Ctrl-C,
+resume), cli (flags and YAML, one-line errors).
 """
 
 from agents.training.config import (Config, EnvConfig, EvalConfig, LogConfig, ModelConfig,

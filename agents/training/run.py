@@ -7,7 +7,10 @@ evaluation and the exported adapter.
 A run directory holds one run: config.json, metrics.jsonl, the plots, transcripts/,
 checkpoints/ (orbax) with checkpoint_adapters/STEP (PEFT) beside, adapter/ (the final one, PEFT),
 summary.json. Ctrl-C finishes the step, saves a checkpoint and its adapter and exits with 130;
-`resume` continues from the latest checkpoint, bitwise where the machine is the same.
+`resume` continues from the latest checkpoint with the first problem no step trained on: bitwise
+where the machine is the same and max_staleness is 0 (pipelined, the resumed run's next batch is
+sampled by the checkpoint's adapter, where the uninterrupted run's was sampled by the one
+before).
 """
 
 from __future__ import annotations
