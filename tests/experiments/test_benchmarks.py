@@ -105,6 +105,32 @@ def test_bench_learner_json():
     assert 0.05 < row["memory_ratio"] < 20, row["memory_ratio"]
 
 
+def test_bench_learner_plan_json():
+    """--plan compiles (runs nothing): every program a step of the config runs is there with its
+    figures; the update's temporaries grow with the sequence at most linearly (8x the length,
+    less than 12x the memory: [B, N, T, T] scores would grow 64x); the headline is the last
+    shape's."""
+    rows = {}
+    for seq_len in (64, 512):
+        report, wall_s = run_json("bench_learner.py", "--plan", "--shapes", "tiny", "--batch",
+                                  "4", "--seq-len", str(seq_len), "--ppo-epochs", "2",
+                                  "--beta", "0.04", "--logprob-chunk", "128",
+                                  "--attention-block", "64", timeout=600)
+        row = rows[seq_len] = report["shapes"]["tiny"]
+        programs = ["update", "apply", "old_logprobs", "ref_logprobs"]
+        assert row["programs"] == programs and row["layers"] == 2
+        for program in programs:
+            for figure in ("temp_gib", "argument_gib", "output_gib"):
+                assert row[f"{program}_{figure}"] >= 0, (program, figure)
+            assert 0 < row[f"{program}_compile_s"] < wall_s
+        assert report["update_temp_gib"] == row["update_temp_gib"]
+        assert report["compile_s"] == pytest.approx(
+            row["lower_s"] + sum(row[f"{p}_compile_s"] for p in programs))
+        assert row["argument_gib"] > 0 and row["dtype"] == "bfloat16"
+    assert rows[64]["update_temp_gib"] < rows[512]["update_temp_gib"] < 12 * rows[64][
+        "update_temp_gib"], (rows[64]["update_temp_gib"], rows[512]["update_temp_gib"])
+
+
 SAMPLER_KEYS = {"jax_tokens_per_s", "hf_tokens_per_s", "speed_ratio", "prompts", "prompt_len",
                 "new_tokens", "repeats", "jax_threads", "torch_threads", "vllm_tokens_per_s",
                 "vllm_ratio"}
