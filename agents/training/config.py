@@ -37,16 +37,30 @@ class ModelConfig:
 
     name: str = "Qwen/Qwen2.5-0.5B-Instruct"
     """Hugging Face hub id or local directory (config.json, *.safetensors, tokenizer)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype of the learner and the JAX sampler (LoRA and optimizer state stay fp32)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype of the learner and the JAX sampler (LoRA and optimizer state stay fp32):
+    "auto" is bfloat16 on a GPU or TPU, float32 on the CPU."""
     remat: bool = True
     """Recompute activations in the backward pass (less memory)."""
+    attention: Literal["auto", "blockwise", "dot_product"] = "auto"
+    """Attention of whole sequences (learners.attention): "auto" is cuDNN's fused kernel on a
+    GPU (dot_product), the blockwise (flash) formulation elsewhere."""
+    attention_block: int = 512
+    """Positions per block of the blockwise attention."""
     lora_rank: int = 128
     """LoRA rank."""
     lora_alpha: float = 128.0
     """LoRA alpha (scale alpha / rank)."""
 
+    def compute_dtype(self, backend: str) -> str:
+        """The dtype `dtype` means on a jax backend ("cpu", "gpu", "tpu")."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if backend == "cpu" else "bfloat16"
+
     def __post_init__(self):
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise ValueError(f"lora_rank and lora_alpha must be positive, got {self.lora_rank}, "
                              f"{self.lora_alpha}")

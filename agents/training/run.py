@@ -200,8 +200,12 @@ def build_learner(cfg: Config):
     from learners.params import from_pretrained
     from learners.train import init_state
 
-    dtype = getattr(jnp, cfg.model.dtype)
-    model = from_pretrained(cfg.model.name, dtype=dtype, param_dtype=dtype, remat=cfg.model.remat)
+    import jax
+
+    dtype = getattr(jnp, cfg.model.compute_dtype(jax.default_backend()))
+    model = from_pretrained(cfg.model.name, dtype=dtype, param_dtype=dtype, remat=cfg.model.remat,
+                            attention=cfg.model.attention,
+                            attention_block=cfg.model.attention_block)
     model = apply_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
                        rngs=nnx.Rngs(cfg.seed))
     grpo_cfg = cfg.grpo_for_run()
@@ -280,7 +284,7 @@ def train(cfg: Config) -> dict:
     from agents.rollout import Rollouts
     from agents.training.distributed import initialize, is_main
     from learners.checkpoint import Checkpointer
-    from learners.devices import unused_accelerator
+    from learners.devices import enable_compilation_cache, unused_accelerator
     from learners.lora import merge_lora, save_peft_adapter
     from learners.params import save_pretrained
     from learners.sharding import gather, shard_state
@@ -294,6 +298,7 @@ def train(cfg: Config) -> dict:
     unused = None if cfg.allow_cpu else unused_accelerator()
     if unused:
         fail(unused)
+    enable_compilation_cache()  # a rerun or a resume loads the step's programs
     with one_line_errors(debug=cfg.debug):
         tokenizer, n_train, n_eval = check_inputs(cfg)
     engine = choose_engine(cfg)

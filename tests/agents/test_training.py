@@ -62,6 +62,21 @@ def test_every_setting_of_every_part_is_a_flag_and_a_yaml_key(tmp_path):
     assert cfg.grpo_for_run().total_steps == 27  # the schedule spans steps x ppo_epochs
 
 
+def test_the_model_computes_in_bf16_on_accelerators_and_fp32_on_the_cpu():
+    from agents.training.cli import load_config
+
+    auto = ModelConfig()
+    assert [auto.compute_dtype(b) for b in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16",
+                                                                      "bfloat16"]
+    assert ModelConfig(dtype="float32").compute_dtype("gpu") == "float32"
+    cfg = load_config(["--model.attention", "blockwise", "--model.attention-block", "256",
+                       "--grpo.micro-batch-tokens", "32768"], Config)
+    assert (cfg.model.attention, cfg.model.attention_block) == ("blockwise", 256)
+    assert cfg.grpo.micro_batch_tokens == 32768
+    with pytest.raises(ValueError, match="attention_block"):
+        ModelConfig(attention_block=0)
+
+
 def test_config_from_dict_checks_every_value_and_names_its_path():
     cfg = config_from_dict({"steps": 3, "model": {"lora_rank": 4}, "eval": {"every": 0}})
     assert (cfg.steps, cfg.model.lora_rank, cfg.eval.every) == (3, 4, 0)
