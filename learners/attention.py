@@ -1,6 +1,6 @@
 """Causal grouped-query attention of a whole sequence, in memory that grows with T, not T^2.
 
-    out = causal_attention(q, k, v, key_mask)                    # "auto": cuDNN on a GPU
+    out = causal_attention(q, k, v, key_mask)                    # "auto": cuDNN on a GPU (bf16)
     out = causal_attention(q, k, v, key_mask, "blockwise", 512)  # any backend
 
 Query t attends to the keys s <= t that `key_mask` [B, S] marks valid; the N query heads share
@@ -31,8 +31,10 @@ _MASKED = -0.5 * float(jnp.finfo(jnp.float32).max)  # finite: a row with no vali
 def causal_attention(q_btnh, k_bskh, v_bskh, key_mask_bs, implementation: str = "auto",
                      block: int = 512):
     """[B, T, N, H] queries, [B, S=T, K, H] keys and values, [B, S] valid keys -> [B, T, N*H]."""
-    if implementation == "auto":
-        implementation = "dot_product" if jax.default_backend() == "gpu" else "blockwise"
+    if implementation == "auto":  # cuDNN's kernel takes half precision only
+        half = q_btnh.dtype in (jnp.bfloat16, jnp.float16)
+        implementation = ("dot_product" if half and jax.default_backend() == "gpu"
+                          else "blockwise")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")

@@ -44,7 +44,7 @@ class ModelConfig:
     """Recompute activations in the backward pass (less memory)."""
     attention: Literal["auto", "blockwise", "dot_product"] = "auto"
     """Attention of whole sequences (learners.attention): "auto" is cuDNN's fused kernel on a
-    GPU (dot_product), the blockwise (flash) formulation elsewhere."""
+    GPU in bf16 (dot_product), the blockwise (flash) formulation elsewhere."""
     attention_block: int = 512
     """Positions per block of the blockwise attention."""
     lora_rank: int = 128
