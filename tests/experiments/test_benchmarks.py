@@ -164,7 +164,7 @@ PIPELINE_KEYS = {"sync_steps_per_s", "pipelined_steps_per_s", "speedup", "mean_s
                  "sync_mean_staleness", "calibrated_update_s", "per_token_ms", "sync_collect_s",
                  "sync_update_s", "pipelined_collect_s", "pipelined_update_s", "steps",
                  "problems_per_step", "group_size", "new_tokens", "cpu_count", "device",
-                 "engine", "repeats", "sync_steps_per_s_runs", "pipelined_steps_per_s_runs"}
+                 "engine", "repeats", "speedup_runs", "sync_steps_per_s_runs", "pipelined_steps_per_s_runs"}
 
 
 def test_bench_pipeline_json():
@@ -177,6 +177,8 @@ def test_bench_pipeline_json():
             report["new_tokens"], report["repeats"]) == (steps, problems, group, tokens, 1)
     assert report["sync_steps_per_s_runs"] == [report["sync_steps_per_s"]]
     assert report["pipelined_steps_per_s_runs"] == [report["pipelined_steps_per_s"]]
+    # one pair of runs: the speedup is its ratio
+    assert report["speedup_runs"] == [report["speedup"]]
     assert report["speedup"] == pytest.approx(
         report["pipelined_steps_per_s"] / report["sync_steps_per_s"])
     # the first pipelined batch is fresh, every later one one update old; the synchronous side's
