@@ -97,8 +97,8 @@ def test_all_uniform_groups_give_a_full_batch_of_filler():
 def test_every_step_has_the_same_batch_shape_and_filler_adds_nothing_to_the_update():
     """Steps with 4, 2 and 0 informative groups train on batches of one shape (micro-batches of
     one group divide it every time); the loss and gradient norm of a batch with filler are those
-    of its informative groups alone: the filler rows are masked out of the per-sequence mean (a
-    filler row that counted would scale the loss by informative/all rows, 1/2 here)."""
+    of its informative group alone: the filler rows are masked out of the per-sequence mean (a
+    filler row that counted would scale the loss by informative/all rows, 2/8 here)."""
     from tiny import tiny_model
 
     from learners.train import GRPOConfig, grpo_step, init_state
@@ -117,10 +117,9 @@ def test_every_step_has_the_same_batch_shape_and_filler_adds_nothing_to_the_upda
         assert np.isfinite(metrics["loss"])
     assert shapes == [(8, 8)] * 3 and stats["filler_groups"] == 3
 
-    whole = GRPOConfig(learning_rate=1e-3, schedule="constant", micro_batch_size=None)
-    fresh = init_state(tiny_model(lora_seed=1), whole)
-    _, with_filler = grpo_step(fresh, batch, whole)
-    _, alone = grpo_step(fresh, batch.select(np.arange(8) < 2), whole)
+    fresh = init_state(tiny_model(lora_seed=1), cfg)
+    _, with_filler = grpo_step(fresh, batch, cfg)
+    _, alone = grpo_step(fresh, batch.select(np.arange(8) < 2), cfg)
     for key in ("loss", "grad_norm"):
         # the same rows' float32 sums plus exact zeros: rounding apart (~1e-7), equal
         assert with_filler[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-9), key
