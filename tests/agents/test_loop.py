@@ -95,7 +95,7 @@ def test_all_uniform_groups_give_a_full_batch_of_filler():
 
 
 def test_every_step_has_the_same_batch_shape_and_filler_adds_nothing_to_the_update():
-    """Steps with 4, 2 and 0 informative groups train on batches of one shape (micro-batches of
+    """Steps with 4, 1 and 1 informative groups train on batches of one shape (micro-batches of
     one group divide it every time); the loss and gradient norm of a batch with filler are those
     of its informative group alone: the filler rows are masked out of the per-sequence mean (a
     filler row that counted would scale the loss by informative/all rows, 2/8 here)."""
