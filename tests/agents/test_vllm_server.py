@@ -12,6 +12,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import urllib.request
 
 import gymnasium as gym
 import jax
@@ -102,6 +103,58 @@ def test_a_group_is_independent_reproducible_samples_from_the_learners_policy(
     assert gap.max() < 1e-3, gap.max()
     base_lp = np.asarray(token_logprobs(base(tokens), tokens))
     assert np.abs(base_lp[mask] - learner[mask]).max() > 1e-2  # the adapter mattered
+
+
+@pytest.fixture(scope="module")
+def second_server(vllm_python, tiny):
+    directory, _ = tiny
+    with VLLMServer(directory, max_lora_rank=4, command=vllm_command(vllm_python),
+                    generation_config="auto", startup_timeout_s=900,
+                    extra_args=["--max-model-len", "2048", "--dtype", "float32"],
+                    env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as running:
+        yield running
+
+
+def test_two_real_servers_share_the_rollouts_and_hold_every_adapter(
+        server, second_server, tiny, chat_tokenizer, tmp_path):
+    """VLLMPool over two vLLM processes: each new adapter is loaded on both before samples carry
+    its version, a call's prompts are spread over both, and every sample is the adapted policy's
+    (its log-probabilities are the learner's, whichever server made it)."""
+    from agents.vllm_pool import VLLMPool
+
+    _, base = tiny
+    clients = [VLLMSampler(s.url, chat_tokenizer) for s in (server, second_server)]
+    asked = {c.url: 0 for c in clients}
+    for client in clients:  # count the prompts each server is sent
+        send = client.generate
+
+        def counted(prompts, *args, _send=send, _url=client.url, **kw):
+            asked[_url] += len(prompts)
+            return _send(prompts, *args, **kw)
+
+        client.generate = counted
+    pool = VLLMPool(clients, adapter_dir=str(tmp_path))
+    cfg = RolloutConfig(group_size=2, max_turn_tokens=16, max_total_tokens=1024)
+    for version in (1, 2):
+        model = adapted(base)  # version 2: another adapter
+        nnx.update(model, jax.tree.map(lambda x: x * (3 - 2 * version),
+                                       nnx.state(model, nnx.LoRAParam)))
+        pool.sync_adapter(model, version)
+        for client in clients:
+            with urllib.request.urlopen(client.url + "/v1/models") as reply:
+                served = {m["id"] for m in json.loads(reply.read())["data"]}
+            assert f"{client.prefix}-v{version}" in served, (client.url, served)
+        with Rollouts(lambda: gym.make("ToolMath-Arith-v0", max_turns=1), pool, chat_tokenizer,
+                      cfg) as r:
+            batch = r.collect([1, 2], seed=5, adapter_version=version)
+        assert set(batch.adapter_version) == {version}
+        tokens = jnp.asarray(batch.tokens)
+        learner = np.asarray(token_logprobs(model(tokens), tokens))
+        mask = batch.loss_mask == 1
+        assert mask.sum() > 0
+        gap = np.abs(batch.sampler_logprobs[mask] - learner[mask])
+        assert gap.max() < 1e-3, (version, gap.max())  # the float32 bound of the test above
+    assert asked == {clients[0].url: 4, clients[1].url: 4}  # two calls of 2 x 2 episodes
 
 
 def test_the_model_generation_config_does_not_reach_the_samples(server, tiny, chat_tokenizer,
