@@ -83,6 +83,7 @@ every module but client.py (and not this file: server.py's docstring says how it
   state.py       S, the state process: privileges dropped, limits set; forks each call's cell
   cell.py        C, the cell process: runs one snippet, and may become the new state
   linux.py       namespaces, mounts, prctl, rlimits, lean fork, pidfds, scoped kill, /proc readers
+  cgroups.py     the memory cgroup of each session: its limit and its OOM kills
 The package imports nothing outside the standard library at module level, and nothing else of
 this project.
 """

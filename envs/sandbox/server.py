@@ -55,10 +55,10 @@ import signal
 import socket
 import sys
 
+from .cgroups import make_parent_cgroup, memory_cgroup_base, remove_cgroup
 from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE,
                     MS_REC, SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc,
-                    make_parent_cgroup, memory_cgroup_base, mount, reap_children, remove_cgroup,
-                    set_name, setns, unshare)
+                    mount, reap_children, set_name, setns, unshare)
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
 from .supervisor import session_main
 

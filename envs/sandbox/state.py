@@ -9,9 +9,10 @@ import socket
 import sys
 
 from .cell import cell_process, run_cell, text_stream
+from .cgroups import join_cgroup
 from .linux import (PR_SET_NO_NEW_PRIVS, alive, deny_keyrings, fork_when_possible,
-                    in_nested_pid_namespace, join_cgroup, kill_all_but_self, kill_as,
-                    limit_resources, prctl, reap_children, set_name)
+                    in_nested_pid_namespace, kill_all_but_self, kill_as, limit_resources, prctl,
+                    reap_children, set_name)
 from .protocol import BadMessage, Fork, ForkFailed, ProtocolError, Rollback, RolledBack, recv, send
 
 WARM_UP = ("import math, numpy, sympy\n"

@@ -30,12 +30,12 @@ import socket
 import stat
 import time
 
+from .cgroups import make_memory_cgroup, make_parent_cgroup, oom_kills, remove_cgroup
 from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOSUID, MS_PRIVATE,
-                    MS_REC, PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, SHARED_TMP_DIRS,
-                    all_stopped, children, describe, join_fresh_session_keyring, kill_as,
-                    make_memory_cgroup, make_parent_cgroup, mount, oom_kills, own_proc_pid,
-                    parent_of, pid_of_pidfd, prctl, reap_children, remove_cgroup,
-                    remove_ipc_objects, remove_tree, set_name, umount, unshare)
+                    MS_REC, PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, SHARED_TMP_DIRS, all_stopped,
+                    children, describe, join_fresh_session_keyring, kill_as, mount, own_proc_pid,
+                    parent_of, pid_of_pidfd, prctl, reap_children, remove_ipc_objects, remove_tree,
+                    set_name, umount, unshare)
 from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
                        Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
                        send)

@@ -654,8 +654,8 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
     assert out.returncode == 0, out.stderr
     modules = set(json.loads(out.stdout))
     assert {m for m in modules if m.split(".")[0] == "sandbox"} == {
-        "sandbox", "sandbox.protocol", "sandbox.linux", "sandbox.cell", "sandbox.state",
-        "sandbox.supervisor", "sandbox.server"}
+        "sandbox", "sandbox.protocol", "sandbox.linux", "sandbox.cgroups", "sandbox.cell",
+        "sandbox.state", "sandbox.supervisor", "sandbox.server"}
     assert not {m.split(".")[0] for m in modules} & {"envs", "gymnasium", "numpy", "sympy"}
 
 
