@@ -62,9 +62,9 @@ def text_stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
 
 
 def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
-                 scratch: str) -> socket.socket:
+                 scratch: str, warm: bool = True) -> socket.socket:
     """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in
-    a warm-up run, makes its output pipes, and hands the supervisor its pidfd and their read ends,
+    a warm-up run (if `warm`), makes its output pipes, and hands the supervisor its pidfd and their read ends,
     all while the session waits for its caller. Then it runs the cell it is sent. Returns its
     channel if the cell succeeded and C was promoted to be the state; otherwise never returns.
     A cell that succeeds with time to spare before the call's deadline promotes itself and says
@@ -86,9 +86,10 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
     os.chdir(scratch)
     set_name(b"sandbox-cell")
     state_pid = os.getppid()
-    run_cell(SPARE_WARM_UP, {"__builtins__": builtins}, 0)
-    sys.stdout.flush()
-    rehearse(RunCell(0, 1, False, 0.0), CellDone("ok"))  # the call's messages, likewise
+    if warm:
+        run_cell(SPARE_WARM_UP, {"__builtins__": builtins}, 0)
+        sys.stdout.flush()
+        rehearse(RunCell(0, 1, False, 0.0), CellDone("ok"))  # the call's messages, likewise
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     os.dup2(out_w, 1)

@@ -259,20 +259,22 @@ class Result(Message):
 class Fork(Message):
     """P -> state S: fork the next call's cell process C, which talks to P on the socket that
     travels along. With `reap`, S first forgets the previous cell, which P has killed and found
-    alone: a rollback with nothing to kill, without a round trip of its own."""
+    alone: a rollback with nothing to kill, without a round trip of its own. With `warm`, C
+    takes its copy-on-write faults in a warm-up run before it announces itself (worth it when the
+    caller leaves time between calls; a caller that is already waiting would wait for it)."""
 
-    __slots__ = names = ("reap",)
+    __slots__ = names = ("reap", "warm")
     op, fds = "fork", 1
 
-    def __init__(self, reap: bool = False):
-        self.reap = reap
+    def __init__(self, reap: bool = False, warm: bool = True):
+        self.reap, self.warm = reap, warm
 
     def header(self) -> dict:
-        return {"op": "fork", "reap": self.reap}
+        return {"op": "fork", "reap": self.reap, "warm": self.warm}
 
     @staticmethod
     def from_header(h: dict) -> Fork:
-        return Fork(h.get("reap") is True)
+        return Fork(h.get("reap") is True, h.get("warm") is not False)
 
 
 class ForkFailed(Message):

@@ -68,7 +68,8 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             cell_pid = fork_when_possible()
             if cell_pid == 0:
                 ctl.close()
-                ctl = cell_process(socket.socket(fileno=fds[0]), ns, scoped, uid, scratch)
+                ctl = cell_process(socket.socket(fileno=fds[0]), ns, scoped, uid, scratch,
+                                   order.warm)
                 continue  # this process is now the state
             if cell_pid is None:  # the answer to the order goes where the cell's would have
                 cell_pid = 0

@@ -249,9 +249,9 @@ class Session:
         if self.state_ran_code and not self.state_stopped:
             self.state_stopped = _signal(self.state_pidfd, signal.SIGSTOP)
 
-    def prepare(self, reap: bool = False) -> None:
+    def prepare(self, reap: bool = False, warm: bool = True) -> None:
         """Have a cell process forked, announced and checked for the next call (a state first, if
-        there is none); then stop the state. A state that cannot fork (at its process limit for
+        there is none), warmed up if `warm`; then stop the state. A state that cannot fork (at its process limit for
         longer than the patience of `linux.fork_when_possible`), or whose announcement does not
         hold, is replaced by a fresh one, once; `lost` says why, for the next call's notes."""
         for _ in range(2):
@@ -262,7 +262,7 @@ class Session:
             self.wake_state()
             mine, theirs = socket.socketpair()
             try:
-                send(self.state, Fork(reap), fds=[theirs.fileno()])
+                send(self.state, Fork(reap, warm), fds=[theirs.fileno()])
                 theirs.close()
                 ready, _, fds = recv(mine, CellReady, ForkFailed,
                                      deadline=time.monotonic() + READY_S)
@@ -529,9 +529,9 @@ class Session:
                 and of_self is not None and of_self <= {s})
 
     # -- after the reply --------------------------------------------------------------------------
-    def finish(self, keep: bool) -> None:
+    def finish(self, keep: bool, warm: bool = True) -> None:
         """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
-        next call's cell process, forked, announced and checked."""
+        next call's cell process, forked, announced and checked (and warmed up if `warm`)."""
         reap = False
         if self.rollback_due:  # the discarded cell was alone: only the state's bookkeeping is left
             self.rollback_due = False
@@ -540,7 +540,7 @@ class Session:
                 self.rollback(None)
         if not keep:
             self.fresh_files()
-        self.prepare(reap)
+        self.prepare(reap, warm)
 
     def close(self) -> None:
         self.kill_all()
@@ -610,6 +610,7 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
         session.close()
         return
     client = socket.socket(fileno=fds[0])
+    caller_waited = False
     try:
         while True:
             try:
@@ -619,7 +620,10 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
             timeout = min(order.timeout_s, float(settings["max_timeout_s"]))
             result, payload = session.run(code, timeout, order.keep)
             send(client, result, payload)
-            session.finish(order.keep)  # off the caller's path
+            # Off the caller's path, unless it calls back to back: then it waits for the next
+            # cell, and a warm-up would only add to the wait (and to the machine's load).
+            session.finish(order.keep, warm=not caller_waited)
+            caller_waited = bool(select.select([client], [], [], 0)[0])
     except OSError:
         pass
     finally:

@@ -27,6 +27,7 @@ SAMPLES = [  # one of each kind, with the descriptors it carries
     p.Result(status="error", wall_s=0.25, truncated=True, exit_code=-9, stdout_len=3, cell=4),
     p.Fork(),
     p.Fork(reap=True),
+    p.Fork(reap=False, warm=False),
     p.ForkFailed(error="its process limit is reached"),
     p.CellReady(proc_pid=4242),
     p.RunCell(cell=7, cpu_s=11, keep=True, promote_by=1234.5),
