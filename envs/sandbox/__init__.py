@@ -80,6 +80,8 @@ every module but client.py (and not this file: server.py's docstring says how it
   protocol.py    framing with size limits, and the typed messages both sides exchange
   server.py      the server process: private filesystem, preloads, session pool; the entry point
   supervisor.py  P, one session's supervisor: a call from order to reply, keeping or discarding
+  checks.py      what P checks against the kernel before it believes a cell or a state
+  jail.py        a session's own namespaces, filesystems and memory cgroup
   state.py       S, the state process: privileges dropped, limits set; forks each call's cell
   cell.py        C, the cell process: runs one snippet, and may become the new state
   linux.py       namespaces, mounts, prctl, rlimits, lean fork, pidfds, scoped kill, /proc readers

@@ -370,6 +370,18 @@ def pid_of_pidfd(pidfd: int) -> int | None:
     return None
 
 
+def pidfd_signal(pidfd: int | None, sig: int) -> bool:
+    """Send `sig` through a pidfd (never to a recycled pid); False if there is none to send it
+    through or the process is gone."""
+    if pidfd is None or pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except OSError:
+        return False
+
+
 def read_proc(path: str) -> bytes:
     """A /proc file's whole text (raw os calls: this sits on a call's critical path)."""
     fd = os.open(path, os.O_RDONLY)

@@ -22,12 +22,12 @@ when it has no other thread (`linux.lean_fork`). The processes name themselves (
 reports its status. If the cell succeeds (and the session keeps state), C becomes the new state
 and kills every other process of the session (the old state, and whatever the code started),
 which P checks before it believes it; otherwise S kills C and everything C started and stays
-the state, which P checks too (supervisor.py). Stateless calls use the same
+the state, which P checks too (supervisor.py, checks.py). Stateless calls use the same
 path but never promote. "Kill every other process" is `kill(-1, SIGKILL)`, which is scoped: it
 only reaches the session's own pid namespace (or, without namespaces, the session's own uid), and
 it is never used where neither scope holds. A discarded cell is killed by P at once; when the
 kernel's lists of children show that it was the only process of the code, S's scoped kill waits
-until the caller has its answer (`Session.cell_was_alone`). docs/sandbox.md says where a call's
+until the caller has its answer (`checks.cell_was_alone`). docs/sandbox.md says where a call's
 time goes and why the design is as it is.
 
 How the server imports its modules. It runs as `python -I` (isolated: no PYTHONPATH, no user

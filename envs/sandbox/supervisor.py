@@ -1,41 +1,34 @@
 """The session supervisor P: owns one session's processes and answers its caller's calls.
 
 P is forked from the server (pid 1 of the session's own pid namespace where the machine allows;
-root), and gives its session namespaces of its own (`isolate_session`: mounts, IPC, network), its
-own scratch and shared-memory filesystems, and an empty session keyring. It forks the state
-process S (`state.py`), which forks each call's cell process C (`cell.py`). P keeps the next
-call's C forked and announced (`Session.prepare`), so a call only sends C its code, drains C's
-output pipes, waits for C's status, and then keeps C as the new state or discards it
-(`Session.run`). What can wait until the caller has its answer (a deferred rollback, a stateless
-call's fresh filesystems, the next fork) happens in `Session.finish`.
+root) and enters the session's jail (jail.py: namespaces, filesystems and a memory cgroup of its
+own) and an empty session keyring. It forks the state process S (`state.py`), which forks each
+call's cell process C (`cell.py`). P keeps the next call's C forked and announced
+(`Session.prepare`), so that a call (`Session.run`) is a few steps: send the waiting C its code
+(`_order`), drain C's output while waiting for its status (`_wait`), keep C as the new state or
+discard it (`_keep_or_discard`), and answer (`_reply`). What can wait until the caller has its
+answer (a deferred rollback, a stateless call's fresh filesystems, the next fork) happens in
+`Session.finish`.
 
 S and C run code, so P believes nothing they say without checking it: every read has a deadline
-and a size limit (protocol.py); a cell's announcement is checked against the kernel (its pidfd is
-one of a child of the state, its output descriptors are read ends of pipes: `checked_cell`); a
-promotion holds only if P, having killed the old state and stopped the cell, finds no other
-process of the code (`promotion_holds`); a rollback's reply is checked the same way
-(`nothing_left`). A state that has run code is stopped (SIGSTOP) except while it forks, so
-threads that the code left in it do not run between calls.
+and a size limit (protocol.py), and each claim (an announced cell, a promotion, a rollback) is
+checked against the kernel (checks.py). A state that has run code is stopped (SIGSTOP) except
+while it forks, so threads that the code left in it do not run between calls.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
 import os
-import random
 import select
 import signal
 import socket
-import stat
 import time
 
-from .cgroups import make_memory_cgroup, make_parent_cgroup, oom_kills, remove_cgroup
-from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOSUID, MS_PRIVATE,
-                    MS_REC, PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, SHARED_TMP_DIRS, all_stopped,
-                    children, describe, join_fresh_session_keyring, kill_as, mount, own_proc_pid,
-                    parent_of, pid_of_pidfd, prctl, reap_children, remove_ipc_objects, remove_tree,
-                    set_name, umount, unshare)
+from .checks import ReadyCell, announced_cell, cell_was_alone, promotion_holds, rollback_holds
+from .jail import SessionJail, isolate_session
+from .linux import (PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, describe,
+                    join_fresh_session_keyring, kill_as, own_proc_pid, pid_of_pidfd, pidfd_signal,
+                    prctl, reap_children, set_name)
 from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
                        Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
                        send)
@@ -45,7 +38,6 @@ PROMOTION_MARGIN_S = 0.05  # a cell promotes itself only this long before its de
 PROMOTE_GRACE_S = 0.25  # a cell asked to promote itself after its deadline answers within this
 READY_S = 10.0  # a state forks and its cell announces itself within this
 ROLLBACK_S = 2.0  # a state rolls back within this
-STOP_S = 0.5  # a cell stopped to check its promotion stops within this
 
 
 class OutputBuffer:
@@ -81,49 +73,14 @@ class OutputBuffer:
         return bytes(self.head) + f"\n... [{omitted} bytes omitted] ...\n".encode() + bytes(tail)
 
 
-@dataclasses.dataclass
-class ReadyCell:
-    """P's handles on the state's forked, waiting cell process (checked by `checked_cell`)."""
-
-    chan: socket.socket | None  # None once it is the new state's channel
-    pidfd: int  # -1 once it is the new state's
-    out_r: int
-    err_r: int
-    proc_pid: int  # its pid as P's /proc names it, read from its pidfd
-
-    def close(self) -> None:
-        if self.chan is not None:
-            self.chan.close()
-        for fd in (self.pidfd, self.out_r, self.err_r):
-            if fd >= 0:
-                os.close(fd)
-
-
-def _is_pipe_read_end(fd: int) -> bool:
-    return stat.S_ISFIFO(os.fstat(fd).st_mode) and \
-        fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-
-
-def _signal(pidfd: int | None, sig: int) -> bool:
-    if pidfd is None or pidfd < 0:
-        return False
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-        return True
-    except OSError:
-        return False
-
-
 class Session:
     """Runs in P: owns the session's state process and answers the caller's orders."""
 
     def __init__(self, settings: dict, uid: int | None, scoped: bool):
-        self.settings, self.uid, self.scoped = settings, uid, scoped
+        self.uid, self.scoped = uid, scoped
         self.is_init = settings["pid_namespace"] and os.getpid() == 1
-        self.own_mounts = bool(settings.get("session_namespaces"))
-        self.scratch = os.path.join(settings["scratch_root"], f"toolgrpo-sbx-{os.getpid()}-"
-                                    f"{random.getrandbits(40):010x}")
-        os.makedirs(self.scratch, mode=0o700)
+        self.jail = SessionJail(settings, uid)
+        self.settings = self.jail.settings  # with the memory cgroup that the state joins
         self.state: socket.socket | None = None
         self.state_pidfd: int | None = None
         self.state_proc_pid: int | None = None  # pids as /proc names them
@@ -134,82 +91,12 @@ class Session:
         self.rollback_due = False  # a discarded cell's rollback, left for after the reply
         self.own_proc_pid = own_proc_pid()
         self.cells = 0
-        self.cgroup = self.make_cgroup()
-        self.oom_kills = 0  # the OOM kills of `cgroup` accounted for
-        self.mqueue_dir = self.mount_mqueue() if self.own_mounts else None
-        self.mounted: set[str] = set()  # the tmpfs mounts of the session's own
-        self.fresh_files()
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
         self.prepare()
 
     @staticmethod
     def _on_child(*_):
         reap_children()
-
-    # -- the session's kernel objects -------------------------------------------------------------
-    def make_cgroup(self) -> str | None:
-        """The session's memory cgroup (below the server's), limited to `memory_mb`: it counts
-        what address-space limits do not, such as memfd and tmpfs pages. The state joins it, so
-        every process of the code is in it; None where the machine allows none."""
-        parent = self.settings.get("cgroup_parent")
-        if parent is None:
-            return None
-        path = os.path.join(parent, f"session-{random.getrandbits(48):012x}")
-        limit, v2 = int(self.settings["memory_mb"]) << 20, bool(self.settings.get("cgroup_v2"))
-        for _ in range(2):  # the last session to close removes the parent (`close`): make it again
-            if make_memory_cgroup(path, limit, v2):
-                break
-            make_parent_cgroup(parent, v2)
-        else:
-            return None
-        self.settings = {**self.settings, "cgroup": path}  # what the state is forked with
-        return path
-
-    def mount_mqueue(self) -> str | None:
-        """The session's POSIX message queues as files (an mqueue filesystem of its own IPC
-        namespace), where only this supervisor reaches them."""
-        path = f"{self.scratch}.mqueue"
-        try:
-            os.mkdir(path, 0o700)
-            mount("mqueue", path, "mqueue", MS_NOSUID | MS_NODEV)
-            return path
-        except OSError:
-            return None
-
-    def memory_exceeded(self) -> bool:
-        """Whether the kernel's OOM killer has killed a process of the session since last asked."""
-        if self.cgroup is None:
-            return False
-        kills = oom_kills(self.cgroup, bool(self.settings.get("cgroup_v2")))
-        exceeded, self.oom_kills = kills > self.oom_kills, kills
-        return exceeded
-
-    # -- the session's filesystems ----------------------------------------------------------------
-    def fresh_files(self) -> None:
-        """A fresh scratch directory and shared temporary directories for the next call. With
-        mounts of its own, each is a new tmpfs (the scratch directory's sized `scratch_mb`, owned
-        by the session's uid): nothing of a past call, extended attributes included, survives,
-        and however the code filled a directory, this costs a mount, never a walk."""
-        quota = f"size={int(self.settings['scratch_mb'])}m"
-        owner = f",uid={self.uid},gid={self.uid}" if self.uid is not None else ""
-        if self.own_mounts:
-            remove_ipc_objects(self.mqueue_dir)  # IPC objects outlive the processes of a call
-            for path, mode, options in ((self.scratch, 0o700, f"{quota},mode=700{owner}"),
-                                        *((d, 0o1777, f"{quota},mode=1777")
-                                          for d in SHARED_TMP_DIRS if os.path.isdir(d))):
-                if path in self.mounted:
-                    if _untouched(path, mode, self.uid if mode == 0o700 else 0):
-                        continue  # a call that wrote nothing here leaves it as it was
-                    umount(path)
-                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options)
-                self.mounted.add(path)
-            return
-        remove_tree(self.scratch, keep_top=True)
-        os.chmod(self.scratch, 0o700)
-        if self.uid is not None:
-            os.chown(self.scratch, self.uid, self.uid)
-            for d in SHARED_TMP_DIRS:
-                remove_tree(d, keep_top=True, owner=self.uid)
 
     # -- the session's processes ------------------------------------------------------------------
     def spawn_state(self) -> None:
@@ -218,7 +105,7 @@ class Session:
         if pid == 0:
             try:
                 mine.close()
-                state_process(theirs, self.settings, self.uid, self.scratch, self.scoped)
+                state_process(theirs, self.settings, self.uid, self.jail.scratch, self.scoped)
             finally:
                 os._exit(1)
         theirs.close()
@@ -241,19 +128,20 @@ class Session:
 
     def wake_state(self) -> None:
         if self.state_stopped:
-            _signal(self.state_pidfd, signal.SIGCONT)
+            pidfd_signal(self.state_pidfd, signal.SIGCONT)
             self.state_stopped = False
 
     def stop_state(self) -> None:
         """Stop a state that has run code, so that its threads do not run until it is needed."""
         if self.state_ran_code and not self.state_stopped:
-            self.state_stopped = _signal(self.state_pidfd, signal.SIGSTOP)
+            self.state_stopped = pidfd_signal(self.state_pidfd, signal.SIGSTOP)
 
     def prepare(self, reap: bool = False, warm: bool = True) -> None:
         """Have a cell process forked, announced and checked for the next call (a state first, if
-        there is none), warmed up if `warm`; then stop the state. A state that cannot fork (at its process limit for
-        longer than the patience of `linux.fork_when_possible`), or whose announcement does not
-        hold, is replaced by a fresh one, once; `lost` says why, for the next call's notes."""
+        there is none), warmed up if `warm`; then stop the state. A state that cannot fork (at
+        its process limit for longer than the patience of `linux.fork_when_possible`), or whose
+        announcement does not hold, is replaced by a fresh one, once; `lost` says why, for the
+        next call's notes."""
         for _ in range(2):
             if self.cell is not None:
                 return
@@ -279,37 +167,20 @@ class Session:
                 self.lost = f"{ready.error}; state was reset"
                 self.kill_all()
                 continue
-            self.cell = self.checked_cell(mine, fds)
+            self.cell = announced_cell(mine, fds, self.state_proc_pid)
             if self.cell is None:
                 self.lost = "the session's state announced a cell that is not one; state was reset"
                 self.kill_all()
                 continue
             self.stop_state()
 
-    def checked_cell(self, chan: socket.socket, fds: list[int]) -> ReadyCell | None:
-        """The announced cell, if the kernel confirms the announcement: a pidfd of a live child
-        of the state, and the read ends of two pipes. None (everything closed) otherwise."""
-        proc_pid = None
-        try:
-            if len(fds) == 3 and _is_pipe_read_end(fds[1]) and _is_pipe_read_end(fds[2]):
-                proc_pid = pid_of_pidfd(fds[0])  # None for a descriptor that is no pidfd
-        except OSError:
-            pass
-        if proc_pid is None or proc_pid == self.state_proc_pid or \
-                parent_of(proc_pid) != self.state_proc_pid:
-            chan.close()
-            for fd in fds:
-                os.close(fd)
-            return None
-        return ReadyCell(chan, fds[0], fds[1], fds[2], proc_pid)
-
     def kill_all(self) -> None:
         """SIGKILL every process of the session but this supervisor; no state survives."""
         if self.cell is not None:
-            _signal(self.cell.pidfd, signal.SIGKILL)
+            pidfd_signal(self.cell.pidfd, signal.SIGKILL)
             self.cell.close()
             self.cell = None
-        _signal(self.state_pidfd, signal.SIGKILL)  # the pristine state may be of another uid
+        pidfd_signal(self.state_pidfd, signal.SIGKILL)  # the pristine state may be of another uid
         if self.state is not None:
             self.state.close()
             self.state = None
@@ -365,7 +236,7 @@ class Session:
             notes.append(why)
             if exit_code == -signal.SIGXCPU:
                 status, notes[-1] = "timeout", "CPU time limit exceeded"
-            elif self.memory_exceeded():
+            elif self.jail.memory_exceeded():
                 status, notes[-1] = "memory", "the session's memory limit was exceeded"
         _drain(streams)  # what the cell wrote before it ended is in the pipes
         cell.close()
@@ -429,7 +300,8 @@ class Session:
                     promoted = True
                 except (ProtocolError, OSError):
                     pass
-            if promoted and self.promotion_holds(cell):  # the cell's channel is the new state's
+            if promoted and promotion_holds(cell, self.state_pidfd, self.state_proc_pid,
+                                            self.own_proc_pid):  # its channel is the state's
                 self.set_state(cell.chan, cell.pidfd, cell.proc_pid, ran_code=True)
                 self.state_stopped = True
                 cell.chan, cell.pidfd = None, -1
@@ -439,37 +311,17 @@ class Session:
                              (" (other processes of it were still running)" if promoted else "") +
                              "; state was reset")
                 self.kill_all()
-        elif self.state is not None and status != "crashed" and self.cell_was_alone(cell):
+        elif self.state is not None and status != "crashed" and \
+                cell_was_alone(cell, self.state_proc_pid, self.own_proc_pid):
             self.rollback_due = True  # nothing of the code is left: it can wait for the reply
         elif self.state is not None:
-            _signal(cell.pidfd, signal.SIGKILL)
+            pidfd_signal(cell.pidfd, signal.SIGKILL)
             wait_status = self.rollback(cell.proc_pid)
             if self.state is None and keep:
                 notes.append("the session's state did not roll back; state was reset")
         else:
             self.kill_all()
         return status, wait_status
-
-    def promotion_holds(self, cell: ReadyCell) -> bool:
-        """Check a cell's claim to be the new state, which only it made: end the old state,
-        stop the cell (so that it creates nothing more), and ask the kernel's lists of children
-        whether any other process of the code is still alive. A cell that promotes itself ends
-        every other process of the session before it says so; one that only says so does not."""
-        _signal(self.state_pidfd, signal.SIGKILL)
-        if not _signal(cell.pidfd, signal.SIGSTOP):
-            return False
-        give_up, pause = time.monotonic() + STOP_S, 20e-6
-        while not all_stopped(cell.proc_pid):
-            if time.monotonic() > give_up:
-                return False
-            time.sleep(pause)  # precise: P's timer slack is 1 us
-            pause = min(2 * pause, 160e-6)  # few wake-ups for a stop that takes ~0.1-0.3 ms
-        c, s = cell.proc_pid, self.state_proc_pid
-        of_cell = children(c)
-        of_state = children(s, {c}) if s is not None else None  # None: gone, its children are P's
-        of_self = children(self.own_proc_pid, {c, s})
-        return (of_cell == set() and (of_state is None or of_state <= {c})
-                and of_self is not None and of_self <= {c, s})
 
     def rollback(self, cell_proc_pid: int | None) -> int | None:
         """Have the state kill the discarded cell and all it started, and check that it did (a
@@ -482,23 +334,11 @@ class Session:
         except (ProtocolError, OSError):
             self.kill_all()
             return None
-        if not self.nothing_left(cell_proc_pid):
+        if not rollback_holds(cell_proc_pid, self.state_proc_pid, self.own_proc_pid):
             self.kill_all()
             return None
         ws = ack.wait_status
         return ws if type(ws) is int and 0 <= ws < 1 << 16 else None
-
-    def nothing_left(self, cell_proc_pid: int | None) -> bool:
-        """Whether no process of the code is alive but the state (the cell killed, and all it
-        started), by the kernel's lists, read in the order in which orphans move up."""
-        s = self.state_proc_pid
-        if s is None:
-            return False
-        of_cell = children(cell_proc_pid) if cell_proc_pid is not None else set()
-        of_state = children(s, set())
-        of_self = children(self.own_proc_pid, {s})
-        return ((of_cell is None or of_cell == set()) and of_state == set()
-                and of_self is not None and of_self <= {s})
 
     @staticmethod
     def _reply(cell_number: int, status: str, wall: float, exit_code: int | None,
@@ -512,22 +352,6 @@ class Session:
                         cell_number)
         return result, stdout + stderr
 
-    def cell_was_alone(self, cell: ReadyCell) -> bool:
-        """Kill the discarded cell C and tell whether it was the only process of the code. After
-        SIGKILL, C can create no process; whatever it created before is, as the kernel lists
-        children, a child of C, a child of the state S (clone with CLONE_PARENT), or an orphan
-        adopted by this supervisor (the subreaper). If all three lists are empty but for the
-        expected members, nothing needs the state's scoped kill before the caller is answered."""
-        if not _signal(cell.pidfd, signal.SIGKILL):
-            return False
-        c, s = cell.proc_pid, self.state_proc_pid
-        if s is None:
-            return False
-        of_cell, of_state = children(c), children(s, {c})
-        of_self = children(self.own_proc_pid, {s})
-        return (of_cell == set() and of_state is not None and of_state <= {c}
-                and of_self is not None and of_self <= {s})
-
     # -- after the reply --------------------------------------------------------------------------
     def finish(self, keep: bool, warm: bool = True) -> None:
         """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
@@ -539,39 +363,12 @@ class Session:
             if not reap:
                 self.rollback(None)
         if not keep:
-            self.fresh_files()
+            self.jail.fresh_files()
         self.prepare(reap, warm)
 
     def close(self) -> None:
         self.kill_all()
-        if self.cgroup is not None:
-            remove_cgroup(self.cgroup, patience_s=1.0)
-            try:  # the server's parent cgroup, if no other session has one below it any more
-                os.rmdir(os.path.dirname(self.cgroup))
-            except OSError:
-                pass
-        if self.own_mounts:  # the mounts end with the session; their mount points are the server's
-            for path in (self.scratch, self.mqueue_dir):
-                if path is not None:
-                    try:
-                        umount(path)
-                        os.rmdir(path)
-                    except OSError:
-                        pass
-            return
-        if self.uid is not None:
-            for d in SHARED_TMP_DIRS:
-                remove_tree(d, keep_top=True, owner=self.uid)
-        remove_tree(self.scratch)
-
-
-def _untouched(path: str, mode: int, uid: int | None) -> bool:
-    """Whether a fresh tmpfs at `path` is still as it was mounted: empty, without extended
-    attributes, with its mode and owner. (Nothing else of a tmpfs root can be changed by a
-    process that does not own the mount.)"""
-    st = os.lstat(path)
-    return (stat.S_IMODE(st.st_mode) == mode and st.st_uid == (uid or 0)
-            and not os.listdir(path) and not os.listxattr(path))
+        self.jail.close()
 
 
 def _drain(streams: dict) -> None:
@@ -583,13 +380,6 @@ def _drain(streams: dict) -> None:
                 buf.feed(data)
         except BlockingIOError:
             pass
-
-
-def isolate_session() -> None:
-    """P's own mount, IPC and network namespaces (children inherit them): SysV IPC, POSIX message
-    queues, abstract UNIX sockets and /dev/shm are the session's alone."""
-    unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET)
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
 def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped: bool) -> None:

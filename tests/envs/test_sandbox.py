@@ -181,13 +181,15 @@ def test_the_next_cell_warms_up_only_when_the_caller_leaves_time(sandbox):
     """The next call's process takes its copy-on-write faults in a warm-up run while the session
     waits for its caller; for a caller that calls back to back it is skipped, since the caller
     would wait for it. A cell process that ran the warm-up has its source (cell.SPARE_WARM_UP)
-    as "<cell 0>" in its linecache; the pristine state's own warm-up there has other text."""
+    as "<cell 0>" in its linecache; the pristine state's own warm-up there has other text. The
+    supervisor judges the caller by its previous call, so the first two paced calls after
+    back-to-back ones (such as the previous test's) run in cells that were not warmed up."""
     probe = "import linecache\nprint('squares' in ''.join(linecache.cache['<cell 0>'][2]))"
     paced = []
-    for _ in range(3):
+    for _ in range(5):
         time.sleep(0.2)  # the next cell process is ready long before this call
         paced.append(sandbox.run(probe).stdout)
-    assert paced == ["True\n"] * 3
+    assert paced[2:] == ["True\n"] * 3, paced
     back_to_back = [sandbox.run(probe).stdout for _ in range(12)]
     assert back_to_back.count("False\n") >= 6, back_to_back
 
@@ -671,7 +673,7 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
     modules = set(json.loads(out.stdout))
     assert {m for m in modules if m.split(".")[0] == "sandbox"} == {
         "sandbox", "sandbox.protocol", "sandbox.linux", "sandbox.cgroups", "sandbox.cell",
-        "sandbox.state", "sandbox.supervisor", "sandbox.server"}
+        "sandbox.state", "sandbox.checks", "sandbox.jail", "sandbox.supervisor", "sandbox.server"}
     assert not {m.split(".")[0] for m in modules} & {"envs", "gymnasium", "numpy", "sympy"}
 
 
