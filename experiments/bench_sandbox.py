@@ -18,11 +18,14 @@ Latencies are end-to-end as the caller sees them: request, execution, output bac
 calls are paced (`--pace-ms`, 10 ms apart by default), the way a rollout calls its tool between
 generation steps; the sandbox uses those pauses to fork and warm the next call's process.
 Back-to-back calls, which leave it no pause, are reported too; saturation is what the throughput
-figure (many concurrent sessions) measures.
+figure (many concurrent sessions) measures. The floor's throughput is measured the same way, with
+as many floor servers as sessions, each run alternating with one of the sandbox's;
+`throughput_vs_floor` is the median of those runs' ratios.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -146,21 +149,43 @@ def checked(sandbox_call):
 
 
 def concurrent_throughput(sandbox: PythonSandbox, sessions: int, calls: int) -> float:
-    errors: list[BaseException] = []
-    start = threading.Barrier(sessions + 1)
+    """Calls per second from `sessions` threads, each with a session of its own."""
 
-    def worker():
+    def worker(start: threading.Barrier):
+        with sandbox.session() as s:
+            start.wait()
+            for i in range(calls):
+                r = s.run(f"acc = {i} * 2\nprint(acc)")
+                assert r.status == "ok", r
+
+    return _throughput([worker] * sessions, calls)
+
+
+def floor_throughput(floors: list[Floor], calls: int) -> float:
+    """The same load on the floor: one thread per floor server."""
+
+    def worker(start: threading.Barrier, floor: Floor):
+        start.wait()
+        for i in range(calls):
+            assert floor.run(f"acc = {i} * 2\nprint(acc)") == f"{i * 2}\n".encode()
+
+    return _throughput([functools.partial(worker, floor=f) for f in floors], calls)
+
+
+def _throughput(workers: list, calls: int) -> float:
+    """Calls per second of `workers` (each makes `calls` calls once the barrier it is passed
+    opens), all started together."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(workers) + 1)
+
+    def guarded(worker):
         try:
-            with sandbox.session() as s:
-                start.wait()
-                for i in range(calls):
-                    r = s.run(f"acc = {i} * 2\nprint(acc)")
-                    assert r.status == "ok", r
+            worker(start)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
             start.abort()
 
-    threads = [threading.Thread(target=worker) for _ in range(sessions)]
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in workers]
     for t in threads:
         t.start()
     start.wait()
@@ -170,7 +195,7 @@ def concurrent_throughput(sandbox: PythonSandbox, sessions: int, calls: int) -> 
     elapsed = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return sessions * calls / elapsed
+    return len(workers) * calls / elapsed
 
 
 def main(args: Args) -> dict:
@@ -194,10 +219,17 @@ def main(args: Args) -> dict:
             s.run("import sympy as sp")
             session = time_calls(checked(lambda: s.run(TRIVIAL)), args.calls, pace)
             session_b2b = time_calls(checked(lambda: s.run(TRIVIAL)), args.calls)
-        throughput_runs = [concurrent_throughput(sandbox, args.sessions, args.calls_per_session)
-                           for _ in range(args.throughput_runs)]
+        floors = [Floor() for _ in range(args.sessions)]
+        throughput_runs, floor_throughput_runs = [], []
+        for _ in range(args.throughput_runs):  # alternating, as the latency rounds
+            floor_throughput_runs.append(floor_throughput(floors, args.calls_per_session))
+            throughput_runs.append(
+                concurrent_throughput(sandbox, args.sessions, args.calls_per_session))
+        for f in floors:
+            f.close()
     floor.close()
     throughput = statistics.median(throughput_runs)
+    throughput_ratios = [a / f for a, f in zip(throughput_runs, floor_throughput_runs)]
     base_trivial = time_calls(lambda: subprocess_call(TRIVIAL), args.baseline_calls, pace)
     base_sympy = time_calls(lambda: subprocess_call(SYMPY), args.baseline_calls, pace)
 
@@ -233,6 +265,9 @@ def main(args: Args) -> dict:
         "sympy_speedup_vs_subprocess": bs50 / s50,
         "executions_per_s": throughput,
         "executions_per_s_runs": throughput_runs,
+        "floor_executions_per_s": statistics.median(floor_throughput_runs),
+        "floor_executions_per_s_runs": floor_throughput_runs,
+        "throughput_vs_floor": statistics.median(throughput_ratios),
         "concurrent_sessions": args.sessions,
         "cpu_count": os.cpu_count(),
         "all_protections_on": all(protections.values()),
@@ -258,7 +293,9 @@ def main(args: Args) -> dict:
               f"(against the floor back-to-back; medians of {args.rounds} alternating rounds)")
         print(f"throughput: {throughput:.0f} executions/s with {args.sessions} concurrent sessions "
               f"on {os.cpu_count()} cores (median of "
-              f"{', '.join(f'{t:.0f}' for t in throughput_runs)})")
+              f"{', '.join(f'{t:.0f}' for t in throughput_runs)}); the floor "
+              f"{report['floor_executions_per_s']:.0f}/s, sandbox/floor "
+              f"{report['throughput_vs_floor']:.2f}x")
         off = [k for k, v in protections.items() if not v]
         print("protections: " + ("all on" if not off else "off: " + ", ".join(off)))
     return report

@@ -37,7 +37,8 @@ SANDBOX_KEYS = {f"{name}_{p}_ms" for name in SANDBOX_LATENCIES for p in ("p50", 
     "pace_ms", "trivial_speedup_vs_subprocess", "sympy_speedup_vs_subprocess", "executions_per_s",
     "executions_per_s_runs", "concurrent_sessions", "cpu_count", "all_protections_on",
     "protections", "floor_back_to_back_p50_ms", "floor_paced_p50_ms", "back_to_back_vs_floor",
-    "paced_vs_floor", "back_to_back_vs_floor_rounds", "paced_vs_floor_rounds"}
+    "paced_vs_floor", "back_to_back_vs_floor_rounds", "paced_vs_floor_rounds",
+    "floor_executions_per_s", "floor_executions_per_s_runs", "throughput_vs_floor"}
 
 
 def test_bench_sandbox_json():
@@ -65,6 +66,12 @@ def test_bench_sandbox_json():
     ceiling = 10 * sessions * 1e3 / report["session_cell_back_to_back_p50_ms"]
     for rate in runs:
         assert sessions * calls_per_session / wall_s < rate < ceiling, (rate, ceiling)
+    floor_runs = report["floor_executions_per_s_runs"]
+    assert len(floor_runs) == 3
+    assert report["floor_executions_per_s"] == statistics.median(floor_runs)
+    assert all(sessions * calls_per_session / wall_s < rate for rate in floor_runs)
+    assert report["throughput_vs_floor"] == pytest.approx(
+        statistics.median(a / f for a, f in zip(runs, floor_runs)))
     protections = report["protections"]
     assert protections and all(isinstance(v, bool) for v in protections.values())
     assert report["all_protections_on"] is all(protections.values())
@@ -164,7 +171,8 @@ PIPELINE_KEYS = {"sync_steps_per_s", "pipelined_steps_per_s", "speedup", "mean_s
                  "sync_mean_staleness", "calibrated_update_s", "per_token_ms", "sync_collect_s",
                  "sync_update_s", "pipelined_collect_s", "pipelined_update_s", "steps",
                  "problems_per_step", "group_size", "new_tokens", "cpu_count", "device",
-                 "engine", "repeats", "speedup_runs", "sync_steps_per_s_runs", "pipelined_steps_per_s_runs"}
+                 "engine", "repeats", "speedup_runs", "sync_steps_per_s_runs",
+                 "pipelined_steps_per_s_runs"}
 
 
 def test_bench_pipeline_json():
