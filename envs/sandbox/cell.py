@@ -83,6 +83,9 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+        # The change of uid made the process undumpable, its /proc/self root's: readable by the
+        # code again (the pristine state stays undumpable to it). A fork inherits the flag.
+        prctl(PR_SET_DUMPABLE, 1)
     os.chdir(scratch)
     set_name(b"sandbox-cell")
     state_pid = os.getppid()
@@ -98,7 +101,6 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
     os.close(err_w)
     sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
     os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
-    prctl(PR_SET_DUMPABLE, 1)  # /proc/self readable by the code (the state stays undumpable)
     pidfd = os.pidfd_open(os.getpid())
     send(chan, CellReady(own_proc_pid()), fds=[pidfd, out_r, err_r])  # pid as P's /proc names it
     for fd in (pidfd, out_r, err_r):

@@ -502,6 +502,17 @@ def test_no_file_descriptor_is_inherited(sandbox):
     assert fds[:3] == [0, 1, 2] and len(fds) <= 5, fds
 
 
+def test_the_code_owns_its_proc_files_in_every_cell(sandbox):
+    """The change to the session's uid makes a process undumpable (its /proc/self root's); the
+    cell makes itself dumpable again, and the cells forked from a kept state inherit that."""
+    probe = ("import os\nst = os.stat('/proc/self/status')\n"
+             "print(st.st_uid == os.getuid(), len(os.listdir('/proc/self/fd')) >= 3)")
+    assert sandbox.run(probe).stdout == "True True\n"
+    with sandbox.session() as s:
+        for _ in range(3):
+            assert s.run(probe).stdout == "True True\n"
+
+
 def test_runs_unprivileged_without_new_privileges(sandbox):
     need(sandbox, "separate_uid")
     r = sandbox.run("import os\nprint(os.getuid(), os.geteuid(), "
