@@ -83,9 +83,6 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-        # The change of uid made the process undumpable, its /proc/self root's: readable by the
-        # code again (the pristine state stays undumpable to it). A fork inherits the flag.
-        prctl(PR_SET_DUMPABLE, 1)
     os.chdir(scratch)
     set_name(b"sandbox-cell")
     state_pid = os.getppid()
@@ -101,6 +98,9 @@ def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
     os.close(err_w)
     sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
     os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
+    # Undumpable, as the change of uid or a kept state made it: the code's own /proc files are
+    # root's until it is dumpable again.
+    prctl(PR_SET_DUMPABLE, 1)
     pidfd = os.pidfd_open(os.getpid())
     send(chan, CellReady(own_proc_pid()), fds=[pidfd, out_r, err_r])  # pid as P's /proc names it
     for fd in (pidfd, out_r, err_r):
@@ -150,6 +150,10 @@ def _become_state(chan: socket.socket, answer: Message, scoped: bool, state_pid:
     os.close(devnull)
     set_cpu_limit(None)
     send(chan, answer)
+    # Undumpable before it forks a cell: a cell of the same uid then cannot trace the state, nor
+    # read or write its memory (ptrace, process_vm_writev, /proc/<pid>/mem all need a dumpable
+    # target), so a discarded cell cannot have changed the state it rolls back to.
+    prctl(PR_SET_DUMPABLE, 0)
     # fresh streams on /dev/null, whatever the cell left in sys.stdout and sys.stderr
     sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
     set_name(b"sandbox-state")

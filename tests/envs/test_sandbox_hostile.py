@@ -117,6 +117,32 @@ print(os.listdir("."), os.listxattr("."), os.listdir("/dev/shm"),
         assert r.stdout == "[] [] [] -1 -1\n", r
 
 
+def test_a_discarded_cell_of_a_session_cannot_trace_or_write_the_state_it_rolls_back_to(sandbox):
+    """A kept state has its session's uid, like its cells, but is undumpable: a cell can neither
+    ptrace it nor open its memory, so a cell that fails cannot have changed the state that the
+    session rolls back to. (Signals, nice values and limits follow the uid: docs/sandbox.md.)"""
+    with sandbox.session() as s:
+        assert s.run("marker = 'intact'").status == "ok"
+        r = s.run("""
+import ctypes, os
+state, denied = os.getppid(), []
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(16, state, None, None) == 0:  # PTRACE_ATTACH; detach if it got through
+    libc.ptrace(17, state, None, None)
+else:
+    denied.append("ptrace")
+try:
+    with open(f"/proc/{state}/mem", "r+b") as mem:  # would let it rewrite `marker`
+        pass
+except PermissionError:
+    denied.append("mem")
+print(sorted(denied))
+raise SystemExit(1)
+""")
+        assert (r.status, r.stdout) == ("error", "['mem', 'ptrace']\n"), r
+        assert s.run("print(marker)").stdout == "intact\n"
+
+
 # --- 2. sessions and the host share no kernel object ----------------------------------------------
 def test_sessions_have_their_own_ipc_namespace(sandbox):
     need(sandbox, "session_ipc")
