@@ -41,3 +41,18 @@ def force_two_rounds(generate, tokenizer):
 
     return wrapped
 
+
+
+def count_prompts(samplers) -> dict[str, int]:
+    """Wrap each sampler's `generate` so that the returned dict counts the prompts sent to it,
+    by its `url`."""
+    asked = {s.url: 0 for s in samplers}
+    for sampler in samplers:
+        send = sampler.generate
+
+        def counted(prompts, *args, _send=send, _url=sampler.url, **kw):
+            asked[_url] += len(prompts)
+            return _send(prompts, *args, **kw)
+
+        sampler.generate = counted
+    return asked

@@ -10,6 +10,7 @@ import gymnasium as gym
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripted import count_prompts
 from test_serve import _without_lora
 
 import envs  # noqa: F401
@@ -41,15 +42,7 @@ def test_rollouts_spread_over_two_servers_each_holding_the_adapter(two_servers, 
     urls, _ = two_servers
     clients = [VLLMSampler(url, chat_tokenizer) for url in urls]
     pool = VLLMPool(clients, adapter_dir=str(tmp_path))
-    asked = {url: 0 for url in urls}
-    for client in clients:  # count the prompts each server is sent
-        send = client.generate
-
-        def counted(prompts, *args, _send=send, _url=client.url, **kw):
-            asked[_url] += len(prompts)
-            return _send(prompts, *args, **kw)
-
-        client.generate = counted
+    asked = count_prompts(clients)
     pool.sync_adapter(chat_model, 1)
     assert [adapters_on(url) for url in urls] == [[f"{c.prefix}-v1"] for c in clients]
     assert pool.adapter_version == 1 and all(c.adapter_version == 1 for c in clients)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scripted import force_two_rounds
+from scripted import count_prompts, force_two_rounds
 from tiny import tiny_base_model
 
 import envs  # noqa: F401
@@ -52,13 +52,17 @@ def tiny(chat_tokenizer, tmp_path_factory):
     return str(directory), model
 
 
+def tiny_server(vllm_python: str, directory: str) -> VLLMServer:
+    """A vLLM CPU server of the tiny model that applies its generation_config.json."""
+    return VLLMServer(directory, max_lora_rank=4, command=vllm_command(vllm_python),
+                      generation_config="auto", startup_timeout_s=900,
+                      extra_args=["--max-model-len", "2048", "--dtype", "float32"],
+                      env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+
+
 @pytest.fixture(scope="module")
 def server(vllm_python, tiny):
-    directory, _ = tiny
-    with VLLMServer(directory, max_lora_rank=4, command=vllm_command(vllm_python),
-                    generation_config="auto", startup_timeout_s=900,
-                    extra_args=["--max-model-len", "2048", "--dtype", "float32"],
-                    env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as running:
+    with tiny_server(vllm_python, tiny[0]) as running:
         yield running
 
 
@@ -107,11 +111,7 @@ def test_a_group_is_independent_reproducible_samples_from_the_learners_policy(
 
 @pytest.fixture(scope="module")
 def second_server(vllm_python, tiny):
-    directory, _ = tiny
-    with VLLMServer(directory, max_lora_rank=4, command=vllm_command(vllm_python),
-                    generation_config="auto", startup_timeout_s=900,
-                    extra_args=["--max-model-len", "2048", "--dtype", "float32"],
-                    env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as running:
+    with tiny_server(vllm_python, tiny[0]) as running:
         yield running
 
 
@@ -124,15 +124,7 @@ def test_two_real_servers_share_the_rollouts_and_hold_every_adapter(
 
     _, base = tiny
     clients = [VLLMSampler(s.url, chat_tokenizer) for s in (server, second_server)]
-    asked = {c.url: 0 for c in clients}
-    for client in clients:  # count the prompts each server is sent
-        send = client.generate
-
-        def counted(prompts, *args, _send=send, _url=client.url, **kw):
-            asked[_url] += len(prompts)
-            return _send(prompts, *args, **kw)
-
-        client.generate = counted
+    asked = count_prompts(clients)
     pool = VLLMPool(clients, adapter_dir=str(tmp_path))
     cfg = RolloutConfig(group_size=2, max_turn_tokens=16, max_total_tokens=1024)
     for version in (1, 2):
