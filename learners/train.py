@@ -279,7 +279,8 @@ _logprobs_jit = jax.jit(sequence_logprobs, static_argnames=("adapters", "chunk")
 
 def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch], tuple, dict]:
     """The batch cut as `plan_micro_batches` says (numpy, on the host), the batch's totals
-    (masked tokens, rows with any) and what the cut costs in padding."""
+    (masked tokens, rows with any), and statistics: what the cut costs in padding, and the
+    advantages' mean and standard deviation."""
     loss_mask = np.asarray(batch.loss_mask, np.float32)
     tokens = np.asarray(batch.tokens, np.int32)
     advantages = np.asarray(grpo.group_advantages(batch.rewards, batch.group_ids,
@@ -299,7 +300,8 @@ def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch],
               np.float32(max((loss_mask.sum(-1) > 0).sum(), 1)))
     computed = sum(rows * length for _, rows, length in plan)
     stats = {"micro_batches": len(plan),
-             "padding_frac": 1.0 - float(lengths.sum()) / computed if computed else 0.0}
+             "padding_frac": 1.0 - float(lengths.sum()) / computed if computed else 0.0,
+             "advantage_mean": float(advantages.mean()), "advantage_std": float(advantages.std())}
     return out, totals, stats
 
 
@@ -330,11 +332,8 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
         metrics.append(aux)
     state = dataclasses.replace(state, updates=state.updates + 1)
     out = {k: float(v) for k, v in metrics[-1].items()}
-    _, std, zero_var = grpo.group_stats(batch.rewards, batch.group_ids)
-    advantages = grpo.group_advantages(batch.rewards, batch.group_ids, cfg.scale_by_std)
-    out.update(stats, advantage_mean=float(jnp.mean(advantages)),
-               advantage_std=float(jnp.std(advantages)),
-               zero_variance_groups=float(jnp.mean(zero_var)),
+    _, _, zero_var = grpo.group_stats(batch.rewards, batch.group_ids)
+    out.update(stats, zero_variance_groups=float(jnp.mean(zero_var)),
                first_pass_ratio_mean=float(metrics[0]["ratio_mean"]))
     return state, out
 
