@@ -220,6 +220,8 @@ def main(args: Args) -> dict:
             session = time_calls(checked(lambda: s.run(TRIVIAL)), args.calls, pace)
             session_b2b = time_calls(checked(lambda: s.run(TRIVIAL)), args.calls)
         floors = [Floor() for _ in range(args.sessions)]
+        floor_throughput(floors, 5)  # warm-up: the floor servers' first forks are slow
+        concurrent_throughput(sandbox, args.sessions, 5)  # and the sandbox's pool refilled
         throughput_runs, floor_throughput_runs = [], []
         for _ in range(args.throughput_runs):  # alternating, as the latency rounds
             floor_throughput_runs.append(floor_throughput(floors, args.calls_per_session))
