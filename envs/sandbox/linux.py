@@ -357,17 +357,35 @@ def own_proc_pid() -> int:
     return int(os.readlink("/proc/self"))
 
 
-def pid_of_pidfd(pidfd: int) -> int | None:
-    """The pid of a pidfd's process as /proc names it (its pid namespace may be a nested one)."""
+def pid_of_pidfd(pidfd: int, own_namespace: bool = False) -> int | None:
+    """The pid of a pidfd's process as /proc names it (its pid namespace may be a nested one),
+    or, with `own_namespace`, as its own pid namespace names it (where system calls of a process
+    of that namespace, such as the session's supervisor, take it)."""
+    field = "NSpid:" if own_namespace else "Pid:"
     try:
         with open(f"/proc/self/fdinfo/{pidfd}") as f:
             for line in f:
-                if line.startswith("Pid:"):
-                    pid = int(line.split()[1])
+                if line.startswith(field):
+                    pid = int(line.split()[-1])
                     return pid if pid > 0 else None
     except (OSError, ValueError):
         pass
     return None
+
+
+def scheduling(pid: int) -> tuple:
+    """The nice value, CPU affinity and scheduling policy of `pid` (as this process's pid
+    namespace names it): what any process of its uid may change without tracing it, and a
+    process with CAP_SYS_NICE may put back (`set_scheduling`)."""
+    return (os.getpriority(os.PRIO_PROCESS, pid), os.sched_getaffinity(pid),
+            os.sched_getscheduler(pid), os.sched_getparam(pid))
+
+
+def set_scheduling(pid: int, saved: tuple) -> None:
+    nice, cpus, policy, param = saved
+    os.setpriority(os.PRIO_PROCESS, pid, nice)
+    os.sched_setaffinity(pid, cpus)
+    os.sched_setscheduler(pid, policy, param)
 
 
 def pidfd_signal(pidfd: int | None, sig: int) -> bool:

@@ -28,7 +28,7 @@ from .checks import ReadyCell, announced_cell, cell_was_alone, promotion_holds, 
 from .jail import SessionJail, isolate_session
 from .linux import (PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, describe,
                     join_fresh_session_keyring, kill_as, own_proc_pid, pid_of_pidfd, pidfd_signal,
-                    prctl, reap_children, set_name)
+                    prctl, read_proc, reap_children, scheduling, set_name, set_scheduling)
 from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
                        Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
                        send)
@@ -86,6 +86,7 @@ class Session:
         self.state_proc_pid: int | None = None  # pids as /proc names them
         self.state_ran_code = False  # a promoted cell: its threads are the code's
         self.state_stopped = False
+        self.state_attributes: tuple | None = None  # (pid, scheduling, limits) of a kept state
         self.cell: ReadyCell | None = None
         self.lost: str | None = None  # why the state was last reset, for the next call's notes
         self.rollback_due = False  # a discarded cell's rollback, left for after the reply
@@ -120,6 +121,33 @@ class Session:
             os.close(self.state_pidfd)
         self.state, self.state_pidfd, self.state_proc_pid = chan, pidfd, proc_pid
         self.state_ran_code, self.state_stopped = ran_code, False
+        self.state_attributes = None
+
+    def note_state_attributes(self) -> None:
+        """Read a new kept state's scheduling (nice value, affinity, policy) and limits, which
+        its cells, of its uid, can change, to check them after a rollback
+        (`state_attributes_hold`). A state that cannot be read is replaced."""
+        pid = pid_of_pidfd(self.state_pidfd, own_namespace=True)
+        try:
+            self.state_attributes = (pid, scheduling(pid),
+                                     read_proc(f"/proc/{self.state_proc_pid}/limits"))
+        except (OSError, TypeError):
+            self.kill_all()
+            self.lost = "the session's state could not be read; state was reset"
+
+    def state_attributes_hold(self) -> bool:
+        """After a rollback of a kept state: put its scheduling back as the discarded cell found
+        it; False if that fails, or if its limits changed (a lowered hard limit goes up only
+        with CAP_SYS_RESOURCE, which this supervisor does not count on)."""
+        if self.state_attributes is None:
+            return True
+        pid, saved, limits = self.state_attributes
+        try:
+            if scheduling(pid) != saved:
+                set_scheduling(pid, saved)
+            return read_proc(f"/proc/{self.state_proc_pid}/limits") == limits
+        except OSError:
+            return False
 
     def state_trusted(self) -> bool:
         """Whether no code can have touched the state: the pristine state, of another uid than
@@ -188,6 +216,7 @@ class Session:
             os.close(self.state_pidfd)
         self.state_pidfd = self.state_proc_pid = None
         self.state_ran_code = self.state_stopped = self.rollback_due = False
+        self.state_attributes = None
         if self.is_init:  # pid 1 of the session's own namespace: kill(-1) reaches only it
             try:
                 os.kill(-1, signal.SIGKILL)
@@ -318,7 +347,8 @@ class Session:
             pidfd_signal(cell.pidfd, signal.SIGKILL)
             wait_status = self.rollback(cell.proc_pid)
             if self.state is None and keep:
-                notes.append("the session's state did not roll back; state was reset")
+                notes.append(self.lost or "the session's state did not roll back; state was reset")
+                self.lost = None
         else:
             self.kill_all()
         return status, wait_status
@@ -336,6 +366,11 @@ class Session:
             return None
         if not rollback_holds(cell_proc_pid, self.state_proc_pid, self.own_proc_pid):
             self.kill_all()
+            return None
+        if not self.state_attributes_hold():
+            self.kill_all()
+            self.lost = ("the discarded cell changed its state's scheduling or limits; state was "
+                         "reset")
             return None
         ws = ack.wait_status
         return ws if type(ws) is int and 0 <= ws < 1 << 16 else None
@@ -357,6 +392,8 @@ class Session:
         """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
         next call's cell process, forked, announced and checked (and warmed up if `warm`)."""
         reap = False
+        if self.state_ran_code and self.state_attributes is None:
+            self.note_state_attributes()  # a new kept state, whose cells have not run yet
         if self.rollback_due:  # the discarded cell was alone: only the state's bookkeeping is left
             self.rollback_due = False
             reap = self.state_trusted()  # then the next Fork does it

@@ -143,6 +143,44 @@ raise SystemExit(1)
         assert s.run("print(marker)").stdout == "intact\n"
 
 
+def test_a_discarded_cell_of_a_session_leaves_its_state_as_it_found_it(sandbox):
+    """A cell of a kept state's uid can renice, re-pin, re-schedule and re-limit its state. When
+    the cell is discarded, the supervisor puts the state's scheduling back as it read it before
+    the cell ran; a state whose limits changed (hard ones go up only with CAP_SYS_RESOURCE) is
+    replaced, with a note (in the next call's result, since that rollback runs after the
+    reply). Either way the next cell starts as the failed one did."""
+    probe = ("import os, resource\n"
+             "print(os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), "
+             "os.sched_getscheduler(0), resource.getrlimit(resource.RLIMIT_NOFILE), marker)")
+    reschedule = """
+import os
+state = os.getppid()
+os.setpriority(os.PRIO_PROCESS, state, 19)
+os.sched_setaffinity(state, {min(os.sched_getaffinity(0))})
+os.sched_setscheduler(state, os.SCHED_IDLE, os.sched_param(0))
+print(os.getpriority(os.PRIO_PROCESS, state), os.sched_getscheduler(state))
+raise RuntimeError("discard me")
+"""
+    relimit = """
+import os, resource
+resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (16, 16))
+raise RuntimeError("discard me")
+"""
+    with sandbox.session() as s:
+        assert s.run("marker = 'kept'").status == "ok"
+        before = s.run(probe)
+        assert before.status == "ok" and before.stdout.endswith(" kept\n"), before
+        r = s.run(reschedule)
+        assert (r.status, r.stdout) == ("error", f"19 {os.SCHED_IDLE}\n"), r
+        assert s.run(probe).stdout == before.stdout  # put back, the state kept
+        assert s.run(relimit).status == "error"
+        r = s.run(probe)  # a fresh state: `marker` is gone, the limits are the pristine ones
+        assert r.status == "error" and "NameError" in r.stderr, r
+        assert "changed its state's scheduling or limits" in r.stderr, r  # noted after the reply
+        assert s.run("marker = 'kept'").status == "ok"
+        assert s.run(probe).stdout == before.stdout
+
+
 # --- 2. sessions and the host share no kernel object ----------------------------------------------
 def test_sessions_have_their_own_ipc_namespace(sandbox):
     need(sandbox, "session_ipc")
