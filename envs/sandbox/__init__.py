@@ -64,11 +64,13 @@ reading world-readable files (the code runs as an unprivileged user and sees wha
 sees); CPU and memory bandwidth shared with the caller; forged results of a call by the code itself
 (it can only lie about its own result). Within a session that keeps state, the state is the code's
 own process, of the session's uid: a cell cannot trace it or read or write its memory (a kept
-state is undumpable), but it can signal, renice or lower the limits of the state it forks from
-(a state it kills is replaced, with a note), and a later cell of that session can resume a
-stopped state's threads; that changes only what the same session's code could change in a
-successful cell, and no other session or stateless call. While a stopped state forks the next cell, its threads run for that moment
-(milliseconds). Which protections hold depends on the machine: full containment needs root or
+state is undumpable), and a discarded cell cannot leave it changed: the supervisor puts the
+state's nice value, affinity and scheduling policy back as they were before the cell ran, and a
+state whose limits changed or that was killed is replaced, with a note. A later cell of that
+session can resume a stopped state's threads, and a cell can signal or renice its state while it
+runs; that changes only what the same session's code could change in a successful cell, and no
+other session or stateless call. While a stopped state forks the next cell, its threads run for
+that moment (milliseconds). Which protections hold depends on the machine: full containment needs root or
 user namespaces plus util-linux `unshare`; the pristine state of another uid, the per-session
 cgroup and the keyring filter need root (or a writable cgroup) and a known CPU architecture
 (x86-64 or arm64); `PythonSandbox.protections` lists them, and the first sandbox of a process
