@@ -60,34 +60,38 @@ tests/envs/test_sandbox_hostile.py:
   * the caller: hostile code cannot kill the supervisor (pid 1 of its namespace, another uid) or the
     caller; a crash of the code is a result ("crashed"), never an exception in the caller.
 Not covered: kernel exploits and side channels (use a VM or gVisor for adversaries of that class);
-reading world-readable files (the code runs as an unprivileged user and sees what such a user
-sees); CPU and memory bandwidth shared with the caller; forged results of a call by the code itself
-(it can only lie about its own result). Within a session that keeps state, the state is the code's
-own process, of the session's uid: a cell cannot trace it or read or write its memory (a kept
-state is undumpable), and a discarded cell cannot leave it changed: the supervisor puts the
-state's nice value, affinity and scheduling policy back as they were before the cell ran, and a
-state whose limits changed or that was killed is replaced, with a note. A later cell of that
-session can resume a stopped state's threads, and a cell can signal or renice its state while it
-runs; that changes only what the same session's code could change in a successful cell, and no
-other session or stateless call. While a stopped state forks the next cell, its threads run for
-that moment (milliseconds). Which protections hold depends on the machine: full containment needs root or
-user namespaces plus util-linux `unshare`; the pristine state of another uid, the per-session
-cgroup and the keyring filter need root (or a writable cgroup) and a known CPU architecture
-(x86-64 or arm64); `PythonSandbox.protections` lists them, and the first sandbox of a process
-warns once, naming the ones that are off.
+reading world-readable files (the code runs as an unprivileged user and sees what such a user sees);
+CPU and memory bandwidth shared with the caller; forged results of a call by the code itself (it can
+only lie about its own result). Within a session that keeps state, the state is the code's own
+process, of the session's uid: a cell cannot trace it or read or write its memory (a kept state is
+undumpable), and a discarded cell cannot leave it changed: the supervisor puts the state's nice
+value, affinity and scheduling policy back as they were before the cell ran, and a state whose
+limits changed or that was killed is replaced, with a note. A later cell of that session can resume
+a stopped state's threads, and a cell can signal or renice its state while it runs; that changes
+only what the same session's code could change in a successful cell, and no other session or
+stateless call. While a stopped state forks the next cell, its threads run for that moment
+(milliseconds). Which protections hold depends on the machine: full containment needs root or user
+namespaces plus util-linux `unshare`; the pristine state of another uid, the per-session cgroup and
+the keyring filter need root (or a writable cgroup) and a known CPU architecture (x86-64 or arm64);
+`PythonSandbox.protections` lists them, and the first sandbox of a process warns once, naming the
+ones that are off.
 
-Modules, one concern each. The caller imports only client.py and protocol.py; the server imports
-every module but client.py (and not this file: server.py's docstring says how it imports them).
+Modules, one concern each. The caller imports only client.py, protocol.py and framing.py; the
+server imports every module but client.py (and not this file: server.py's docstring says how it
+imports them).
   client.py      PythonSandbox, SandboxSession, SandboxConfig, ExecutionResult, SandboxError,
                  shared_sandbox: the caller's side, which starts the server and talks to it
-  protocol.py    framing with size limits, and the typed messages both sides exchange
+  protocol.py    the typed messages both sides exchange, on framing.py
+  framing.py     a message on a socket: header, payload and descriptors, size limits, deadlines
   server.py      the server process: private filesystem, preloads, session pool; the entry point
   supervisor.py  P, one session's supervisor: a call from order to reply, keeping or discarding
   checks.py      what P checks against the kernel before it believes a cell or a state
+  output.py      a cell's output as P keeps it: head and tail, the rest counted
   jail.py        a session's own namespaces, filesystems and memory cgroup
   state.py       S, the state process: privileges dropped, limits set; forks each call's cell
   cell.py        C, the cell process: runs one snippet, and may become the new state
-  linux.py       namespaces, mounts, prctl, rlimits, lean fork, pidfds, scoped kill, /proc readers
+  linux.py       namespaces, mounts, prctl, the keyring filter, IPC cleanup, rlimits
+  processes.py   lean fork, scoped kill, reaping, pidfds, scheduling, /proc readers
   cgroups.py     the memory cgroup of each session: its limit and its OOM kills
 The package imports nothing outside the standard library at module level, and nothing else of
 this project.

@@ -14,7 +14,8 @@ import sys
 import time
 import traceback
 
-from .linux import PR_SET_DUMPABLE, kill_all_but_self, own_proc_pid, prctl, set_cpu_limit, set_name
+from .linux import PR_SET_DUMPABLE, prctl, set_cpu_limit, set_name
+from .processes import kill_all_but_self, own_proc_pid
 from .protocol import (CellDone, CellReady, Message, Promote, Promoted, ProtocolError, RunCell,
                        recv, rehearse, send)
 
@@ -63,13 +64,13 @@ def text_stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
 
 def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
                  scratch: str, warm: bool = True) -> socket.socket:
-    """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in
-    a warm-up run (if `warm`), makes its output pipes, and hands the supervisor its pidfd and their read ends,
-    all while the session waits for its caller. Then it runs the cell it is sent. Returns its
-    channel if the cell succeeded and C was promoted to be the state; otherwise never returns.
-    A cell that succeeds with time to spare before the call's deadline promotes itself and says
-    so with its status; one that finishes later leaves the choice to the supervisor, which is
-    the one to kill it at the deadline.
+    """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in a
+    warm-up run (if `warm`), makes its output pipes, and hands the supervisor its pidfd and their
+    read ends, all while the session waits for its caller. Then it runs the cell it is sent. Returns
+    its channel if the cell succeeded and C was promoted to be the state; otherwise never returns. A
+    cell that succeeds with time to spare before the call's deadline promotes itself and says so
+    with its status; one that finishes later leaves the choice to the supervisor, which is the one
+    to kill it at the deadline.
 
     C first takes the session's uid (when the state it forks from is the pristine one, still
     root) and enters the scratch directory: the one mounted now, not one of a past call."""

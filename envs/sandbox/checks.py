@@ -4,7 +4,8 @@ The state S and the cell C run the code, which can read this package and speak i
 what they claim is checked here: that an announced cell is one (`announced_cell`), that a cell
 that says it has made itself the state left no other process of the code alive
 (`promotion_holds`), that a state that says it has rolled back did (`rollback_holds`), and
-whether a discarded cell was the only process of the code (`cell_was_alone`). The kernel's lists
+whether a discarded cell was the only process of the code (`cell_was_alone`); and that a kept
+state is as its discarded cell found it (`StateAttributes`). The kernel's lists
 of children are read in the order in which orphans move up (cell, state, P): a process that is
 re-parented while they are read is seen in the later list. Pids are as P's /proc names them.
 """
@@ -19,7 +20,9 @@ import socket
 import stat
 import time
 
-from .linux import all_stopped, children, parent_of, pid_of_pidfd, pidfd_signal
+from .linux import read_proc
+from .processes import (all_stopped, children, parent_of, pid_of_pidfd, pidfd_signal, scheduling,
+                        set_scheduling)
 
 STOP_S = 0.5  # a cell stopped to check its promotion stops within this
 
@@ -113,3 +116,35 @@ def cell_was_alone(cell: ReadyCell, state_pid: int | None, own_pid: int) -> bool
 def _is_pipe_read_end(fd: int) -> bool:
     return stat.S_ISFIFO(os.fstat(fd).st_mode) and \
         fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
+@dataclasses.dataclass(frozen=True)
+class StateAttributes:
+    """What a cell can change in a kept state of its own uid without tracing it: the state's
+    scheduling (nice value, CPU affinity, policy) and its limits. Read before the state's first
+    cell runs; `restored` after each rollback."""
+
+    pid: int  # as P's pid namespace names it, for system calls
+    proc_pid: int  # as P's /proc names it
+    scheduling: tuple
+    limits: bytes  # /proc/<pid>/limits
+
+    @classmethod
+    def read(cls, pidfd: int, proc_pid: int | None) -> StateAttributes | None:
+        pid = pid_of_pidfd(pidfd, own_namespace=True)
+        if pid is None or proc_pid is None:
+            return None
+        try:
+            return cls(pid, proc_pid, scheduling(pid), read_proc(f"/proc/{proc_pid}/limits"))
+        except OSError:
+            return None
+
+    def restored(self) -> bool:
+        """Put the scheduling back as it was read; False if that fails, or if the limits changed
+        (a lowered hard limit goes up only with CAP_SYS_RESOURCE, which P does not count on)."""
+        try:
+            if scheduling(self.pid) != self.scheduling:
+                set_scheduling(self.pid, self.scheduling)
+            return read_proc(f"/proc/{self.proc_pid}/limits") == self.limits
+        except OSError:
+            return False

@@ -80,7 +80,8 @@ class SandboxConfig:
         for name in ("timeout_s", "max_timeout_s", "memory_mb", "max_processes", "max_file_mb",
                      "scratch_mb", "max_open_files", "start_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
         if self.timeout_s > self.max_timeout_s:
             raise ValueError(f"SandboxConfig.timeout_s={self.timeout_s} exceeds "
                              f"max_timeout_s={self.max_timeout_s}")
@@ -102,7 +103,8 @@ class ExecutionResult:
     stderr: str
     """Error output; on failure, a traceback whose line numbers refer to the snippet."""
     status: Status
-    """"ok", "error" (an exception), "timeout", "memory" or "crashed" (killed or exited abnormally)."""
+    """"ok", "error" (an exception), "timeout", "memory" or "crashed" (killed or exited
+    abnormally)."""
     truncated: bool
     """Whether stdout or stderr exceeded the output cap and lost its middle."""
     wall_s: float

@@ -1,12 +1,7 @@
 """The sandbox's wire protocol: the one module that both the client and the server import.
 
-Framing. A message is two uint32 lengths (`PREFIX`: header, payload), a JSON object (the header)
-and raw bytes (the payload, such as code or output). File descriptors travel with the length
-prefix (SCM_RIGHTS). A reader bounds every size, since the state and cell processes at the other
-end of some channels run untrusted code: a header, a payload and a number of descriptors of at
-most what the expected message types carry (the headers of what a state or cell sends are small:
-`SMALL_HEADER`). A reader given a deadline (`recv(..., deadline=)`) bounds the whole message by
-it, not each read: a peer that writes a frame a byte at a time cannot stretch a read past it.
+Framing (framing.py): a message is a JSON header and a raw payload, with descriptors; every
+read bounds the sizes and, given a deadline, the whole message's time.
 
 Messages. Each kind of message is a small class below, named by the `op` of its header; the
 receiver says which kinds it expects, and anything else is a `BadMessage`. One call, and what the
@@ -28,118 +23,19 @@ The server announces itself to the client with ServerReady on its control socket
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import struct
-import time
 
-PREFIX = struct.Struct("!II")
-MAX_HEADER = 1 << 16
-"""Largest header, in bytes, any reader accepts."""
-MAX_PAYLOAD = 1 << 26
-"""Largest payload (code, or a call's output) of the messages that carry one."""
-MAX_FDS = 4
-"""Most file descriptors `recv_msg` accepts with one message unless told otherwise."""
-SMALL_HEADER = 512
-"""Largest header of the messages that a state or cell process sends (all have short fields)."""
+from .framing import (MAX_HEADER, MAX_PAYLOAD, SMALL_HEADER, ProtocolError, decode_header,
+                      encode_header, recv_msg, recv_msg_within, send_msg)
 
 
-class ProtocolError(Exception):
-    """A peer sent something that is not a well-formed message, or hung up."""
-
-
+# -- messages --------------------------------------------------------------------------------------
 class BadMessage(ProtocolError):
     """A well-formed message that is not one the receiver expects: another op, or fields that do
     not fit its kind."""
 
 
-# -- framing ---------------------------------------------------------------------------------------
-_encode_header = json.JSONEncoder(separators=(",", ":")).encode
-_decode_header = json.JSONDecoder().decode
-
-
-def send_msg(sock: socket.socket, header: dict, payload: bytes = b"", fds=()) -> None:
-    head = _encode_header(header).encode()
-    prefix = PREFIX.pack(len(head), len(payload))
-    if fds:
-        socket.send_fds(sock, [prefix], list(fds))
-        sock.sendall(head + payload)
-    else:
-        sock.sendall(prefix + head + payload)
-
-
-def _settle_timeout(sock: socket.socket, deadline: float | None) -> None:
-    """Bound the next read of `sock` by `deadline` (time.monotonic()); ProtocolError once it has
-    passed. Without a deadline, the socket's timeout is left as it is."""
-    if deadline is None:
-        return
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise ProtocolError("the peer's message did not arrive in time")
-    sock.settimeout(left)
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
-    chunks, left = [], n
-    while left:
-        _settle_timeout(sock, deadline)
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise ProtocolError("peer closed the connection mid-message")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def recv_msg(sock: socket.socket, max_payload: int = MAX_PAYLOAD, max_fds: int = MAX_FDS,
-             max_header: int = MAX_HEADER, deadline: float | None = None):
-    """Returns (header, payload, fds). Raises ProtocolError on EOF, a malformed message, one
-    over the limits (a header over `max_header` bytes, a payload over `max_payload` bytes, more
-    than `max_fds` descriptors; with `max_fds=0`, plain reads: the kernel discards descriptors
-    sent along), or one not whole by `deadline` (time.monotonic(); every read is bounded by what
-    is left of it, so a peer that sends a byte at a time cannot stretch the message past it).
-    Without a deadline the socket's own timeout bounds each read. The descriptors received with
-    a rejected message are closed."""
-    prefix, fds = b"", []
-    try:
-        while len(prefix) < PREFIX.size:
-            _settle_timeout(sock, deadline)
-            if max_fds:
-                data, new_fds, flags, _ = socket.recv_fds(sock, PREFIX.size - len(prefix), max_fds)
-                fds.extend(new_fds)
-                if flags & socket.MSG_CTRUNC:  # the kernel closed those that did not fit
-                    raise ProtocolError(f"more than {max_fds} file descriptors with a message")
-            else:  # descriptors sent along are closed by the kernel, unseen
-                data = sock.recv(PREFIX.size - len(prefix))
-            if not data:
-                raise ProtocolError("peer closed the connection")
-            prefix += data
-        head_len, payload_len = PREFIX.unpack(prefix)
-        if head_len > max_header or payload_len > max_payload:
-            raise ProtocolError(f"message too large ({head_len}, {payload_len})")
-        body = _recv_exact(sock, head_len + payload_len, deadline)
-        header = _decode_header(body[:head_len].decode())
-        if not isinstance(header, dict):
-            raise ProtocolError("message header is not an object")
-        return header, body[head_len:], fds
-    except (ProtocolError, OSError, ValueError) as exc:  # UnicodeError is a ValueError
-        for fd in fds:
-            os.close(fd)
-        if isinstance(exc, TimeoutError):
-            raise ProtocolError("the peer's message did not arrive in time") from exc
-        raise ProtocolError(str(exc)) from exc
-
-
-def recv_msg_within(sock: socket.socket, timeout_s: float, **kwargs):
-    """recv_msg with every read bounded by `timeout_s`. The socket keeps that timeout (setting it
-    costs two fcntl calls), so use this function for every read of a socket, or none."""
-    if sock.gettimeout() != timeout_s:
-        sock.settimeout(timeout_s)
-    return recv_msg(sock, **kwargs)
-
-
-# -- messages --------------------------------------------------------------------------------------
 class Message:
     """Base of the kinds of message. A kind's class holds its header's `op`, what one message may
     carry (`max_payload` bytes, a header of `max_header` bytes, `fds` descriptors) and its fields
@@ -418,7 +314,7 @@ def rehearse(*messages: Message) -> None:
     that does this while it waits for its call takes then, not during the call, the
     copy-on-write faults of the objects that path touches."""
     for message in messages:
-        decode(_decode_header(_encode_header(message.header())), (type(message),))
+        decode(decode_header(encode_header(message.header())), (type(message),))
 
 
 def send(sock: socket.socket, message: Message, payload: bytes = b"", fds=()) -> None:

@@ -17,7 +17,7 @@ caller has a result, P orders S (state.py) to fork C, handing S the channel C wi
 its copy-on-write faults in a warm-up run, makes its output pipes and hands P its pidfd and their
 read ends over that channel; a call then only sends C the code. S does as little as it can while
 C lives (each page it writes then is a copied page), and forks without CPython's after-fork hooks
-when it has no other thread (`linux.lean_fork`). The processes name themselves (sandbox-server,
+when it has no other thread (`processes.lean_fork`). The processes name themselves (sandbox-server,
 -super, -state, -cell) for ps. C runs the cell with stdout/stderr on the pipes that P drains, and
 reports its status. If the cell succeeds (and the session keeps state), C becomes the new state
 and kills every other process of the session (the old state, and whatever the code started),
@@ -56,9 +56,10 @@ import socket
 import sys
 
 from .cgroups import make_parent_cgroup, memory_cgroup_base, remove_cgroup
-from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE,
-                    MS_REC, SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc,
-                    mount, reap_children, set_name, setns, unshare)
+from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_REC,
+                    SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc, mount,
+                    set_name, setns, unshare)
+from .processes import reap_children
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
 from .supervisor import session_main
 

@@ -10,9 +10,9 @@ import sys
 
 from .cell import cell_process, run_cell, text_stream
 from .cgroups import join_cgroup
-from .linux import (PR_SET_NO_NEW_PRIVS, alive, deny_keyrings, fork_when_possible,
-                    in_nested_pid_namespace, kill_all_but_self, kill_as, limit_resources, prctl,
-                    reap_children, set_name)
+from .linux import PR_SET_NO_NEW_PRIVS, deny_keyrings, limit_resources, prctl, set_name
+from .processes import (alive, fork_when_possible, in_nested_pid_namespace, kill_all_but_self,
+                        kill_as, reap_children)
 from .protocol import BadMessage, Fork, ForkFailed, ProtocolError, Rollback, RolledBack, recv, send
 
 WARM_UP = ("import math, numpy, sympy\n"

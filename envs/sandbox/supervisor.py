@@ -24,11 +24,13 @@ import signal
 import socket
 import time
 
-from .checks import ReadyCell, announced_cell, cell_was_alone, promotion_holds, rollback_holds
+from .checks import (ReadyCell, StateAttributes, announced_cell, cell_was_alone, promotion_holds,
+                     rollback_holds)
 from .jail import SessionJail, isolate_session
-from .linux import (PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, describe,
-                    join_fresh_session_keyring, kill_as, own_proc_pid, pid_of_pidfd, pidfd_signal,
-                    prctl, read_proc, reap_children, scheduling, set_name, set_scheduling)
+from .linux import (PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, join_fresh_session_keyring, prctl,
+                    set_name)
+from .output import OutputBuffer, drain
+from .processes import describe, kill_as, own_proc_pid, pid_of_pidfd, pidfd_signal, reap_children
 from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
                        Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
                        send)
@@ -38,39 +40,6 @@ PROMOTION_MARGIN_S = 0.05  # a cell promotes itself only this long before its de
 PROMOTE_GRACE_S = 0.25  # a cell asked to promote itself after its deadline answers within this
 READY_S = 10.0  # a state forks and its cell announces itself within this
 ROLLBACK_S = 2.0  # a state rolls back within this
-
-
-class OutputBuffer:
-    """Keeps the first and last `limit // 2` bytes of a stream and counts the rest."""
-
-    def __init__(self, limit: int):
-        self.head_limit = limit // 2
-        self.tail_limit = limit - self.head_limit
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-
-    def feed(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.head_limit - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data:
-            self.tail += data
-            if len(self.tail) > 2 * self.tail_limit:
-                del self.tail[: len(self.tail) - self.tail_limit]
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > self.head_limit + self.tail_limit
-
-    def value(self) -> bytes:
-        if not self.truncated:
-            return bytes(self.head + self.tail)
-        tail = self.tail[-self.tail_limit:] if self.tail_limit else b""
-        omitted = self.total - len(self.head) - len(tail)
-        return bytes(self.head) + f"\n... [{omitted} bytes omitted] ...\n".encode() + bytes(tail)
 
 
 class Session:
@@ -86,7 +55,7 @@ class Session:
         self.state_proc_pid: int | None = None  # pids as /proc names them
         self.state_ran_code = False  # a promoted cell: its threads are the code's
         self.state_stopped = False
-        self.state_attributes: tuple | None = None  # (pid, scheduling, limits) of a kept state
+        self.state_attributes: StateAttributes | None = None  # a kept state's, once read
         self.cell: ReadyCell | None = None
         self.lost: str | None = None  # why the state was last reset, for the next call's notes
         self.rollback_due = False  # a discarded cell's rollback, left for after the reply
@@ -123,32 +92,6 @@ class Session:
         self.state_ran_code, self.state_stopped = ran_code, False
         self.state_attributes = None
 
-    def note_state_attributes(self) -> None:
-        """Read a new kept state's scheduling (nice value, affinity, policy) and limits, which
-        its cells, of its uid, can change, to check them after a rollback
-        (`state_attributes_hold`). A state that cannot be read is replaced."""
-        pid = pid_of_pidfd(self.state_pidfd, own_namespace=True)
-        try:
-            self.state_attributes = (pid, scheduling(pid),
-                                     read_proc(f"/proc/{self.state_proc_pid}/limits"))
-        except (OSError, TypeError):
-            self.kill_all()
-            self.lost = "the session's state could not be read; state was reset"
-
-    def state_attributes_hold(self) -> bool:
-        """After a rollback of a kept state: put its scheduling back as the discarded cell found
-        it; False if that fails, or if its limits changed (a lowered hard limit goes up only
-        with CAP_SYS_RESOURCE, which this supervisor does not count on)."""
-        if self.state_attributes is None:
-            return True
-        pid, saved, limits = self.state_attributes
-        try:
-            if scheduling(pid) != saved:
-                set_scheduling(pid, saved)
-            return read_proc(f"/proc/{self.state_proc_pid}/limits") == limits
-        except OSError:
-            return False
-
     def state_trusted(self) -> bool:
         """Whether no code can have touched the state: the pristine state, of another uid than
         the code's."""
@@ -167,7 +110,7 @@ class Session:
     def prepare(self, reap: bool = False, warm: bool = True) -> None:
         """Have a cell process forked, announced and checked for the next call (a state first, if
         there is none), warmed up if `warm`; then stop the state. A state that cannot fork (at
-        its process limit for longer than the patience of `linux.fork_when_possible`), or whose
+        its process limit for longer than the patience of `processes.fork_when_possible`), or whose
         announcement does not hold, is replaced by a fresh one, once; `lost` says why, for the
         next call's notes."""
         for _ in range(2):
@@ -267,7 +210,7 @@ class Session:
                 status, notes[-1] = "timeout", "CPU time limit exceeded"
             elif self.jail.memory_exceeded():
                 status, notes[-1] = "memory", "the session's memory limit was exceeded"
-        _drain(streams)  # what the cell wrote before it ended is in the pipes
+        drain(streams)  # what the cell wrote before it ended is in the pipes
         cell.close()
         return self._reply(cell_number, status, wall, exit_code, out, err, notes)
 
@@ -367,7 +310,7 @@ class Session:
         if not rollback_holds(cell_proc_pid, self.state_proc_pid, self.own_proc_pid):
             self.kill_all()
             return None
-        if not self.state_attributes_hold():
+        if self.state_attributes is not None and not self.state_attributes.restored():
             self.kill_all()
             self.lost = ("the discarded cell changed its state's scheduling or limits; state was "
                          "reset")
@@ -392,8 +335,11 @@ class Session:
         """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
         next call's cell process, forked, announced and checked (and warmed up if `warm`)."""
         reap = False
-        if self.state_ran_code and self.state_attributes is None:
-            self.note_state_attributes()  # a new kept state, whose cells have not run yet
+        if self.state_ran_code and self.state_attributes is None:  # before its first cell runs
+            self.state_attributes = StateAttributes.read(self.state_pidfd, self.state_proc_pid)
+            if self.state_attributes is None:
+                self.kill_all()
+                self.lost = "the session's state could not be read; state was reset"
         if self.rollback_due:  # the discarded cell was alone: only the state's bookkeeping is left
             self.rollback_due = False
             reap = self.state_trusted()  # then the next Fork does it
@@ -406,17 +352,6 @@ class Session:
     def close(self) -> None:
         self.kill_all()
         self.jail.close()
-
-
-def _drain(streams: dict) -> None:
-    """Feed `streams` what is left in their pipes, without waiting for more."""
-    for fd, buf in streams.items():
-        os.set_blocking(fd, False)
-        try:
-            while data := os.read(fd, 1 << 20):
-                buf.feed(data)
-        except BlockingIOError:
-            pass
 
 
 def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped: bool) -> None:

@@ -632,7 +632,7 @@ def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
 
 def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     """The kernel facts the rollback shortcut rests on, checked on a tree made here."""
-    from envs.sandbox.linux import children, dead, pid_of_pidfd
+    from envs.sandbox.processes import children, dead, pid_of_pidfd
 
     def listed(pid: int, expected=frozenset()) -> set[int]:  # None while a thread of pytest's
         found: list[set[int]] = []                           # own ends mid-read: read again
@@ -683,20 +683,21 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
     assert out.returncode == 0, out.stderr
     modules = set(json.loads(out.stdout))
     assert {m for m in modules if m.split(".")[0] == "sandbox"} == {
-        "sandbox", "sandbox.protocol", "sandbox.linux", "sandbox.cgroups", "sandbox.cell",
-        "sandbox.state", "sandbox.checks", "sandbox.jail", "sandbox.supervisor", "sandbox.server"}
+        "sandbox", "sandbox.framing", "sandbox.protocol", "sandbox.linux", "sandbox.processes",
+        "sandbox.cgroups", "sandbox.cell", "sandbox.state", "sandbox.checks", "sandbox.jail",
+        "sandbox.output", "sandbox.supervisor", "sandbox.server"}
     assert not {m.split(".")[0] for m in modules} & {"envs", "gymnasium", "numpy", "sympy"}
 
 
 def test_kill_of_every_process_refuses_as_root_outside_a_sandbox_pid_namespace(monkeypatch):
     """kill(-1) by root outside a pid namespace of the sandbox would reach every process of the
     machine: `kill_all_but_self` refuses (os.kill is replaced here, so nothing is sent)."""
-    from envs.sandbox import linux
-    if linux.in_nested_pid_namespace():
+    from envs.sandbox import processes
+    if processes.in_nested_pid_namespace():
         pytest.skip("this test process is itself in a nested pid namespace")
     sent = []
-    monkeypatch.setattr(linux.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(linux.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(processes.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(processes.os, "kill", lambda pid, sig: sent.append((pid, sig)))
     with pytest.raises(RuntimeError, match="refusing kill"):
-        linux.kill_all_but_self()
+        processes.kill_all_but_self()
     assert sent == []

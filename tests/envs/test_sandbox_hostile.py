@@ -49,10 +49,10 @@ def still_serves(sandbox: PythonSandbox) -> None:
     assert (r.status, r.stdout) == ("ok", "42\n"), r
 
 
-# The cell's channel to its supervisor, and the protocol module, as hostile code finds them.
+# The cell's channel to its supervisor, and the protocol's modules, as hostile code finds them.
 FIND_CHANNEL = """
 import os, socket, stat, sys, time
-from sandbox import protocol
+from sandbox import framing, protocol
 chan = next(socket.socket(fileno=os.dup(fd)) for fd in range(3, 64)
             if os.path.exists(f"/proc/self/fd/{fd}") and stat.S_ISSOCK(os.fstat(fd).st_mode))
 """
@@ -261,11 +261,11 @@ def test_a_result_frame_cannot_stretch_a_call_past_its_timeout(sandbox, frame):
     one announcing a long header, ends the call at its timeout."""
     if frame == "dribbled":
         attack = ("head = b'{\"op\":\"done\",\"status\":\"ok\",\"promoted\":false}'\n"
-                  "for byte in protocol.PREFIX.pack(len(head), 0) + head:\n"
+                  "for byte in framing.PREFIX.pack(len(head), 0) + head:\n"
                   "    chan.send(bytes([byte]))\n"
                   "    time.sleep(0.2)\n")
     else:
-        attack = ("chan.send(protocol.PREFIX.pack(60000, 0))\n"
+        attack = ("chan.send(framing.PREFIX.pack(60000, 0))\n"
                   "for _ in range(30):\n"
                   "    chan.send(b' ' * 100)\n"
                   "    time.sleep(0.2)\n")

@@ -1,4 +1,5 @@
-"""The sandbox's wire protocol (envs/sandbox/protocol.py) on socket pairs: no server, no fork.
+"""The sandbox's wire protocol (envs/sandbox/protocol.py, on framing.py) on socket pairs: no server,
+no fork.
 
 Every message kind survives a round trip; a reader rejects, with ProtocolError, whatever exceeds
 the bounds (header, payload, descriptors), a frame cut short, a silent peer past a deadline, a
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from envs.sandbox import framing
 from envs.sandbox import protocol as p
 
 SAMPLES = [  # one of each kind, with the descriptors it carries
@@ -56,7 +58,7 @@ def open_fds() -> set[int]:
 def send_raw(sock: socket.socket, head: bytes, payload: bytes = b"", head_len=None,
              payload_len=None) -> None:
     """A frame as bytes, with lengths that may lie."""
-    sock.sendall(p.PREFIX.pack(len(head) if head_len is None else head_len,
+    sock.sendall(framing.PREFIX.pack(len(head) if head_len is None else head_len,
                                len(payload) if payload_len is None else payload_len)
                  + head + payload)
 
@@ -119,7 +121,7 @@ def test_a_message_of_another_kind_is_rejected_and_its_descriptors_closed(pair):
     with pytest.raises(p.BadMessage):
         p.recv(b, p.Open)  # also one descriptor: it arrives, and is closed
     assert open_fds() == before
-    p.send_msg(a, {"no": "op"})
+    framing.send_msg(a, {"no": "op"})
     with pytest.raises(p.BadMessage, match="got None"):
         p.recv(b, p.Promote)
     p.send(a, p.Promote())  # the stream is still in step
@@ -135,7 +137,7 @@ def test_a_message_of_another_kind_is_rejected_and_its_descriptors_closed(pair):
 ])
 def test_malformed_fields_are_a_bad_message(pair, header):
     a, b = pair
-    p.send_msg(a, header)
+    framing.send_msg(a, header)
     with pytest.raises(p.BadMessage, match="malformed"):
         p.recv(b, p.Run, p.Result, p.ServerReady)
 
@@ -154,10 +156,10 @@ def test_a_header_over_the_limit_is_rejected_before_it_is_read(pair):
     a, b = pair
     send_raw(a, b"", head_len=p.MAX_HEADER + 1)  # the lengths alone decide
     with pytest.raises(p.ProtocolError, match="too large"):
-        p.recv_msg(b)
+        framing.recv_msg(b)
     c, d = socket.socketpair()
     with c, d:
-        p.send_msg(c, {"op": "promote", "pad": "x" * p.MAX_HEADER})
+        framing.send_msg(c, {"op": "promote", "pad": "x" * p.MAX_HEADER})
         with pytest.raises(p.ProtocolError, match="too large"):
             p.recv(d, p.Promote)
 
@@ -172,9 +174,9 @@ def test_a_payload_over_the_kind_s_limit_is_rejected(pair):
         p.recv(b, p.Run)  # rejected from its prefix, without reading 64 MiB
     c, d = socket.socketpair()
     with c, d:
-        p.send_msg(c, {"op": "x"}, b"12345")
+        framing.send_msg(c, {"op": "x"}, b"12345")
         with pytest.raises(p.ProtocolError, match="too large"):
-            p.recv_msg(d, max_payload=4)
+            framing.recv_msg(d, max_payload=4)
 
 
 @pytest.mark.parametrize("message, sent", [(p.Fork(), 2), (p.CellReady(1), 4), (p.Open(), 3)],
@@ -212,14 +214,14 @@ def test_recv_msg_default_bounds(pair):
     a, b = pair
     r, w = os.pipe()
     try:
-        p.send_msg(a, {"op": "x"}, fds=[r] * p.MAX_FDS)
-        _, _, fds = p.recv_msg(b)
-        assert len(fds) == p.MAX_FDS
+        framing.send_msg(a, {"op": "x"}, fds=[r] * framing.MAX_FDS)
+        _, _, fds = framing.recv_msg(b)
+        assert len(fds) == framing.MAX_FDS
         for fd in fds:
             os.close(fd)
-        p.send_msg(a, {"op": "x"}, fds=[r] * (p.MAX_FDS + 1))
+        framing.send_msg(a, {"op": "x"}, fds=[r] * (framing.MAX_FDS + 1))
         with pytest.raises(p.ProtocolError, match="file descriptors"):
-            p.recv_msg(b)
+            framing.recv_msg(b)
     finally:
         os.close(r)
         os.close(w)
@@ -231,7 +233,7 @@ def test_recv_msg_default_bounds(pair):
 def test_a_frame_cut_short_is_a_protocol_error(pair, cut):
     a, b = pair
     head, payload = b'{"op":"run","timeout_s":1,"keep":true}', b"print(1)"
-    frame = p.PREFIX.pack(len(head), len(payload)) + head + payload
+    frame = framing.PREFIX.pack(len(head), len(payload)) + head + payload
     keep = {"nothing": 0, "half_prefix": 4, "prefix_only": 8, "half_header": 8 + len(head) // 2,
             "half_payload": 8 + len(head) + 4}[cut]
     a.sendall(frame[:keep])
@@ -245,7 +247,7 @@ def test_a_header_that_is_not_a_json_object_is_rejected(pair, head):
     a, b = pair
     send_raw(a, head)
     with pytest.raises(p.ProtocolError):
-        p.recv_msg(b)
+        framing.recv_msg(b)
 
 
 def test_a_read_deadline_bounds_a_silent_peer(pair):
@@ -255,9 +257,9 @@ def test_a_read_deadline_bounds_a_silent_peer(pair):
         p.recv(b, p.Result, timeout_s=0.2)
     assert 0.15 < time.monotonic() - t0 < 2.0
     assert b.gettimeout() == 0.2  # the socket keeps its deadline (recv_msg_within)
-    a.sendall(p.PREFIX.pack(2, 0))  # a prefix, then silence mid-message
+    a.sendall(framing.PREFIX.pack(2, 0))  # a prefix, then silence mid-message
     with pytest.raises(p.ProtocolError):
-        p.recv_msg_within(b, 0.2)
+        framing.recv_msg_within(b, 0.2)
     c, d = socket.socketpair()
     with c, d:  # in time: the message
         p.send(c, p.Promoted())
@@ -278,7 +280,8 @@ def test_a_deadline_bounds_a_frame_sent_a_byte_at_a_time(pair):
     """A peer that writes a valid frame one byte every 50 ms passes every per-read timeout; the
     deadline bounds the whole message."""
     a, b = pair
-    frame = p.PREFIX.pack(*(len(h) for h in (b'{"op":"promoted"}', b""))) + b'{"op":"promoted"}'
+    head = b'{"op":"promoted"}'
+    frame = framing.PREFIX.pack(len(head), 0) + head
     stop = threading.Event()
 
     def dribble():
@@ -310,7 +313,7 @@ def test_what_a_state_or_cell_sends_has_a_small_header(pair):
     a, b = pair
     for kind in (p.CellReady, p.CellDone, p.Promoted, p.ForkFailed, p.RolledBack):
         assert kind.max_header == p.SMALL_HEADER
-    a.sendall(p.PREFIX.pack(p.SMALL_HEADER + 1, 0))  # the header itself is never sent
+    a.sendall(framing.PREFIX.pack(p.SMALL_HEADER + 1, 0))  # the header itself is never sent
     t0 = time.monotonic()
     with pytest.raises(p.ProtocolError, match="too large"):
         p.recv(b, p.CellDone, deadline=t0 + 5)
