@@ -1,15 +1,15 @@
 """The batch the GRPO learner trains on (DESIGN.md's rollout contract) and per-episode stats.
 
-    batch = rollouts.collect([3, 8], seed=0)     # agents.rollout.Rollouts
-    state, metrics = grpo_step(state, batch, cfg)  # a RolloutBatch is a learners.train.TrainBatch
-    batch.metrics(), batch.distinct_completions(), batch.episodes[0].header()
-    batch.select(batch.informative_rows()), RolloutBatch.concat([a, b], pad_id=0)
+batch = rollouts.collect([3, 8], seed=0)     # agents.rollout.Rollouts
+state, metrics = grpo_step(state, batch, cfg)  # a RolloutBatch is a learners.train.TrainBatch
+batch.metrics(), batch.distinct_completions(), batch.episodes[0].header()
+batch.select(batch.informative_rows()), RolloutBatch.concat([a, b], pad_id=0)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -42,13 +42,23 @@ class EpisodeStats:
 
     def header(self) -> str:
         """One line for a transcript: problem, verdict, reward and its components, answers."""
-        verdict = "correct" if self.correct else (
-            f"truncated ({self.truncated})" if self.truncated else
-            "wrong" if self.answer_found else "no answer")
+        verdict = (
+            "correct"
+            if self.correct
+            else (
+                f"truncated ({self.truncated})"
+                if self.truncated
+                else "wrong"
+                if self.answer_found
+                else "no answer"
+            )
+        )
         parts = ", ".join(f"{k} {v:g}" for k, v in self.reward_components.items())
-        return (f"problem {self.problem_id} (group {self.group}): {verdict}; reward "
-                f"{self.reward:g} ({parts}); answer {self.answer!r}, gold {self.gold_answer!r}; "
-                f"turns {self.turns}, tool calls {self.tool_calls} ({self.tool_errors} errors)")
+        return (
+            f"problem {self.problem_id} (group {self.group}): {verdict}; reward "
+            f"{self.reward:g} ({parts}); answer {self.answer!r}, gold {self.gold_answer!r}; "
+            f"turns {self.turns}, tool calls {self.tool_calls} ({self.tool_errors} errors)"
+        )
 
 
 @dataclass(frozen=True)
@@ -80,9 +90,14 @@ class RolloutBatch(TrainBatch):
             groups.setdefault(int(g), []).append(i)
         if not groups:
             return 0.0
-        return float(np.mean([
-            len({self.tokens[i, :self.lengths[i]].tobytes() for i in rows}) / len(rows)
-            for rows in groups.values()]))
+        return float(
+            np.mean(
+                [
+                    len({self.tokens[i, : self.lengths[i]].tobytes() for i in rows}) / len(rows)
+                    for rows in groups.values()
+                ]
+            )
+        )
 
     def informative_rows(self) -> np.ndarray:
         """bool [B]: rows whose group's rewards differ (a zero-variance group has zero
@@ -93,21 +108,26 @@ class RolloutBatch(TrainBatch):
             keep[rows] = np.ptp(self.rewards[rows]) > 1e-9
         return keep
 
-    def select(self, keep: np.ndarray) -> "RolloutBatch":
+    def select(self, keep: np.ndarray) -> RolloutBatch:
         """The rows where `keep` (bool [B]) is true."""
         rows = np.flatnonzero(keep)
         return RolloutBatch(
-            tokens=self.tokens[rows], loss_mask=self.loss_mask[rows],
-            sampler_logprobs=self.sampler_logprobs[rows], rewards=self.rewards[rows],
-            group_ids=self.group_ids[rows], adapter_version=self.adapter_version[rows],
-            lengths=self.lengths[rows], episodes=[self.episodes[i] for i in rows],
-            transcripts=[self.transcripts[i] for i in rows])
+            tokens=self.tokens[rows],
+            loss_mask=self.loss_mask[rows],
+            sampler_logprobs=self.sampler_logprobs[rows],
+            rewards=self.rewards[rows],
+            group_ids=self.group_ids[rows],
+            adapter_version=self.adapter_version[rows],
+            lengths=self.lengths[rows],
+            episodes=[self.episodes[i] for i in rows],
+            transcripts=[self.transcripts[i] for i in rows],
+        )
 
     @staticmethod
-    def concat(batches: Sequence["RolloutBatch"], pad_id: int) -> "RolloutBatch":
+    def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         """One batch from several: group ids made distinct, rows padded to the longest."""
         t = max(b.tokens.shape[1] for b in batches)
-        pad = lambda x, v: np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=v)  # noqa: E731
+        pad = lambda x, v: np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=v)
         offsets = np.cumsum([0] + [int(b.group_ids.max()) + 1 for b in batches[:-1]])
         return RolloutBatch(
             tokens=np.concatenate([pad(b.tokens, pad_id) for b in batches]),
@@ -118,23 +138,27 @@ class RolloutBatch(TrainBatch):
             adapter_version=np.concatenate([b.adapter_version for b in batches]),
             lengths=np.concatenate([b.lengths for b in batches]),
             episodes=[e for b in batches for e in b.episodes],
-            transcripts=[s for b in batches for s in b.transcripts])
+            transcripts=[s for b in batches for s in b.transcripts],
+        )
 
 
 def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:
     """Episode means: reward, accuracy, tool use and health, turns, lengths."""
-    mean = lambda xs: float(np.mean(xs)) if eps else 0.0  # noqa: E731
+    mean = lambda xs: float(np.mean(xs)) if eps else 0.0
     calls = sum(e.tool_calls for e in eps)
-    return {"reward": mean([e.reward for e in eps]),
-            "accuracy": mean([e.correct for e in eps]),
-            "answer_rate": mean([e.answer_found for e in eps]),
-            "tool_use_rate": mean([e.tool_calls > 0 for e in eps]),
-            "tool_calls": mean([e.tool_calls for e in eps]),
-            "tool_error_rate": (sum(e.tool_errors + e.tool_timeouts for e in eps) / calls
-                                if calls else 0.0),
-            "parse_failures": mean([e.parse_failures for e in eps]),
-            "turns": mean([e.turns for e in eps]),
-            "truncated_turns": mean([e.truncated == "turns" for e in eps]),
-            "truncated_context": mean([e.truncated == "context" for e in eps]),
-            "sampled_tokens": mean([e.sampled_tokens for e in eps]),
-            "total_tokens": mean([e.total_tokens for e in eps])}
+    return {
+        "reward": mean([e.reward for e in eps]),
+        "accuracy": mean([e.correct for e in eps]),
+        "answer_rate": mean([e.answer_found for e in eps]),
+        "tool_use_rate": mean([e.tool_calls > 0 for e in eps]),
+        "tool_calls": mean([e.tool_calls for e in eps]),
+        "tool_error_rate": (
+            sum(e.tool_errors + e.tool_timeouts for e in eps) / calls if calls else 0.0
+        ),
+        "parse_failures": mean([e.parse_failures for e in eps]),
+        "turns": mean([e.turns for e in eps]),
+        "truncated_turns": mean([e.truncated == "turns" for e in eps]),
+        "truncated_context": mean([e.truncated == "context" for e in eps]),
+        "sampled_tokens": mean([e.sampled_tokens for e in eps]),
+        "total_tokens": mean([e.total_tokens for e in eps]),
+    }

@@ -23,8 +23,9 @@ environment error ends the whole collection with that error: there is no partial
 from __future__ import annotations
 
 import concurrent.futures as cf
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,8 +67,10 @@ class RolloutConfig:
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_turn_tokens < 1 or self.pad_to < 1:
-            raise ValueError(f"group_size ({self.group_size}), max_turn_tokens "
-                             f"({self.max_turn_tokens}) and pad_to ({self.pad_to}) must be >= 1")
+            raise ValueError(
+                f"group_size ({self.group_size}), max_turn_tokens "
+                f"({self.max_turn_tokens}) and pad_to ({self.pad_to}) must be >= 1"
+            )
         if self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
 
@@ -118,8 +121,9 @@ class _Episode:
 
 def render(tokenizer, messages, tools=None, generation_prompt: bool = False) -> str:
     """The chat template's text for a conversation (and its tool schemas)."""
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
 def prompt_tokens(env, tokenizer, index: int) -> tuple[list[int], dict]:
@@ -179,15 +183,22 @@ class Rollouts:
             base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
             head = self._render(base, generation_prompt=True)
             turn = self._render(base + [{"role": "assistant", "content": "A"}])
-            full = self._render(base + [{"role": "assistant", "content": "A"},
-                                        {"role": "tool", "content": "\x00TOOL\x00"}],
-                                generation_prompt=True)
+            full = self._render(
+                base
+                + [
+                    {"role": "assistant", "content": "A"},
+                    {"role": "tool", "content": "\x00TOOL\x00"},
+                ],
+                generation_prompt=True,
+            )
             if not (turn.startswith(head + "A") and full.startswith(turn)):
-                raise RolloutError("the chat template does not render a conversation as a prefix "
-                                   "of its continuation; tool observations cannot be appended "
-                                   "exactly")
-            before, _, after = full[len(turn):].partition("\x00TOOL\x00")
-            self._tool_boundary = (turn[len(head) + 1:] + before, after)
+                raise RolloutError(
+                    "the chat template does not render a conversation as a prefix "
+                    "of its continuation; tool observations cannot be appended "
+                    "exactly"
+                )
+            before, _, after = full[len(turn) :].partition("\x00TOOL\x00")
+            self._tool_boundary = (turn[len(head) + 1 :] + before, after)
         return self._tool_boundary
 
     def _observation_tokens(self, ep: _Episode, observation: str, turn_ended: bool) -> list[int]:
@@ -197,7 +208,7 @@ class Rollouts:
             before, after = self._tool_turn()
             eos = self.tokenizer.eos_token or ""
             if turn_ended and eos and before.startswith(eos):
-                before = before[len(eos):]  # the model closed its turn itself
+                before = before[len(eos) :]  # the model closed its turn itself
             text = before + observation + after
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -205,11 +216,21 @@ class Rollouts:
     def _start(self, env, group: int, index: int, member: int) -> _Episode:
         tokens, info = prompt_tokens(env, self.tokenizer, index)
         role = "tool" if info.get("protocol") == "qwen" else "assistant"
-        return _Episode(group, int(index), env, tokens, len(tokens), role, member,
-                        info.get("tools"), last_info=info)
+        return _Episode(
+            group,
+            int(index),
+            env,
+            tokens,
+            len(tokens),
+            role,
+            member,
+            info.get("tools"),
+            last_info=info,
+        )
 
-    def collect(self, problem_indices: Sequence[int], seed: int = 0,
-                adapter_version: int | None = None) -> RolloutBatch:
+    def collect(
+        self, problem_indices: Sequence[int], seed: int = 0, adapter_version: int | None = None
+    ) -> RolloutBatch:
         """G episodes (cfg.group_size) for each problem index; group i is problem_indices[i]."""
         cfg = self.cfg
         n = len(problem_indices) * cfg.group_size
@@ -217,8 +238,11 @@ class Rollouts:
             raise ValueError("collect needs at least one problem index")
         while len(self._envs) < n:
             self._envs.append(self.make_env())
-        episodes = [self._start(self._envs[g * cfg.group_size + k], g, idx, k)
-                    for g, idx in enumerate(problem_indices) for k in range(cfg.group_size)]
+        episodes = [
+            self._start(self._envs[g * cfg.group_size + k], g, idx, k)
+            for g, idx in enumerate(problem_indices)
+            for k in range(cfg.group_size)
+        ]
         stop = tuple(episodes[0].last_info.get("stop", ()))
         ready, pending, rounds = list(episodes), {}, 0
         try:
@@ -226,34 +250,48 @@ class Rollouts:
                 if pending and cfg.sync_rounds:
                     cf.wait(pending)
                 elif pending:  # let tool calls that are about to finish join this round
-                    cf.wait(pending, timeout=cfg.batch_wait_s if ready else None,
-                            return_when=cf.ALL_COMPLETED if ready else cf.FIRST_COMPLETED)
+                    cf.wait(
+                        pending,
+                        timeout=cfg.batch_wait_s if ready else None,
+                        return_when=cf.ALL_COMPLETED if ready else cf.FIRST_COMPLETED,
+                    )
                 for fut in [f for f in pending if f.done()]:
                     ep, turn_ended = pending.pop(fut)
                     if self._observe(ep, fut.result(), turn_ended):
                         ready.append(ep)
                 if not ready:
                     continue
-                params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                        top_k=cfg.top_k, max_new_tokens=cfg.max_turn_tokens,
-                                        stop=stop, seed=hash((seed, rounds)) % 2**31)
+                params = SamplingParams(
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    top_k=cfg.top_k,
+                    max_new_tokens=cfg.max_turn_tokens,
+                    stop=stop,
+                    seed=hash((seed, rounds)) % 2**31,
+                )
                 rounds += 1
                 rooms = [cfg.max_total_tokens - len(ep.tokens) for ep in ready]
                 samples = self.sampler.generate(
-                    [ep.tokens for ep in ready], params, adapter_version=adapter_version,
+                    [ep.tokens for ep in ready],
+                    params,
+                    adapter_version=adapter_version,
                     seeds=[ep.seed(seed) for ep in ready],
-                    max_new_tokens=[min(room, cfg.max_turn_tokens) for room in rooms])
+                    max_new_tokens=[min(room, cfg.max_turn_tokens) for room in rooms],
+                )
                 for ep, room, (sample,) in zip(ready, rooms, samples):
                     ep.append(sample.token_ids[:room], True, sample.logprobs[:room])
                     ep.versions.append(sample.adapter_version)
                     ep.turns += 1
-                    if len(sample.token_ids) > room or (room == len(sample.token_ids)
-                                                        and sample.finish_reason == "length"):
+                    if len(sample.token_ids) > room or (
+                        room == len(sample.token_ids) and sample.finish_reason == "length"
+                    ):
                         self._end(ep, truncated="context")
                         continue
                     action = self._action_text(sample)
                     pending[self._pool.submit(ep.env.step, action)] = (
-                        ep, sample.finish_reason == "eos")
+                        ep,
+                        sample.finish_reason == "eos",
+                    )
                 ready = []
         except BaseException as exc:
             for fut in pending:
@@ -282,13 +320,16 @@ class Rollouts:
         rendered = self._render(info.get("messages", []), ep.tools)
         text = self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
         closing = ("", "\n", f"{self.tokenizer.eos_token or ''}\n")  # a turn cut by its budget
-        if not (rendered.startswith(text) and rendered[len(text):] in closing):
-            at = next((i for i, (a, b) in enumerate(zip(text, rendered)) if a != b),
-                      min(len(text), len(rendered)))
+        if not (rendered.startswith(text) and rendered[len(text) :] in closing):
+            at = next(
+                (i for i, (a, b) in enumerate(zip(text, rendered)) if a != b),
+                min(len(text), len(rendered)),
+            )
             raise RolloutError(
                 f"episode {ep.group}.{ep.member}: its tokens are not the chat template's "
                 f"rendering of its conversation; from character {at}: tokens "
-                f"{text[at:at + 60]!r}, template {rendered[at:at + 60]!r}")
+                f"{text[at : at + 60]!r}, template {rendered[at : at + 60]!r}"
+            )
 
     def _observe(self, ep: _Episode, step_result, turn_ended: bool) -> bool:
         """Record an environment step; True when the episode goes on."""
@@ -299,15 +340,19 @@ class Rollouts:
             if self.cfg.check_template:
                 self._check_template(ep)
             return False
-        if (turn_ended and ep.observation_role == "assistant" and ep.mask[-1]
-                and ep.tokens[-1] in self.tokenizer.all_special_ids):
+        if (
+            turn_ended
+            and ep.observation_role == "assistant"
+            and ep.mask[-1]
+            and ep.tokens[-1] in self.tokenizer.all_special_ids
+        ):
             # the model ended its turn right after a tool call: the output continues the same
             # assistant message (the chat template has no end of turn there), so the sampled
             # end-of-turn token is taken back
             ep.pop()
         room = self.cfg.max_total_tokens - len(ep.tokens)
         tokens = self._observation_tokens(ep, observation, turn_ended)
-        ep.append(tokens[:max(room, 0)], False)
+        ep.append(tokens[: max(room, 0)], False)
         if len(tokens) >= room:  # no room left to answer
             self._end(ep, truncated="context")
             return False
@@ -318,18 +363,25 @@ class Rollouts:
         tool = info.get("tool", {})
         components = info.get("reward_components") if truncated != "context" else None
         ep.stats = EpisodeStats(
-            problem_id=str(info.get("problem_id", ep.index)), group=ep.group, turns=ep.turns,
-            tool_calls=int(tool.get("calls", 0)), tool_errors=int(tool.get("errors", 0)),
+            problem_id=str(info.get("problem_id", ep.index)),
+            group=ep.group,
+            turns=ep.turns,
+            tool_calls=int(tool.get("calls", 0)),
+            tool_errors=int(tool.get("errors", 0)),
             tool_timeouts=int(tool.get("timeouts", 0)),
             parse_failures=int(tool.get("parse_failures", 0)),
             answer_found=info.get("answer") is not None and truncated != "context",
             correct=bool(info.get("correct", False)) and truncated != "context",
-            truncated=truncated, reward=reward,
-            reward_components=dict(components or {k: 0.0 for k in ("correctness", "format",
-                                                                    "tool_use")}),
-            sampled_tokens=int(sum(ep.mask)), total_tokens=len(ep.tokens),
+            truncated=truncated,
+            reward=reward,
+            reward_components=dict(
+                components or {k: 0.0 for k in ("correctness", "format", "tool_use")}
+            ),
+            sampled_tokens=int(sum(ep.mask)),
+            total_tokens=len(ep.tokens),
             answer=None if info.get("answer") is None else str(info["answer"]),
-            gold_answer=None if info.get("gold_answer") is None else str(info["gold_answer"]))
+            gold_answer=None if info.get("gold_answer") is None else str(info["gold_answer"]),
+        )
         if truncated == "context":  # the environment is mid-episode: release what it holds
             self._drop_envs({id(ep.env)})
 
@@ -353,14 +405,18 @@ class Rollouts:
             k = len(ep.tokens)
             tokens[i, :k], mask[i, :k], logprobs[i, :k] = ep.tokens, ep.mask, ep.logprobs
         return RolloutBatch(
-            tokens=tokens, loss_mask=mask, sampler_logprobs=logprobs,
+            tokens=tokens,
+            loss_mask=mask,
+            sampler_logprobs=logprobs,
             rewards=np.asarray([ep.stats.reward for ep in episodes], np.float32),
             group_ids=np.asarray([ep.group for ep in episodes], np.int32),
-            adapter_version=np.asarray([min(ep.versions, default=0) for ep in episodes],
-                                       np.int32),
+            adapter_version=np.asarray([min(ep.versions, default=0) for ep in episodes], np.int32),
             lengths=np.asarray([len(ep.tokens) for ep in episodes], np.int32),
             episodes=[ep.stats for ep in episodes],
-            transcripts=[ep.stats.header() + "\n\n"
-                         + self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
-                         for ep in episodes])
-
+            transcripts=[
+                ep.stats.header()
+                + "\n\n"
+                + self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
+                for ep in episodes
+            ],
+        )

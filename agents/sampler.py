@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +48,14 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be "
-                             ">= 1")
+            raise ValueError(
+                f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                             f"{self.temperature}, {self.top_p}, {self.top_k}")
+            raise ValueError(
+                f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                f"{self.temperature}, {self.top_p}, {self.top_k}"
+            )
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,10 @@ def check_per_prompt(prompts, params: SamplingParams, seeds, max_new_tokens) -> 
     if max_new_tokens is None:
         return [params.max_new_tokens] * len(prompts)
     if any(not 1 <= b <= params.max_new_tokens for b in max_new_tokens):
-        raise ValueError(f"every max_new_tokens must be in 1..{params.max_new_tokens} "
-                         f"(params.max_new_tokens), got {list(max_new_tokens)}")
+        raise ValueError(
+            f"every max_new_tokens must be in 1..{params.max_new_tokens} "
+            f"(params.max_new_tokens), got {list(max_new_tokens)}"
+        )
     return [int(b) for b in max_new_tokens]
 
 
@@ -101,8 +107,14 @@ def _inverse_cdf(probs_bv, key, block: int = 32, rows: tuple[int, int] | None = 
     return jnp.minimum(blk * block + j, v - 1).astype(jnp.int32)
 
 
-def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float,
-            rows: tuple[int, int] | None = None):
+def _choose(
+    logits_bv,
+    key,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    rows: tuple[int, int] | None = None,
+):
     """Draw one token a row; returns (tokens [B], raw log-probabilities of them [B]). `rows`: see
     `_inverse_cdf`."""
     raw = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
@@ -117,12 +129,18 @@ def _choose(logits_bv, key, temperature: float, top_k: int, top_p: float,
             order = jnp.argsort(-scores, axis=-1)
             sorted_p = jax.nn.softmax(jnp.take_along_axis(scores, order, -1), axis=-1)
             keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p
-            keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scores.shape[0])[:, None],
-                                                  order].set(keep_sorted)
+            keep = (
+                jnp.zeros_like(keep_sorted)
+                .at[jnp.arange(scores.shape[0])[:, None], order]
+                .set(keep_sorted)
+            )
             scores = jnp.where(keep, scores, -jnp.inf)
         tokens = _inverse_cdf(jax.nn.softmax(scores, axis=-1), key, rows=rows)
-        tokens = jnp.where(jnp.isfinite(jnp.take_along_axis(scores, tokens[:, None], -1)[:, 0]),
-                           tokens, jnp.argmax(scores, axis=-1))
+        tokens = jnp.where(
+            jnp.isfinite(jnp.take_along_axis(scores, tokens[:, None], -1)[:, 0]),
+            tokens,
+            jnp.argmax(scores, axis=-1),
+        )
     return tokens.astype(jnp.int32), jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0]
 
 
@@ -144,8 +162,9 @@ def _steps(graphdef, state, logits, cache, key, offset, steps, total, temperatur
         logits, cache = model.decode(tokens, cache)
         return (logits, cache), (tokens, logprobs)
 
-    (logits, cache), (tokens, logprobs) = jax.lax.scan(body, (logits, cache),
-                                                       jax.random.split(key, steps))
+    (logits, cache), (tokens, logprobs) = jax.lax.scan(
+        body, (logits, cache), jax.random.split(key, steps)
+    )
     return tokens, logprobs, logits, cache  # tokens, logprobs: [steps, B]
 
 
@@ -156,9 +175,16 @@ class JaxSampler:
     program keeps about 1.3 of 2 cores busy on small models); each shard draws the random numbers
     its rows would draw in the whole batch, so the samples do not depend on the split."""
 
-    def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
-                 bucket: int = 64, adapter_version: int = 0, chunk: int = 16,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        eos_token_ids: Sequence[int] | None = None,
+        bucket: int = 64,
+        adapter_version: int = 0,
+        chunk: int = 16,
+        threads: int | None = None,
+    ):
         self.model, self.tokenizer, self.bucket, self.chunk = model, tokenizer, bucket, chunk
         eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}
@@ -182,17 +208,25 @@ class JaxSampler:
         closure, not passed as a static argument: hashing it on every call cost more than a
         decode step of a small model."""
         if self._graph is None or self._graph[0] != graphdef:
-            self._graph = (graphdef,
-                           jax.jit(functools.partial(_prefill, graphdef),
-                                   static_argnames="max_len"),
-                           jax.jit(functools.partial(_steps, graphdef),
-                                   static_argnames=("steps", "total", "temperature", "top_k",
-                                                    "top_p")))
+            self._graph = (
+                graphdef,
+                jax.jit(functools.partial(_prefill, graphdef), static_argnames="max_len"),
+                jax.jit(
+                    functools.partial(_steps, graphdef),
+                    static_argnames=("steps", "total", "temperature", "top_k", "top_p"),
+                ),
+            )
         return self._graph[1:]
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 adapter_version: int | None = None, *, seeds: Sequence[int] | None = None,
-                 max_new_tokens: Sequence[int] | None = None) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        adapter_version: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[list[Sample]]:
         """`params.n` samples for each prompt (token ids), in prompt order. `max_new_tokens`
         gives each prompt its own budget (at most params.max_new_tokens). `seeds` (one a prompt,
         what a server that seeds each request needs) are accepted and not used: one call draws
@@ -207,22 +241,28 @@ class JaxSampler:
         max_len = t + _round_up(params.max_new_tokens, self.bucket)
         limit = self.model.config.max_position_embeddings
         if t + params.max_new_tokens > limit:
-            raise ValueError(f"prompt ({t}) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                             f"model's {limit} positions")
+            raise ValueError(
+                f"prompt ({t}) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's {limit} positions"
+            )
         ids = np.zeros((batch, t), np.int32)
         mask = np.zeros((batch, t), np.int32)
         for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = r, 1
-        mask[len(rows):, 0] = 1  # filler rows: one token, discarded
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        mask[len(rows) :, 0] = 1  # filler rows: one token, discarded
         shards = 1
         while shards * 2 <= self.threads and batch // (shards * 2) >= 8:
             shards *= 2
         size = batch // shards
-        jobs = [(o, ids[o:o + size], mask[o:o + size], min(size, len(rows) - o))
-                for o in range(0, batch, size) if o < len(rows)]
+        jobs = [
+            (o, ids[o : o + size], mask[o : o + size], min(size, len(rows) - o))
+            for o in range(0, batch, size)
+            if o < len(rows)
+        ]
         graphdef, state = nnx.split(self.model)
-        run = functools.partial(self._decode_shard, *self._programs(graphdef), state, batch,
-                                max_len, params)
+        run = functools.partial(
+            self._decode_shard, *self._programs(graphdef), state, batch, max_len, params
+        )
         if len(jobs) == 1:
             results = [run(*jobs[0])]
         else:
@@ -233,13 +273,31 @@ class JaxSampler:
             budget = budgets[i // params.n]
             if len(tokens) > budget:
                 tokens, logprobs, finish = tokens[:budget], logprobs[:budget], "length"
-            samples.append(Sample(tokens, logprobs,
-                                  self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                  finish or "length", version, len(rows[i])))
-        return [samples[k * params.n:(k + 1) * params.n] for k in range(len(prompts))]
+            samples.append(
+                Sample(
+                    tokens,
+                    logprobs,
+                    self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    finish or "length",
+                    version,
+                    len(rows[i]),
+                )
+            )
+        return [samples[k * params.n : (k + 1) * params.n] for k in range(len(prompts))]
 
-    def _decode_shard(self, prefill, decode, state, total: int, max_len: int,
-                      params: SamplingParams, offset: int, ids, mask, live: int):
+    def _decode_shard(
+        self,
+        prefill,
+        decode,
+        state,
+        total: int,
+        max_len: int,
+        params: SamplingParams,
+        offset: int,
+        ids,
+        mask,
+        live: int,
+    ):
         """Prefill and decode rows offset.. of the batch; returns (tokens, logprobs, finish) for
         the first `live` of them (the rest are filler)."""
         logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), max_len=max_len)
@@ -252,8 +310,17 @@ class JaxSampler:
             steps = min(self.chunk, params.max_new_tokens - done)
             key, sub = jax.random.split(key)
             tokens, logprobs, logits, cache = decode(
-                state, logits, cache, sub, offset, steps=steps, total=total,
-                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+                state,
+                logits,
+                cache,
+                sub,
+                offset,
+                steps=steps,
+                total=total,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+            )
             tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
             done += steps
             for i in range(live):

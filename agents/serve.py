@@ -43,23 +43,48 @@ class APIError(Exception):
 class CompletionService:
     """The model, its adapters and the requests' logic, apart from HTTP."""
 
-    def __init__(self, model, tokenizer, model_name: str, max_lora_rank: int = 0,
-                 eos_token_ids=None, model_root: str = ""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_name: str,
+        max_lora_rank: int = 0,
+        eos_token_ids=None,
+        model_root: str = "",
+    ):
         self.base, self.tokenizer, self.name = model, tokenizer, model_name
         self.max_lora_rank, self.root = max_lora_rank, model_root
-        eos = eos_token_ids or [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id)
-                                if t is not None]
+        eos = eos_token_ids or [
+            t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None
+        ]
         self.samplers = {model_name: JaxSampler(model, tokenizer, eos_token_ids=eos)}
         self.adapters: dict[str, str] = {}
         self.lock = threading.Lock()  # one generation at a time on the device
         self.created = int(time.time())
 
     def models(self) -> dict:
-        data = [{"id": self.name, "object": "model", "created": self.created,
-                 "owned_by": "toolgrpo", "root": self.root, "parent": None,
-                 "max_model_len": self.base.config.max_position_embeddings}]
-        data += [{"id": name, "object": "model", "created": self.created, "owned_by": "toolgrpo",
-                  "root": path, "parent": self.name} for name, path in self.adapters.items()]
+        data = [
+            {
+                "id": self.name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "toolgrpo",
+                "root": self.root,
+                "parent": None,
+                "max_model_len": self.base.config.max_position_embeddings,
+            }
+        ]
+        data += [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "toolgrpo",
+                "root": path,
+                "parent": self.name,
+            }
+            for name, path in self.adapters.items()
+        ]
         return {"object": "list", "data": data}
 
     def load_adapter(self, body: dict) -> str:
@@ -76,15 +101,18 @@ class CompletionService:
             with open(os.path.join(path, "adapter_config.json")) as f:
                 rank = int(json.load(f)["r"])
             if rank > self.max_lora_rank:
-                raise APIError(400, f"LoRA rank {rank} is greater than max_lora_rank "
-                                    f"{self.max_lora_rank}")
+                raise APIError(
+                    400, f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}"
+                )
             model = load_peft_adapter(nnx.clone(self.base), path)
         except APIError:
             raise
         except (OSError, KeyError, ValueError) as exc:
-            raise APIError(404 if isinstance(exc, OSError) else 400,
-                           f"cannot load LoRA adapter '{name}' from {path}: {exc}",
-                           "NotFoundError" if isinstance(exc, OSError) else "BadRequestError")
+            raise APIError(
+                404 if isinstance(exc, OSError) else 400,
+                f"cannot load LoRA adapter '{name}' from {path}: {exc}",
+                "NotFoundError" if isinstance(exc, OSError) else "BadRequestError",
+            )
         base = self.samplers[self.name]
         with self.lock:
             self.samplers[name] = JaxSampler(model, self.tokenizer, eos_token_ids=base.eos)
@@ -100,9 +128,12 @@ class CompletionService:
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def _prompts(self, prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if (
+            isinstance(prompt, str)
+            or isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) for t in prompt)
+        ):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
             raise APIError(400, "prompt must be a string, a list of token ids, or a list of those")
@@ -130,11 +161,16 @@ class CompletionService:
         top_k = int(body.get("top_k") or 0)
         try:
             params = SamplingParams(
-                n=int(body.get("n", 1)), temperature=float(body.get("temperature", 1.0)),
-                top_p=float(body.get("top_p", 1.0)), top_k=max(top_k, 0),
-                max_new_tokens=int(body.get("max_tokens") or 16), stop=tuple(stop),
-                seed=int(body["seed"]) if body.get("seed") is not None else
-                int.from_bytes(os.urandom(4), "little"))
+                n=int(body.get("n", 1)),
+                temperature=float(body.get("temperature", 1.0)),
+                top_p=float(body.get("top_p", 1.0)),
+                top_k=max(top_k, 0),
+                max_new_tokens=int(body.get("max_tokens") or 16),
+                stop=tuple(stop),
+                seed=int(body["seed"])
+                if body.get("seed") is not None
+                else int.from_bytes(os.urandom(4), "little"),
+            )
         except (TypeError, ValueError) as exc:
             raise APIError(400, str(exc))
         prompts = self._prompts(body.get("prompt"))
@@ -154,24 +190,41 @@ class CompletionService:
                 if s.finish_reason == "stop":
                     stop_reason = next((x for x in stop if x in text), None)
                     if not keep_stop and stop_reason is not None:
-                        text = text[:text.index(stop_reason)]
-                pieces = [f"token_id:{t}" if as_ids else self.tokenizer.decode([t])
-                          for t in s.token_ids]
-                offsets = [0, *itertools.accumulate(map(len, pieces))][:len(pieces)]
-                choice = {"index": len(choices), "text": text,
-                          "finish_reason": "length" if s.finish_reason == "length" else "stop",
-                          "stop_reason": stop_reason, "token_ids": list(s.token_ids),
-                          "logprobs": None}
+                        text = text[: text.index(stop_reason)]
+                pieces = [
+                    f"token_id:{t}" if as_ids else self.tokenizer.decode([t]) for t in s.token_ids
+                ]
+                offsets = [0, *itertools.accumulate(map(len, pieces))][: len(pieces)]
+                choice = {
+                    "index": len(choices),
+                    "text": text,
+                    "finish_reason": "length" if s.finish_reason == "length" else "stop",
+                    "stop_reason": stop_reason,
+                    "token_ids": list(s.token_ids),
+                    "logprobs": None,
+                }
                 if body.get("logprobs") is not None:
-                    choice["logprobs"] = {"tokens": pieces, "token_logprobs": list(s.logprobs),
-                                          "top_logprobs": None, "text_offset": offsets}
+                    choice["logprobs"] = {
+                        "tokens": pieces,
+                        "token_logprobs": list(s.logprobs),
+                        "top_logprobs": None,
+                        "text_offset": offsets,
+                    }
                 choices.append(choice)
                 generated += len(s.token_ids)
         n_prompt = sum(map(len, prompts))
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": name, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": generated,
-                          "total_tokens": n_prompt + generated}}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": n_prompt,
+                "completion_tokens": generated,
+                "total_tokens": n_prompt + generated,
+            },
+        }
 
 
 def make_handler(service: CompletionService):
@@ -184,15 +237,24 @@ def make_handler(service: CompletionService):
         def _send(self, status: int, payload) -> None:
             raw = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "text/plain" if isinstance(payload, str)
-                             else "application/json")
+            self.send_header(
+                "Content-Type", "text/plain" if isinstance(payload, str) else "application/json"
+            )
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
             self.wfile.write(raw)
 
         def _error(self, status: int, message: str, kind: str) -> None:
-            self._send(status, {"object": "error", "message": message, "type": kind,
-                                "param": None, "code": status})
+            self._send(
+                status,
+                {
+                    "object": "error",
+                    "message": message,
+                    "type": kind,
+                    "param": None,
+                    "code": status,
+                },
+            )
 
         def do_GET(self):
             if self.path == "/health":
@@ -203,9 +265,11 @@ def make_handler(service: CompletionService):
                 self._error(404, f"no route {self.path}", "NotFoundError")
 
         def do_POST(self):
-            routes = {"/v1/completions": service.complete,
-                      "/v1/load_lora_adapter": service.load_adapter,
-                      "/v1/unload_lora_adapter": service.unload_adapter}
+            routes = {
+                "/v1/completions": service.complete,
+                "/v1/load_lora_adapter": service.load_adapter,
+                "/v1/unload_lora_adapter": service.unload_adapter,
+            }
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -235,8 +299,12 @@ def serve(service: CompletionService, host: str = "127.0.0.1", port: int = 8000)
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", help="a Hugging Face Qwen2 directory or hub id")
-    parser.add_argument("--model", dest="model_flag", default=None,
-                        help="the same, as vLLM's API server module takes it")
+    parser.add_argument(
+        "--model",
+        dest="model_flag",
+        default=None,
+        help="the same, as vLLM's API server module takes it",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None)
@@ -244,8 +312,12 @@ def main(argv=None) -> None:
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    for flag in ("--max-loras", "--generation-config", "--gpu-memory-utilization",
-                 "--max-model-len"):  # vLLM flags with a value that this server has no use for
+    for flag in (
+        "--max-loras",
+        "--generation-config",
+        "--gpu-memory-utilization",
+        "--max-model-len",
+    ):  # vLLM flags with a value that this server has no use for
         parser.add_argument(flag, default=None, help="accepted for vLLM's sake; not used")
     args, ignored = parser.parse_known_args(argv)
     args.model = args.model or args.model_flag
@@ -258,9 +330,13 @@ def main(argv=None) -> None:
 
     model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    service = CompletionService(model, tokenizer, args.served_model_name or args.model,
-                                args.max_lora_rank if args.enable_lora else 0,
-                                model_root=args.model)
+    service = CompletionService(
+        model,
+        tokenizer,
+        args.served_model_name or args.model,
+        args.max_lora_rank if args.enable_lora else 0,
+        model_root=args.model,
+    )
     server = serve(service, args.host, args.port)
     note = f" (ignored vllm flags: {' '.join(ignored)})" if ignored else ""
     print(f"serving {service.name} on http://{args.host}:{server.server_port}{note}", flush=True)

@@ -30,8 +30,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 from agents.sampler import Sample, SamplingParams, check_per_prompt
 
@@ -51,9 +51,17 @@ class StaleAdapterError(ServerError):
 class VLLMSampler:
     """A client of vLLM's OpenAI-compatible server (or agents.serve), with versioned adapters."""
 
-    def __init__(self, base_url: str, tokenizer, model: str | None = None,
-                 timeout_s: float = 600.0, retries: int = 4, backoff_s: float = 0.5,
-                 adapter_prefix: str = "toolgrpo", adapter_dir: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        tokenizer,
+        model: str | None = None,
+        timeout_s: float = 600.0,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        adapter_prefix: str = "toolgrpo",
+        adapter_dir: str | None = None,
+    ):
         self.url = base_url.rstrip("/").removesuffix("/v1")
         self.tokenizer, self.timeout_s = tokenizer, timeout_s
         self.retries, self.backoff_s = retries, backoff_s
@@ -75,8 +83,12 @@ class VLLMSampler:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                self.url + path,
+                data=data,
+                method=method,
+                headers={"Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     raw = resp.read().decode()
@@ -86,12 +98,15 @@ class VLLMSampler:
             except urllib.error.HTTPError as exc:
                 message = _error_message(exc)
                 if exc.code >= 500:
-                    last = ServerError(f"{self.url}{path}: HTTP {exc.code} ({attempt + 1} "
-                                       f"tries): {message}", exc.code)
+                    last = ServerError(
+                        f"{self.url}{path}: HTTP {exc.code} ({attempt + 1} tries): {message}",
+                        exc.code,
+                    )
                     continue
-                raise ServerError(f"{self.url}{path}: HTTP {exc.code}: {message}",
-                                  exc.code) from None
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:
+                raise ServerError(
+                    f"{self.url}{path}: HTTP {exc.code}: {message}", exc.code
+                ) from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 last = exc
         if isinstance(last, ServerError):  # it answered, with an error every time
             raise last
@@ -99,15 +114,19 @@ class VLLMSampler:
             f"the vLLM server at {self.url} is unreachable ({path}, {self.retries + 1} tries): "
             f"{last}. Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL "
             "--enable-lora --max-lora-rank R` (agents.vllm_client.VLLMServer does), or use the "
-            "JAX sampler.")
+            "JAX sampler."
+        )
 
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, path: str, version: int) -> str:
         """Load the PEFT adapter at `path` as `version`, then unload the previous one."""
         name = f"{self.prefix}-v{version}"
         try:
-            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name,
-                                                             "lora_path": os.path.abspath(path)})
+            self._request(
+                "POST",
+                "/v1/load_lora_adapter",
+                {"lora_name": name, "lora_path": os.path.abspath(path)},
+            )
         except ServerError as exc:
             said = str(exc).lower().partition("http 404: ")[2]
             no_route = "no route" in said or ("not found" in said and "adapter" not in said)
@@ -116,12 +135,14 @@ class VLLMSampler:
                     f"the server at {self.url} holds LoRA adapters of rank up to its "
                     "--max-lora-rank, below this adapter's: restart it with a larger one "
                     f"(VLLMServer(max_lora_rank=R) rounds R up to a rank vLLM accepts) ({exc})",
-                    exc.status) from None
+                    exc.status,
+                ) from None
             if no_route or "not enabled" in str(exc):
                 raise ServerError(
                     f"the server at {self.url} cannot load LoRA adapters at run time: start it "
                     "with --enable-lora --max-lora-rank R and the environment variable "
-                    f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True ({exc})") from None
+                    f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True ({exc})"
+                ) from None
             raise
         previous, self._adapter, self.adapter_version = self._adapter, name, version
         if previous is not None:
@@ -141,16 +162,24 @@ class VLLMSampler:
         return name
 
     # -- sampling ---------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 adapter_version: int | None = None, *, seeds: Sequence[int] | None = None,
-                 max_new_tokens: Sequence[int] | None = None) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        adapter_version: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[list[Sample]]:
         """`params.n` samples for each prompt, in prompt order: one request a prompt, sent at
         once (the server batches them continuously), each with its own seed (`seeds`, or
         derived from params.seed and the prompt's place) and budget (`max_new_tokens`)."""
         version = self.adapter_version if adapter_version is None else adapter_version
         if version != self.adapter_version:
-            raise StaleAdapterError(f"adapter version {version} was requested but the server "
-                                    f"holds version {self.adapter_version}: sync_adapter first")
+            raise StaleAdapterError(
+                f"adapter version {version} was requested but the server "
+                f"holds version {self.adapter_version}: sync_adapter first"
+            )
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         budgets = check_per_prompt(prompts, params, seeds, max_new_tokens)
@@ -160,29 +189,50 @@ class VLLMSampler:
         jobs = [(list(map(int, p)), int(b), int(s)) for p, b, s in zip(prompts, budgets, seeds)]
         if len(jobs) == 1:
             return [self._complete(model, version, params, *jobs[0])]
-        return list(self._pool.map(lambda job: self._complete(model, version, params, *job),
-                                   jobs))
+        return list(self._pool.map(lambda job: self._complete(model, version, params, *job), jobs))
 
-    def _complete(self, model: str, version: int, params: SamplingParams, prompt: list[int],
-                  max_tokens: int, seed: int) -> list[Sample]:
+    def _complete(
+        self,
+        model: str,
+        version: int,
+        params: SamplingParams,
+        prompt: list[int],
+        max_tokens: int,
+        seed: int,
+    ) -> list[Sample]:
         """One request: `params.n` samples of one prompt. Every sampling field is sent, so
         that the server never fills one from the model's generation_config.json (a repetition
         penalty there would make the samples come from a distribution the learner never
         scores: the log-probabilities vLLM returns are the unpenalised ones)."""
-        body = {"model": model, "prompt": prompt, "n": params.n, "max_tokens": max_tokens,
-                "temperature": params.temperature, "top_p": params.top_p,
-                "top_k": params.top_k or -1, "min_p": 0.0, "repetition_penalty": 1.0,
-                "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop": list(params.stop),
-                "seed": seed, "logprobs": 0, "return_tokens_as_token_ids": True,
-                "return_token_ids": True, "include_stop_str_in_output": True,
-                "skip_special_tokens": True}
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "n": params.n,
+            "max_tokens": max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k or -1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "stop": list(params.stop),
+            "seed": seed,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+            "return_token_ids": True,
+            "include_stop_str_in_output": True,
+            "skip_special_tokens": True,
+        }
         try:
             reply = self._request("POST", "/v1/completions", body)
         except ServerError as exc:
             if self._adapter and exc.status == 404:
-                raise StaleAdapterError(f"the server at {self.url} no longer holds adapter "
-                                        f"{model!r} (restarted?); not falling back to the base "
-                                        "model") from None
+                raise StaleAdapterError(
+                    f"the server at {self.url} no longer holds adapter "
+                    f"{model!r} (restarted?); not falling back to the base "
+                    "model"
+                ) from None
             raise
         choices = sorted(reply["choices"], key=lambda c: c["index"])
         if len(choices) != params.n:
@@ -196,11 +246,15 @@ class VLLMSampler:
             ids = [int(t.split(":", 1)[1]) for t in lp.get("tokens", [])]
         logprobs = [float(x) for x in lp.get("token_logprobs", [])]
         if len(logprobs) != len(ids):
-            raise ServerError(f"{self.url} returned {len(ids)} tokens but {len(logprobs)} "
-                              "log-probabilities")
+            raise ServerError(
+                f"{self.url} returned {len(ids)} tokens but {len(logprobs)} log-probabilities"
+            )
         reason = choice.get("finish_reason")
-        finish = "length" if reason == "length" else (
-            "stop" if isinstance(choice.get("stop_reason"), str) else "eos")
+        finish = (
+            "length"
+            if reason == "length"
+            else ("stop" if isinstance(choice.get("stop_reason"), str) else "eos")
+        )
         return Sample(ids, logprobs, choice.get("text", ""), finish, version, prompt_len)
 
 
@@ -253,54 +307,90 @@ class VLLMServer:
     learner. `env` adds environment variables (for the CPU build, VLLM_CPU_KVCACHE_SPACE: its
     KV cache in GiB)."""
 
-    def __init__(self, model: str, max_lora_rank: int = 128, gpu_memory_utilization: float = 0.35,
-                 port: int | None = None, host: str = "127.0.0.1",
-                 extra_args: Sequence[str] = (), command: Sequence[str] | None = None,
-                 startup_timeout_s: float = 900.0, log_path: str | None = None,
-                 env: dict[str, str] | None = None, generation_config: str = "vllm"):
+    def __init__(
+        self,
+        model: str,
+        max_lora_rank: int = 128,
+        gpu_memory_utilization: float = 0.35,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        extra_args: Sequence[str] = (),
+        command: Sequence[str] | None = None,
+        startup_timeout_s: float = 900.0,
+        log_path: str | None = None,
+        env: dict[str, str] | None = None,
+        generation_config: str = "vllm",
+    ):
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self.lora_rank = vllm_lora_rank(max_lora_rank)
         if self.lora_rank != max_lora_rank:
-            print(f"vLLM: --max-lora-rank {self.lora_rank} (the smallest rank vLLM accepts that "
-                  f"holds rank {max_lora_rank})", file=sys.stderr, flush=True)
-        self.cmd = [*(command or vllm_command()), "--model", model, "--host", host, "--port",
-                    str(self.port), "--enable-lora", "--max-lora-rank", str(self.lora_rank),
-                    "--max-loras", "2", "--generation-config", generation_config,
-                    "--gpu-memory-utilization", str(gpu_memory_utilization), *extra_args]
+            print(
+                f"vLLM: --max-lora-rank {self.lora_rank} (the smallest rank vLLM accepts that "
+                f"holds rank {max_lora_rank})",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.cmd = [
+            *(command or vllm_command()),
+            "--model",
+            model,
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(self.lora_rank),
+            "--max-loras",
+            "2",
+            "--generation-config",
+            generation_config,
+            "--gpu-memory-utilization",
+            str(gpu_memory_utilization),
+            *extra_args,
+        ]
         self.env = dict(env or {})
         self.startup_timeout_s = startup_timeout_s
-        self.log_path = log_path or os.path.join(tempfile.mkdtemp(prefix="toolgrpo-vllm-"),
-                                                 "server.log")
+        self.log_path = log_path or os.path.join(
+            tempfile.mkdtemp(prefix="toolgrpo-vllm-"), "server.log"
+        )
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.env}
         log = open(self.log_path, "w")
         try:
-            self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         except FileNotFoundError:
-            raise ServerError(f"cannot start {self.cmd[0]!r}: not installed (GPU: uv sync "
-                              "--extra vllm; CPU: experiments/install_vllm_cpu.sh), or use the "
-                              "JAX sampler") from None
+            raise ServerError(
+                f"cannot start {self.cmd[0]!r}: not installed (GPU: uv sync "
+                "--extra vllm; CPU: experiments/install_vllm_cpu.sh), or use the "
+                "JAX sampler"
+            ) from None
         finally:
             log.close()
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"the server exited with {self.process.returncode} while "
-                                  f"starting: {' '.join(self.cmd)}\n{self.log_tail()}")
+                raise ServerError(
+                    f"the server exited with {self.process.returncode} while "
+                    f"starting: {' '.join(self.cmd)}\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
                     if resp.status == 200:
                         return self
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)
         self.stop()
-        raise ServerError(f"the server was not healthy after {self.startup_timeout_s:.0f} s: "
-                          f"{' '.join(self.cmd)}\n{self.log_tail()}")
+        raise ServerError(
+            f"the server was not healthy after {self.startup_timeout_s:.0f} s: "
+            f"{' '.join(self.cmd)}\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -327,7 +417,7 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

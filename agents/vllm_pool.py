@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 
@@ -59,21 +59,37 @@ class VLLMPool:
             if old != f"v{version}":
                 shutil.rmtree(os.path.join(self.adapter_dir, old), ignore_errors=True)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 adapter_version: int | None = None, *, seeds: Sequence[int] | None = None,
-                 max_new_tokens: Sequence[int] | None = None) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        adapter_version: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[list[Sample]]:
         """VLLMSampler.generate over the servers: `params.n` samples a prompt, in prompt
         order."""
         version = self.adapter_version if adapter_version is None else adapter_version
         if version != self.adapter_version:
-            raise StaleAdapterError(f"adapter version {version} was requested but the servers "
-                                    f"hold version {self.adapter_version}: sync_adapter first")
+            raise StaleAdapterError(
+                f"adapter version {version} was requested but the servers "
+                f"hold version {self.adapter_version}: sync_adapter first"
+            )
         budgets = check_per_prompt(prompts, params, seeds, max_new_tokens)
         if seeds is None:  # the seeds one server would have derived, by place in the call
             seeds = [hash((params.seed, i)) % 2**31 for i in range(len(prompts))]
         shares = np.array_split(np.arange(len(prompts)), len(self.clients))
-        jobs = [self._pool.submit(
-            client.generate, [prompts[i] for i in share], params, version,
-            seeds=[seeds[i] for i in share], max_new_tokens=[budgets[i] for i in share])
-            for client, share in zip(self.clients, shares) if len(share)]
+        jobs = [
+            self._pool.submit(
+                client.generate,
+                [prompts[i] for i in share],
+                params,
+                version,
+                seeds=[seeds[i] for i in share],
+                max_new_tokens=[budgets[i] for i in share],
+            )
+            for client, share in zip(self.clients, shares)
+            if len(share)
+        ]
         return [group for job in jobs for group in job.result()]

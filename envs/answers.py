@@ -24,7 +24,7 @@ def last_boxed(text: str) -> str | None:
                 elif text[i] == "}":
                     depth -= 1
                     if depth == 0:
-                        return text[start + 1:i].strip()
+                        return text[start + 1 : i].strip()
             continue  # unbalanced: try an earlier one
         token = re.match(r"[^\s$]+", text[start:])
         if token:

@@ -12,8 +12,8 @@ import math
 import os
 import random
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from envs.answers import last_boxed, parse_integer
 
@@ -74,7 +74,7 @@ def _load_table(source: str, split: str):
         datasets.disable_progress_bars()  # a local file's "Generating train split" is noise
         try:
             return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=source, split="train")
-        except Exception as exc:  # noqa: BLE001 - datasets wraps parse errors in its own types
+        except Exception as exc:
             cause = exc.__cause__ or exc
             text = f"{type(cause).__name__}: {cause}".splitlines()[0][:200]
             raise ValueError(f"problem file {source!r} could not be read ({text})") from exc
@@ -86,14 +86,18 @@ def _load_table(source: str, split: str):
     try:
         with _offline_unless_reachable() as unreachable:
             loaded = datasets.load_dataset(name, config or None)
-    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
-        text = ("the Hub cannot be reached and it is not in the local cache" if unreachable
-                else f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+    except Exception as exc:
+        text = (
+            "the Hub cannot be reached and it is not in the local cache"
+            if unreachable
+            else f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        )
         raise HubUnavailableError(
             f"could not load {source!r} from the Hugging Face Hub ({text})",
             "Offline, pass a local JSON/JSONL/CSV/Parquet file instead, e.g. "
             "gym.make('ToolMath-AIME-v0', problems='aime.jsonl') with one "
-            "{\"problem\": ..., \"answer\": ...} per line.") from exc
+            '{"problem": ..., "answer": ...} per line.',
+        ) from exc
     if split in loaded:
         return loaded[split]
     if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is
@@ -152,12 +156,15 @@ def _check_local_file(source: str, ext: str) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"problem file {source!r} line {number} is not JSON "
-                                 f"({exc.msg} at column {exc.colno}): {line.strip()[:80]!r}"
-                                 ) from None
+                raise ValueError(
+                    f"problem file {source!r} line {number} is not JSON "
+                    f"({exc.msg} at column {exc.colno}): {line.strip()[:80]!r}"
+                ) from None
             if not isinstance(row, dict):
-                raise ValueError(f"problem file {source!r} line {number} is not a JSON object "
-                                 f"with question and answer fields: {line.strip()[:80]!r}")
+                raise ValueError(
+                    f"problem file {source!r} line {number} is not a JSON object "
+                    f"with question and answer fields: {line.strip()[:80]!r}"
+                )
             rows += 1
     if not rows:
         raise ValueError(f"problem file {source!r} has no rows")
@@ -167,12 +174,15 @@ def _pick(columns: Sequence[str], candidates: Sequence[str], what: str, source: 
     for c in candidates:
         if c in columns:
             return c
-    raise ValueError(f"{source!r} has no {what} column: looked for {', '.join(candidates)}; "
-                     f"found {', '.join(columns)}")
+    raise ValueError(
+        f"{source!r} has no {what} column: looked for {', '.join(candidates)}; "
+        f"found {', '.join(columns)}"
+    )
 
 
-def load_problems(sources: str | Sequence[str], split: str = "train",
-                  answer_kind: str = "auto") -> list[Problem]:
+def load_problems(
+    sources: str | Sequence[str], split: str = "train", answer_kind: str = "auto"
+) -> list[Problem]:
     """Problems from hub ids or local files (several are concatenated). Question and answer
     columns are detected; an answer column holding worked solutions contributes their \\boxed{}
     answer. A row without a usable answer is an error that names the row."""
@@ -195,8 +205,10 @@ def load_problems(sources: str | Sequence[str], split: str = "train",
             if answer and a_col.lower() == "solution":
                 answer = last_boxed(answer)
             if not answer:
-                raise ValueError(f"{source!r} row {i} (id {row.get(id_col, i)!r}) has no usable "
-                                 f"answer in column {a_col!r}: {str(raw)[:80]!r}")
+                raise ValueError(
+                    f"{source!r} row {i} (id {row.get(id_col, i)!r}) has no usable "
+                    f"answer in column {a_col!r}: {str(raw)[:80]!r}"
+                )
             question = str(row[q_col] or "").strip()
             if not question:
                 raise ValueError(f"{source!r} row {i} has an empty {q_col!r}")
@@ -239,8 +251,13 @@ class ArithProblems(Sequence[Problem]):
         rng = random.Random(f"{self.seed}:{self.difficulty}:{index}")
         kind = rng.choice(self.kinds)
         question, answer = getattr(self, f"_{kind}")(rng, self.difficulty)
-        return Problem(f"arith-{self.seed}-{self.difficulty}-{index}", question, str(answer),
-                       "integer", {"kind": kind})
+        return Problem(
+            f"arith-{self.seed}-{self.difficulty}-{index}",
+            question,
+            str(answer),
+            "integer",
+            {"kind": kind},
+        )
 
     @staticmethod
     def _product(rng: random.Random, d: int):
@@ -249,7 +266,7 @@ class ArithProblems(Sequence[Problem]):
 
     @staticmethod
     def _modpow(rng: random.Random, d: int):
-        base, exp = rng.randrange(2, 10 ** (d + 1)), rng.randrange(10 ** d, 10 ** (d + 2))
+        base, exp = rng.randrange(2, 10 ** (d + 1)), rng.randrange(10**d, 10 ** (d + 2))
         mod = rng.randrange(97, 1000)
         return f"What is the remainder when {base}^{exp} is divided by {mod}?", pow(base, exp, mod)
 
@@ -263,11 +280,19 @@ class ArithProblems(Sequence[Problem]):
         n = rng.randrange(10 ** (d // 2 + 2), 10 ** (d // 2 + 3))
         a, b = rng.sample(range(3, 14), 2)
         c = rng.choice([k for k in range(2, 10) if k not in (a, b)])
-        multiples = lambda *ds: n // math.lcm(*ds)  # noqa: E731 - inclusion-exclusion
-        count = (multiples(a) + multiples(b) - multiples(a, b)
-                 - multiples(a, c) - multiples(b, c) + multiples(a, b, c))
-        return (f"How many integers k with 1 \u2264 k \u2264 {n} are divisible by {a} or by {b}, "
-                f"but not by {c}?"), count
+        multiples = lambda *ds: n // math.lcm(*ds)
+        count = (
+            multiples(a)
+            + multiples(b)
+            - multiples(a, b)
+            - multiples(a, c)
+            - multiples(b, c)
+            + multiples(a, b, c)
+        )
+        return (
+            f"How many integers k with 1 \u2264 k \u2264 {n} are divisible by {a} or by {b}, "
+            f"but not by {c}?"
+        ), count
 
     @staticmethod
     def _gcd_lcm(rng: random.Random, d: int):
@@ -276,11 +301,14 @@ class ArithProblems(Sequence[Problem]):
         g = rng.randrange(2, 50)
         nums = [x * g for x in nums]
         if rng.random() < 0.5:
-            return f"Find the greatest common divisor of {', '.join(map(str, nums))}.", \
-                math.gcd(*nums)
+            return f"Find the greatest common divisor of {', '.join(map(str, nums))}.", math.gcd(
+                *nums
+            )
         nums = nums[:3]
-        return (f"Find the remainder when the least common multiple of "
-                f"{', '.join(map(str, nums))} is divided by 1000."), math.lcm(*nums) % 1000
+        return (
+            f"Find the remainder when the least common multiple of "
+            f"{', '.join(map(str, nums))} is divided by 1000."
+        ), math.lcm(*nums) % 1000
 
     @staticmethod
     def _series(rng: random.Random, d: int):
@@ -289,8 +317,9 @@ class ArithProblems(Sequence[Problem]):
         m = rng.randrange(2, 12)
         # k^p mod 1000 depends on k mod 1000, the condition on k mod m: sum whole periods.
         period = math.lcm(1000, m)
-        part = lambda upto: sum(pow(k, p, 1000) for k in range(1, upto + 1) if k % m)  # noqa: E731
+        part = lambda upto: sum(pow(k, p, 1000) for k in range(1, upto + 1) if k % m)
         full, rest = divmod(n, period)
-        return (f"Compute the sum of k^{p} over all integers 1 \u2264 k \u2264 {n} that are not "
-                f"multiples of {m}, and give the result modulo 1000."), \
-            (full * part(period) + part(rest)) % 1000
+        return (
+            f"Compute the sum of k^{p} over all integers 1 \u2264 k \u2264 {n} that are not "
+            f"multiples of {m}, and give the result modulo 1000."
+        ), (full * part(period) + part(rest)) % 1000

@@ -25,8 +25,8 @@ PYTHON_TOOL = {
     "function": {
         "name": "python",
         "description": "Run Python code in a persistent session (variables, imports and functions "
-                       "persist between calls; numpy and sympy are available) and return what it "
-                       "prints. The value of a final expression is shown too.",
+        "persist between calls; numpy and sympy are available) and return what it "
+        "prints. The value of a final expression is shown too.",
         "parameters": {
             "type": "object",
             "properties": {"code": {"type": "string", "description": "The Python code to run."}},
@@ -79,20 +79,24 @@ class MarkdownProtocol:
     _any_block = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 
     def system_prompt(self) -> str:
-        return ("You are a helpful assistant who solves problems by reasoning step by step and "
-                "running Python code. To run code, write it in a ```python code block; it runs in "
-                "a persistent Python session with numpy and sympy available, and its output "
-                "appears in a ```output block. Use print() to see results. When you are sure, "
-                "give the final answer as \\boxed{answer}.")
+        return (
+            "You are a helpful assistant who solves problems by reasoning step by step and "
+            "running Python code. To run code, write it in a ```python code block; it runs in "
+            "a persistent Python session with numpy and sympy available, and its output "
+            "appears in a ```output block. Use print() to see results. When you are sure, "
+            "give the final answer as \\boxed{answer}."
+        )
 
     def parse(self, text: str) -> Action:
-        body = text[:-len("```output")] if text.rstrip().endswith("```output") else text
+        body = text[: -len("```output")] if text.rstrip().endswith("```output") else text
         blocks = list(self._block.finditer(body))
         boxed_at = body.rfind("\\boxed")
         if blocks and not (boxed_at > blocks[-1].end()):
             code = "\n".join(b.group(1) for b in blocks)
             if not code.strip():
-                return ParseFailure("The ```python block is empty. Write the code to run inside it.")
+                return ParseFailure(
+                    "The ```python block is empty. Write the code to run inside it."
+                )
             return ToolCall(code)
         return FinalAnswer(last_boxed(self._any_block.sub("", body)))
 
@@ -114,9 +118,11 @@ class QwenToolCallProtocol:
     _call = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 
     def system_prompt(self) -> str:
-        return ("You are a helpful assistant who solves problems by reasoning step by step and "
-                "calling the python tool to compute. When you are sure, give the final answer as "
-                "\\boxed{answer}.")
+        return (
+            "You are a helpful assistant who solves problems by reasoning step by step and "
+            "calling the python tool to compute. When you are sure, give the final answer as "
+            "\\boxed{answer}."
+        )
 
     def parse(self, text: str) -> Action:
         calls = list(self._call.finditer(text))
@@ -128,10 +134,12 @@ class QwenToolCallProtocol:
             try:
                 call = json.loads(raw)
             except json.JSONDecodeError as exc:
-                return ParseFailure(f"The tool call is not valid JSON ({exc.msg} at position "
-                                    f"{exc.pos}). Write "
-                                    '<tool_call>{"name": "python", "arguments": {"code": "..."}}'
-                                    "</tool_call>.")
+                return ParseFailure(
+                    f"The tool call is not valid JSON ({exc.msg} at position "
+                    f"{exc.pos}). Write "
+                    '<tool_call>{"name": "python", "arguments": {"code": "..."}}'
+                    "</tool_call>."
+                )
             if not isinstance(call, dict) or call.get("name") != "python":
                 name = call.get("name") if isinstance(call, dict) else None
                 return ParseFailure(f"Unknown tool {name!r}; the only tool is 'python'.")
@@ -158,5 +166,6 @@ def get_protocol(name: str) -> MarkdownProtocol | QwenToolCallProtocol:
     try:
         return PROTOCOLS[name]()
     except KeyError:
-        raise ValueError(f"unknown tool protocol {name!r}; choose one of "
-                         f"{', '.join(PROTOCOLS)}") from None
+        raise ValueError(
+            f"unknown tool protocol {name!r}; choose one of {', '.join(PROTOCOLS)}"
+        ) from None

@@ -53,10 +53,16 @@ class RewardWeights:
 
     def combine(self, components: dict[str, float]) -> float:
         """The reward: the weighted sum of the components of `reward_components`."""
-        return (self.correctness * components["correctness"] + self.format * components["format"]
-                + self.tool_use * components["tool_use"])
+        return (
+            self.correctness * components["correctness"]
+            + self.format * components["format"]
+            + self.tool_use * components["tool_use"]
+        )
 
 
 def reward_components(correct: bool, answer: str | None, stats: ToolStats) -> dict[str, float]:
-    return {"correctness": correctness_reward(correct), "format": format_reward(answer),
-            "tool_use": tool_use_reward(stats)}
+    return {
+        "correctness": correctness_reward(correct),
+        "format": format_reward(answer),
+        "tool_use": tool_use_reward(stats),
+    }

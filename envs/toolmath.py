@@ -83,17 +83,29 @@ class ToolMathEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
-    def __init__(self, problems: str | Sequence[Problem] = "aime", split: str = "train",
-                 protocol: str = "markdown", max_turns: int = 4, max_chars: int = 32_000,
-                 tool_timeout_s: float = 10.0, max_output_chars: int = 2_000,
-                 reward_weights: RewardWeights = RewardWeights(), difficulty: int = 3,
-                 data_seed: int = 0, sandbox: PythonSandbox | None = None,
-                 system_prompt: str | None = None, render_mode: str | None = None):
+    def __init__(
+        self,
+        problems: str | Sequence[Problem] = "aime",
+        split: str = "train",
+        protocol: str = "markdown",
+        max_turns: int = 4,
+        max_chars: int = 32_000,
+        tool_timeout_s: float = 10.0,
+        max_output_chars: int = 2_000,
+        reward_weights: RewardWeights = RewardWeights(),
+        difficulty: int = 3,
+        data_seed: int = 0,
+        sandbox: PythonSandbox | None = None,
+        system_prompt: str | None = None,
+        render_mode: str | None = None,
+    ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         if max_chars < 100 or max_output_chars < 50:
-            raise ValueError(f"max_chars ({max_chars}) must be >= 100 and max_output_chars "
-                             f"({max_output_chars}) >= 50")
+            raise ValueError(
+                f"max_chars ({max_chars}) must be >= 100 and max_output_chars "
+                f"({max_output_chars}) >= 50"
+            )
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         if problems == "arith":
@@ -138,19 +150,26 @@ class ToolMathEnv(gym.Env):
         self._turns, self._chars, self._done = 0, 0, False
         self._stats = ToolStats()
         user = self._user_message(self._problem)
-        self._messages = [{"role": "system", "content": self.system_prompt},
-                          {"role": "user", "content": user}]
-        info = {"problem_id": self._problem.id, "messages": self._copy_messages(),
-                "stop": list(self.stop_sequences), "protocol": self.protocol.name,
-                "tools": [dict(t) for t in getattr(self.protocol, "tools", ())]}
+        self._messages = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": user},
+        ]
+        info = {
+            "problem_id": self._problem.id,
+            "messages": self._copy_messages(),
+            "stop": list(self.stop_sequences),
+            "protocol": self.protocol.name,
+            "tools": [dict(t) for t in getattr(self.protocol, "tools", ())],
+        }
         return user, info
 
     def step(self, action: str):
         if self._done:
             raise RuntimeError("the episode is over: call reset() before step()")
         if not isinstance(action, str):
-            raise TypeError(f"an action is the text of an assistant turn, got "
-                            f"{type(action).__name__}")
+            raise TypeError(
+                f"an action is the text of an assistant turn, got {type(action).__name__}"
+            )
         self._turns += 1
         parsed = self.protocol.parse(action)
         if isinstance(parsed, FinalAnswer):
@@ -187,9 +206,13 @@ class ToolMathEnv(gym.Env):
         if self._session is None:
             self._session = (self._sandbox or shared_sandbox()).session()
         result = self._session.run(call.code, timeout_s=self.tool_timeout_s)
-        self._stats = _bump(self._stats, calls=1, ok=int(result.ok),
-                            errors=int(result.status in ("error", "memory", "crashed")),
-                            timeouts=int(result.status == "timeout"))
+        self._stats = _bump(
+            self._stats,
+            calls=1,
+            ok=int(result.ok),
+            errors=int(result.status in ("error", "memory", "crashed")),
+            timeouts=int(result.status == "timeout"),
+        )
         text = result.stdout + result.stderr
         return truncate_middle(text.rstrip("\n"), self.max_output_chars)
 
@@ -210,10 +233,17 @@ class ToolMathEnv(gym.Env):
         if observation is not None:
             call_id = f"call_{self._turns}"
             code = parsed.code if isinstance(parsed, ToolCall) else ""
-            message["tool_calls"] = [{"id": call_id, "type": "function", "function": {
-                "name": "python", "arguments": {"code": code}}}]
-            self._messages += [message, {"role": "tool", "tool_call_id": call_id,
-                                         "content": observation}]
+            message["tool_calls"] = [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "python", "arguments": {"code": code}},
+                }
+            ]
+            self._messages += [
+                message,
+                {"role": "tool", "tool_call_id": call_id, "content": observation},
+            ]
         else:
             self._messages.append(message)
 
@@ -225,13 +255,18 @@ class ToolMathEnv(gym.Env):
         self._done = True
         self._release()
         info = self._info()
-        info.update(answer=answer, gold_answer=problem.answer, correct=correct,
-                    reward_components=components)
+        info.update(
+            answer=answer, gold_answer=problem.answer, correct=correct, reward_components=components
+        )
         return "", reward, terminated, not terminated, info
 
     def _info(self) -> dict:
-        return {"problem_id": self._problem.id, "turn": self._turns,
-                "tool": dict(vars(self._stats)), "messages": self._copy_messages()}
+        return {
+            "problem_id": self._problem.id,
+            "turn": self._turns,
+            "tool": dict(vars(self._stats)),
+            "messages": self._copy_messages(),
+        }
 
     def _copy_messages(self) -> list[dict]:
         return json.loads(json.dumps(self._messages))

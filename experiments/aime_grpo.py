@@ -29,9 +29,11 @@ import sys
 from agents.training import Config, train
 from agents.training.cli import exit_cleanly_when_offline, load_config, one_line_errors
 
-OFFLINE_HINT = ("offline? run with local files: python experiments/aime_grpo.py --model.name DIR "
-                "--env.problems train.jsonl --env.eval-problems test.jsonl (or the offline demo: "
-                "python experiments/arith_grpo.py)")
+OFFLINE_HINT = (
+    "offline? run with local files: python experiments/aime_grpo.py --model.name DIR "
+    "--env.problems train.jsonl --env.eval-problems test.jsonl (or the offline demo: "
+    "python experiments/arith_grpo.py)"
+)
 
 
 def main(argv: list[str]) -> dict:

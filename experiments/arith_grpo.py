@@ -123,18 +123,24 @@ class Config:
         if not 0 < self.copy_target < 1:
             raise ValueError(f"copy_target must be in (0, 1), got {self.copy_target}")
         if self.hidden_size % self.head_dim:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of head_dim "
-                             f"{self.head_dim}")
-        if min(self.check_every, self.check_problems) < 1 or \
-                self.tool_steps_budget < self.check_every:
-            raise ValueError("check_every and check_problems must be >= 1 and tool_steps_budget "
-                             f">= check_every, got {self.check_every}, {self.check_problems}, "
-                             f"{self.tool_steps_budget}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of head_dim {self.head_dim}"
+            )
+        if (
+            min(self.check_every, self.check_problems) < 1
+            or self.tool_steps_budget < self.check_every
+        ):
+            raise ValueError(
+                "check_every and check_problems must be >= 1 and tool_steps_budget "
+                f">= check_every, got {self.check_every}, {self.check_problems}, "
+                f"{self.tool_steps_budget}"
+            )
 
-    def shortened(self) -> "Config":
+    def shortened(self) -> Config:
         if not self.quick:
             return self
         return dataclasses.replace(self, grpo_steps=12, eval_problems=48)
+
 
 SYSTEM_PROMPT = "Run python in a ```python block if you need to; answer in \\boxed{}."
 """Short instructions: a tiny model's context is better spent on the problem."""
@@ -161,12 +167,16 @@ def demonstration(problem, use_tool: bool, rng: random.Random) -> list[tuple[str
 
     answer = problem.answer
     if not use_tool:  # a guess with as many digits as the answer: almost always wrong
-        guess = str(rng.randrange(10 ** (len(answer) - 1) if len(answer) > 1 else 0,
-                                  10 ** len(answer)))
+        guess = str(
+            rng.randrange(10 ** (len(answer) - 1) if len(answer) > 1 else 0, 10 ** len(answer))
+        )
         return [("\\boxed{", True), (guess, False), ("}<|im_end|>", True)]
     call = f"```python\n{solution_code(problem.question, problem.meta['kind'])}\n```\n"
-    return [(call, True), (MarkdownProtocol().format_output(answer, call), False),
-            (f"\\boxed{{{answer}}}<|im_end|>", True)]
+    return [
+        (call, True),
+        (MarkdownProtocol().format_output(answer, call), False),
+        (f"\\boxed{{{answer}}}<|im_end|>", True),
+    ]
 
 
 def demonstrations(make_env, problems, indices, rng: random.Random):
@@ -200,8 +210,7 @@ def token_rows(tokenizer, demos, multiple: int = 32) -> TokenRows:
     rollout encodes an episode (the prompt by the chat template)."""
     rows = []
     for messages, segments in demos:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         start, mask = len(ids), [0] * len(ids)
         for text, learn in segments:
@@ -212,7 +221,7 @@ def token_rows(tokenizer, demos, multiple: int = 32) -> TokenRows:
     tokens = np.full((len(rows), t), tokenizer.pad_token_id, np.int32)
     loss_mask = np.zeros((len(rows), t), np.int32)
     for i, (ids, mask, _) in enumerate(rows):
-        tokens[i, :len(ids)], loss_mask[i, :len(ids)] = ids, mask
+        tokens[i, : len(ids)], loss_mask[i, : len(ids)] = ids, mask
     return TokenRows(tokens, loss_mask, np.array([r[2] for r in rows], np.int32))
 
 
@@ -236,11 +245,13 @@ def demonstration_probabilities(model, rows: TokenRows) -> dict:
     # the first segment: the run of the model's own tokens that starts at `start`
     segment = np.cumprod(np.where(np.arange(mask.shape[1]) >= rows.start[:, None], mask, 1), 1)
     segment = segment.astype(bool) & (np.arange(mask.shape[1]) > rows.start[:, None])
-    prob = lambda m: float(np.mean(np.exp((logprobs * m).sum(1))))  # noqa: E731
+    prob = lambda m: float(np.mean(np.exp((logprobs * m).sum(1))))
     return {"code": prob(segment), "demonstration": prob(mask & ~first), "tool": prob(first)}
 
-def warm_start(model, cfg: Config, tool_rows: TokenRows, mixed_rows: TokenRows,
-               check_rows: TokenRows, log) -> dict:
+
+def warm_start(
+    model, cfg: Config, tool_rows: TokenRows, mixed_rows: TokenRows, check_rows: TokenRows, log
+) -> dict:
     """The two phases of the supervised warm start (module docstring), in place; returns what
     they measured."""
     from tqdm import tqdm
@@ -251,8 +262,11 @@ def warm_start(model, cfg: Config, tool_rows: TokenRows, mixed_rows: TokenRows,
     order = np.random.default_rng(cfg.seed)
     first_step = -(cfg.tool_steps_budget + cfg.mix_steps + 1)  # phase b logs -mix_steps..-1
     warm: dict = {"checks": []}
-    bar = tqdm(range(1, cfg.tool_steps_budget + 1), desc="warm start a (tool demonstrations)",
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(1, cfg.tool_steps_budget + 1),
+        desc="warm start a (tool demonstrations)",
+        dynamic_ncols=True,
+    )
     for step in bar:
         loss = sft(tool_rows.sample(order, cfg.sft_batch))
         if step % 10 == 0:
@@ -267,24 +281,32 @@ def warm_start(model, cfg: Config, tool_rows: TokenRows, mixed_rows: TokenRows,
     bar.close()
     warm["tool_steps"], warm["copy_probability"] = step, warm["checks"][-1][1]
     if warm["copy_probability"] < cfg.copy_target:
-        print(f"warning: the warm start copies the factors with probability "
-              f"{warm['copy_probability']:.3f} after {step} steps, short of copy_target="
-              f"{cfg.copy_target}; GRPO starts anyway (raise --tool-steps-budget)",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: the warm start copies the factors with probability "
+            f"{warm['copy_probability']:.3f} after {step} steps, short of copy_target="
+            f"{cfg.copy_target}; GRPO starts anyway (raise --tool-steps-budget)",
+            file=sys.stderr,
+            flush=True,
+        )
     warm["after_tool_phase"] = demonstration_probabilities(model, check_rows)
     sft.scale_learning_rate(cfg.mix_learning_rate_scale)
-    for step in tqdm(range(cfg.mix_steps), desc="warm start b (mixed demonstrations)",
-                     dynamic_ncols=True):
+    for step in tqdm(
+        range(cfg.mix_steps), desc="warm start b (mixed demonstrations)", dynamic_ncols=True
+    ):
         loss = sft(mixed_rows.sample(order, cfg.sft_batch))
         if step % 10 == 0:
             log.log(step - cfg.mix_steps, {"sft/loss": loss})
     warm["after_mix_phase"] = demonstration_probabilities(model, check_rows)
     a, b = warm["after_tool_phase"], warm["after_mix_phase"]
-    print(f"warm start: {warm['tool_steps']} + {cfg.mix_steps} steps; teacher-forced on the "
-          f"check problems: code {a['code']:.3f} -> {b['code']:.3f}, whole demonstration "
-          f"{a['demonstration']:.3f} -> {b['demonstration']:.3f}, tool first "
-          f"{a['tool']:.3f} -> {b['tool']:.3f}", flush=True)
+    print(
+        f"warm start: {warm['tool_steps']} + {cfg.mix_steps} steps; teacher-forced on the "
+        f"check problems: code {a['code']:.3f} -> {b['code']:.3f}, whole demonstration "
+        f"{a['demonstration']:.3f} -> {b['demonstration']:.3f}, tool first "
+        f"{a['tool']:.3f} -> {b['tool']:.3f}",
+        flush=True,
+    )
     return warm
+
 
 def main(cfg: Config) -> dict:
     import gymnasium as gym
@@ -293,8 +315,15 @@ def main(cfg: Config) -> dict:
     import envs  # noqa: F401 - registers the environments
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
-    from agents.training import (GRPOLoop, Interrupted, ProblemOrder, RunLog, evaluate, fit,
-                                 run_environment)
+    from agents.training import (
+        GRPOLoop,
+        Interrupted,
+        ProblemOrder,
+        RunLog,
+        evaluate,
+        fit,
+        run_environment,
+    )
     from agents.training.run import prepare_run_directory
     from envs.problems import ArithProblems
     from learners.lora import apply_lora
@@ -309,51 +338,78 @@ def main(cfg: Config) -> dict:
     train_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 1, kinds=cfg.kinds)
     heldout = ArithProblems(cfg.difficulty, seed=cfg.seed + 2, kinds=cfg.kinds)
     check_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 3, kinds=cfg.kinds)
-    make_train_env = lambda: gym.make("ToolMath-Arith-v0", problems=train_problems,  # noqa: E731
-                                      system_prompt=SYSTEM_PROMPT)
-    make_eval_env = lambda: gym.make("ToolMath-Arith-v0", problems=heldout,  # noqa: E731
-                                     system_prompt=SYSTEM_PROMPT)
-    make_check_env = lambda: gym.make("ToolMath-Arith-v0", problems=check_problems,  # noqa: E731
-                                      system_prompt=SYSTEM_PROMPT)
+    make_train_env = lambda: gym.make(
+        "ToolMath-Arith-v0", problems=train_problems, system_prompt=SYSTEM_PROMPT
+    )
+    make_eval_env = lambda: gym.make(
+        "ToolMath-Arith-v0", problems=heldout, system_prompt=SYSTEM_PROMPT
+    )
+    make_check_env = lambda: gym.make(
+        "ToolMath-Arith-v0", problems=check_problems, system_prompt=SYSTEM_PROMPT
+    )
 
     # 1. demonstrations rendered by the environment and the chat template; the tokenizer
     rng = random.Random(cfg.seed)
-    tool_demos, guess_demos = demonstrations(make_train_env, train_problems,
-                                             range(cfg.sft_examples), rng)
-    check_demos, _ = demonstrations(make_check_env, check_problems, range(cfg.check_problems),
-                                    rng)
-    corpus = [SYSTEM_PROMPT] * 10 + [m[1]["content"] + "".join(t for t, _ in segs)
-                                     for m, segs in tool_demos + guess_demos]
+    tool_demos, guess_demos = demonstrations(
+        make_train_env, train_problems, range(cfg.sft_examples), rng
+    )
+    check_demos, _ = demonstrations(make_check_env, check_problems, range(cfg.check_problems), rng)
+    corpus = [SYSTEM_PROMPT] * 10 + [
+        m[1]["content"] + "".join(t for t, _ in segs) for m, segs in tool_demos + guess_demos
+    ]
     tokenizer = train_chat_tokenizer(corpus, vocab_size=cfg.vocab_size)
     tool_rows = token_rows(tokenizer, tool_demos)
-    mixed_rows = token_rows(tokenizer, [t if rng.random() < cfg.tool_fraction else g
-                                        for t, g in zip(tool_demos, guess_demos)])
+    mixed_rows = token_rows(
+        tokenizer,
+        [t if rng.random() < cfg.tool_fraction else g for t, g in zip(tool_demos, guess_demos)],
+    )
     check_rows = token_rows(tokenizer, check_demos)
 
     # 2. a tiny Qwen2 and the two-phase supervised warm start
     heads = cfg.hidden_size // cfg.head_dim
-    model_cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
-                            intermediate_size=3 * cfg.hidden_size, num_hidden_layers=cfg.layers,
-                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                            rope_theta=10_000.0, max_position_embeddings=1024,
-                            tie_word_embeddings=True)
+    model_cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=3 * cfg.hidden_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        rope_theta=10_000.0,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     model = Qwen2ForCausalLM(model_cfg, rngs=nnx.Rngs(cfg.seed))
     warm = warm_start(model, cfg, tool_rows, mixed_rows, check_rows, log)
     t_sft = time.perf_counter() - t_start
 
     # 3. GRPO with LoRA through the JAX sampler and the sandbox
-    model = apply_lora(model, rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank,
-                       rngs=nnx.Rngs(cfg.seed + 1))
+    model = apply_lora(
+        model, rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank, rngs=nnx.Rngs(cfg.seed + 1)
+    )
     eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     sampler = JaxSampler(model, tokenizer, eos_token_ids=eos, bucket=32)
-    roll_cfg = RolloutConfig(group_size=cfg.group_size, max_turn_tokens=cfg.max_turn_tokens,
-                             max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
-                             pad_to=64, sync_rounds=True)  # figures that do not hang on timing
-    grpo_cfg = GRPOConfig(learning_rate=cfg.learning_rate, warmup_steps=3,
-                          total_steps=cfg.grpo_steps, schedule="constant", micro_batch_size=None)
+    roll_cfg = RolloutConfig(
+        group_size=cfg.group_size,
+        max_turn_tokens=cfg.max_turn_tokens,
+        max_total_tokens=cfg.max_total_tokens,
+        temperature=cfg.temperature,
+        pad_to=64,
+        sync_rounds=True,
+    )  # figures that do not hang on timing
+    grpo_cfg = GRPOConfig(
+        learning_rate=cfg.learning_rate,
+        warmup_steps=3,
+        total_steps=cfg.grpo_steps,
+        schedule="constant",
+        micro_batch_size=None,
+    )
     train = Rollouts(make_train_env, sampler, tokenizer, roll_cfg)
-    evaluator = Rollouts(make_eval_env, sampler, tokenizer,
-                         dataclasses.replace(roll_cfg, group_size=cfg.eval_samples))
+    evaluator = Rollouts(
+        make_eval_env,
+        sampler,
+        tokenizer,
+        dataclasses.replace(roll_cfg, group_size=cfg.eval_samples),
+    )
     eval_indices = list(range(cfg.eval_problems))
 
     def held_out(step: int) -> dict:
@@ -364,8 +420,11 @@ def main(cfg: Config) -> dict:
         return metrics
 
     before = held_out(0)
-    print(f"warm start: accuracy {before['eval/pass@1']:.3f}, tool use "
-          f"{before['eval/tool_use_rate']:.3f}", flush=True)
+    print(
+        f"warm start: accuracy {before['eval/pass@1']:.3f}, tool use "
+        f"{before['eval/tool_use_rate']:.3f}",
+        flush=True,
+    )
     loop = GRPOLoop(model, init_state(model, grpo_cfg), grpo_cfg, train, cfg.problems_per_step)
     problems = ProblemOrder(None, position=cfg.sft_examples)  # never seen in the warm start
     try:
@@ -379,14 +438,21 @@ def main(cfg: Config) -> dict:
     evaluator.close()
     log.close()
     summary = {
-        "warm_start_accuracy": before["eval/pass@1"], "final_accuracy": after["eval/pass@1"],
+        "warm_start_accuracy": before["eval/pass@1"],
+        "final_accuracy": after["eval/pass@1"],
         "warm_start_tool_use_rate": before["eval/tool_use_rate"],
         "final_tool_use_rate": after["eval/tool_use_rate"],
-        "warm_start_reward": before["eval/reward"], "final_reward": after["eval/reward"],
+        "warm_start_reward": before["eval/reward"],
+        "final_reward": after["eval/reward"],
         "accuracy_gain_points": 100 * (after["eval/pass@1"] - before["eval/pass@1"]),
-        "wall_s": time.perf_counter() - t_start, "sft_s": t_sft, "warm_start": warm,
-        "eval_problems": cfg.eval_problems, "eval_samples": cfg.eval_samples,
-        "grpo_steps": cfg.grpo_steps, "quick": cfg.quick, "seed": cfg.seed,
+        "wall_s": time.perf_counter() - t_start,
+        "sft_s": t_sft,
+        "warm_start": warm,
+        "eval_problems": cfg.eval_problems,
+        "eval_samples": cfg.eval_samples,
+        "grpo_steps": cfg.grpo_steps,
+        "quick": cfg.quick,
+        "seed": cfg.seed,
         "environment": run_environment(),
     }
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:

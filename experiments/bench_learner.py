@@ -33,14 +33,39 @@ from dataclasses import dataclass
 import tyro
 
 SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, batch=8, seq_len=128, rank=16),
-    "0.5b-width": dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864,
-                       num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2,
-                       batch=2, seq_len=256, rank=128),
-    "0.5b": dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864,
-                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 batch=8, seq_len=1024, rank=128),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        batch=8,
+        seq_len=128,
+        rank=16,
+    ),
+    "0.5b-width": dict(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=2,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        batch=2,
+        seq_len=256,
+        rank=128,
+    ),
+    "0.5b": dict(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        batch=8,
+        seq_len=1024,
+        rank=128,
+    ),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
@@ -118,7 +143,8 @@ def jax_side(shape: dict, steps: int, seed: int, dtype_name: str | None = None) 
     def loss_fn(lora, rest, ids):
         logits = nnx.merge(graphdef, lora, rest)(ids)
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
+            logits[:, :-1].astype(jnp.float32), ids[:, 1:]
+        ).mean()
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     t0 = time.perf_counter()
@@ -129,8 +155,12 @@ def jax_side(shape: dict, steps: int, seed: int, dtype_name: str | None = None) 
         t0 = time.perf_counter()
         jax.block_until_ready(step(lora, rest, ids))
         times.append(time.perf_counter() - t0)
-    out = {"step_s": statistics.median(times), "compile_s": compile_s,
-           "device": jax.devices()[0].device_kind, "dtype": str(jnp.dtype(dtype))}
+    out = {
+        "step_s": statistics.median(times),
+        "compile_s": compile_s,
+        "device": jax.devices()[0].device_kind,
+        "dtype": str(jnp.dtype(dtype)),
+    }
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
@@ -144,17 +174,31 @@ def torch_side(shape: dict, steps: int, seed: int) -> dict:
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(**model_config(shape), tie_word_embeddings=True)
-    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(
-        r=shape["rank"], lora_alpha=shape["rank"], lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
+    model = get_peft_model(
+        Qwen2ForCausalLM(cfg),
+        LoraConfig(
+            r=shape["rank"],
+            lora_alpha=shape["rank"],
+            lora_dropout=0.0,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        ),
+    )
     ids = torch.tensor(tokens(shape, seed), dtype=torch.long)
 
     def step():
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+        )
         loss.backward()
         return loss
 
@@ -164,8 +208,11 @@ def torch_side(shape: dict, steps: int, seed: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "threads": torch.get_num_threads(),
-            "version": torch.__version__}
+    return {
+        "step_s": statistics.median(times),
+        "threads": torch.get_num_threads(),
+        "version": torch.__version__,
+    }
 
 
 def memory_plan(args: Args, name: str) -> dict:
@@ -181,20 +228,37 @@ def memory_plan(args: Args, name: str) -> dict:
     shape = shape_of(args, name)
     dtype = getattr(jnp, args.dtype or "bfloat16")
     cfg = Qwen2Config(**model_config(shape))
-    grpo_cfg = GRPOConfig(micro_batch_size=shape["batch"], ppo_epochs=args.ppo_epochs,
-                          beta=args.beta, total_steps=100, logprob_chunk=args.logprob_chunk)
+    grpo_cfg = GRPOConfig(
+        micro_batch_size=shape["batch"],
+        ppo_epochs=args.ppo_epochs,
+        beta=args.beta,
+        total_steps=100,
+        logprob_chunk=args.logprob_chunk,
+    )
 
     def build():
-        model = Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=dtype, remat=True,
-                                 attention_block=args.attention_block, rngs=nnx.Rngs(args.seed))
+        model = Qwen2ForCausalLM(
+            cfg,
+            dtype=dtype,
+            param_dtype=dtype,
+            remat=True,
+            attention_block=args.attention_block,
+            rngs=nnx.Rngs(args.seed),
+        )
         apply_lora(model, rank=shape["rank"], alpha=shape["rank"], param_dtype=jnp.float32)
         return init_state(model, grpo_cfg)
 
     state = jax.eval_shape(build)
     gib = 2.0**30
-    row = {"batch": shape["batch"], "seq_len": shape["seq_len"], "rank": shape["rank"],
-           "layers": cfg.num_hidden_layers, "dtype": str(jnp.dtype(dtype)),
-           "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+    row = {
+        "batch": shape["batch"],
+        "seq_len": shape["seq_len"],
+        "rank": shape["rank"],
+        "layers": cfg.num_hidden_layers,
+        "dtype": str(jnp.dtype(dtype)),
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+    }
     t0 = time.perf_counter()
     programs = lower_passes(state, grpo_cfg, shape["batch"], shape["seq_len"])
     row["lower_s"] = time.perf_counter() - t0
@@ -220,28 +284,43 @@ def main_plan(args: Args) -> dict:
         print(json.dumps(report))
     else:
         for name, r in report["shapes"].items():
-            print(f"{name}: {r['layers']} layers, {r['batch']} x {r['seq_len']}, {r['dtype']}, "
-                  f"{r['backend']} (lowering {r['lower_s']:.1f} s)")
+            print(
+                f"{name}: {r['layers']} layers, {r['batch']} x {r['seq_len']}, {r['dtype']}, "
+                f"{r['backend']} (lowering {r['lower_s']:.1f} s)"
+            )
             for program in r["programs"]:
-                print(f"  {program:13} temporaries {r[f'{program}_temp_gib']:7.2f} GiB  "
-                      f"arguments {r[f'{program}_argument_gib']:6.2f} GiB  "
-                      f"outputs {r[f'{program}_output_gib']:6.2f} GiB  "
-                      f"compile {r[f'{program}_compile_s']:6.1f} s")
+                print(
+                    f"  {program:13} temporaries {r[f'{program}_temp_gib']:7.2f} GiB  "
+                    f"arguments {r[f'{program}_argument_gib']:6.2f} GiB  "
+                    f"outputs {r[f'{program}_output_gib']:6.2f} GiB  "
+                    f"compile {r[f'{program}_compile_s']:6.1f} s"
+                )
     return report
 
 
 def run_worker(args: Args) -> None:
     side, name = args.worker.split(":")
     shape = shape_of(args, name)
-    result = (jax_side(shape, args.steps, args.seed, args.dtype) if side == "jax"
-              else torch_side(shape, args.steps, args.seed))
+    result = (
+        jax_side(shape, args.steps, args.seed, args.dtype)
+        if side == "jax"
+        else torch_side(shape, args.steps, args.seed)
+    )
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
 def measure(args: Args, side: str, name: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", f"{side}:{name}", "--steps", str(args.steps),
-           "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        f"{side}:{name}",
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+    ]
     for flag in ("batch", "seq_len", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -257,9 +336,15 @@ def main(args: Args) -> dict:
         shape = shape_of(args, name)
         n_tokens = shape["batch"] * shape["seq_len"]
         jx = measure(args, "jax", name)
-        row = {"batch": shape["batch"], "seq_len": shape["seq_len"], "rank": shape["rank"],
-               "jax_tokens_per_s": n_tokens / jx["step_s"], "jax_peak_mb": jx["peak_rss_mb"],
-               "jax_compile_s": jx["compile_s"], "device": jx["device"]}
+        row = {
+            "batch": shape["batch"],
+            "seq_len": shape["seq_len"],
+            "rank": shape["rank"],
+            "jax_tokens_per_s": n_tokens / jx["step_s"],
+            "jax_peak_mb": jx["peak_rss_mb"],
+            "jax_compile_s": jx["compile_s"],
+            "device": jx["device"],
+        }
         if "device_peak_mb" in jx:
             row["jax_device_peak_mb"] = jx["device_peak_mb"]
             params = _param_count(shape)
@@ -269,34 +354,58 @@ def main(args: Args) -> dict:
             row["mfu"] = flops / 1e12 / peak if peak else None
         if not args.skip_torch:
             th = measure(args, "torch", name)
-            row.update(torch_tokens_per_s=n_tokens / th["step_s"], torch_peak_mb=th["peak_rss_mb"],
-                       speed_ratio=th["step_s"] / jx["step_s"],
-                       memory_ratio=jx["peak_rss_mb"] / th["peak_rss_mb"])
+            row.update(
+                torch_tokens_per_s=n_tokens / th["step_s"],
+                torch_peak_mb=th["peak_rss_mb"],
+                speed_ratio=th["step_s"] / jx["step_s"],
+                memory_ratio=jx["peak_rss_mb"] / th["peak_rss_mb"],
+            )
         report["shapes"][name] = row
     first = report["shapes"][args.shapes[-1]]  # the headline: the largest shape asked for
-    report.update({k: first[k] for k in ("jax_tokens_per_s", "jax_peak_mb", "torch_tokens_per_s",
-                                         "torch_peak_mb", "speed_ratio") if k in first})
+    report.update(
+        {
+            k: first[k]
+            for k in (
+                "jax_tokens_per_s",
+                "jax_peak_mb",
+                "torch_tokens_per_s",
+                "torch_peak_mb",
+                "speed_ratio",
+            )
+            if k in first
+        }
+    )
     report["headline_shape"] = args.shapes[-1]
     report["cpu_count"] = os.cpu_count()
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{'shape':12} {'B x T':>9} {'JAX tok/s':>10} {'torch tok/s':>12} {'speed':>6} "
-              f"{'JAX peak':>9} {'torch peak':>11}")
+        print(
+            f"{'shape':12} {'B x T':>9} {'JAX tok/s':>10} {'torch tok/s':>12} {'speed':>6} "
+            f"{'JAX peak':>9} {'torch peak':>11}"
+        )
         for name, r in report["shapes"].items():
-            print(f"{name:12} {r['batch']:>3} x {r['seq_len']:<4} {r['jax_tokens_per_s']:10.0f} "
-                  f"{r.get('torch_tokens_per_s', float('nan')):12.0f} "
-                  f"{r.get('speed_ratio', float('nan')):5.2f}x {r['jax_peak_mb']:7.0f}MB "
-                  f"{r.get('torch_peak_mb', float('nan')):9.0f}MB")
+            print(
+                f"{name:12} {r['batch']:>3} x {r['seq_len']:<4} {r['jax_tokens_per_s']:10.0f} "
+                f"{r.get('torch_tokens_per_s', float('nan')):12.0f} "
+                f"{r.get('speed_ratio', float('nan')):5.2f}x {r['jax_peak_mb']:7.0f}MB "
+                f"{r.get('torch_peak_mb', float('nan')):9.0f}MB"
+            )
             if "mfu" in r:
-                print(f"    {r['device']}: {r['model_tflops']:.1f} TFLOP/s, MFU "
-                      f"{(r['mfu'] or 0) * 100:.1f}%")
+                print(
+                    f"    {r['device']}: {r['model_tflops']:.1f} TFLOP/s, MFU "
+                    f"{(r['mfu'] or 0) * 100:.1f}%"
+                )
     return report
 
 
 def _param_count(shape: dict) -> int:
-    d, f, v, n = (shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"],
-                  shape["num_hidden_layers"])
+    d, f, v, n = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["vocab_size"],
+        shape["num_hidden_layers"],
+    )
     h = d // shape["num_attention_heads"]
     attn = d * d * 2 + 2 * d * shape["num_key_value_heads"] * h
     return v * d + n * (attn + 3 * d * f)

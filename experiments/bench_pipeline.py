@@ -78,8 +78,7 @@ class LatencyEngine:
     def sync_adapter(self, model, version: int) -> None:
         self.adapter_version = version
 
-    def generate(self, prompts, params, adapter_version=None, *, seeds=None,
-                 max_new_tokens=None):
+    def generate(self, prompts, params, adapter_version=None, *, seeds=None, max_new_tokens=None):
         import re
 
         from agents.sampler import Sample
@@ -93,14 +92,25 @@ class LatencyEngine:
             answer = a * b if rng.random() < 0.5 else a * b + 1
             ids = self.tokenizer.encode(f"So \\boxed{{{answer}}}.", add_special_tokens=False)
             pad = self.tokenizer.encode(" ok", add_special_tokens=False)
-            budget = min(self.new_tokens, (max_new_tokens or [params.max_new_tokens] * len(
-                prompts))[i])
-            ids = (pad * self.new_tokens)[:max(budget - len(ids) - 1, 0)] + ids
+            budget = min(
+                self.new_tokens, (max_new_tokens or [params.max_new_tokens] * len(prompts))[i]
+            )
+            ids = (pad * self.new_tokens)[: max(budget - len(ids) - 1, 0)] + ids
             ids = ids + [self.tokenizer.eos_token_id]
             longest = max(longest, len(ids))
             self.generated_tokens += len(ids)
-            out.append([Sample(ids, [-1.0] * len(ids), self.tokenizer.decode(
-                ids, skip_special_tokens=True), "eos", version, len(prompt))])
+            out.append(
+                [
+                    Sample(
+                        ids,
+                        [-1.0] * len(ids),
+                        self.tokenizer.decode(ids, skip_special_tokens=True),
+                        "eos",
+                        version,
+                        len(prompt),
+                    )
+                ]
+            )
         time.sleep(self.per_token_s * longest)
         return out
 
@@ -132,29 +142,41 @@ def build(args: Args):
 
     rng = random.Random(0)
     pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(512)]
-    problems = [Problem(f"p{i}", f"Compute {a} x {b}.", str(a * b), "integer")
-                for i, (a, b) in enumerate(pairs)]
-    tokenizer = train_chat_tokenizer([p.question for p in problems[:64]] + [
-        "So \\boxed{391}. ok ok"], vocab_size=400)
+    problems = [
+        Problem(f"p{i}", f"Compute {a} x {b}.", str(a * b), "integer")
+        for i, (a, b) in enumerate(pairs)
+    ]
+    tokenizer = train_chat_tokenizer(
+        [p.question for p in problems[:64]] + ["So \\boxed{391}. ok ok"], vocab_size=400
+    )
     head_dim = 64 if args.engine == "vllm" else 32  # vLLM's CPU attention takes 64 and up
     heads = args.hidden_size // head_dim
 
     def learner():
-        cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
-                          intermediate_size=3 * args.hidden_size,
-                          num_hidden_layers=args.layers, num_attention_heads=heads,
-                          num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
-                          rope_theta=10_000.0, max_position_embeddings=1024)
-        return apply_lora(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), rank=8, alpha=16,
-                          rngs=nnx.Rngs(1))
+        cfg = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden_size,
+            intermediate_size=3 * args.hidden_size,
+            num_hidden_layers=args.layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=head_dim,
+            rope_theta=10_000.0,
+            max_position_embeddings=1024,
+        )
+        return apply_lora(
+            Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), rank=8, alpha=16, rngs=nnx.Rngs(1)
+        )
 
-    make_env = lambda: ToolMathEnv(problems=problems, max_turns=1,  # noqa: E731
-                                   system_prompt="Answer in \\boxed{}.")
+    make_env = lambda: ToolMathEnv(
+        problems=problems, max_turns=1, system_prompt="Answer in \\boxed{}."
+    )
     return tokenizer, learner, make_env, len(problems)
 
 
-def run_side(args: Args, tokenizer, learner, make_env, n_problems: int, max_staleness: int,
-             make_engine) -> dict:
+def run_side(
+    args: Args, tokenizer, learner, make_env, n_problems: int, max_staleness: int, make_engine
+) -> dict:
     """fit over args.steps steps with `max_staleness`: steps a second after the first step,
     the mean staleness, the mean collection and update times."""
     from agents.rollout import RolloutConfig, Rollouts
@@ -165,22 +187,34 @@ def run_side(args: Args, tokenizer, learner, make_env, n_problems: int, max_stal
     model = learner()
     sampler_model = sampler_copy(model) if max_staleness else model
     engine = make_engine(sampler_model)
-    cfg = GRPOConfig(learning_rate=1e-4, warmup_steps=1, schedule="constant",
-                     micro_batch_size=None)
-    roll = RolloutConfig(group_size=args.group_size, max_turn_tokens=args.new_tokens,
-                         max_total_tokens=512, tool_workers=4, sync_rounds=True)
+    cfg = GRPOConfig(learning_rate=1e-4, warmup_steps=1, schedule="constant", micro_batch_size=None)
+    roll = RolloutConfig(
+        group_size=args.group_size,
+        max_turn_tokens=args.new_tokens,
+        max_total_tokens=512,
+        tool_workers=4,
+        sync_rounds=True,
+    )
     clock = StepClock()
     with Rollouts(make_env, engine, tokenizer, roll) as rollouts:
-        loop = GRPOLoop(model, init_state(model, cfg), cfg, rollouts, args.problems_per_step,
-                        max_staleness=max_staleness,
-                        sampler_model=sampler_model if max_staleness else None)
+        loop = GRPOLoop(
+            model,
+            init_state(model, cfg),
+            cfg,
+            rollouts,
+            args.problems_per_step,
+            max_staleness=max_staleness,
+            sampler_model=sampler_model if max_staleness else None,
+        )
         fit(loop, ProblemOrder(n_problems), clock, start=0, steps=args.steps, seed=0)
     timed = clock.times[-1] - clock.times[0]
     later = clock.metrics[1:]
-    return {"steps_per_s": (args.steps - 1) / timed,
-            "mean_staleness": statistics.mean(m["train/staleness"] for m in clock.metrics),
-            "collect_s": statistics.mean(m["time/collect_s"] for m in later),
-            "update_s": statistics.mean(m["time/update_s"] for m in later)}
+    return {
+        "steps_per_s": (args.steps - 1) / timed,
+        "mean_staleness": statistics.mean(m["train/staleness"] for m in clock.metrics),
+        "collect_s": statistics.mean(m["time/collect_s"] for m in later),
+        "update_s": statistics.mean(m["time/update_s"] for m in later),
+    }
 
 
 def calibrate(args: Args, tokenizer, learner, make_env, n_problems: int) -> tuple[float, float]:
@@ -192,15 +226,25 @@ def calibrate(args: Args, tokenizer, learner, make_env, n_problems: int) -> tupl
     from learners.train import GRPOConfig, grpo_step, init_state
 
     engine = LatencyEngine(tokenizer, args.new_tokens, 0.0)
-    roll = RolloutConfig(group_size=args.group_size, max_turn_tokens=args.new_tokens,
-                         max_total_tokens=512, tool_workers=4, sync_rounds=True)
+    roll = RolloutConfig(
+        group_size=args.group_size,
+        max_turn_tokens=args.new_tokens,
+        max_total_tokens=512,
+        tool_workers=4,
+        sync_rounds=True,
+    )
     with Rollouts(make_env, engine, tokenizer, roll) as rollouts:
         batch = rollouts.collect(list(range(args.problems_per_step)), seed=0)
     model = learner()
     times = []
     for tis_cap in (None, 2.0):  # both sides' programs compiled before anything is timed
-        cfg = GRPOConfig(learning_rate=1e-4, warmup_steps=1, schedule="constant",
-                         micro_batch_size=None, tis_cap=tis_cap)
+        cfg = GRPOConfig(
+            learning_rate=1e-4,
+            warmup_steps=1,
+            schedule="constant",
+            micro_batch_size=None,
+            tis_cap=tis_cap,
+        )
         state = init_state(model, cfg)
         for i in range(4):
             t0 = time.perf_counter()
@@ -213,12 +257,12 @@ def calibrate(args: Args, tokenizer, learner, make_env, n_problems: int) -> tupl
 
 
 def main(args: Args) -> dict:
+    import contextlib
+    import tempfile
+
     import jax
 
     import envs  # noqa: F401 - registers the environments
-
-    import contextlib
-    import tempfile
 
     tokenizer, learner, make_env, n = build(args)
     update_s, per_token_s = calibrate(args, tokenizer, learner, make_env, n)
@@ -233,42 +277,63 @@ def main(args: Args) -> dict:
             directory = stack.enter_context(tempfile.TemporaryDirectory())
             save_pretrained(learner(), directory)
             tokenizer.save_pretrained(directory)
-            python = args.vllm_python or os.environ.get("TOOLGRPO_VLLM_PYTHON") or os.path.join(
-                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-vllm",
-                "bin", "python")
-            server = stack.enter_context(VLLMServer(
-                directory, max_lora_rank=8, command=vllm_command(python),
-                env={"VLLM_CPU_KVCACHE_SPACE": "1"},
-                extra_args=["--max-model-len", "1024", "--dtype", "float32"]))
-            make_engine = lambda model: VLLMSampler(server.url, tokenizer)  # noqa: E731
+            python = (
+                args.vllm_python
+                or os.environ.get("TOOLGRPO_VLLM_PYTHON")
+                or os.path.join(
+                    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    ".venv-vllm",
+                    "bin",
+                    "python",
+                )
+            )
+            server = stack.enter_context(
+                VLLMServer(
+                    directory,
+                    max_lora_rank=8,
+                    command=vllm_command(python),
+                    env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                    extra_args=["--max-model-len", "1024", "--dtype", "float32"],
+                )
+            )
+            make_engine = lambda model: VLLMSampler(server.url, tokenizer)
         else:
-            make_engine = lambda model: LatencyEngine(  # noqa: E731
-                tokenizer, args.new_tokens, per_token_s)
+            make_engine = lambda model: LatencyEngine(tokenizer, args.new_tokens, per_token_s)
         for _ in range(args.repeats):  # alternating: a change in the machine's load hits both
             for staleness in (0, 1):
-                runs[staleness].append(run_side(args, tokenizer, learner, make_env, n,
-                                                staleness, make_engine))
-    sync, pipelined = ({k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]}
-                       for s in (0, 1))
-    return {"sync_steps_per_s": sync["steps_per_s"],
-            "pipelined_steps_per_s": pipelined["steps_per_s"],
-            # each pair ran back to back, under about the same load: the median of their ratios
-            "speedup": statistics.median(p["steps_per_s"] / q["steps_per_s"]
-                                         for p, q in zip(runs[1], runs[0])),
-            "mean_staleness": pipelined["mean_staleness"],
-            "sync_mean_staleness": sync["mean_staleness"],
-            "calibrated_update_s": update_s, "per_token_ms": per_token_s * 1e3,
-            "sync_collect_s": sync["collect_s"], "sync_update_s": sync["update_s"],
-            "pipelined_collect_s": pipelined["collect_s"],
-            "pipelined_update_s": pipelined["update_s"],
-            "sync_steps_per_s_runs": [r["steps_per_s"] for r in runs[0]],
-            "pipelined_steps_per_s_runs": [r["steps_per_s"] for r in runs[1]],
-            "speedup_runs": [p["steps_per_s"] / q["steps_per_s"]
-                             for p, q in zip(runs[1], runs[0])],
-            "engine": args.engine, "steps": args.steps, "repeats": args.repeats,
-            "problems_per_step": args.problems_per_step,
-            "group_size": args.group_size, "new_tokens": args.new_tokens,
-            "cpu_count": os.cpu_count(), "device": jax.devices()[0].platform}
+                runs[staleness].append(
+                    run_side(args, tokenizer, learner, make_env, n, staleness, make_engine)
+                )
+    sync, pipelined = (
+        {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in (0, 1)
+    )
+    return {
+        "sync_steps_per_s": sync["steps_per_s"],
+        "pipelined_steps_per_s": pipelined["steps_per_s"],
+        # each pair ran back to back, under about the same load: the median of their ratios
+        "speedup": statistics.median(
+            p["steps_per_s"] / q["steps_per_s"] for p, q in zip(runs[1], runs[0])
+        ),
+        "mean_staleness": pipelined["mean_staleness"],
+        "sync_mean_staleness": sync["mean_staleness"],
+        "calibrated_update_s": update_s,
+        "per_token_ms": per_token_s * 1e3,
+        "sync_collect_s": sync["collect_s"],
+        "sync_update_s": sync["update_s"],
+        "pipelined_collect_s": pipelined["collect_s"],
+        "pipelined_update_s": pipelined["update_s"],
+        "sync_steps_per_s_runs": [r["steps_per_s"] for r in runs[0]],
+        "pipelined_steps_per_s_runs": [r["steps_per_s"] for r in runs[1]],
+        "speedup_runs": [p["steps_per_s"] / q["steps_per_s"] for p, q in zip(runs[1], runs[0])],
+        "engine": args.engine,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "problems_per_step": args.problems_per_step,
+        "group_size": args.group_size,
+        "new_tokens": args.new_tokens,
+        "cpu_count": os.cpu_count(),
+        "device": jax.devices()[0].platform,
+    }
 
 
 if __name__ == "__main__":

@@ -49,8 +49,16 @@ class Args:
 def vllm_python(args: Args) -> str | None:
     if args.no_vllm:
         return None
-    candidate = args.vllm_python or os.environ.get("TOOLGRPO_VLLM_PYTHON") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-vllm", "bin", "python")
+    candidate = (
+        args.vllm_python
+        or os.environ.get("TOOLGRPO_VLLM_PYTHON")
+        or os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            ".venv-vllm",
+            "bin",
+            "python",
+        )
+    )
     return candidate if os.path.exists(candidate) else None
 
 
@@ -59,11 +67,23 @@ def vllm_generate(url: str, prompts, new_tokens: int, seed: int, pool) -> list[l
     import urllib.request
 
     def one(i):
-        body = {"model": "bench", "prompt": prompts[i], "max_tokens": new_tokens,
-                "min_tokens": new_tokens, "ignore_eos": True, "temperature": 1.0, "top_p": 1.0,
-                "top_k": -1, "seed": seed + i, "return_token_ids": True}
-        req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        body = {
+            "model": "bench",
+            "prompt": prompts[i],
+            "max_tokens": new_tokens,
+            "min_tokens": new_tokens,
+            "ignore_eos": True,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "seed": seed + i,
+            "return_token_ids": True,
+        }
+        req = urllib.request.Request(
+            url + "/v1/completions",
+            json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=600) as reply:
             return json.loads(reply.read())["choices"][0]["token_ids"]
 
@@ -82,12 +102,20 @@ def main(args: Args) -> dict:
     from learners.params import save_pretrained
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    cfg = Qwen2Config(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+    )
     model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(args.seed))
     vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), eos_token="w1")
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), eos_token="w1"
+    )
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(2, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
     n_tokens = args.prompts * args.new_tokens
@@ -97,8 +125,15 @@ def main(args: Args) -> dict:
     out = sampler.generate(prompts, params)  # compile
     assert all(len(s[0].token_ids) == args.new_tokens for s in out)
 
-    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.new_tokens,
-                  min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
+    kwargs = dict(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     ids = torch.tensor(prompts)
     with contextlib.ExitStack() as stack, torch.no_grad():
         d = stack.enter_context(tempfile.TemporaryDirectory())
@@ -118,14 +153,26 @@ def main(args: Args) -> dict:
 
             from agents.vllm_client import VLLMServer, vllm_command
 
-            server = stack.enter_context(VLLMServer(
-                d, max_lora_rank=8, command=vllm_command(python),
-                env={"VLLM_CPU_KVCACHE_SPACE": "1"},
-                extra_args=["--max-model-len", "1024", "--dtype", "float32",
-                            "--served-model-name", "bench"]))
+            server = stack.enter_context(
+                VLLMServer(
+                    d,
+                    max_lora_rank=8,
+                    command=vllm_command(python),
+                    env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                    extra_args=[
+                        "--max-model-len",
+                        "1024",
+                        "--dtype",
+                        "float32",
+                        "--served-model-name",
+                        "bench",
+                    ],
+                )
+            )
             pool = stack.enter_context(ThreadPoolExecutor(args.prompts))
-            sides["vllm"] = lambda: vllm_generate(server.url, prompts, args.new_tokens,
-                                                  args.seed, pool)
+            sides["vllm"] = lambda: vllm_generate(
+                server.url, prompts, args.new_tokens, args.seed, pool
+            )
             assert all(len(row) == args.new_tokens for row in sides["vllm"]())  # warm-up
         times = {name: [] for name in sides}
         for _ in range(args.repeats):  # alternating: every side sees the same machine load
@@ -134,23 +181,34 @@ def main(args: Args) -> dict:
                 run()
                 times[name].append(time.perf_counter() - t0)
     median = {name: float(np.median(ts)) for name, ts in times.items()}
-    report = {"jax_tokens_per_s": n_tokens / median["jax"],
-              "hf_tokens_per_s": n_tokens / median["hf"],
-              "speed_ratio": median["hf"] / median["jax"], "prompts": args.prompts,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "jax_threads": sampler.threads,
-              "torch_threads": torch.get_num_threads()}
+    report = {
+        "jax_tokens_per_s": n_tokens / median["jax"],
+        "hf_tokens_per_s": n_tokens / median["hf"],
+        "speed_ratio": median["hf"] / median["jax"],
+        "prompts": args.prompts,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "jax_threads": sampler.threads,
+        "torch_threads": torch.get_num_threads(),
+    }
     if "vllm" in median:
         report["vllm_tokens_per_s"] = n_tokens / median["vllm"]
         report["vllm_ratio"] = median["vllm"] / median["jax"]  # JAX's speed as a share of vLLM's
     if args.json:
         print(json.dumps(report))
     else:
-        vllm = (f"; vLLM (CPU build): {report['vllm_tokens_per_s']:.0f} tokens/s, JAX/vLLM "
-                f"{report['vllm_ratio']:.2f}x" if "vllm" in median else "")
-        print(f"JaxSampler: {report['jax_tokens_per_s']:.0f} tokens/s; transformers generate: "
-              f"{report['hf_tokens_per_s']:.0f} tokens/s; ratio {report['speed_ratio']:.2f}x"
-              f"{vllm} ({args.prompts} prompts x {args.new_tokens} new tokens)")
+        vllm = (
+            f"; vLLM (CPU build): {report['vllm_tokens_per_s']:.0f} tokens/s, JAX/vLLM "
+            f"{report['vllm_ratio']:.2f}x"
+            if "vllm" in median
+            else ""
+        )
+        print(
+            f"JaxSampler: {report['jax_tokens_per_s']:.0f} tokens/s; transformers generate: "
+            f"{report['hf_tokens_per_s']:.0f} tokens/s; ratio {report['speed_ratio']:.2f}x"
+            f"{vllm} ({args.prompts} prompts x {args.new_tokens} new tokens)"
+        )
     return report
 
 

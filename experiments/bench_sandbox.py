@@ -145,6 +145,7 @@ def checked(sandbox_call):
     def call():
         result = sandbox_call()
         assert result.status == "ok", result
+
     return call
 
 
@@ -226,7 +227,8 @@ def main(args: Args) -> dict:
         for _ in range(args.throughput_runs):  # alternating, as the latency rounds
             floor_throughput_runs.append(floor_throughput(floors, args.calls_per_session))
             throughput_runs.append(
-                concurrent_throughput(sandbox, args.sessions, args.calls_per_session))
+                concurrent_throughput(sandbox, args.sessions, args.calls_per_session)
+            )
         for f in floors:
             f.close()
     floor.close()
@@ -249,11 +251,16 @@ def main(args: Args) -> dict:
     (tb50, tb99), (cb50, cb99) = map(percentiles, (trivial_b2b, session_b2b))
     (b50, b99), (bs50, bs99) = map(percentiles, (base_trivial, base_sympy))
     report = {
-        "trivial_p50_ms": t50, "trivial_p99_ms": t99,
-        "sympy_p50_ms": s50, "sympy_p99_ms": s99,
-        "session_cell_p50_ms": c50, "session_cell_p99_ms": c99,
-        "trivial_back_to_back_p50_ms": tb50, "trivial_back_to_back_p99_ms": tb99,
-        "session_cell_back_to_back_p50_ms": cb50, "session_cell_back_to_back_p99_ms": cb99,
+        "trivial_p50_ms": t50,
+        "trivial_p99_ms": t99,
+        "sympy_p50_ms": s50,
+        "sympy_p99_ms": s99,
+        "session_cell_p50_ms": c50,
+        "session_cell_p99_ms": c99,
+        "trivial_back_to_back_p50_ms": tb50,
+        "trivial_back_to_back_p99_ms": tb99,
+        "session_cell_back_to_back_p50_ms": cb50,
+        "session_cell_back_to_back_p99_ms": cb99,
         "pace_ms": args.pace_ms,
         "floor_back_to_back_p50_ms": statistics.median(floor_b2b_rounds),
         "floor_paced_p50_ms": statistics.median(floor_paced_rounds),
@@ -261,8 +268,10 @@ def main(args: Args) -> dict:
         "paced_vs_floor": statistics.median(paced_ratios),
         "back_to_back_vs_floor_rounds": b2b_ratios,
         "paced_vs_floor_rounds": paced_ratios,
-        "subprocess_trivial_p50_ms": b50, "subprocess_trivial_p99_ms": b99,
-        "subprocess_sympy_p50_ms": bs50, "subprocess_sympy_p99_ms": bs99,
+        "subprocess_trivial_p50_ms": b50,
+        "subprocess_trivial_p99_ms": b99,
+        "subprocess_sympy_p50_ms": bs50,
+        "subprocess_sympy_p99_ms": bs99,
         "trivial_speedup_vs_subprocess": b50 / t50,
         "sympy_speedup_vs_subprocess": bs50 / s50,
         "executions_per_s": throughput,
@@ -278,26 +287,34 @@ def main(args: Args) -> dict:
     if args.json:
         print(json.dumps(report))
     else:
-        rows = [("print(1+1), fresh session", t50, t99, b50, b99),
-                ("sympy snippet, fresh session", s50, s99, bs50, bs99),
-                ("print(1+1), cell in a session", c50, c99, b50, b99),
-                ("print(1+1), fresh, back-to-back", tb50, tb99, b50, b99),
-                ("print(1+1), cell, back-to-back", cb50, cb99, b50, b99)]
-        print(f"{'workload':32} {'sandbox p50':>12} {'p99':>8} {'subprocess p50':>15} {'p99':>8} "
-              f"{'speed-up':>9}")
+        rows = [
+            ("print(1+1), fresh session", t50, t99, b50, b99),
+            ("sympy snippet, fresh session", s50, s99, bs50, bs99),
+            ("print(1+1), cell in a session", c50, c99, b50, b99),
+            ("print(1+1), fresh, back-to-back", tb50, tb99, b50, b99),
+            ("print(1+1), cell, back-to-back", cb50, cb99, b50, b99),
+        ]
+        print(
+            f"{'workload':32} {'sandbox p50':>12} {'p99':>8} {'subprocess p50':>15} {'p99':>8} "
+            f"{'speed-up':>9}"
+        )
         for name, a, a99, b, b99_ in rows:
             print(f"{name:32} {a:10.2f}ms {a99:6.1f}ms {b:13.1f}ms {b99_:6.1f}ms {b / a:8.1f}x")
         print(f"latency calls {args.pace_ms:g} ms apart unless back-to-back")
-        print(f"floor (bare fork of a warm interpreter): back-to-back "
-              f"{report['floor_back_to_back_p50_ms']:.2f} ms, paced "
-              f"{report['floor_paced_p50_ms']:.2f} ms; sandbox/floor back-to-back "
-              f"{report['back_to_back_vs_floor']:.2f}x, paced {report['paced_vs_floor']:.2f}x "
-              f"(against the floor back-to-back; medians of {args.rounds} alternating rounds)")
-        print(f"throughput: {throughput:.0f} executions/s with {args.sessions} concurrent sessions "
-              f"on {os.cpu_count()} cores (median of "
-              f"{', '.join(f'{t:.0f}' for t in throughput_runs)}); the floor "
-              f"{report['floor_executions_per_s']:.0f}/s, sandbox/floor "
-              f"{report['throughput_vs_floor']:.2f}x")
+        print(
+            f"floor (bare fork of a warm interpreter): back-to-back "
+            f"{report['floor_back_to_back_p50_ms']:.2f} ms, paced "
+            f"{report['floor_paced_p50_ms']:.2f} ms; sandbox/floor back-to-back "
+            f"{report['back_to_back_vs_floor']:.2f}x, paced {report['paced_vs_floor']:.2f}x "
+            f"(against the floor back-to-back; medians of {args.rounds} alternating rounds)"
+        )
+        print(
+            f"throughput: {throughput:.0f} executions/s with {args.sessions} concurrent sessions "
+            f"on {os.cpu_count()} cores (median of "
+            f"{', '.join(f'{t:.0f}' for t in throughput_runs)}); the floor "
+            f"{report['floor_executions_per_s']:.0f}/s, sandbox/floor "
+            f"{report['throughput_vs_floor']:.2f}x"
+        )
         off = [k for k, v in protections.items() if not v]
         print("protections: " + ("all on" if not off else "off: " + ", ".join(off)))
     return report

@@ -96,16 +96,21 @@ def main(args: Args) -> dict:
         eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
         sampler = JaxSampler(model, tokenizer, eos_token_ids=eos)
         name = args.model + (f" + {args.adapter}" if args.adapter else "")
-    kwargs = {"protocol": args.protocol, "max_turns": args.max_turns, "split": args.split,
-              **({"problems": args.problems} if args.problems else {})}
+    kwargs = {
+        "protocol": args.protocol,
+        "max_turns": args.max_turns,
+        "split": args.split,
+        **({"problems": args.problems} if args.problems else {}),
+    }
     env = gym.make(args.env_id, **kwargs)
     available = len(env.unwrapped.problems)
     env.close()
     n = min(available, args.limit or available)
     if n > 100_000:
         raise SystemExit(f"{args.env_id} has {available} problems: pass --limit N")
-    with Rollouts(lambda: gym.make(args.env_id, **kwargs), sampler, tokenizer,
-                  args.rollout) as rollouts:
+    with Rollouts(
+        lambda: gym.make(args.env_id, **kwargs), sampler, tokenizer, args.rollout
+    ) as rollouts:
         metrics, _ = evaluate(rollouts, list(range(n)), ks=args.k, seed=args.seed)
     report = {"model": name, "env_id": args.env_id, **metrics}
     if args.report:
@@ -127,5 +132,7 @@ if __name__ == "__main__":
 
     with one_line_errors(debug=False):
         arguments = load_config(sys.argv[1:], Args, description=__doc__.split("\n\n")[0])
-    exit_cleanly_when_offline(lambda: main(arguments), "offline? pass a local model directory "
-                              "(--model DIR) and problems file (--problems FILE)")
+    exit_cleanly_when_offline(
+        lambda: main(arguments),
+        "offline? pass a local model directory (--model DIR) and problems file (--problems FILE)",
+    )

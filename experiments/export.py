@@ -90,8 +90,10 @@ def main(args: Args) -> None:
 
     with one_line_errors(debug=args.debug):
         out = exit_cleanly_when_offline(lambda: export(args), hint)
-    print(f"exported the adapter to {out}" + (f" and the merged model to {out}/merged"
-                                              if args.merged else ""))
+    print(
+        f"exported the adapter to {out}"
+        + (f" and the merged model to {out}/merged" if args.merged else "")
+    )
 
 
 if __name__ == "__main__":

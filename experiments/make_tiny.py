@@ -21,8 +21,12 @@ from dataclasses import dataclass
 
 import tyro
 
-PROBLEMS = [("What is 17 times 23?", "391"), ("Find the remainder when 2^10 is divided by 7.", "2"),
-            ("How many positive divisors does 360 have?", "24"), ("Compute 99 + 1.", "100")]
+PROBLEMS = [
+    ("What is 17 times 23?", "391"),
+    ("Find the remainder when 2^10 is divided by 7.", "2"),
+    ("How many positive divisors does 360 have?", "24"),
+    ("Compute 99 + 1.", "100"),
+]
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,21 @@ def make_model(directory: str, seed: int = 0) -> str:
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
     from learners.tokenizer import train_chat_tokenizer
 
-    tokenizer = train_chat_tokenizer([q for q, _ in PROBLEMS] * 5 + [
-        "```python\nprint(17 * 23)\n```\n```output\n391\n```\n\\boxed{391}"], vocab_size=400)
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      rope_theta=10_000.0, max_position_embeddings=1024)
+    tokenizer = train_chat_tokenizer(
+        [q for q, _ in PROBLEMS] * 5
+        + ["```python\nprint(17 * 23)\n```\n```output\n391\n```\n\\boxed{391}"],
+        vocab_size=400,
+    )
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10_000.0,
+        max_position_embeddings=1024,
+    )
     save_pretrained(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(seed)), directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -58,9 +58,11 @@ def main(args: Args) -> None:
         if obs:
             print(f"[{'tool' if args.protocol == 'qwen' else 'observation'}]\n{obs}")
         if terminated or truncated:
-            print(f"episode over ({'final answer' if terminated else 'truncated'}): "
-                  f"answer={info['answer']!r} gold={info['gold_answer']!r} "
-                  f"reward={reward:.2f} components={info['reward_components']} tool={info['tool']}")
+            print(
+                f"episode over ({'final answer' if terminated else 'truncated'}): "
+                f"answer={info['answer']!r} gold={info['gold_answer']!r} "
+                f"reward={reward:.2f} components={info['reward_components']} tool={info['tool']}"
+            )
             break
     env.close()
 

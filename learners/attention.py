@@ -28,27 +28,36 @@ IMPLEMENTATIONS = ("auto", "blockwise", "dot_product")
 _MASKED = -0.5 * float(jnp.finfo(jnp.float32).max)  # finite: a row with no valid key stays finite
 
 
-def causal_attention(q_btnh, k_bskh, v_bskh, key_mask_bs, implementation: str = "auto",
-                     block: int = 512):
+def causal_attention(
+    q_btnh, k_bskh, v_bskh, key_mask_bs, implementation: str = "auto", block: int = 512
+):
     """[B, T, N, H] queries, [B, S=T, K, H] keys and values, [B, S] valid keys -> [B, T, N*H]."""
     if implementation == "auto":  # cuDNN's kernel takes half precision only
         half = q_btnh.dtype in (jnp.bfloat16, jnp.float16)
-        implementation = ("dot_product" if half and jax.default_backend() == "gpu"
-                          else "blockwise")
+        implementation = "dot_product" if half and jax.default_backend() == "gpu" else "blockwise"
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
+        raise ValueError(
+            f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
     if implementation == "dot_product":
         out = jax.nn.dot_product_attention(
-            q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype), is_causal=True,
-            key_value_seq_lengths=key_mask_bs.astype(jnp.int32).sum(-1))
+            q_btnh,
+            k_bskh.astype(q_btnh.dtype),
+            v_bskh.astype(q_btnh.dtype),
+            is_causal=True,
+            key_value_seq_lengths=key_mask_bs.astype(jnp.int32).sum(-1),
+        )
         return out.reshape(b, t, n * h)
     g = n // kh
     if t <= block:  # one block: the plain formulation, differentiated as it is
-        return _one_block(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
-                          key_mask_bs.astype(bool)).reshape(b, t, n * h)
+        return _one_block(
+            q_btnh,
+            k_bskh.astype(q_btnh.dtype),
+            v_bskh.astype(q_btnh.dtype),
+            key_mask_bs.astype(bool),
+        ).reshape(b, t, n * h)
     c = block
     pad = -t % c
     # [B, T, N, H] -> [B, K, T*G, H]: rows (t, g) of one key/value head, so that a block of c
@@ -103,18 +112,24 @@ def _forward(q, k, v, valid, c, g):
             p = jnp.exp(s - m_new[..., None])
             scale = jnp.exp(m - m_new)
             acc = acc * scale[..., None] + jnp.einsum(
-                "bkqs,bksh->bkqh", p.astype(v.dtype), _slice(v, j * c, c, 2),
-                preferred_element_type=jnp.float32)
+                "bkqs,bksh->bkqh",
+                p.astype(v.dtype),
+                _slice(v, j * c, c, 2),
+                preferred_element_type=jnp.float32,
+            )
             return m_new, l * scale + p.sum(-1), acc
 
         shape = q_blk.shape[:3]
-        init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros(q_blk.shape, jnp.float32))
+        init = (
+            jnp.full(shape, _MASKED, jnp.float32),
+            jnp.zeros(shape, jnp.float32),
+            jnp.zeros(q_blk.shape, jnp.float32),
+        )
         m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)  # blocks at or before i
         return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
     out, lse = jax.lax.map(query_block, jnp.arange(n_blocks))  # [n, B, K, rows, ...]
-    unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, *x.shape[4:])  # noqa
+    unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, *x.shape[4:])
     return unblock(out), unblock(lse)
 
 
@@ -142,34 +157,41 @@ def _blockwise_bwd(c, g, residuals, d_out):
         s, allowed = _scores(q_blk, k_blk, _slice(valid, j * c, c, 1), i, j, c, g)
         p = jnp.where(allowed, jnp.exp(s - _slice(lse, i * rows, rows, 2)[..., None]), 0.0)
         do_blk = _slice(d_out, i * rows, rows, 2)
-        dp = jnp.einsum("bkqh,bksh->bkqs", do_blk, _slice(v, j * c, c, 2),
-                        preferred_element_type=jnp.float32)
+        dp = jnp.einsum(
+            "bkqh,bksh->bkqs", do_blk, _slice(v, j * c, c, 2), preferred_element_type=jnp.float32
+        )
         ds = p * (dp - _slice(d_rows, i * rows, rows, 2)[..., None])  # dS = P (dP - D)
         return q_blk, k_blk, do_blk, p, ds
 
     def dq_block(i):  # dQ_i = sum_{j <= i} dS_ij K_j
         def body(j, acc):
             _, k_blk, _, _, ds = probabilities(i, j)
-            return acc + jnp.einsum("bkqs,bksh->bkqh", ds.astype(k.dtype), k_blk,
-                                    preferred_element_type=jnp.float32)
-        acc = jax.lax.fori_loop(0, i + 1, body, jnp.zeros(q.shape[:2] + (rows, q.shape[3]),
-                                                           jnp.float32))
+            return acc + jnp.einsum(
+                "bkqs,bksh->bkqh", ds.astype(k.dtype), k_blk, preferred_element_type=jnp.float32
+            )
+
+        acc = jax.lax.fori_loop(
+            0, i + 1, body, jnp.zeros(q.shape[:2] + (rows, q.shape[3]), jnp.float32)
+        )
         return (acc * scale).astype(q.dtype)
 
     def dkv_block(j):  # dK_j = sum_{i >= j} dS_ij^T Q_i, dV_j = sum_{i >= j} P_ij^T dO_i
         def body(i, acc):
             dk, dv = acc
             q_blk, _, do_blk, p, ds = probabilities(i, j)
-            dk = dk + jnp.einsum("bkqs,bkqh->bksh", ds.astype(q.dtype), q_blk,
-                                 preferred_element_type=jnp.float32)
-            dv = dv + jnp.einsum("bkqs,bkqh->bksh", p.astype(d_out.dtype), do_blk,
-                                 preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum(
+                "bkqs,bkqh->bksh", ds.astype(q.dtype), q_blk, preferred_element_type=jnp.float32
+            )
+            dv = dv + jnp.einsum(
+                "bkqs,bkqh->bksh", p.astype(d_out.dtype), do_blk, preferred_element_type=jnp.float32
+            )
             return dk, dv
+
         zeros = jnp.zeros(k.shape[:2] + (c, k.shape[3]), jnp.float32)
         dk, dv = jax.lax.fori_loop(j, n_blocks, body, (zeros, zeros))
         return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
-    unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, x.shape[-1])  # noqa
+    unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, x.shape[-1])
     dq = unblock(jax.lax.map(dq_block, jnp.arange(n_blocks)))
     dk, dv = (unblock(x) for x in jax.lax.map(dkv_block, jnp.arange(n_blocks)))
     return dq, dk, dv, None

@@ -32,8 +32,10 @@ def _arrays(state) -> list:
 
 def _signature(state) -> dict:
     leaves = _arrays(state)
-    return {"structure": str(jax.tree.structure((state.lora, state.opt_state, state.updates))),
-            "shapes": [[list(np.shape(x)), str(jnp.asarray(x).dtype)] for x in leaves]}
+    return {
+        "structure": str(jax.tree.structure((state.lora, state.opt_state, state.updates))),
+        "shapes": [[list(np.shape(x)), str(jnp.asarray(x).dtype)] for x in leaves],
+    }
 
 
 class Checkpointer:
@@ -45,7 +47,8 @@ class Checkpointer:
         self.every = every
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
 
     @property
     def latest_step(self) -> int | None:
@@ -56,28 +59,39 @@ class Checkpointer:
         """The steps kept on disk, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def maybe_save(self, step: int, state, meta: dict | None = None,
-                   rng: jax.Array | None = None, force: bool = False) -> bool:
+    def maybe_save(
+        self,
+        step: int,
+        state,
+        meta: dict | None = None,
+        rng: jax.Array | None = None,
+        force: bool = False,
+    ) -> bool:
         """Save when `step` is a multiple of `every` (or when forced: at the end, on Ctrl-C)."""
         if force or step % self.every == 0:
             self.save(step, state, meta, rng)
             return True
         return False
 
-    def save(self, step: int, state, meta: dict | None = None,
-             rng: jax.Array | None = None) -> int:
+    def save(self, step: int, state, meta: dict | None = None, rng: jax.Array | None = None) -> int:
         if step in self.manager.all_steps():  # a state is saved once per step
             return step
         # jax arrays as they are: sharded over the devices of several processes, each process
         # writes its own shards (orbax); the record is written once
-        arrays = {f"{i:06d}": x if isinstance(x, jax.Array) else np.asarray(x)
-                  for i, x in enumerate(_arrays(state))}
+        arrays = {
+            f"{i:06d}": x if isinstance(x, jax.Array) else np.asarray(x)
+            for i, x in enumerate(_arrays(state))
+        }
         if rng is not None:
             arrays["rng"] = np.asarray(jax.random.key_data(rng))
         record = {"meta": meta or {}, "signature": _signature(state), "has_rng": rng is not None}
-        self.manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                        record=ocp.args.JsonSave(record)),
-                          force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)
+            ),
+            force=True,
+        )
         self.manager.wait_until_finished()
         return step
 
@@ -88,11 +102,14 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         try:
-            record = self.manager.restore(step, args=ocp.args.Composite(
-                record=ocp.args.JsonRestore()))["record"]
-        except Exception as exc:  # noqa: BLE001 - orbax raises many types for broken files
-            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable: "
-                                  f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+            record = self.manager.restore(
+                step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+            )["record"]
+        except Exception as exc:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} is unreadable: "
+                f"{type(exc).__name__}: {str(exc)[:200]}"
+            ) from exc
         expected = _signature(template)
         if record.get("signature") != expected:
             got = record.get("signature", {}).get("shapes", [])
@@ -100,25 +117,38 @@ class Checkpointer:
                 f"checkpoint {step} in {self.directory} does not fit this model: it holds "
                 f"{len(got)} arrays, the model's train state {len(expected['shapes'])} "
                 "(different LoRA rank, targets, model size or optimizer?). Start a new run "
-                "directory, or restore with the settings it was written with.")
+                "directory, or restore with the settings it was written with."
+            )
         leaves = _arrays(template)
         # each array comes back with the template's sharding (across processes: each reads its
         # own shards)
-        target = {f"{i:06d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding)
-                  if isinstance(x, jax.Array) else np.zeros(np.shape(x), np.asarray(x).dtype)
-                  for i, x in enumerate(leaves)}
+        target = {
+            f"{i:06d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding)
+            if isinstance(x, jax.Array)
+            else np.zeros(np.shape(x), np.asarray(x).dtype)
+            for i, x in enumerate(leaves)
+        }
         if record.get("has_rng"):
             target["rng"] = np.zeros((2,), np.uint32)
         try:
-            arrays = self.manager.restore(step, args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(target)))["arrays"]
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable: "
-                                  f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+            arrays = self.manager.restore(
+                step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(target))
+            )["arrays"]
+        except Exception as exc:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} is unreadable: "
+                f"{type(exc).__name__}: {str(exc)[:200]}"
+            ) from exc
         treedef = jax.tree.structure((template.lora, template.opt_state, template.updates))
         lora, opt_state, updates = jax.tree.unflatten(
-            treedef, [arrays[f"{i:06d}"] if isinstance(arrays[f"{i:06d}"], jax.Array)
-                      else jnp.asarray(arrays[f"{i:06d}"]) for i in range(len(leaves))])
+            treedef,
+            [
+                arrays[f"{i:06d}"]
+                if isinstance(arrays[f"{i:06d}"], jax.Array)
+                else jnp.asarray(arrays[f"{i:06d}"])
+                for i in range(len(leaves))
+            ],
+        )
         state = dataclasses.replace(template, lora=lora, opt_state=opt_state, updates=updates)
         rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"])) if "rng" in arrays else None
         return state, record["meta"], rng

@@ -25,8 +25,7 @@ def local_accelerators() -> list[str]:
     return found
 
 
-def unused_accelerator(backend: str | None = None,
-                       present: list[str] | None = None) -> str | None:
+def unused_accelerator(backend: str | None = None, present: list[str] | None = None) -> str | None:
     """One line when jax runs on the CPU of a machine with an accelerator (else None)."""
     if backend is None:
         import jax
@@ -36,8 +35,10 @@ def unused_accelerator(backend: str | None = None,
     if backend != "cpu" or not present:
         return None
     what, hint = INSTALL_HINTS[present[0]]
-    return (f"this machine has {what} but jax runs on the CPU (a CPU-only jaxlib is installed): "
-            f"{hint} installs the accelerator build; --allow-cpu runs on the CPU anyway")
+    return (
+        f"this machine has {what} but jax runs on the CPU (a CPU-only jaxlib is installed): "
+        f"{hint} installs the accelerator build; --allow-cpu runs on the CPU anyway"
+    )
 
 
 def enable_compilation_cache(directory: str | None = None, min_compile_time_s: float = 1.0) -> str:
@@ -50,10 +51,12 @@ def enable_compilation_cache(directory: str | None = None, min_compile_time_s: f
 
     import jax
 
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                  ".cache")
-    path = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-            or os.path.join(cache_home, "toolgrpo", "jax"))
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = (
+        directory
+        or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or os.path.join(cache_home, "toolgrpo", "jax")
+    )
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
     return path

@@ -63,8 +63,9 @@ def token_entropy(logits_btv):
     return jnp.pad(ent, ((0, 0), (1, 0)))
 
 
-def token_logprobs_from_hidden(hidden_btd, output_embedding_vd, tokens_bt, chunk: int = 1024,
-                               entropy: bool = False):
+def token_logprobs_from_hidden(
+    hidden_btd, output_embedding_vd, tokens_bt, chunk: int = 1024, entropy: bool = False
+):
     """What `token_logprobs` (and, with `entropy`, `token_entropy`) give, from the final hidden
     states [B, T, D] and the output embedding [V, D] (logits = hidden @ embedding.T), without
     the [B, T, V] logits: `chunk` positions at a time, under a scan, each chunk's logits
@@ -95,12 +96,19 @@ def token_logprobs_from_hidden(hidden_btd, output_embedding_vd, tokens_bt, chunk
         logp, ent = (x[None] for x in one_chunk(h[0], y[0]))
     else:
         _, (logp, ent) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, y))
-    shift = lambda x: jnp.pad(x.reshape(-1)[:n].reshape(b, t)[:, :-1], ((0, 0), (1, 0)))  # noqa
+    shift = lambda x: jnp.pad(x.reshape(-1)[:n].reshape(b, t)[:, :-1], ((0, 0), (1, 0)))
     return shift(logp), (shift(ent) if entropy else None)
 
 
-def aggregate(per_token_bt, mask_bt, aggregation: str, max_tokens: int | None = None, *,
-              n_tokens=None, n_seqs=None):
+def aggregate(
+    per_token_bt,
+    mask_bt,
+    aggregation: str,
+    max_tokens: int | None = None,
+    *,
+    n_tokens=None,
+    n_seqs=None,
+):
     """Reduce a per-token loss to a scalar over the tokens where mask == 1.
     "seq-mean-token-mean": mean over each sequence's tokens, then over sequences (GRPO);
     "token-mean": mean over all tokens of the batch (DAPO);
@@ -121,17 +129,32 @@ def aggregate(per_token_bt, mask_bt, aggregation: str, max_tokens: int | None = 
         return jnp.sum(per_seq * has) / n_seq
     if aggregation == "seq-mean-token-sum-norm":
         if not max_tokens:
-            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_tokens, the "
-                             "constant normaliser (the generation budget)")
+            raise ValueError(
+                "aggregation 'seq-mean-token-sum-norm' needs max_tokens, the "
+                "constant normaliser (the generation budget)"
+            )
         return jnp.sum(jnp.sum(per_token_bt * mask, -1) / max_tokens * has) / n_seq
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float,
-                eps_high: float, aggregation: str = "seq-mean-token-mean",
-                max_tokens: int | None = None, ref_logprobs=None, beta: float = 0.0,
-                sampler_logprobs=None, tis_cap: float | None = None, entropy=None,
-                n_tokens=None, n_seqs=None):
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    loss_mask,
+    *,
+    eps_low: float,
+    eps_high: float,
+    aggregation: str = "seq-mean-token-mean",
+    max_tokens: int | None = None,
+    ref_logprobs=None,
+    beta: float = 0.0,
+    sampler_logprobs=None,
+    tis_cap: float | None = None,
+    entropy=None,
+    n_tokens=None,
+    n_seqs=None,
+):
     """The clipped GRPO objective, as a loss to minimise. Per token t of episode i:
 
         ratio = exp(logp - logp_old)
@@ -153,11 +176,13 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float
     if tis_cap is not None:
         if sampler_logprobs is None:
             raise ValueError("tis_cap needs sampler_logprobs")
-        weight = jnp.minimum(jnp.exp(jnp.where(mask > 0, old_logprobs - sampler_logprobs, 0.0)),
-                             tis_cap)
+        weight = jnp.minimum(
+            jnp.exp(jnp.where(mask > 0, old_logprobs - sampler_logprobs, 0.0)), tis_cap
+        )
         per_token = per_token * jax.lax.stop_gradient(weight)
         aux["tis_weight_mean"] = jnp.sum(weight * mask) / (
-            jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens)
+            jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens
+        )
     if beta:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs ref_logprobs (the base model's, adapters off)")
@@ -166,13 +191,14 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_low: float
         per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation, max_tokens, n_tokens=n_tokens, n_seqs=n_seqs)
     n = jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens
-    token_mean = lambda x: jnp.sum(x * mask) / n  # noqa: E731
+    token_mean = lambda x: jnp.sum(x * mask) / n
     aux.update(
         loss=loss,
         clip_frac_low=token_mean(((ratio < 1.0 - eps_low) & (adv < 0)).astype(jnp.float32)),
         clip_frac_high=token_mean(((ratio > 1.0 + eps_high) & (adv > 0)).astype(jnp.float32)),
         ratio_mean=token_mean(ratio),
-        advantage_mean=jnp.mean(advantages), advantage_std=jnp.std(advantages),
+        advantage_mean=jnp.mean(advantages),
+        advantage_std=jnp.std(advantages),
     )
     if ref_logprobs is not None:
         d = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)

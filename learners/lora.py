@@ -31,13 +31,22 @@ PEFT_PREFIX = "base_model.model.model.layers"
 class LoRALinear(nnx.Module):
     """A frozen nnx.Linear plus a low-rank update."""
 
-    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32, use_rslora: bool = False):
+    def __init__(
+        self,
+        base: nnx.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        use_rslora: bool = False,
+    ):
         din, dout = base.in_features, base.out_features
         bound = 1.0 / math.sqrt(din)  # PEFT: kaiming_uniform(a=sqrt(5)) on A
         self.base = base
-        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (din, rank), param_dtype,
-                                                       -bound, bound))
+        self.lora_a = nnx.LoRAParam(
+            jax.random.uniform(rngs.params(), (din, rank), param_dtype, -bound, bound)
+        )
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, dout), param_dtype))
         self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -62,17 +71,28 @@ def _projections(model):
 
 
 def lora_modules(model) -> list[LoRALinear]:
-    return [getattr(owner, name) for _, owner, name in _projections(model)
-            if isinstance(getattr(owner, name), LoRALinear)]
+    return [
+        getattr(owner, name)
+        for _, owner, name in _projections(model)
+        if isinstance(getattr(owner, name), LoRALinear)
+    ]
 
 
-def apply_lora(model, rank: int = 128, alpha: float = 128.0, targets=ALL_TARGETS,
-               rngs: nnx.Rngs | None = None, param_dtype=jnp.float32, use_rslora: bool = False):
+def apply_lora(
+    model,
+    rank: int = 128,
+    alpha: float = 128.0,
+    targets=ALL_TARGETS,
+    rngs: nnx.Rngs | None = None,
+    param_dtype=jnp.float32,
+    use_rslora: bool = False,
+):
     """Wrap the `targets` projections of every layer with LoRA, in place; returns the model."""
     unknown = set(targets) - set(ALL_TARGETS)
     if unknown or not targets:
-        raise ValueError(f"LoRA targets must be a non-empty subset of {ALL_TARGETS}, "
-                         f"got {tuple(targets)}")
+        raise ValueError(
+            f"LoRA targets must be a non-empty subset of {ALL_TARGETS}, got {tuple(targets)}"
+        )
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if lora_modules(model):
@@ -80,8 +100,18 @@ def apply_lora(model, rank: int = 128, alpha: float = 128.0, targets=ALL_TARGETS
     rngs = rngs or nnx.Rngs(params=0)
     for _, owner, name in _projections(model):
         if name in targets:
-            setattr(owner, name, LoRALinear(getattr(owner, name), rank, alpha, rngs=rngs,
-                                            param_dtype=param_dtype, use_rslora=use_rslora))
+            setattr(
+                owner,
+                name,
+                LoRALinear(
+                    getattr(owner, name),
+                    rank,
+                    alpha,
+                    rngs=rngs,
+                    param_dtype=param_dtype,
+                    use_rslora=use_rslora,
+                ),
+            )
     return model
 
 
@@ -114,16 +144,33 @@ def peft_config(model, base_model_name_or_path: str | None = None) -> dict:
     modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA adapters: apply_lora() first")
-    targets = sorted({name for _, owner, name in _projections(model)
-                      if isinstance(getattr(owner, name), LoRALinear)})
+    targets = sorted(
+        {
+            name
+            for _, owner, name in _projections(model)
+            if isinstance(getattr(owner, name), LoRALinear)
+        }
+    )
     first = modules[0]
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.rank,
-        "lora_alpha": first.alpha, "target_modules": targets, "lora_dropout": 0.0,
-        "bias": "none", "use_rslora": first.use_rslora, "use_dora": False,
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": first.use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
     }
 
@@ -156,20 +203,26 @@ def load_peft_adapter(model, directory: str, param_dtype=jnp.float32):
     with open(os.path.join(directory, "adapter_config.json")) as f:
         config = json.load(f)
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        raise ValueError(f"{directory}: only plain LoRA adapters are supported, got "
-                         f"peft_type={config.get('peft_type')!r} use_dora={config.get('use_dora')}")
+        raise ValueError(
+            f"{directory}: only plain LoRA adapters are supported, got "
+            f"peft_type={config.get('peft_type')!r} use_dora={config.get('use_dora')}"
+        )
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("modules_to_save"):
-        raise ValueError(f"{directory}: rank_pattern, alpha_pattern and modules_to_save are not "
-                         "supported")
+        raise ValueError(
+            f"{directory}: rank_pattern, alpha_pattern and modules_to_save are not supported"
+        )
     targets = config["target_modules"]
     if isinstance(targets, str) or not set(targets) <= set(ALL_TARGETS):
-        raise ValueError(f"{directory}: target_modules must be a list out of {ALL_TARGETS}, "
-                         f"got {targets!r}")
+        raise ValueError(
+            f"{directory}: target_modules must be a list out of {ALL_TARGETS}, got {targets!r}"
+        )
     rank, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config["use_rslora"])
     existing = lora_modules(model)
     if existing and (existing[0].rank, existing[0].alpha) != (rank, alpha):
-        raise ValueError(f"the model's adapters (r={existing[0].rank}) differ from {directory} "
-                         f"(r={rank}); merge_lora() or use a fresh model")
+        raise ValueError(
+            f"the model's adapters (r={existing[0].rank}) differ from {directory} "
+            f"(r={rank}); merge_lora() or use a fresh model"
+        )
     if not existing:
         apply_lora(model, rank, alpha, tuple(targets), param_dtype=param_dtype, use_rslora=rslora)
     with safe_open(os.path.join(directory, "adapter_model.safetensors"), framework="flax") as f:
@@ -188,5 +241,7 @@ def load_peft_adapter(model, directory: str, param_dtype=jnp.float32):
         module.lora_b.set_value(tensors[b].T.astype(module.lora_b[...].dtype))
         used |= {a, b}
     if set(tensors) - used:
-        raise ValueError(f"{directory}: unexpected adapter tensors {sorted(set(tensors) - used)[:4]}")
+        raise ValueError(
+            f"{directory}: unexpected adapter tensors {sorted(set(tensors) - used)[:4]}"
+        )
     return model

@@ -53,8 +53,7 @@ def resolve(path_or_id: str) -> str:
         return snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS)
     except Exception as exc:  # noqa: BLE001 - offline errors come in several types
         try:
-            return snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS,
-                                     local_files_only=True)
+            return snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
         except Exception:  # noqa: BLE001
             pass
         cause = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
@@ -62,7 +61,8 @@ def resolve(path_or_id: str) -> str:
             f"cannot load {path_or_id!r}: the Hugging Face Hub is unreachable and the model is "
             f"not in the local cache ({cause})",
             "Offline, pass a local directory holding config.json and *.safetensors (for example "
-            "one written by save_pretrained).") from None
+            "one written by save_pretrained).",
+        ) from None
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -100,8 +100,11 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     else:
-        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")
-                       and not f.startswith("adapter_"))
+        files = sorted(
+            f
+            for f in os.listdir(directory)
+            if f.endswith(".safetensors") and not f.startswith("adapter_")
+        )
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {directory!r}")
     tensors = {}
@@ -112,8 +115,14 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                        "num_attention_heads", "num_key_value_heads")
+REQUIRED_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 """config.json keys without which a model's shapes are unknown (never filled with defaults)."""
 
 
@@ -122,14 +131,17 @@ def read_model_config(directory: str) -> dict:
     directory holds safetensors weights. Errors name the file and what is wrong."""
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: no config.json (a model directory holds config.json "
-                                "and *.safetensors, as save_pretrained writes them)")
+        raise FileNotFoundError(
+            f"{directory}: no config.json (a model directory holds config.json "
+            "and *.safetensors, as save_pretrained writes them)"
+        )
     try:
         with open(path) as f:
             config = json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                         f"{exc.msg})") from None
+        raise ValueError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
     missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}")
@@ -138,8 +150,9 @@ def read_model_config(directory: str) -> dict:
     return config
 
 
-def from_pretrained(path_or_id: str, dtype=jnp.float32, param_dtype=None,
-                    remat: bool = False, **options) -> Qwen2ForCausalLM:
+def from_pretrained(
+    path_or_id: str, dtype=jnp.float32, param_dtype=None, remat: bool = False, **options
+) -> Qwen2ForCausalLM:
     """Load a Hugging Face Qwen2 checkpoint (a local directory or a hub id), sharded or not,
     bf16 or fp32. `dtype` is the computation's, `param_dtype` the parameters' (default: `dtype`);
     `remat` recomputes each layer's activations in the backward pass; `options` are the model's
@@ -148,8 +161,11 @@ def from_pretrained(path_or_id: str, dtype=jnp.float32, param_dtype=None,
     param_dtype = param_dtype or dtype
     directory = resolve(path_or_id)
     cfg = Qwen2Config.from_hf_config(read_model_config(directory))
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                    remat=remat, rngs=nnx.Rngs(0), **options))
+    model = nnx.eval_shape(
+        lambda: Qwen2ForCausalLM(
+            cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0), **options
+        )
+    )
     tensors = read_safetensors(directory)
     used = set()
     for path, var in _base_params(model).items():
@@ -159,8 +175,9 @@ def from_pretrained(path_or_id: str, dtype=jnp.float32, param_dtype=None,
         value = jnp.asarray(tensors[name])
         value = value.T if transposed else value
         if value.shape != var.get_value().shape:
-            raise ValueError(f"{name}: shape {value.shape} does not match the config's "
-                             f"{var.get_value().shape}")
+            raise ValueError(
+                f"{name}: shape {value.shape} does not match the config's {var.get_value().shape}"
+            )
         var.set_value(value.astype(param_dtype))
         used.add(name)
     unused = set(tensors) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())

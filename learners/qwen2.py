@@ -63,29 +63,41 @@ class Qwen2Config:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                                 f"num_attention_heads={self.num_attention_heads}; give head_dim")
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not a multiple of "
+                    f"num_attention_heads={self.num_attention_heads}; give head_dim"
+                )
             # frozen: the resolved width is set once, here
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, numbers.Integral)
-                or self.head_dim < 2 or self.head_dim % 2):
-            raise ValueError(f"head_dim must be an even integer >= 2 (the rotary embedding "
-                             f"rotates pairs of channels), got {self.head_dim!r}")
+        if (
+            isinstance(self.head_dim, bool)
+            or not isinstance(self.head_dim, numbers.Integral)
+            or self.head_dim < 2
+            or self.head_dim % 2
+        ):
+            raise ValueError(
+                f"head_dim must be an even integer >= 2 (the rotary embedding "
+                f"rotates pairs of channels), got {self.head_dim!r}"
+            )
         object.__setattr__(self, "head_dim", int(self.head_dim))
 
     @classmethod
-    def from_hf_config(cls, hf: dict) -> "Qwen2Config":
+    def from_hf_config(cls, hf: dict) -> Qwen2Config:
         if hf.get("model_type") not in (None, "qwen2"):
             raise ValueError(f"expected a qwen2 config, got model_type={hf.get('model_type')!r}")
         hf = dict(hf)
         rope = hf.get("rope_parameters") or {}  # transformers >= 5; older configs: rope_theta
         if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-            raise NotImplementedError(f"rope_scaling={hf.get('rope_scaling') or rope} is not "
-                                      "supported (only the default rotary embedding)")
+            raise NotImplementedError(
+                f"rope_scaling={hf.get('rope_scaling') or rope} is not "
+                "supported (only the default rotary embedding)"
+            )
         if "rope_theta" in rope:
             hf["rope_theta"] = rope["rope_theta"]
         if hf.get("use_sliding_window"):
@@ -98,9 +110,16 @@ class Qwen2Config:
     def to_hf_config(self) -> dict:
         hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # head_dim too
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}  # both spellings
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-                "attention_dropout": 0.0, "use_sliding_window": False, "use_cache": True,
-                "rope_parameters": rope, **hf}
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "use_cache": True,
+            "rope_parameters": rope,
+            **hf,
+        }
 
 
 def qwen2p5_0p5b() -> Qwen2Config:
@@ -108,23 +127,43 @@ def qwen2p5_0p5b() -> Qwen2Config:
 
 
 def qwen2p5_1p5b() -> Qwen2Config:
-    return Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2)
+    return Qwen2Config(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    )
 
 
 def qwen2p5_3b() -> Qwen2Config:
-    return Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2)
+    return Qwen2Config(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+    )
 
 
 def qwen2p5_7b() -> Qwen2Config:
-    return Qwen2Config(vocab_size=152_064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       tie_word_embeddings=False)
+    return Qwen2Config(
+        vocab_size=152_064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
 
 
-PRESETS = {"qwen2p5_0p5b": qwen2p5_0p5b, "qwen2p5_1p5b": qwen2p5_1p5b,
-           "qwen2p5_3b": qwen2p5_3b, "qwen2p5_7b": qwen2p5_7b}
+PRESETS = {
+    "qwen2p5_0p5b": qwen2p5_0p5b,
+    "qwen2p5_1p5b": qwen2p5_1p5b,
+    "qwen2p5_3b": qwen2p5_3b,
+    "qwen2p5_7b": qwen2p5_7b,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +193,15 @@ def rope(x_btnh, positions_bt, theta: float):
 
 
 def linear(din: int, dout: int, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_init=nnx.initializers.normal(0.02))
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        kernel_init=nnx.initializers.normal(0.02),
+    )
 
 
 def _project(x, projections):
@@ -204,8 +250,16 @@ class Attention(nnx.Module):
         self.o_proj = linear(n * h, d, False, dtype, param_dtype, rngs)
         self.n, self.k, self.h, self.theta = n, k, h, cfg.rope_theta
 
-    def __call__(self, x_btd, positions_bt, mask, cache: LayerCache | None, write_at,
-                 implementation: str = "auto", block: int = 512):
+    def __call__(
+        self,
+        x_btd,
+        positions_bt,
+        mask,
+        cache: LayerCache | None,
+        write_at,
+        implementation: str = "auto",
+        block: int = 512,
+    ):
         """`mask`: the valid keys, [B, S] for a whole sequence (causal attention over positions
         0..T-1) or [B, 1, S] for a decode step against the cache (`write_at` given)."""
         b, t, _ = x_btd.shape
@@ -219,10 +273,10 @@ class Attention(nnx.Module):
         groups = self.n // self.k
         if cache is not None:
             if write_at is None:  # prefill: the whole prompt at positions 0..T-1
-                put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
-                    c, x.astype(c.dtype), (0, 0, 0, 0))
-                cache = LayerCache(put(cache.k, k.transpose(0, 2, 3, 1)),
-                                   put(cache.v, v.transpose(0, 2, 1, 3)))
+                put = lambda c, x: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, 0, 0, 0))
+                cache = LayerCache(
+                    put(cache.k, k.transpose(0, 2, 3, 1)), put(cache.v, v.transpose(0, 2, 1, 3))
+                )
             else:  # decode: one token a row, each at its own length
                 rows = jnp.arange(b)
                 ck = cache.k.at[rows, :, :, write_at].set(k[:, 0].astype(cache.k.dtype))
@@ -237,11 +291,13 @@ class Attention(nnx.Module):
         b = q_b1nh.shape[0]
         q = q_b1nh.reshape(b, self.k, groups, self.h)
         logits = jnp.einsum("bkgh,bkhs->bkgs", q, k_bkhs.astype(q.dtype)).astype(jnp.float32)
-        logits = jnp.where(mask_b1s[:, :, None], logits * self.h**-0.5,
-                           jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask_b1s[:, :, None], logits * self.h**-0.5, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v_bksh.dtype)
-        return jnp.einsum("bkgs,bksh->bkgh", probs, v_bksh).astype(q.dtype).reshape(
-            b, 1, self.n * self.h)
+        return (
+            jnp.einsum("bkgs,bksh->bkgh", probs, v_bksh)
+            .astype(q.dtype)
+            .reshape(b, 1, self.n * self.h)
+        )
 
 
 class MLP(nnx.Module):
@@ -268,11 +324,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs, **kw)
 
     def __call__(self, x_btd, positions_bt, mask, cache=None, write_at=None, **attention):
-        attn, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, mask, cache,
-                                     write_at, **attention)
+        attn, cache = self.self_attn(
+            self.input_layernorm(x_btd), positions_bt, mask, cache, write_at, **attention
+        )
         x_btd = x_btd + attn
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd),
-                                decoding=write_at is not None), cache
+        return x_btd + self.mlp(
+            self.post_attention_layernorm(x_btd), decoding=write_at is not None
+        ), cache
 
 
 def _positions(attention_mask_bt):
@@ -293,27 +351,51 @@ class Qwen2ForCausalLM(nnx.Module):
     attention_block positions per block of the blockwise attention
     """
 
-    def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, scan_layers: bool = True, attention: str = "auto",
-                 attention_block: int = 512, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        cfg: Qwen2Config,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        scan_layers: bool = True,
+        attention: str = "auto",
+        attention_block: int = 512,
+        rngs: nnx.Rngs | None = None,
+    ):
         if attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                             f"got {attention!r}")
+            raise ValueError(
+                f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}"
+            )
         if attention_block < 1:
             raise ValueError(f"attention_block must be >= 1, got {attention_block}")
         rngs = rngs or nnx.Rngs(0)
         self.config, self.dtype, self.remat = cfg, dtype, remat
-        self.scan_layers, self.attention, self.attention_block = (scan_layers, attention,
-                                                                  attention_block)
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs,
-                                      embedding_init=nnx.initializers.normal(0.02))
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype,
-                            param_dtype=param_dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else linear(
-            cfg.hidden_size, cfg.vocab_size, False, dtype, param_dtype, rngs)
+        self.scan_layers, self.attention, self.attention_block = (
+            scan_layers,
+            attention,
+            attention_block,
+        )
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            embedding_init=nnx.initializers.normal(0.02),
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else linear(cfg.hidden_size, cfg.vocab_size, False, dtype, param_dtype, rngs)
+        )
 
     # -- forward ----------------------------------------------------------------------------------
     def __call__(self, input_ids, attention_mask=None, positions=None, return_hidden=False):
@@ -360,9 +442,12 @@ class Qwen2ForCausalLM(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         k, h = self.config.num_key_value_heads, self.config.head_dim
         dtype = dtype or self.dtype
-        layers = tuple(LayerCache(jnp.zeros((batch, k, h, max_len), dtype),
-                                  jnp.zeros((batch, k, max_len, h), dtype))
-                       for _ in self.layers)
+        layers = tuple(
+            LayerCache(
+                jnp.zeros((batch, k, h, max_len), dtype), jnp.zeros((batch, k, max_len, h), dtype)
+            )
+            for _ in self.layers
+        )
         return Cache(layers, jnp.zeros((batch,), jnp.int32))
 
     def prefill(self, input_ids, attention_mask, max_len: int, return_hidden: bool = False):

@@ -26,19 +26,29 @@ class SFTStep:
     """A jitted AdamW step on `model` (in place), warm-up then constant learning rate;
     `scale_learning_rate(f)` multiplies the learning rate by f from the next step on."""
 
-    def __init__(self, model, learning_rate: float = 1e-3, warmup_steps: int = 20,
-                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, wrt=nnx.Param):
+    def __init__(
+        self,
+        model,
+        learning_rate: float = 1e-3,
+        warmup_steps: int = 20,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        wrt=nnx.Param,
+    ):
         schedule = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
-        tx = optax.chain(optax.clip_by_global_norm(max_grad_norm),
-                         optax.adamw(schedule, weight_decay=weight_decay),
-                         optax.inject_hyperparams(optax.scale)(step_size=1.0))
+        tx = optax.chain(
+            optax.clip_by_global_norm(max_grad_norm),
+            optax.adamw(schedule, weight_decay=weight_decay),
+            optax.inject_hyperparams(optax.scale)(step_size=1.0),
+        )
         self.optimizer = nnx.Optimizer(model, tx, wrt=wrt)
         self.model = model
 
         @nnx.jit
         def step(model, optimizer, tokens, loss_mask):
             loss, grads = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt))(
-                model, tokens, loss_mask)
+                model, tokens, loss_mask
+            )
             optimizer.update(model, grads)
             return loss
 
@@ -48,5 +58,11 @@ class SFTStep:
         self.optimizer.opt_state[2].hyperparams["step_size"][...] = factor
 
     def __call__(self, batch: dict) -> float:
-        return float(self._step(self.model, self.optimizer, jnp.asarray(batch["tokens"]),
-                                jnp.asarray(batch["loss_mask"])))
+        return float(
+            self._step(
+                self.model,
+                self.optimizer,
+                jnp.asarray(batch["tokens"]),
+                jnp.asarray(batch["loss_mask"]),
+            )
+        )

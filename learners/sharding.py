@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from learners.train import TrainBatch, TrainState
 
@@ -30,8 +31,9 @@ def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     fsdp = fsdp or len(devices) // data
     if data * fsdp != len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, have {len(devices)}"
+        )
     return Mesh(np.array(devices).reshape(data, fsdp), ("data", "fsdp"))
 
 
@@ -67,14 +69,17 @@ def gather(tree):
 
 def shard_tree(tree, mesh: Mesh):
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: put(x, NamedSharding(mesh, param_spec(np.shape(x), fsdp))),
-                        tree)
+    return jax.tree.map(lambda x: put(x, NamedSharding(mesh, param_spec(np.shape(x), fsdp))), tree)
 
 
 def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
-    return TrainState(shard_tree(state.lora, mesh), shard_tree(state.rest, mesh),
-                      shard_tree(state.opt_state, mesh),
-                      put(state.updates, NamedSharding(mesh, P())), state.graphdef)
+    return TrainState(
+        shard_tree(state.lora, mesh),
+        shard_tree(state.rest, mesh),
+        shard_tree(state.opt_state, mesh),
+        put(state.updates, NamedSharding(mesh, P())),
+        state.graphdef,
+    )
 
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:

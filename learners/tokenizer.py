@@ -8,7 +8,7 @@ the real model: digits split one by one (as Qwen does), any text round-trips byt
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from learners.params import resolve
 
@@ -29,7 +29,7 @@ QWEN_STYLE_CHAT_TEMPLATE = (
     "{{- '<|im_start|>assistant' }}{%- if message.content %}{{- '\\n' + message.content }}"
     "{%- endif %}"
     "{%- for call in message.tool_calls %}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' "
+    '{{- \'\\n<tool_call>\\n{"name": "\' + call.function.name + \'", "arguments": \' '
     "+ (call.function.arguments if call.function.arguments is string "
     "else call.function.arguments | tojson) + '}\\n</tool_call>' }}"
     "{%- endfor %}"
@@ -56,15 +56,25 @@ def train_chat_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"], chat_template=QWEN_STYLE_CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=QWEN_STYLE_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )

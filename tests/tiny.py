@@ -20,22 +20,50 @@ import pathlib
 
 TESTS_DIR = str(pathlib.Path(__file__).resolve().parent)
 
-TINY = dict(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0)
+TINY = dict(
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10_000.0,
+)
 """Fields of the tiny Qwen2 (the rest are Qwen2Config's defaults): head width 8, two query heads
 per key/value head, tied embeddings."""
 
 VARIANTS = {
     # grouped-query attention, 3 query heads per KV head, tied embeddings, odd vocabulary
-    "gqa_tied": dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                     num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    "gqa_tied": dict(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     # multi-head attention, odd MLP width, untied embeddings, three layers
-    "mha_untied": dict(vocab_size=101, hidden_size=40, intermediate_size=50, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "mha_untied": dict(
+        vocab_size=101,
+        hidden_size=40,
+        intermediate_size=50,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
     # one KV head for eight query heads, an explicit head_dim (not hidden_size / heads)
-    "mqa": dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                num_attention_heads=8, num_key_value_heads=1, head_dim=8,
-                tie_word_embeddings=True),
+    "mqa": dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+    ),
 }
 """Shapes that exercise the attention variants, each compared with transformers
 (tests/learners/tiny_qwen.py); a variant overrides TINY's sizes and keeps its rope_theta."""
@@ -53,8 +81,15 @@ def tiny_config(variant: str | None = None, **overrides):
     return Qwen2Config(**tiny_fields(variant, **overrides))
 
 
-def tiny_base_model(variant: str | None = None, *, seed: int = 0, dtype=None,
-                    param_dtype=None, remat: bool = False, **overrides):
+def tiny_base_model(
+    variant: str | None = None,
+    *,
+    seed: int = 0,
+    dtype=None,
+    param_dtype=None,
+    remat: bool = False,
+    **overrides,
+):
     """A random Qwen2ForCausalLM of `tiny_config(variant, **overrides)`, without adapters;
     weights from nnx.Rngs(seed), dtypes float32 unless given."""
     import jax.numpy as jnp
@@ -62,13 +97,23 @@ def tiny_base_model(variant: str | None = None, *, seed: int = 0, dtype=None,
 
     from learners.qwen2 import Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(tiny_config(variant, **overrides), dtype=dtype or jnp.float32,
-                            param_dtype=param_dtype or jnp.float32, remat=remat,
-                            rngs=nnx.Rngs(seed))
+    return Qwen2ForCausalLM(
+        tiny_config(variant, **overrides),
+        dtype=dtype or jnp.float32,
+        param_dtype=param_dtype or jnp.float32,
+        remat=remat,
+        rngs=nnx.Rngs(seed),
+    )
 
 
-def tiny_model(variant: str | None = None, *, lora_rank: int = 4, lora_alpha: float = 8,
-               lora_seed: int | None = None, **model_args):
+def tiny_model(
+    variant: str | None = None,
+    *,
+    lora_rank: int = 4,
+    lora_alpha: float = 8,
+    lora_seed: int | None = None,
+    **model_args,
+):
     """`tiny_base_model(variant, **model_args)` with LoRA (`lora_rank`, `lora_alpha`) on every
     projection, as the learner trains it: A random from nnx.Rngs(lora_seed) (apply_lora's
     default when None), B zero, so that it computes what the base model does."""
@@ -77,8 +122,9 @@ def tiny_model(variant: str | None = None, *, lora_rank: int = 4, lora_alpha: fl
     from learners.lora import apply_lora
 
     rngs = None if lora_seed is None else nnx.Rngs(lora_seed)
-    return apply_lora(tiny_base_model(variant, **model_args), rank=lora_rank, alpha=lora_alpha,
-                      rngs=rngs)
+    return apply_lora(
+        tiny_base_model(variant, **model_args), rank=lora_rank, alpha=lora_alpha, rngs=rngs
+    )
 
 
 def subprocess_env(**extra: str) -> dict:

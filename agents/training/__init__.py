@@ -14,13 +14,36 @@ evaluation (pass@k), runlog (the run's record), run (a whole run: directory, che
 resume), cli (flags and YAML, one-line errors).
 """
 
-from agents.training.config import (Config, EnvConfig, EvalConfig, LogConfig, ModelConfig,
-                                    SamplerConfig, config_from_dict)
+from agents.training.config import (
+    Config,
+    EnvConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    SamplerConfig,
+    config_from_dict,
+)
 from agents.training.evaluation import evaluate, pass_at_k
 from agents.training.loop import GRPOLoop, ProblemOrder
 from agents.training.run import Interrupted, build_learner, fit, train
 from agents.training.runlog import RunLog, run_environment
 
-__all__ = ["Config", "EnvConfig", "EvalConfig", "GRPOLoop", "Interrupted", "LogConfig",
-           "ModelConfig", "ProblemOrder", "RunLog", "SamplerConfig", "build_learner",
-           "config_from_dict", "evaluate", "fit", "pass_at_k", "run_environment", "train"]
+__all__ = [
+    "Config",
+    "EnvConfig",
+    "EvalConfig",
+    "GRPOLoop",
+    "Interrupted",
+    "LogConfig",
+    "ModelConfig",
+    "ProblemOrder",
+    "RunLog",
+    "SamplerConfig",
+    "build_learner",
+    "config_from_dict",
+    "evaluate",
+    "fit",
+    "pass_at_k",
+    "run_environment",
+    "train",
+]

@@ -12,7 +12,8 @@ import contextlib
 import dataclasses
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from agents.training.config import config_from_dict
 
@@ -33,12 +34,18 @@ def load_config(argv: list[str], cls: type, default: Any = None, description: st
         i = argv.index("--config")
         if i + 1 >= len(argv):
             fail("--config needs a path to a YAML or JSON file")
-        path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+        path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
         default = read_config_file(path, cls, cls() if default is None else default)
     with _section_errors_raised():
-        return tyro.cli(cls, default=default, args=argv, description=(
-            description + " Settings also come from a YAML or JSON file, --config PATH, nested "
-            "as the flags are (grpo: {eps_high: 0.3}); flags override it."))
+        return tyro.cli(
+            cls,
+            default=default,
+            args=argv,
+            description=(
+                description + " Settings also come from a YAML or JSON file, --config PATH, nested "
+                "as the flags are (grpo: {eps_high: 0.3}); flags override it."
+            ),
+        )
 
 
 def _section_errors_raised():

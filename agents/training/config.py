@@ -26,8 +26,9 @@ from envs.rewards import RewardWeights
 from envs.toolmath import ToolMathEnv
 from learners.train import GRPOConfig
 
-_ENV_DEFAULTS = {name: p.default for name, p in
-                 inspect.signature(ToolMathEnv.__init__).parameters.items()}
+_ENV_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(ToolMathEnv.__init__).parameters.items()
+}
 """ToolMathEnv's own defaults, which EnvConfig's fields take (one place for each)."""
 
 
@@ -62,8 +63,10 @@ class ModelConfig:
         if self.attention_block < 1:
             raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ValueError(f"lora_rank and lora_alpha must be positive, got {self.lora_rank}, "
-                             f"{self.lora_alpha}")
+            raise ValueError(
+                f"lora_rank and lora_alpha must be positive, got {self.lora_rank}, "
+                f"{self.lora_alpha}"
+            )
 
 
 @dataclass(frozen=True)
@@ -93,15 +96,22 @@ class EnvConfig:
 
     def __post_init__(self):
         if self.max_turns < 1 or self.tool_timeout_s <= 0:
-            raise ValueError(f"max_turns must be >= 1 and tool_timeout_s > 0, got "
-                             f"{self.max_turns}, {self.tool_timeout_s}")
+            raise ValueError(
+                f"max_turns must be >= 1 and tool_timeout_s > 0, got "
+                f"{self.max_turns}, {self.tool_timeout_s}"
+            )
 
     def env_kwargs(self, split: str) -> dict:
         """gym.make's keyword arguments for the train split or an evaluation split."""
-        kwargs = {"protocol": self.protocol, "max_turns": self.max_turns,
-                  "max_chars": self.max_chars, "tool_timeout_s": self.tool_timeout_s,
-                  "max_output_chars": self.max_output_chars,
-                  "system_prompt": self.system_prompt, "reward_weights": self.rewards}
+        kwargs = {
+            "protocol": self.protocol,
+            "max_turns": self.max_turns,
+            "max_chars": self.max_chars,
+            "tool_timeout_s": self.tool_timeout_s,
+            "max_output_chars": self.max_output_chars,
+            "system_prompt": self.system_prompt,
+            "reward_weights": self.rewards,
+        }
         source = self.problems if split == "train" else self.eval_problems
         if split != "train":
             kwargs["split"] = split
@@ -139,8 +149,10 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.every < 0 or self.samples < 1 or (self.limit is not None and self.limit < 1):
-            raise ValueError(f"need eval every >= 0, samples >= 1, limit >= 1; got {self.every}, "
-                             f"{self.samples}, {self.limit}")
+            raise ValueError(
+                f"need eval every >= 0, samples >= 1, limit >= 1; got {self.every}, "
+                f"{self.samples}, {self.limit}"
+            )
 
 
 @dataclass(frozen=True)
@@ -162,9 +174,11 @@ class LogConfig:
 
     def __post_init__(self):
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.transcripts_every < 0:
-            raise ValueError(f"checkpoint_every and keep_checkpoints must be >= 1, "
-                             f"transcripts_every >= 0; got {self.checkpoint_every}, "
-                             f"{self.keep_checkpoints}, {self.transcripts_every}")
+            raise ValueError(
+                f"checkpoint_every and keep_checkpoints must be >= 1, "
+                f"transcripts_every >= 0; got {self.checkpoint_every}, "
+                f"{self.keep_checkpoints}, {self.transcripts_every}"
+            )
 
 
 @dataclass(frozen=True)
@@ -209,25 +223,38 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
-        if (self.steps < 1 or self.problems_per_step < 1 or self.max_refills < 0
-                or self.max_staleness < 0):
-            raise ValueError(f"need steps >= 1, problems_per_step >= 1, max_refills >= 0, "
-                             f"max_staleness >= 0; got {self.steps}, {self.problems_per_step}, "
-                             f"{self.max_refills}, {self.max_staleness}")
+        if (
+            self.steps < 1
+            or self.problems_per_step < 1
+            or self.max_refills < 0
+            or self.max_staleness < 0
+        ):
+            raise ValueError(
+                f"need steps >= 1, problems_per_step >= 1, max_refills >= 0, "
+                f"max_staleness >= 0; got {self.steps}, {self.problems_per_step}, "
+                f"{self.max_refills}, {self.max_staleness}"
+            )
         if self.rollout.group_size < 2:
-            raise ValueError(f"rollout.group_size must be >= 2 (GRPO compares the episodes of a "
-                             f"group), got {self.rollout.group_size}")
+            raise ValueError(
+                f"rollout.group_size must be >= 2 (GRPO compares the episodes of a "
+                f"group), got {self.rollout.group_size}"
+            )
         batch, mbs = self.problems_per_step * self.rollout.group_size, self.grpo.micro_batch_size
         if mbs and batch > mbs and batch % mbs:
-            raise ValueError(f"grpo.micro_batch_size {mbs} must divide problems_per_step x "
-                             f"rollout.group_size = {batch}")
+            raise ValueError(
+                f"grpo.micro_batch_size {mbs} must divide problems_per_step x "
+                f"rollout.group_size = {batch}"
+            )
         if self.rollout.max_total_tokens < self.rollout.max_turn_tokens:
-            raise ValueError(f"rollout.max_total_tokens ({self.rollout.max_total_tokens}) is "
-                             f"smaller than one turn's budget rollout.max_turn_tokens "
-                             f"({self.rollout.max_turn_tokens})")
+            raise ValueError(
+                f"rollout.max_total_tokens ({self.rollout.max_total_tokens}) is "
+                f"smaller than one turn's budget rollout.max_turn_tokens "
+                f"({self.rollout.max_turn_tokens})"
+            )
         if self.resume and self.overwrite:
-            raise ValueError("--resume continues the run in --out, --overwrite deletes it: "
-                             "give one of them")
+            raise ValueError(
+                "--resume continues the run in --out, --overwrite deletes it: give one of them"
+            )
 
     def grpo_for_run(self) -> GRPOConfig:
         """The learner's settings, with the schedule's horizon set to this run's optimizer steps
@@ -241,8 +268,18 @@ class Config:
         return grpo
 
 
-RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "out", "debug", "allow_cpu", "eval", "log",
-                     "sampler", "dist")
+RESUMABLE_CHANGES = (
+    "steps",
+    "resume",
+    "overwrite",
+    "out",
+    "debug",
+    "allow_cpu",
+    "eval",
+    "log",
+    "sampler",
+    "dist",
+)
 """Settings (or whole sections) a resumed run may change; any other difference from the saved
 config.json stops it."""
 
@@ -267,8 +304,10 @@ def config_from_dict(values: dict, cls: type = Config, where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown settings {[where + k for k in unknown]} (spell them as the "
-                         "fields of agents.training.config, with underscores)")
+        raise ValueError(
+            f"unknown settings {[where + k for k in unknown]} (spell them as the "
+            "fields of agents.training.config, with underscores)"
+        )
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]

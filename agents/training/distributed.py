@@ -39,11 +39,14 @@ class DistConfig:
     def __post_init__(self):
         explicit = (self.coordinator, self.num_processes, self.process_id)
         if any(v is not None for v in explicit) and any(v is None for v in explicit):
-            raise ValueError("dist.coordinator, dist.num_processes and dist.process_id go "
-                             f"together; got {explicit}")
+            raise ValueError(
+                "dist.coordinator, dist.num_processes and dist.process_id go "
+                f"together; got {explicit}"
+            )
         if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
-            raise ValueError(f"dist.process_id must be in 0..{self.num_processes - 1}, got "
-                             f"{self.process_id}")
+            raise ValueError(
+                f"dist.process_id must be in 0..{self.num_processes - 1}, got {self.process_id}"
+            )
         if self.data < 1:
             raise ValueError(f"dist.data must be >= 1, got {self.data}")
 
@@ -61,8 +64,11 @@ def initialize(cfg: DistConfig):
 
     if cfg.enabled and not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-        jax.distributed.initialize(coordinator_address=cfg.coordinator,
-                                   num_processes=cfg.num_processes, process_id=cfg.process_id)
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+        )
     return make_mesh(data=cfg.data, devices=jax.devices())
 
 

@@ -1,12 +1,12 @@
 """Held-out evaluation: pass@k over a set of problems, with answer and tool statistics.
 
-    metrics, transcripts = evaluate(rollouts, range(30), ks=(1, 8), seed=0)
+metrics, transcripts = evaluate(rollouts, range(30), ks=(1, 8), seed=0)
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,8 +24,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def evaluate(rollouts: Rollouts, indices: Sequence[int], ks: Sequence[int] = (1,), seed: int = 0,
-             chunk: int = 64, adapter_version: int | None = None) -> tuple[dict, list[str]]:
+def evaluate(
+    rollouts: Rollouts,
+    indices: Sequence[int],
+    ks: Sequence[int] = (1,),
+    seed: int = 0,
+    chunk: int = 64,
+    adapter_version: int | None = None,
+) -> tuple[dict, list[str]]:
     """pass@k over `indices` with rollouts.cfg.group_size samples a problem, plus answer and tool
     statistics; returns (metrics, a few transcripts). Problems are played `chunk` episodes at a
     time."""
@@ -34,15 +40,28 @@ def evaluate(rollouts: Rollouts, indices: Sequence[int], ks: Sequence[int] = (1,
     indices = list(indices)
     correct, episodes, transcripts = [], [], []
     for start in range(0, len(indices), per_chunk):
-        batch = rollouts.collect(indices[start:start + per_chunk], seed=seed + start,
-                                 adapter_version=adapter_version)
-        for g in range(len(indices[start:start + per_chunk])):
+        batch = rollouts.collect(
+            indices[start : start + per_chunk], seed=seed + start, adapter_version=adapter_version
+        )
+        for g in range(len(indices[start : start + per_chunk])):
             correct.append(sum(e.correct for e in batch.episodes if e.group == g))
         episodes += batch.episodes
         transcripts += batch.transcripts[:2]
     metrics = {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in ks}
     summary = episode_metrics(episodes)
-    metrics.update({k: summary[k] for k in ("reward", "tool_use_rate", "tool_error_rate", "turns",
-                                            "answer_rate", "truncated_context", "sampled_tokens")})
+    metrics.update(
+        {
+            k: summary[k]
+            for k in (
+                "reward",
+                "tool_use_rate",
+                "tool_error_rate",
+                "turns",
+                "answer_rate",
+                "truncated_context",
+                "sampled_tokens",
+            )
+        }
+    )
     metrics["problems"], metrics["samples_per_problem"] = len(indices), n
     return metrics, transcripts

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -86,9 +87,11 @@ class GRPOLoop:
         if self.sampler_model is None:
             self.sampler_model = self.model
         if self.max_staleness and self.sampler_model is self.model:
-            raise ValueError("max_staleness > 0 needs a sampler_model apart from the learner's "
-                             "model (agents.training.loop.sampler_copy(model)), which the "
-                             "sampler must read")
+            raise ValueError(
+                "max_staleness > 0 needs a sampler_model apart from the learner's "
+                "model (agents.training.loop.sampler_copy(model)), which the "
+                "sampler must read"
+            )
         if self.max_staleness and self.cfg is not None and self.cfg.tis_cap is None:
             self.cfg = dataclasses.replace(self.cfg, tis_cap=PIPELINED_TIS_CAP)
         self._synced = None if self.rollouts is None else self.rollouts.sampler.adapter_version
@@ -112,8 +115,9 @@ class GRPOLoop:
         self.rollouts.sampler.sync_adapter(self.sampler_model, version)
         self._synced = version
 
-    def collect(self, problems: Iterator[int], seed: int,
-                adapter_version: int | None = None) -> tuple[RolloutBatch, dict]:
+    def collect(
+        self, problems: Iterator[int], seed: int, adapter_version: int | None = None
+    ) -> tuple[RolloutBatch, dict]:
         """Exactly problems_per_step groups of group_size episodes, whatever the rewards (one batch
         shape, so the train step compiles once), and the collection's stats.
 
@@ -127,13 +131,18 @@ class GRPOLoop:
         version = self.adapter_version if adapter_version is None else adapter_version
 
         def play(round_seed: int) -> RolloutBatch:
-            return self.rollouts.collect([next(problems) for _ in range(self.problems_per_step)],
-                                         seed=round_seed, adapter_version=version)
+            return self.rollouts.collect(
+                [next(problems) for _ in range(self.problems_per_step)],
+                seed=round_seed,
+                adapter_version=version,
+            )
 
         batch = play(seed)
         # the first collection's, before zero-variance groups are dropped: a collapse detector
-        stats = {"collected_groups": self.problems_per_step,
-                 "distinct_completions": batch.distinct_completions()}
+        stats = {
+            "collected_groups": self.problems_per_step,
+            "distinct_completions": batch.distinct_completions(),
+        }
         if not self.dynamic_sampling:
             return batch, stats
         informative, uniform = [], []
@@ -149,16 +158,32 @@ class GRPOLoop:
             batch = play(seed + 7919 * refills)
             stats["collected_groups"] += self.problems_per_step
         filler = max(self.problems_per_step - found, 0)
-        stats.update(refills=refills, filler_groups=filler, informative_groups=min(
-            found, self.problems_per_step))
+        stats.update(
+            refills=refills,
+            filler_groups=filler,
+            informative_groups=min(found, self.problems_per_step),
+        )
         if not found:  # every group was uniform: the step is still taken (a zero-loss update)
             stats["all_groups_uniform"] = 1  # so that optimizer steps and loop steps stay one count
         pad_id = self.rollouts.tokenizer.pad_token_id or 0
-        parts = [first_groups(RolloutBatch.concat([b for b in informative if len(b.rewards)],
-                                                  pad_id), self.problems_per_step)] if found else []
+        parts = (
+            [
+                first_groups(
+                    RolloutBatch.concat([b for b in informative if len(b.rewards)], pad_id),
+                    self.problems_per_step,
+                )
+            ]
+            if found
+            else []
+        )
         if filler:
-            parts.append(without_loss(first_groups(RolloutBatch.concat(
-                [b for b in uniform if len(b.rewards)], pad_id), filler)))
+            parts.append(
+                without_loss(
+                    first_groups(
+                        RolloutBatch.concat([b for b in uniform if len(b.rewards)], pad_id), filler
+                    )
+                )
+            )
         return RolloutBatch.concat(parts, pad_id), stats
 
     def update(self, batch: RolloutBatch) -> dict:
@@ -181,9 +206,11 @@ class GRPOLoop:
         batch, stats = collected.batch, collected.stats
         staleness = self.adapter_version - batch.adapter_version
         if staleness.max(initial=0) > self.max_staleness:
-            raise RuntimeError(f"a batch sampled by adapter {collected.version} reached the update "
-                               f"of adapter {self.adapter_version} (max_staleness "
-                               f"{self.max_staleness})")
+            raise RuntimeError(
+                f"a batch sampled by adapter {collected.version} reached the update "
+                f"of adapter {self.adapter_version} (max_staleness "
+                f"{self.max_staleness})"
+            )
         metrics = {}
         if batch.episodes:  # (a process but 0 of a multi-process learner has only the arrays)
             filler = stats.get("filler_groups", 0) * self.rollouts.cfg.group_size
@@ -206,8 +233,9 @@ class GRPOLoop:
         self.sync_sampler()
         batch, stats = self.collect(problems, seed)
         took = time.perf_counter() - t0
-        out = self.learn(Collected(batch, stats, problems.position, self.adapter_version, took),
-                         took)
+        out = self.learn(
+            Collected(batch, stats, problems.position, self.adapter_version, took), took
+        )
         self.sync_sampler()
         return out
 
@@ -225,8 +253,11 @@ def first_groups(batch: RolloutBatch, k: int) -> RolloutBatch:
 
 def without_loss(batch: RolloutBatch) -> RolloutBatch:
     """`batch` with loss_mask and sampler_logprobs zeroed: rows that add nothing to the loss."""
-    return dataclasses.replace(batch, loss_mask=np.zeros_like(batch.loss_mask),
-                               sampler_logprobs=np.zeros_like(batch.sampler_logprobs))
+    return dataclasses.replace(
+        batch,
+        loss_mask=np.zeros_like(batch.loss_mask),
+        sampler_logprobs=np.zeros_like(batch.sampler_logprobs),
+    )
 
 
 class ProblemOrder:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,8 +39,14 @@ from agents.training.loop import Collected, GRPOLoop, ProblemOrder
 class RolloutPipeline:
     """The batches of steps first..last of `loop`, collected ahead by a thread (see module)."""
 
-    def __init__(self, loop: GRPOLoop, problems: ProblemOrder, seed_of: Callable[[int], int],
-                 first: int, last: int):
+    def __init__(
+        self,
+        loop: GRPOLoop,
+        problems: ProblemOrder,
+        seed_of: Callable[[int], int],
+        first: int,
+        last: int,
+    ):
         self.loop, self.problems, self.seed_of = loop, problems, seed_of
         self.first, self.last = first, last
         loop.data_position = problems.position
@@ -51,8 +57,7 @@ class RolloutPipeline:
         self._collects = loop.rollouts is not None
         self._error: BaseException | None = None
         self._stop, self._pauses, self._busy = False, 0, False
-        self._thread = threading.Thread(target=self._produce, name="rollout-pipeline",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._produce, name="rollout-pipeline", daemon=True)
 
     def __enter__(self) -> RolloutPipeline:
         if self._collects:
@@ -68,8 +73,11 @@ class RolloutPipeline:
             for step in range(self.first, self.last + 1):
                 oldest = step - 1 - bound  # the oldest adapter step's update may train on
                 with self._cond:
-                    self._cond.wait_for(lambda oldest=oldest: self._stop or (
-                        not self._pauses and self._published[0] >= oldest))
+                    self._cond.wait_for(
+                        lambda oldest=oldest: (
+                            self._stop or (not self._pauses and self._published[0] >= oldest)
+                        )
+                    )
                     if self._stop:
                         return
                     version, lora = self._published
@@ -78,8 +86,9 @@ class RolloutPipeline:
                     t0 = time.perf_counter()
                     self.loop.sync_sampler(version, lora)
                     batch, stats = self.loop.collect(self.problems, self.seed_of(step), version)
-                    done = Collected(batch, stats, self.problems.position, version,
-                                     time.perf_counter() - t0)
+                    done = Collected(
+                        batch, stats, self.problems.position, version, time.perf_counter() - t0
+                    )
                 finally:
                     with self._cond:
                         self._busy = False
@@ -142,9 +151,15 @@ class RolloutPipeline:
             self.loop.sync_sampler()
 
 
-BATCH_ARRAYS = {"tokens": np.int32, "loss_mask": np.int32, "sampler_logprobs": np.float32,
-                "rewards": np.float32, "group_ids": np.int32, "adapter_version": np.int32,
-                "lengths": np.int32}
+BATCH_ARRAYS = {
+    "tokens": np.int32,
+    "loss_mask": np.int32,
+    "sampler_logprobs": np.float32,
+    "rewards": np.float32,
+    "group_ids": np.int32,
+    "adapter_version": np.int32,
+    "lengths": np.int32,
+}
 """The arrays of a RolloutBatch that the processes of a multi-process learner share."""
 
 
@@ -159,10 +174,15 @@ def broadcast_collected(collected: Collected | None) -> Collected:
         head[:] = (b, t, collected.position, collected.version)
     b, t, position, version = (int(x) for x in multihost_utils.broadcast_one_to_all(head))
     rows = {"tokens": (b, t), "loss_mask": (b, t), "sampler_logprobs": (b, t)}
-    arrays = {name: np.asarray(getattr(collected.batch, name), dtype) if collected is not None
-              else np.zeros(rows.get(name, (b,)), dtype) for name, dtype in BATCH_ARRAYS.items()}
+    arrays = {
+        name: np.asarray(getattr(collected.batch, name), dtype)
+        if collected is not None
+        else np.zeros(rows.get(name, (b,)), dtype)
+        for name, dtype in BATCH_ARRAYS.items()
+    }
     arrays = {k: np.asarray(v) for k, v in multihost_utils.broadcast_one_to_all(arrays).items()}
     if collected is not None:
         return collected
-    return Collected(RolloutBatch(**arrays, episodes=[], transcripts=[]), {}, position, version,
-                     0.0)
+    return Collected(
+        RolloutBatch(**arrays, episodes=[], transcripts=[]), {}, position, version, 0.0
+    )

@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,17 +55,29 @@ class GracefulInterrupt:
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then exiting "
-              "(Ctrl-C again to stop at once)", flush=True)
+        print(
+            "\nCtrl-C: finishing this step, saving a checkpoint, then exiting "
+            "(Ctrl-C again to stop at once)",
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous)
 
 
-def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, steps: int, seed: int,
-        checkpoint: Callable[[int, bool], object] | None = None,
-        evaluate_at: Callable[[int], dict] | None = None, eval_every: int = 0,
-        transcripts_every: int = 10) -> dict:
+def fit(
+    loop: GRPOLoop,
+    problems: ProblemOrder,
+    log: RunLog,
+    *,
+    start: int,
+    steps: int,
+    seed: int,
+    checkpoint: Callable[[int, bool], object] | None = None,
+    evaluate_at: Callable[[int], dict] | None = None,
+    eval_every: int = 0,
+    transcripts_every: int = 10,
+) -> dict:
     """Steps start+1 .. steps of `loop`, each logged; `checkpoint(step, force)` after each (it
     decides whether one is due), `evaluate_at(step)` every `eval_every` steps before the last.
     Step t samples with seed `seed * 1_000_003 + t`. Batches come from a RolloutPipeline, up to
@@ -79,10 +91,15 @@ def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, step
     from agents.training.pipeline import RolloutPipeline
 
     metrics: dict = {}
-    bar = tqdm(range(start + 1, steps + 1), desc="GRPO", initial=start, total=steps,
-               dynamic_ncols=True)
-    with GracefulInterrupt() as interrupt, RolloutPipeline(
-            loop, problems, lambda step: seed * 1_000_003 + step, start + 1, steps) as rollouts:
+    bar = tqdm(
+        range(start + 1, steps + 1), desc="GRPO", initial=start, total=steps, dynamic_ncols=True
+    )
+    with (
+        GracefulInterrupt() as interrupt,
+        RolloutPipeline(
+            loop, problems, lambda step: seed * 1_000_003 + step, start + 1, steps
+        ) as rollouts,
+    ):
         for step in bar:
             t0 = time.perf_counter()
             collected = rollouts.get(step)
@@ -99,9 +116,11 @@ def fit(loop: GRPOLoop, problems: ProblemOrder, log: RunLog, *, start: int, step
             if evaluate_at and eval_every and step % eval_every == 0 and step < steps and not stop:
                 with rollouts.paused():
                     evaluate_at(step)
-            bar.set_postfix(reward=f"{metrics.get('train/reward', 0):.3f}",
-                            acc=f"{metrics.get('train/accuracy', 0):.3f}",
-                            tools=f"{metrics.get('train/tool_use_rate', 0):.2f}")
+            bar.set_postfix(
+                reward=f"{metrics.get('train/reward', 0):.3f}",
+                acc=f"{metrics.get('train/accuracy', 0):.3f}",
+                tools=f"{metrics.get('train/tool_use_rate', 0):.2f}",
+            )
             if stop:
                 raise Interrupted(step)
     bar.close()
@@ -145,20 +164,24 @@ def prepare_run_directory(out: str, config, resume: bool, overwrite: bool) -> No
                 saved = json.load(f)
             changes = config_changes(saved, cfg)
             if changes:
-                fail(f"--resume with settings that differ from the run in {out}: "
-                     f"{'; '.join(changes)} (resume with the saved settings, or start a new run "
-                     f"with another --out)")
+                fail(
+                    f"--resume with settings that differ from the run in {out}: "
+                    f"{'; '.join(changes)} (resume with the saved settings, or start a new run "
+                    f"with another --out)"
+                )
         return
     if present and not overwrite:
-        fail(f"{out} already holds a run ({', '.join(present[:4])}"
-             f"{', ...' if len(present) > 4 else ''}); continue it with --resume, replace it "
-             f"with --overwrite, or choose another --out")
+        fail(
+            f"{out} already holds a run ({', '.join(present[:4])}"
+            f"{', ...' if len(present) > 4 else ''}); continue it with --resume, replace it "
+            f"with --overwrite, or choose another --out"
+        )
     if present:
         shutil.rmtree(out)
 
 
 def choose_engine(cfg: Config) -> str:
-    """"vllm" or "jax": the configured engine, or for "auto" vLLM where it is installed and a GPU
+    """ "vllm" or "jax": the configured engine, or for "auto" vLLM where it is installed and a GPU
     is present (or a server URL is given)."""
     if cfg.sampler.engine != "auto":
         return cfg.sampler.engine
@@ -183,16 +206,21 @@ def check_context_budget(env, tokenizer, indices, cfg: Config) -> None:
         raise ValueError(
             f"--rollout.max-total-tokens {budget} leaves no room to answer: the prompt of "
             f"{problem_id} is {tokens} tokens; raise it above {tokens} (to {tokens + turn} for "
-            "one full turn)")
+            "one full turn)"
+        )
     if tokens + turn > budget:
-        print(f"warning: the prompt of {problem_id} is {tokens} tokens, so its first turn gets "
-              f"{budget - tokens} of --rollout.max-turn-tokens {turn}", file=sys.stderr,
-              flush=True)
+        print(
+            f"warning: the prompt of {problem_id} is {tokens} tokens, so its first turn gets "
+            f"{budget - tokens} of --rollout.max-turn-tokens {turn}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_learner(cfg: Config):
     """(model with LoRA, GRPOConfig, a fresh TrainState): what a checkpoint of `cfg` restores
     into."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -200,14 +228,18 @@ def build_learner(cfg: Config):
     from learners.params import from_pretrained
     from learners.train import init_state
 
-    import jax
-
     dtype = getattr(jnp, cfg.model.compute_dtype(jax.default_backend()))
-    model = from_pretrained(cfg.model.name, dtype=dtype, param_dtype=dtype, remat=cfg.model.remat,
-                            attention=cfg.model.attention,
-                            attention_block=cfg.model.attention_block)
-    model = apply_lora(model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
-                       rngs=nnx.Rngs(cfg.seed))
+    model = from_pretrained(
+        cfg.model.name,
+        dtype=dtype,
+        param_dtype=dtype,
+        remat=cfg.model.remat,
+        attention=cfg.model.attention,
+        attention_block=cfg.model.attention_block,
+    )
+    model = apply_lora(
+        model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, rngs=nnx.Rngs(cfg.seed)
+    )
     grpo_cfg = cfg.grpo_for_run()
     return model, grpo_cfg, init_state(model, grpo_cfg)
 
@@ -245,12 +277,20 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer):
             from agents.vllm_client import VLLMSampler, VLLMServer
             from agents.vllm_pool import VLLMPool
 
-            urls = cfg.sampler.vllm_url or (stack.enter_context(VLLMServer(
-                cfg.model.name, max_lora_rank=cfg.model.lora_rank,
-                gpu_memory_utilization=cfg.sampler.vllm_gpu_memory,
-                extra_args=["--max-model-len", str(cfg.rollout.max_total_tokens)])).url,)
-            print(f"rollouts: vLLM server{'s' if len(urls) > 1 else ''} at {', '.join(urls)}",
-                  flush=True)
+            urls = cfg.sampler.vllm_url or (
+                stack.enter_context(
+                    VLLMServer(
+                        cfg.model.name,
+                        max_lora_rank=cfg.model.lora_rank,
+                        gpu_memory_utilization=cfg.sampler.vllm_gpu_memory,
+                        extra_args=["--max-model-len", str(cfg.rollout.max_total_tokens)],
+                    )
+                ).url,
+            )
+            print(
+                f"rollouts: vLLM server{'s' if len(urls) > 1 else ''} at {', '.join(urls)}",
+                flush=True,
+            )
             adapters = os.path.join(cfg.out, "adapters")
             clients = [VLLMSampler(url, tokenizer, adapter_dir=adapters) for url in urls]
             yield clients[0] if len(clients) == 1 else VLLMPool(clients, adapter_dir=adapters)
@@ -260,9 +300,15 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer):
             from agents.sampler import JaxSampler
 
             eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
-            print(f"rollouts: in-process JAX sampler on {jax.devices()[0].platform}"
-                  + ("" if cfg.sampler.engine == "jax" else " (vLLM needs a GPU and `pip install "
-                     "toolgrpo[vllm]`)"), flush=True)
+            print(
+                f"rollouts: in-process JAX sampler on {jax.devices()[0].platform}"
+                + (
+                    ""
+                    if cfg.sampler.engine == "jax"
+                    else " (vLLM needs a GPU and `pip install toolgrpo[vllm]`)"
+                ),
+                flush=True,
+            )
             yield JaxSampler(model, tokenizer, eos_token_ids=eos)
 
 
@@ -276,8 +322,9 @@ def train(cfg: Config) -> dict:
     logs, transcripts and adapters; the orbax checkpoints are written by all (each its
     shards)."""
     if cfg.sampler.engine != "jax" and not cfg.sampler.vllm_url:  # leave vLLM its GPU share
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                              f"{0.92 - cfg.sampler.vllm_gpu_memory:.2f}")
+        os.environ.setdefault(
+            "XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.92 - cfg.sampler.vllm_gpu_memory:.2f}"
+        )
     import gymnasium as gym
     from flax import nnx
 
@@ -312,17 +359,39 @@ def train(cfg: Config) -> dict:
         train_rollouts = evaluator = None
         if main:
             sampler = stack.enter_context(open_sampler(cfg, engine, sampler_model, tokenizer))
-            train_rollouts = stack.enter_context(Rollouts(
-                lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("train")), sampler,
-                tokenizer, cfg.rollout))
-            evaluator = stack.enter_context(Rollouts(
-                lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("test")), sampler,
-                tokenizer, dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples)))
-        loop = GRPOLoop(model, state, grpo_cfg, train_rollouts, cfg.problems_per_step,
-                        cfg.dynamic_sampling, cfg.max_refills, cfg.max_staleness, sampler_model,
-                        mesh=mesh if several else None)
-        ckpt = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=cfg.log.keep_checkpoints,
-                            every=cfg.log.checkpoint_every)
+            train_rollouts = stack.enter_context(
+                Rollouts(
+                    lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("train")),
+                    sampler,
+                    tokenizer,
+                    cfg.rollout,
+                )
+            )
+            evaluator = stack.enter_context(
+                Rollouts(
+                    lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("test")),
+                    sampler,
+                    tokenizer,
+                    dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples),
+                )
+            )
+        loop = GRPOLoop(
+            model,
+            state,
+            grpo_cfg,
+            train_rollouts,
+            cfg.problems_per_step,
+            cfg.dynamic_sampling,
+            cfg.max_refills,
+            cfg.max_staleness,
+            sampler_model,
+            mesh=mesh if several else None,
+        )
+        ckpt = Checkpointer(
+            os.path.join(cfg.out, "checkpoints"),
+            keep=cfg.log.keep_checkpoints,
+            every=cfg.log.checkpoint_every,
+        )
         start, position = 0, 0
         if cfg.resume and ckpt.latest_step is not None:
             start = ckpt.latest_step
@@ -338,10 +407,22 @@ def train(cfg: Config) -> dict:
         if main:
             dropped = truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
             if dropped:
-                print(f"metrics.jsonl: dropped {dropped} records logged after step {start} "
-                      "(they are logged again)", flush=True)
-        log = RunLog(cfg.out, cfg, wandb_mode="online" if cfg.log.wandb else "off",
-                     project=cfg.log.wandb_project, resume=cfg.resume) if main else SilentLog()
+                print(
+                    f"metrics.jsonl: dropped {dropped} records logged after step {start} "
+                    "(they are logged again)",
+                    flush=True,
+                )
+        log = (
+            RunLog(
+                cfg.out,
+                cfg,
+                wandb_mode="online" if cfg.log.wandb else "off",
+                project=cfg.log.wandb_project,
+                resume=cfg.resume,
+            )
+            if main
+            else SilentLog()
+        )
         problems = ProblemOrder(n_train, seed=cfg.seed, position=position)
         ks = sorted({1, cfg.eval.samples} | ({8} if cfg.eval.samples >= 8 else set()))
 
@@ -349,9 +430,13 @@ def train(cfg: Config) -> dict:
             if not main:
                 return {}
             loop.sync_sampler()  # the learner's latest adapter (a no-op when it has it)
-            metrics, transcripts = evaluate(evaluator, range(n_eval), ks=ks,
-                                            seed=cfg.seed + 99 * step,
-                                            adapter_version=loop.adapter_version)
+            metrics, transcripts = evaluate(
+                evaluator,
+                range(n_eval),
+                ks=ks,
+                seed=cfg.seed + 99 * step,
+                adapter_version=loop.adapter_version,
+            )
             metrics = {f"eval/{k}": v for k, v in metrics.items()}
             log.log(step, metrics)
             log.transcripts(step, transcripts, tag="eval")
@@ -375,14 +460,26 @@ def train(cfg: Config) -> dict:
 
         adapter_dir = os.path.join(cfg.out, "adapter")
         try:
-            metrics = fit(loop, problems, log, start=start, steps=cfg.steps, seed=cfg.seed,
-                          checkpoint=checkpoint, evaluate_at=evaluate_at,
-                          eval_every=cfg.eval.every, transcripts_every=cfg.log.transcripts_every)
+            metrics = fit(
+                loop,
+                problems,
+                log,
+                start=start,
+                steps=cfg.steps,
+                seed=cfg.seed,
+                checkpoint=checkpoint,
+                evaluate_at=evaluate_at,
+                eval_every=cfg.eval.every,
+                transcripts_every=cfg.log.transcripts_every,
+            )
         except Interrupted as stop:
             if main:
                 save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
-                print(f"saved checkpoint {stop.step} in {ckpt.directory} and its adapter in "
-                      f"{adapter_dir}; continue with --resume", flush=True)
+                print(
+                    f"saved checkpoint {stop.step} in {ckpt.directory} and its adapter in "
+                    f"{adapter_dir}; continue with --resume",
+                    flush=True,
+                )
             log.close()
             raise SystemExit(130) from None  # the shell's code for a run ended by Ctrl-C
         checkpoint(cfg.steps, force=True)
@@ -394,10 +491,15 @@ def train(cfg: Config) -> dict:
                 save_pretrained(merge_lora(nnx.clone(model)), merged)
                 tokenizer.save_pretrained(merged)
         log.close()
-    summary = {"step": cfg.steps, **last_eval,
-               **{k: v for k, v in metrics.items() if k.startswith("train/")},
-               "adapter": adapter_dir, "sampler": engine, "seed": cfg.seed,
-               "environment": run_environment()}
+    summary = {
+        "step": cfg.steps,
+        **last_eval,
+        **{k: v for k, v in metrics.items() if k.startswith("train/")},
+        "adapter": adapter_dir,
+        "sampler": engine,
+        "seed": cfg.seed,
+        "environment": run_environment(),
+    }
     barrier("end of run")  # every process's checkpoint is written before any exits
     if not main:
         return summary

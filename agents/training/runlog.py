@@ -11,17 +11,31 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
-from typing import Any, Sequence
+from typing import Any
 
-PLOTS = {"reward": ("train/reward", "eval/reward"), "accuracy": ("train/accuracy", "eval/pass@1"),
-         "tool_use": ("train/tool_use_rate", "eval/tool_use_rate", "train/tool_error_rate"),
-         "kl_entropy": ("train/kl", "train/entropy"),
-         "lengths": ("train/sampled_tokens", "train/total_tokens")}
+PLOTS = {
+    "reward": ("train/reward", "eval/reward"),
+    "accuracy": ("train/accuracy", "eval/pass@1"),
+    "tool_use": ("train/tool_use_rate", "eval/tool_use_rate", "train/tool_error_rate"),
+    "kl_entropy": ("train/kl", "train/entropy"),
+    "lengths": ("train/sampled_tokens", "train/total_tokens"),
+}
 
 
-NUMERICS_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "tokenizers", "transformers",
-                     "orbax-checkpoint", "gymnasium", "sympy")
+NUMERICS_PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpy",
+    "tokenizers",
+    "transformers",
+    "orbax-checkpoint",
+    "gymnasium",
+    "sympy",
+)
 """The packages whose versions can change a run's numbers (README: Reproducibility)."""
 
 
@@ -42,18 +56,41 @@ def run_environment() -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
-        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                    if line.startswith("model name")), cpu)
-        present = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                            if line.startswith("flags")), []))
-        flags = sorted(f for f in present if f in ("avx2", "fma", "avx512f", "avx512_bf16",
-                                                    "avx512_fp16", "amx_tile", "amx_bf16"))
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in info.splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
+        present = set(
+            next(
+                (
+                    line.split(":", 1)[1].split()
+                    for line in info.splitlines()
+                    if line.startswith("flags")
+                ),
+                [],
+            )
+        )
+        flags = sorted(
+            f
+            for f in present
+            if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+        )
     except OSError:
         pass
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "packages": {name: version(name) for name in NUMERICS_PACKAGES}}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "packages": {name: version(name) for name in NUMERICS_PACKAGES},
+    }
 
 
 class RunLog:
@@ -61,9 +98,16 @@ class RunLog:
     ("online" with a key, "offline" otherwise, or "off"). The W&B run's id is kept in
     `directory/wandb_run_id`: a resumed run logs to the same W&B run."""
 
-    def __init__(self, directory: str, config: Any, wandb_mode: str = "off",
-                 project: str = "toolgrpo", plot_every: int = 5, plot_name: str = "metrics.png",
-                 resume: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        config: Any,
+        wandb_mode: str = "off",
+        project: str = "toolgrpo",
+        plot_every: int = 5,
+        plot_name: str = "metrics.png",
+        resume: bool = False,
+    ):
         os.makedirs(directory, exist_ok=True)
         self.directory, self.plot_every, self.plot_name = directory, plot_every, plot_name
         self._count = 0
@@ -82,8 +126,14 @@ class RunLog:
             if resume and os.path.exists(id_path):
                 with open(id_path) as f:
                     run_id = f.read().strip()
-            self.wandb = wandb.init(project=project, config=cfg, dir=directory, mode=mode,
-                                    id=run_id, resume="allow" if run_id else None)
+            self.wandb = wandb.init(
+                project=project,
+                config=cfg,
+                dir=directory,
+                mode=mode,
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
             with open(id_path, "w") as f:
                 f.write(self.wandb.id + "\n")
 
@@ -102,12 +152,18 @@ class RunLog:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         rule = "\n\n" + "=" * 100 + "\n"
         with open(path, "w") as f:
-            f.write("".join(f"{rule}episode {i + 1} of {len(texts)}: {text}"
-                            for i, text in enumerate(texts)) + "\n")
+            f.write(
+                "".join(
+                    f"{rule}episode {i + 1} of {len(texts)}: {text}" for i, text in enumerate(texts)
+                )
+                + "\n"
+            )
 
     def plot(self) -> str | None:
-        return plot_metrics(os.path.join(self.directory, "metrics.jsonl"),
-                            os.path.join(self.directory, self.plot_name))
+        return plot_metrics(
+            os.path.join(self.directory, "metrics.jsonl"),
+            os.path.join(self.directory, self.plot_name),
+        )
 
     def close(self) -> None:
         self.plot()
@@ -141,8 +197,9 @@ def read_metrics(path: str) -> list[dict]:
 def plot_metrics(jsonl: str, png: str) -> str | None:
     """One PNG with a panel per group of PLOTS (the ones the run has logged)."""
     records = read_metrics(jsonl)
-    panels = [(name, [k for k in keys if any(k in r for r in records)])
-              for name, keys in PLOTS.items()]
+    panels = [
+        (name, [k for k in keys if any(k in r for r in records)]) for name, keys in PLOTS.items()
+    ]
     panels = [(name, keys) for name, keys in panels if keys]
     if not panels:
         return None

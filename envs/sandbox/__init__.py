@@ -97,8 +97,28 @@ The package imports nothing outside the standard library at module level, and no
 this project.
 """
 
-from .client import (DEFAULT_PRELOAD, ENV_ALLOWLIST, FIXED_ENV, ExecutionResult, PythonSandbox,
-                     SandboxConfig, SandboxError, SandboxSession, Status, shared_sandbox)
+from .client import (
+    DEFAULT_PRELOAD,
+    ENV_ALLOWLIST,
+    FIXED_ENV,
+    ExecutionResult,
+    PythonSandbox,
+    SandboxConfig,
+    SandboxError,
+    SandboxSession,
+    Status,
+    shared_sandbox,
+)
 
-__all__ = ["DEFAULT_PRELOAD", "ENV_ALLOWLIST", "FIXED_ENV", "ExecutionResult", "PythonSandbox",
-           "SandboxConfig", "SandboxError", "SandboxSession", "Status", "shared_sandbox"]
+__all__ = [
+    "DEFAULT_PRELOAD",
+    "ENV_ALLOWLIST",
+    "FIXED_ENV",
+    "ExecutionResult",
+    "PythonSandbox",
+    "SandboxConfig",
+    "SandboxError",
+    "SandboxSession",
+    "Status",
+    "shared_sandbox",
+]

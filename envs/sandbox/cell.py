@@ -16,8 +16,18 @@ import traceback
 
 from .linux import PR_SET_DUMPABLE, prctl, set_cpu_limit, set_name
 from .processes import kill_all_but_self, own_proc_pid
-from .protocol import (CellDone, CellReady, Message, Promote, Promoted, ProtocolError, RunCell,
-                       recv, rehearse, send)
+from .protocol import (
+    CellDone,
+    CellReady,
+    Message,
+    Promote,
+    Promoted,
+    ProtocolError,
+    RunCell,
+    recv,
+    rehearse,
+    send,
+)
 
 SPARE_WARM_UP = "squares = [i * i for i in range(8)]\nprint(sum(squares), 'ok')\nsquares"
 """What C runs while it waits for its cell: the copy-on-write faults of running a cell, taken
@@ -58,12 +68,17 @@ def run_cell(code: str, ns: dict, cell: int) -> str:
 
 
 def text_stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
-    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
-                            errors="backslashreplace", line_buffering=line_buffering)
+    return io.TextIOWrapper(
+        io.FileIO(fd, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=line_buffering,
+    )
 
 
-def cell_process(chan: socket.socket, ns: dict, scoped: bool, uid: int | None,
-                 scratch: str, warm: bool = True) -> socket.socket:
+def cell_process(
+    chan: socket.socket, ns: dict, scoped: bool, uid: int | None, scratch: str, warm: bool = True
+) -> socket.socket:
     """The forked child C, made ready before its cell exists: it takes its copy-on-write faults in a
     warm-up run (if `warm`), makes its output pipes, and hands the supervisor its pidfd and their
     read ends, all while the session waits for its caller. Then it runs the cell it is sent. Returns

@@ -60,8 +60,11 @@ def make_memory_cgroup(path: str, limit_bytes: int, v2: bool) -> bool:
         pass
     except OSError:
         return False
-    names = (("memory.max", "memory.swap.max") if v2 else
-             ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"))
+    names = (
+        ("memory.max", "memory.swap.max")
+        if v2
+        else ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+    )
     try:
         with open(os.path.join(path, names[0]), "w") as f:
             f.write(str(limit_bytes))

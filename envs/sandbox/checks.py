@@ -21,8 +21,15 @@ import stat
 import time
 
 from .linux import read_proc
-from .processes import (all_stopped, children, parent_of, pid_of_pidfd, pidfd_signal, scheduling,
-                        set_scheduling)
+from .processes import (
+    all_stopped,
+    children,
+    parent_of,
+    pid_of_pidfd,
+    pidfd_signal,
+    scheduling,
+    set_scheduling,
+)
 
 STOP_S = 0.5  # a cell stopped to check its promotion stops within this
 
@@ -62,8 +69,9 @@ def announced_cell(chan: socket.socket, fds: list[int], state_pid: int | None) -
     return ReadyCell(chan, fds[0], fds[1], fds[2], proc_pid)
 
 
-def promotion_holds(cell: ReadyCell, state_pidfd: int | None, state_pid: int | None,
-                    own_pid: int) -> bool:
+def promotion_holds(
+    cell: ReadyCell, state_pidfd: int | None, state_pid: int | None, own_pid: int
+) -> bool:
     """Check a cell's claim to be the new state, which only it made: end the old state, stop the
     cell (so that it creates nothing more), and ask the kernel's lists of children whether any
     other process of the code is still alive. A cell that promotes itself ends every other
@@ -82,8 +90,12 @@ def promotion_holds(cell: ReadyCell, state_pidfd: int | None, state_pid: int | N
     of_cell = children(c)
     of_state = children(s, {c}) if s is not None else None  # None: gone, its children are P's
     of_self = children(own_pid, {c, s})
-    return (of_cell == set() and (of_state is None or of_state <= {c})
-            and of_self is not None and of_self <= {c, s})
+    return (
+        of_cell == set()
+        and (of_state is None or of_state <= {c})
+        and of_self is not None
+        and of_self <= {c, s}
+    )
 
 
 def rollback_holds(cell_pid: int | None, state_pid: int | None, own_pid: int) -> bool:
@@ -94,8 +106,12 @@ def rollback_holds(cell_pid: int | None, state_pid: int | None, own_pid: int) ->
     of_cell = children(cell_pid) if cell_pid is not None else set()
     of_state = children(state_pid, set())
     of_self = children(own_pid, {state_pid})
-    return ((of_cell is None or of_cell == set()) and of_state == set()
-            and of_self is not None and of_self <= {state_pid})
+    return (
+        (of_cell is None or of_cell == set())
+        and of_state == set()
+        and of_self is not None
+        and of_self <= {state_pid}
+    )
 
 
 def cell_was_alone(cell: ReadyCell, state_pid: int | None, own_pid: int) -> bool:
@@ -109,13 +125,20 @@ def cell_was_alone(cell: ReadyCell, state_pid: int | None, own_pid: int) -> bool
     c, s = cell.proc_pid, state_pid
     of_cell, of_state = children(c), children(s, {c})
     of_self = children(own_pid, {s})
-    return (of_cell == set() and of_state is not None and of_state <= {c}
-            and of_self is not None and of_self <= {s})
+    return (
+        of_cell == set()
+        and of_state is not None
+        and of_state <= {c}
+        and of_self is not None
+        and of_self <= {s}
+    )
 
 
 def _is_pipe_read_end(fd: int) -> bool:
-    return stat.S_ISFIFO(os.fstat(fd).st_mode) and \
-        fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    return (
+        stat.S_ISFIFO(os.fstat(fd).st_mode)
+        and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,24 +26,46 @@ from .protocol import Open, ProtocolError, Result, Run, ServerReady, recv, send
 
 Status = Literal["ok", "error", "timeout", "memory", "crashed"]
 
-DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
-                   "heapq", "bisect", "statistics", "random", "re", "string", "json", "numpy",
-                   "sympy")
-SERVER_BOOTSTRAP = """\
+DEFAULT_PRELOAD = (
+    "math",
+    "cmath",
+    "fractions",
+    "decimal",
+    "itertools",
+    "functools",
+    "collections",
+    "heapq",
+    "bisect",
+    "statistics",
+    "random",
+    "re",
+    "string",
+    "json",
+    "numpy",
+    "sympy",
+)
+SERVER_BOOTSTRAP = f"""\
 import sys, types
 from importlib.machinery import ModuleSpec
 package = sys.modules["sandbox"] = types.ModuleType("sandbox")
 package.__spec__ = ModuleSpec("sandbox", None, is_package=True)
-package.__path__ = package.__spec__.submodule_search_locations = [{directory!r}]
+package.__path__ = package.__spec__.submodule_search_locations = [{os.path.dirname(os.path.abspath(__file__))!r}]
 from sandbox.server import main
 main()
-""".format(directory=os.path.dirname(os.path.abspath(__file__)))
+"""
 """What `python -I -c` runs to start the server: this package's directory as the package `sandbox`,
 without its __init__.py (server.py's docstring says why)."""
 ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-FIXED_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8", "MPLBACKEND": "Agg",
-             "USER": "sandbox", "LOGNAME": "sandbox"}
+FIXED_ENV = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONIOENCODING": "utf-8",
+    "MPLBACKEND": "Agg",
+    "USER": "sandbox",
+    "LOGNAME": "sandbox",
+}
 
 
 @dataclass(frozen=True)
@@ -77,22 +99,36 @@ class SandboxConfig:
     """How long to wait for the server to import its modules and report ready."""
 
     def __post_init__(self):
-        for name in ("timeout_s", "max_timeout_s", "memory_mb", "max_processes", "max_file_mb",
-                     "scratch_mb", "max_open_files", "start_timeout_s"):
+        for name in (
+            "timeout_s",
+            "max_timeout_s",
+            "memory_mb",
+            "max_processes",
+            "max_file_mb",
+            "scratch_mb",
+            "max_open_files",
+            "start_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(
-                    f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
+                    f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}"
+                )
         if self.timeout_s > self.max_timeout_s:
-            raise ValueError(f"SandboxConfig.timeout_s={self.timeout_s} exceeds "
-                             f"max_timeout_s={self.max_timeout_s}")
+            raise ValueError(
+                f"SandboxConfig.timeout_s={self.timeout_s} exceeds "
+                f"max_timeout_s={self.max_timeout_s}"
+            )
         if self.memory_mb < 256:
-            raise ValueError(f"SandboxConfig.memory_mb={self.memory_mb} is below the ~220 MiB the "
-                             "warm interpreter itself maps; use at least 256")
+            raise ValueError(
+                f"SandboxConfig.memory_mb={self.memory_mb} is below the ~220 MiB the "
+                "warm interpreter itself maps; use at least 256"
+            )
         if self.pool_size < 0 or self.max_output_bytes < 0:
             raise ValueError("SandboxConfig.pool_size and max_output_bytes must be >= 0")
         if self.isolation not in ("auto", "namespaces", "none"):
-            raise ValueError(f"SandboxConfig.isolation must be auto, namespaces or none, "
-                             f"got {self.isolation!r}")
+            raise ValueError(
+                f"SandboxConfig.isolation must be auto, namespaces or none, got {self.isolation!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -128,9 +164,14 @@ def _namespaces_work(user: bool) -> bool:
         return False
     flags = ["--user", "--map-root-user"] if user else []
     try:
-        return subprocess.run([unshare, *flags, "--mount", "--net", "--pid", "--fork",
-                               "--mount-proc", "true"], capture_output=True, timeout=10
-                              ).returncode == 0
+        return (
+            subprocess.run(
+                [unshare, *flags, "--mount", "--net", "--pid", "--fork", "--mount-proc", "true"],
+                capture_output=True,
+                timeout=10,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -158,7 +199,7 @@ class PythonSandbox:
         self._idle: list[socket.socket] = []  # sessions that serve stateless calls, ready
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "PythonSandbox":
+    def start(self) -> PythonSandbox:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start_locked()
@@ -175,29 +216,60 @@ class PythonSandbox:
             elif not root and _namespaces_work(user=True):
                 prefix, namespaces = [shutil.which("unshare"), "--user", "--map-root-user"], True
             elif cfg.isolation == "namespaces":
-                raise SandboxError("SandboxConfig.isolation='namespaces' but this machine cannot "
-                                   "create Linux namespaces with util-linux `unshare`; use "
-                                   "isolation='auto' to run with reduced containment")
+                raise SandboxError(
+                    "SandboxConfig.isolation='namespaces' but this machine cannot "
+                    "create Linux namespaces with util-linux `unshare`; use "
+                    "isolation='auto' to run with reduced containment"
+                )
         if namespaces:
-            prefix += ["--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-                       "--propagation", "private"]
+            prefix += [
+                "--mount",
+                "--net",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "--propagation",
+                "private",
+            ]
         settings = {
-            "private_fs": namespaces, "pid_namespace": namespaces, "separate_uid": root,
-            "uid_base": 1 << 20, "scratch_root": "/tmp", "preload": list(cfg.preload),
-            "memory_mb": cfg.memory_mb, "max_processes": cfg.max_processes,
-            "max_file_mb": cfg.max_file_mb, "scratch_mb": cfg.scratch_mb,
-            "max_output_bytes": cfg.max_output_bytes, "max_open_files": cfg.max_open_files,
-            "max_timeout_s": cfg.max_timeout_s, "pool_size": cfg.pool_size,
+            "private_fs": namespaces,
+            "pid_namespace": namespaces,
+            "separate_uid": root,
+            "uid_base": 1 << 20,
+            "scratch_root": "/tmp",
+            "preload": list(cfg.preload),
+            "memory_mb": cfg.memory_mb,
+            "max_processes": cfg.max_processes,
+            "max_file_mb": cfg.max_file_mb,
+            "scratch_mb": cfg.scratch_mb,
+            "max_output_bytes": cfg.max_output_bytes,
+            "max_open_files": cfg.max_open_files,
+            "max_timeout_s": cfg.max_timeout_s,
+            "pool_size": cfg.pool_size,
         }
         env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         env.update(FIXED_ENV)
         mine, theirs = socket.socketpair()
-        cmd = [*prefix, sys.executable, "-I", "-c", SERVER_BOOTSTRAP, str(theirs.fileno()),
-               json.dumps(settings)]
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-I",
+            "-c",
+            SERVER_BOOTSTRAP,
+            str(theirs.fileno()),
+            json.dumps(settings),
+        ]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env, cwd="/",
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                cmd,
+                pass_fds=[theirs.fileno()],
+                env=env,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
         finally:
             theirs.close()
         try:
@@ -207,14 +279,21 @@ class PythonSandbox:
             proc.wait()
             mine.close()
             shown = [*cmd[:-4], "-c", f"<SERVER_BOOTSTRAP of {os.path.dirname(__file__)}>", cmd[-2]]
-            raise SandboxError(f"the sandbox server did not start ({exc}); its error output is "
-                               f"above. Command: {' '.join(shown)} ...") from exc
+            raise SandboxError(
+                f"the sandbox server did not start ({exc}); its error output is "
+                f"above. Command: {' '.join(shown)} ..."
+            ) from exc
         self._proc, self._control = proc, mine
         uid = ready.separate_uid
         self._protections = {
-            "network_isolated": namespaces, "pid_namespace": namespaces,
-            "separate_uid": uid, "process_cap": uid, "daemon_cleanup": namespaces or uid,
-            "resource_limits": True, "clean_environment": True, "no_new_privileges": True,
+            "network_isolated": namespaces,
+            "pid_namespace": namespaces,
+            "separate_uid": uid,
+            "process_cap": uid,
+            "daemon_cleanup": namespaces or uid,
+            "resource_limits": True,
+            "clean_environment": True,
+            "no_new_privileges": True,
             **{name: bool(on) for name, on in ready.protections.items()},
         }
         self._finalizer = weakref.finalize(self, _stop, proc, mine)
@@ -226,11 +305,16 @@ class PythonSandbox:
         with _warn_lock:
             if off and not _warned:
                 _warned = True
-                why = ("because isolation='none' was asked for" if self.config.isolation == "none"
-                       else "on this machine; run as root (or allow user namespaces) with "
-                       "util-linux `unshare` installed for all protections")
-                warnings.warn(f"PythonSandbox runs with reduced containment {why}. Off: "
-                              f"{', '.join(off)}.", stacklevel=3)
+                why = (
+                    "because isolation='none' was asked for"
+                    if self.config.isolation == "none"
+                    else "on this machine; run as root (or allow user namespaces) with "
+                    "util-linux `unshare` installed for all protections"
+                )
+                warnings.warn(
+                    f"PythonSandbox runs with reduced containment {why}. Off: {', '.join(off)}.",
+                    stacklevel=3,
+                )
 
     @property
     def protections(self) -> dict[str, bool]:
@@ -248,14 +332,14 @@ class PythonSandbox:
                 self._finalizer()
             self._proc = self._control = self._finalizer = None
 
-    def __enter__(self) -> "PythonSandbox":
+    def __enter__(self) -> PythonSandbox:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     # -- calls ------------------------------------------------------------------------------------
-    def session(self) -> "SandboxSession":
+    def session(self) -> SandboxSession:
         """A session whose variables, imports and functions persist from call to call."""
         return SandboxSession(self._open())
 
@@ -282,7 +366,7 @@ class PythonSandbox:
             raise ValueError(f"timeout_s must be in (0, {self.config.max_timeout_s}], got {t}")
         return t
 
-    def _open(self) -> tuple[socket.socket, "PythonSandbox"]:
+    def _open(self) -> tuple[socket.socket, PythonSandbox]:
         for attempt in range(2):
             self.start()
             mine, theirs = socket.socketpair()
@@ -330,8 +414,11 @@ def _call(conn, code: str, timeout_s: float, keep: bool) -> ExecutionResult:
     return ExecutionResult(
         stdout=payload[:n].decode("utf-8", "replace"),
         stderr=payload[n:].decode("utf-8", "replace"),
-        status=result.status, truncated=result.truncated, wall_s=result.wall_s,
-        exit_code=result.exit_code)
+        status=result.status,
+        truncated=result.truncated,
+        wall_s=result.wall_s,
+        exit_code=result.exit_code,
+    )
 
 
 class SandboxSession:
@@ -356,7 +443,7 @@ class SandboxSession:
                 self.closed = True
                 self._conn[0].close()  # the supervisor ends the session's processes
 
-    def __enter__(self) -> "SandboxSession":
+    def __enter__(self) -> SandboxSession:
         return self
 
     def __exit__(self, *exc) -> None:

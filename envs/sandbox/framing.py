@@ -70,8 +70,13 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
     return b"".join(chunks)
 
 
-def recv_msg(sock: socket.socket, max_payload: int = MAX_PAYLOAD, max_fds: int = MAX_FDS,
-             max_header: int = MAX_HEADER, deadline: float | None = None):
+def recv_msg(
+    sock: socket.socket,
+    max_payload: int = MAX_PAYLOAD,
+    max_fds: int = MAX_FDS,
+    max_header: int = MAX_HEADER,
+    deadline: float | None = None,
+):
     """Returns (header, payload, fds). Raises ProtocolError on EOF, a malformed message, one
     over the limits (a header over `max_header` bytes, a payload over `max_payload` bytes, more
     than `max_fds` descriptors; with `max_fds=0`, plain reads: the kernel discards descriptors

@@ -15,9 +15,21 @@ import random
 import stat
 
 from .cgroups import make_memory_cgroup, make_parent_cgroup, oom_kills, remove_cgroup
-from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, MS_NODEV, MS_NOSUID, MS_PRIVATE,
-                    MS_REC, SHARED_TMP_DIRS, mount, remove_ipc_objects, remove_tree, umount,
-                    unshare)
+from .linux import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+    SHARED_TMP_DIRS,
+    mount,
+    remove_ipc_objects,
+    remove_tree,
+    umount,
+    unshare,
+)
 
 
 def isolate_session() -> None:
@@ -34,8 +46,9 @@ class SessionJail:
     def __init__(self, settings: dict, uid: int | None):
         self.settings, self.uid = settings, uid
         self.own_mounts = bool(settings.get("session_namespaces"))
-        self.scratch = os.path.join(settings["scratch_root"], f"toolgrpo-sbx-{os.getpid()}-"
-                                    f"{random.getrandbits(40):010x}")
+        self.scratch = os.path.join(
+            settings["scratch_root"], f"toolgrpo-sbx-{os.getpid()}-{random.getrandbits(40):010x}"
+        )
         os.makedirs(self.scratch, mode=0o700)
         self.cgroup = self.make_cgroup()
         self.oom_kills = 0  # the OOM kills of `cgroup` accounted for
@@ -89,9 +102,10 @@ class SessionJail:
         owner = f",uid={self.uid},gid={self.uid}" if self.uid is not None else ""
         if self.own_mounts:
             remove_ipc_objects(self.mqueue_dir)  # IPC objects outlive the processes of a call
-            for path, mode, options in ((self.scratch, 0o700, f"{quota},mode=700{owner}"),
-                                        *((d, 0o1777, f"{quota},mode=1777")
-                                          for d in SHARED_TMP_DIRS if os.path.isdir(d))):
+            for path, mode, options in (
+                (self.scratch, 0o700, f"{quota},mode=700{owner}"),
+                *((d, 0o1777, f"{quota},mode=1777") for d in SHARED_TMP_DIRS if os.path.isdir(d)),
+            ):
                 if path in self.mounted:
                     if _untouched(path, mode, self.uid if mode == 0o700 else 0):
                         continue  # a call that wrote nothing here leaves it as it was
@@ -135,5 +149,9 @@ def _untouched(path: str, mode: int, uid: int | None) -> bool:
     attributes, with its mode and owner. (Nothing else of a tmpfs root can be changed by a
     process that does not own the mount.)"""
     st = os.lstat(path)
-    return (stat.S_IMODE(st.st_mode) == mode and st.st_uid == (uid or 0)
-            and not os.listdir(path) and not os.listxattr(path))
+    return (
+        stat.S_IMODE(st.st_mode) == mode
+        and st.st_uid == (uid or 0)
+        and not os.listdir(path)
+        and not os.listxattr(path)
+    )

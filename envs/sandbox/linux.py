@@ -39,9 +39,11 @@ def setns(fd: int, nstype: int) -> None:
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None):
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-          f"mount {target}")
+    enc = lambda s: None if s is None else s.encode()
+    check(
+        libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+        f"mount {target}",
+    )
 
 
 def umount(target: str) -> None:
@@ -61,8 +63,10 @@ def set_name(name: bytes) -> None:
 # -- keyrings and seccomp --------------------------------------------------------------------------
 _MACHINE = os.uname().machine
 # (seccomp's AUDIT_ARCH of this machine, syscall numbers of add_key, request_key, keyctl)
-_KEY_SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250)),
-                 "aarch64": (0xC00000B7, (217, 218, 219))}.get(_MACHINE)
+_KEY_SYSCALLS = {
+    "x86_64": (0xC000003E, (248, 249, 250)),
+    "aarch64": (0xC00000B7, (217, 218, 219)),
+}.get(_MACHINE)
 KEYCTL_JOIN_SESSION_KEYRING = 1
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
@@ -77,8 +81,12 @@ def join_fresh_session_keyring() -> bool:
 
 
 class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
-                ("k", ctypes.c_uint)]
+    _fields_ = [
+        ("code", ctypes.c_ushort),
+        ("jt", ctypes.c_ubyte),
+        ("jf", ctypes.c_ubyte),
+        ("k", ctypes.c_uint),
+    ]
 
 
 class _SockFprog(ctypes.Structure):
@@ -91,11 +99,13 @@ def key_filter_program(arch: int, numbers: tuple[int, ...]) -> list[tuple[int, i
     ld_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, eperm = 0x7FFF0000, 0x00050000 | 1
     n = len(numbers)
-    prog = [(ld_abs, 0, 0, 4),  # seccomp_data.arch
-            (jeq, 1, 0, arch),
-            (ret, 0, 0, eperm),
-            (ld_abs, 0, 0, 0),  # seccomp_data.nr
-            (jge, n + 1, 0, 0x40000000)]  # x32 numbers
+    prog = [
+        (ld_abs, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, eperm),
+        (ld_abs, 0, 0, 0),  # seccomp_data.nr
+        (jge, n + 1, 0, 0x40000000),
+    ]  # x32 numbers
     prog += [(jeq, n - i, 0, nr) for i, nr in enumerate(numbers)]
     return prog + [(ret, 0, 0, allow), (ret, 0, 0, eperm)]
 
@@ -137,8 +147,9 @@ def remove_ipc_objects(mqueue_dir: str | None) -> None:
         for line in lines:
             fields = line.split()
             if len(fields) > 1:
-                ctl(int(fields[1]), IPC_RMID, None) if kind != "sem" else \
-                    ctl(int(fields[1]), 0, IPC_RMID)
+                ctl(int(fields[1]), IPC_RMID, None) if kind != "sem" else ctl(
+                    int(fields[1]), 0, IPC_RMID
+                )
     if mqueue_dir is not None:
         try:
             names = os.listdir(mqueue_dir)
@@ -152,17 +163,20 @@ def remove_ipc_objects(mqueue_dir: str | None) -> None:
 
 
 # -- resource limits -------------------------------------------------------------------------------
-def limit_resources(memory_mb: int, max_file_mb: int, max_processes: int, max_open_files: int,
-                    cpu_s: int) -> None:
+def limit_resources(
+    memory_mb: int, max_file_mb: int, max_processes: int, max_open_files: int, cpu_s: int
+) -> None:
     """Hard limits (soft = hard, so the code cannot raise them) of this process and its children;
     no core dumps."""
     mb = 1 << 20
-    for res, value in ((resource.RLIMIT_AS, memory_mb * mb),
-                       (resource.RLIMIT_FSIZE, max_file_mb * mb),
-                       (resource.RLIMIT_NPROC, max_processes),
-                       (resource.RLIMIT_NOFILE, max_open_files),
-                       (resource.RLIMIT_CORE, 0),
-                       (resource.RLIMIT_CPU, cpu_s)):
+    for res, value in (
+        (resource.RLIMIT_AS, memory_mb * mb),
+        (resource.RLIMIT_FSIZE, max_file_mb * mb),
+        (resource.RLIMIT_NPROC, max_processes),
+        (resource.RLIMIT_NOFILE, max_open_files),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_CPU, cpu_s),
+    ):
         resource.setrlimit(res, (value, value))
 
 

@@ -34,7 +34,7 @@ class OutputBuffer:
     def value(self) -> bytes:
         if not self.truncated:
             return bytes(self.head + self.tail)
-        tail = self.tail[-self.tail_limit:] if self.tail_limit else b""
+        tail = self.tail[-self.tail_limit :] if self.tail_limit else b""
         omitted = self.total - len(self.head) - len(tail)
         return bytes(self.head) + f"\n... [{omitted} bytes omitted] ...\n".encode() + bytes(tail)
 

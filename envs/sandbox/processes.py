@@ -176,8 +176,12 @@ def scheduling(pid: int) -> tuple:
     """The nice value, CPU affinity and scheduling policy of `pid` (as this process's pid
     namespace names it): what any process of its uid may change without tracing it, and a
     process with CAP_SYS_NICE may put back (`set_scheduling`)."""
-    return (os.getpriority(os.PRIO_PROCESS, pid), os.sched_getaffinity(pid),
-            os.sched_getscheduler(pid), os.sched_getparam(pid))
+    return (
+        os.getpriority(os.PRIO_PROCESS, pid),
+        os.sched_getaffinity(pid),
+        os.sched_getscheduler(pid),
+        os.sched_getparam(pid),
+    )
 
 
 def set_scheduling(pid: int, saved: tuple) -> None:
@@ -197,8 +201,6 @@ def pidfd_signal(pidfd: int | None, sig: int) -> bool:
         return True
     except OSError:
         return False
-
-
 
 
 def children(pid: int, expected: set[int] = frozenset()) -> set[int] | None:

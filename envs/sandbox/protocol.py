@@ -26,8 +26,17 @@ from __future__ import annotations
 import os
 import socket
 
-from .framing import (MAX_HEADER, MAX_PAYLOAD, SMALL_HEADER, ProtocolError, decode_header,
-                      encode_header, recv_msg, recv_msg_within, send_msg)
+from .framing import (
+    MAX_HEADER,
+    MAX_PAYLOAD,
+    SMALL_HEADER,
+    ProtocolError,
+    decode_header,
+    encode_header,
+    recv_msg,
+    recv_msg_within,
+    send_msg,
+)
 
 
 # -- messages --------------------------------------------------------------------------------------
@@ -65,7 +74,8 @@ class Message:
 
     def __eq__(self, other) -> bool:
         return type(other) is type(self) and all(
-            getattr(self, name) == getattr(other, name) for name in self.names)
+            getattr(self, name) == getattr(other, name) for name in self.names
+        )
 
     __hash__ = None
 
@@ -86,8 +96,12 @@ class ServerReady(Message):
         self.separate_uid = separate_uid  # whether sessions run as uids of their own
 
     def header(self) -> dict:
-        return {"op": "ready", "pid": self.pid, "protections": self.protections,
-                "separate_uid": self.separate_uid}
+        return {
+            "op": "ready",
+            "pid": self.pid,
+            "protections": self.protections,
+            "separate_uid": self.separate_uid,
+        }
 
     @staticmethod
     def from_header(h: dict) -> ServerReady:
@@ -132,8 +146,15 @@ class Result(Message):
     __slots__ = names = ("status", "wall_s", "truncated", "exit_code", "stdout_len", "cell")
     op, max_payload = "result", MAX_PAYLOAD
 
-    def __init__(self, status: str, wall_s: float, truncated: bool, exit_code: int | None,
-                 stdout_len: int, cell: int):
+    def __init__(
+        self,
+        status: str,
+        wall_s: float,
+        truncated: bool,
+        exit_code: int | None,
+        stdout_len: int,
+        cell: int,
+    ):
         self.status = status
         self.wall_s = wall_s
         self.truncated = truncated
@@ -142,14 +163,26 @@ class Result(Message):
         self.cell = cell
 
     def header(self) -> dict:
-        return {"op": "result", "status": self.status, "wall_s": self.wall_s,
-                "truncated": self.truncated, "exit_code": self.exit_code,
-                "stdout_len": self.stdout_len, "cell": self.cell}
+        return {
+            "op": "result",
+            "status": self.status,
+            "wall_s": self.wall_s,
+            "truncated": self.truncated,
+            "exit_code": self.exit_code,
+            "stdout_len": self.stdout_len,
+            "cell": self.cell,
+        }
 
     @staticmethod
     def from_header(h: dict) -> Result:
-        return Result(h["status"], float(h["wall_s"]), bool(h["truncated"]), h.get("exit_code"),
-                      int(h["stdout_len"]), int(h["cell"]))
+        return Result(
+            h["status"],
+            float(h["wall_s"]),
+            bool(h["truncated"]),
+            h.get("exit_code"),
+            int(h["stdout_len"]),
+            int(h["cell"]),
+        )
 
 
 class Fork(Message):
@@ -223,13 +256,17 @@ class RunCell(Message):
         self.promote_by = promote_by  # time.monotonic() until which C may promote itself
 
     def header(self) -> dict:
-        return {"op": "run", "cell": self.cell, "cpu_s": self.cpu_s, "keep": self.keep,
-                "promote_by": self.promote_by}
+        return {
+            "op": "run",
+            "cell": self.cell,
+            "cpu_s": self.cpu_s,
+            "keep": self.keep,
+            "promote_by": self.promote_by,
+        }
 
     @staticmethod
     def from_header(h: dict) -> RunCell:
-        return RunCell(int(h["cell"]), int(h["cpu_s"]), bool(h.get("keep")),
-                       float(h["promote_by"]))
+        return RunCell(int(h["cell"]), int(h["cpu_s"]), bool(h.get("keep")), float(h["promote_by"]))
 
 
 CELL_STATUSES = ("ok", "error", "memory")
@@ -253,8 +290,7 @@ class CellDone(Message):
     @staticmethod
     def from_header(h: dict) -> CellDone:
         status = h.get("status")
-        return CellDone(status if status in CELL_STATUSES else "crashed",
-                        h.get("promoted") is True)
+        return CellDone(status if status in CELL_STATUSES else "crashed", h.get("promoted") is True)
 
 
 class Promote(Message):
@@ -321,8 +357,9 @@ def send(sock: socket.socket, message: Message, payload: bytes = b"", fds=()) ->
     send_msg(sock, message.header(), payload, fds)
 
 
-def recv(sock: socket.socket, *kinds, timeout_s: float | None = None,
-         deadline: float | None = None):
+def recv(
+    sock: socket.socket, *kinds, timeout_s: float | None = None, deadline: float | None = None
+):
     """Returns (message, payload, fds) for a message of one of `kinds`, whose sizes bound the
     read. ProtocolError on EOF, a malformed frame or a passed deadline; BadMessage (its
     descriptors closed) for a message of another kind. With `timeout_s`, every read is bounded

@@ -56,9 +56,23 @@ import socket
 import sys
 
 from .cgroups import make_parent_cgroup, memory_cgroup_base, remove_cgroup
-from .linux import (CLONE_NEWPID, CLOSED_TMP_DIRS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_REC,
-                    SHARED_TMP_DIRS, join_fresh_session_keyring, keyrings_deniable, libc, mount,
-                    set_name, setns, unshare)
+from .linux import (
+    CLONE_NEWPID,
+    CLOSED_TMP_DIRS,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+    SHARED_TMP_DIRS,
+    join_fresh_session_keyring,
+    keyrings_deniable,
+    libc,
+    mount,
+    set_name,
+    setns,
+    unshare,
+)
 from .processes import reap_children
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
 from .supervisor import session_main
@@ -85,8 +99,11 @@ def private_filesystem(scratch_mb: int) -> None:
     is shown again at its own path inside whatever was covered, even if it lives under /tmp."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     tmp_dirs = [d for d in CLOSED_TMP_DIRS + SHARED_TMP_DIRS if os.path.isdir(d)]
-    needed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.executable, *sys.path)
-              if p and os.path.exists(p)}
+    needed = {
+        os.path.realpath(p)
+        for p in (sys.prefix, sys.base_prefix, sys.executable, *sys.path)
+        if p and os.path.exists(p)
+    }
     covers: dict[str, list[str]] = {d: [] for d in tmp_dirs}
     for p in sorted(needed):
         candidates = [d for d in tmp_dirs if p.startswith(d + "/")]
@@ -148,8 +165,9 @@ def collapse_into_huge_pages() -> None:
         if not fields[1].startswith("rw") or (len(fields) > 5 and fields[5] != "[heap]"):
             continue  # anonymous, writable memory only
         start, end = (int(x, 16) for x in fields[0].split("-"))
-        for chunk in range(-(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE,
-                           HUGE_PAGE):
+        for chunk in range(
+            -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE, HUGE_PAGE
+        ):
             madvise(chunk, HUGE_PAGE, MADV_COLLAPSE)
 
 
@@ -173,8 +191,11 @@ def spawn_session(settings: dict, own_pidns: int | None) -> socket.socket:
     """Fork a pooled session supervisor P (pid 1 of a new pid namespace when `own_pidns` is
     given); returns the socket used to hand it a caller."""
     mine, theirs = socket.socketpair()
-    uid = random.randrange(settings["uid_base"], settings["uid_base"] + (1 << 24)) \
-        if settings["separate_uid"] else None
+    uid = (
+        random.randrange(settings["uid_base"], settings["uid_base"] + (1 << 24))
+        if settings["separate_uid"]
+        else None
+    )
     if own_pidns is None:
         pid = os.fork()
     else:
@@ -209,10 +230,17 @@ def main() -> None:
     settings["session_namespaces"] = own
     if settings["separate_uid"] and os.geteuid() != 0:
         settings["separate_uid"] = False
-    protections = {"private_tmp": own, "hidden_home": own, "session_ipc": own,
-                   "session_network": own, "session_shm": own, "scratch_per_call": own,
-                   "scratch_quota": own, "keyrings_denied": keyrings_deniable(),
-                   "state_untouchable": settings["separate_uid"]}
+    protections = {
+        "private_tmp": own,
+        "hidden_home": own,
+        "session_ipc": own,
+        "session_network": own,
+        "session_shm": own,
+        "scratch_per_call": own,
+        "scratch_quota": own,
+        "keyrings_denied": keyrings_deniable(),
+        "state_untouchable": settings["separate_uid"],
+    }
     if own:
         private_filesystem(int(settings["scratch_mb"]))
     settings["cgroup_parent"] = session_cgroups(settings)

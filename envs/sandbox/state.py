@@ -11,12 +11,20 @@ import sys
 from .cell import cell_process, run_cell, text_stream
 from .cgroups import join_cgroup
 from .linux import PR_SET_NO_NEW_PRIVS, deny_keyrings, limit_resources, prctl, set_name
-from .processes import (alive, fork_when_possible, in_nested_pid_namespace, kill_all_but_self,
-                        kill_as, reap_children)
+from .processes import (
+    alive,
+    fork_when_possible,
+    in_nested_pid_namespace,
+    kill_all_but_self,
+    kill_as,
+    reap_children,
+)
 from .protocol import BadMessage, Fork, ForkFailed, ProtocolError, Rollback, RolledBack, recv, send
 
-WARM_UP = ("import math, numpy, sympy\n"
-           "print(1 + 1, math.gcd(12, 18), numpy.arange(3).sum(), sympy.Integer(6))")
+WARM_UP = (
+    "import math, numpy, sympy\n"
+    "print(1 + 1, math.gcd(12, 18), numpy.arange(3).sum(), sympy.Integer(6))"
+)
 """Run once per session, before its first cell: lazy imports and caches the cells then share."""
 
 
@@ -42,8 +50,13 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
     os.close(devnull)
     os.closerange(3, ctl.fileno())
     os.closerange(ctl.fileno() + 1, 1 << 16)
-    limit_resources(limits["memory_mb"], limits["max_file_mb"], limits["max_processes"],
-                    limits["max_open_files"], cpu_s=int(limits["max_timeout_s"]) + 2)
+    limit_resources(
+        limits["memory_mb"],
+        limits["max_file_mb"],
+        limits["max_processes"],
+        limits["max_open_files"],
+        cpu_s=int(limits["max_timeout_s"]) + 2,
+    )
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file past the cap raises OSError(EFBIG)
     if limits.get("cgroup"):  # the session's memory cgroup: every later fork is in it too
         join_cgroup(limits["cgroup"])
@@ -68,14 +81,20 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             cell_pid = fork_when_possible()
             if cell_pid == 0:
                 ctl.close()
-                ctl = cell_process(socket.socket(fileno=fds[0]), ns, scoped, uid, scratch,
-                                   order.warm)
+                ctl = cell_process(
+                    socket.socket(fileno=fds[0]), ns, scoped, uid, scratch, order.warm
+                )
                 continue  # this process is now the state
             if cell_pid is None:  # the answer to the order goes where the cell's would have
                 cell_pid = 0
                 with socket.socket(fileno=fds[0]) as chan:
-                    send(chan, ForkFailed("the session's state could not fork the call's "
-                                          "process: its process limit is reached"))
+                    send(
+                        chan,
+                        ForkFailed(
+                            "the session's state could not fork the call's "
+                            "process: its process limit is reached"
+                        ),
+                    )
             else:
                 os.close(fds[0])
         elif isinstance(order, Rollback) and cell_pid:
@@ -90,4 +109,3 @@ def state_process(ctl: socket.socket, limits: dict, uid: int | None, scratch: st
             send(ctl, RolledBack(status))
         else:
             os._exit(1)
-

@@ -24,16 +24,42 @@ import signal
 import socket
 import time
 
-from .checks import (ReadyCell, StateAttributes, announced_cell, cell_was_alone, promotion_holds,
-                     rollback_holds)
+from .checks import (
+    ReadyCell,
+    StateAttributes,
+    announced_cell,
+    cell_was_alone,
+    promotion_holds,
+    rollback_holds,
+)
 from .jail import SessionJail, isolate_session
-from .linux import (PR_SET_CHILD_SUBREAPER, PR_SET_TIMERSLACK, join_fresh_session_keyring, prctl,
-                    set_name)
+from .linux import (
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_TIMERSLACK,
+    join_fresh_session_keyring,
+    prctl,
+    set_name,
+)
 from .output import OutputBuffer, drain
 from .processes import describe, kill_as, own_proc_pid, pid_of_pidfd, pidfd_signal, reap_children
-from .protocol import (Attach, BadMessage, CellDone, CellReady, Fork, ForkFailed, Promote,
-                       Promoted, ProtocolError, Result, Rollback, RolledBack, Run, RunCell, recv,
-                       send)
+from .protocol import (
+    Attach,
+    BadMessage,
+    CellDone,
+    CellReady,
+    Fork,
+    ForkFailed,
+    Promote,
+    Promoted,
+    ProtocolError,
+    Result,
+    Rollback,
+    RolledBack,
+    Run,
+    RunCell,
+    recv,
+    send,
+)
 from .state import state_process
 
 PROMOTION_MARGIN_S = 0.05  # a cell promotes itself only this long before its deadline or earlier
@@ -82,8 +108,9 @@ class Session:
         pidfd = os.pidfd_open(pid)
         self.set_state(mine, pidfd, pid_of_pidfd(pidfd), ran_code=False)
 
-    def set_state(self, chan: socket.socket, pidfd: int, proc_pid: int | None,
-                  ran_code: bool) -> None:
+    def set_state(
+        self, chan: socket.socket, pidfd: int, proc_pid: int | None, ran_code: bool
+    ) -> None:
         if self.state is not None:
             self.state.close()
         if self.state_pidfd is not None:
@@ -123,8 +150,9 @@ class Session:
             try:
                 send(self.state, Fork(reap, warm), fds=[theirs.fileno()])
                 theirs.close()
-                ready, _, fds = recv(mine, CellReady, ForkFailed,
-                                     deadline=time.monotonic() + READY_S)
+                ready, _, fds = recv(
+                    mine, CellReady, ForkFailed, deadline=time.monotonic() + READY_S
+                )
             except (ProtocolError, OSError):
                 theirs.close()
                 mine.close()
@@ -215,8 +243,9 @@ class Session:
         return self._reply(cell_number, status, wall, exit_code, out, err, notes)
 
     @staticmethod
-    def _order(cell: ReadyCell, code: bytes, number: int, cpu_s: int, keep: bool,
-               deadline: float) -> None:
+    def _order(
+        cell: ReadyCell, code: bytes, number: int, cpu_s: int, keep: bool, deadline: float
+    ) -> None:
         """Send the waiting cell its code. A cell may promote itself until PROMOTION_MARGIN_S
         before the deadline, when this supervisor would kill it: a cell that finishes later asks
         (Promote)."""
@@ -257,8 +286,15 @@ class Session:
                 elif fd == cell.pidfd:
                     return "crashed", False
 
-    def _keep_or_discard(self, cell: ReadyCell, status: str, promoted: bool, keep: bool,
-                         deadline: float, notes: list[str]) -> tuple[str, int | None]:
+    def _keep_or_discard(
+        self,
+        cell: ReadyCell,
+        status: str,
+        promoted: bool,
+        keep: bool,
+        deadline: float,
+        notes: list[str],
+    ) -> tuple[str, int | None]:
         """Make a successful cell of a stateful call the new state, if its promotion holds; roll
         the state back from any other. Returns the status ("crashed" if the cell could not be
         kept) and the cell's wait status, where the rollback learnt it."""
@@ -267,24 +303,33 @@ class Session:
             if not promoted:
                 try:
                     send(cell.chan, Promote())
-                    recv(cell.chan, Promoted,
-                         deadline=max(deadline, time.monotonic()) + PROMOTE_GRACE_S)
+                    recv(
+                        cell.chan,
+                        Promoted,
+                        deadline=max(deadline, time.monotonic()) + PROMOTE_GRACE_S,
+                    )
                     promoted = True
                 except (ProtocolError, OSError):
                     pass
-            if promoted and promotion_holds(cell, self.state_pidfd, self.state_proc_pid,
-                                            self.own_proc_pid):  # its channel is the state's
+            if promoted and promotion_holds(
+                cell, self.state_pidfd, self.state_proc_pid, self.own_proc_pid
+            ):  # its channel is the state's
                 self.set_state(cell.chan, cell.pidfd, cell.proc_pid, ran_code=True)
                 self.state_stopped = True
                 cell.chan, cell.pidfd = None, -1
             else:
                 status = "crashed"
-                notes.append("the cell could not be kept as the new state" +
-                             (" (other processes of it were still running)" if promoted else "") +
-                             "; state was reset")
+                notes.append(
+                    "the cell could not be kept as the new state"
+                    + (" (other processes of it were still running)" if promoted else "")
+                    + "; state was reset"
+                )
                 self.kill_all()
-        elif self.state is not None and status != "crashed" and \
-                cell_was_alone(cell, self.state_proc_pid, self.own_proc_pid):
+        elif (
+            self.state is not None
+            and status != "crashed"
+            and cell_was_alone(cell, self.state_proc_pid, self.own_proc_pid)
+        ):
             self.rollback_due = True  # nothing of the code is left: it can wait for the reply
         elif self.state is not None:
             pidfd_signal(cell.pidfd, signal.SIGKILL)
@@ -312,22 +357,31 @@ class Session:
             return None
         if self.state_attributes is not None and not self.state_attributes.restored():
             self.kill_all()
-            self.lost = ("the discarded cell changed its state's scheduling or limits; state was "
-                         "reset")
+            self.lost = (
+                "the discarded cell changed its state's scheduling or limits; state was reset"
+            )
             return None
         ws = ack.wait_status
         return ws if type(ws) is int and 0 <= ws < 1 << 16 else None
 
     @staticmethod
-    def _reply(cell_number: int, status: str, wall: float, exit_code: int | None,
-               out: OutputBuffer, err: OutputBuffer, notes: list[str]) -> tuple[Result, bytes]:
+    def _reply(
+        cell_number: int,
+        status: str,
+        wall: float,
+        exit_code: int | None,
+        out: OutputBuffer,
+        err: OutputBuffer,
+        notes: list[str],
+    ) -> tuple[Result, bytes]:
         """The caller's Result and payload; on failure, the notes end stderr."""
         stdout, stderr = out.value(), err.value()
         if notes and status != "ok":
             sep = b"\n" if stderr and not stderr.endswith(b"\n") else b""
             stderr += sep + "".join(f"[sandbox] {n}\n" for n in notes).encode()
-        result = Result(status, wall, out.truncated or err.truncated, exit_code, len(stdout),
-                        cell_number)
+        result = Result(
+            status, wall, out.truncated or err.truncated, exit_code, len(stdout), cell_number
+        )
         return result, stdout + stderr
 
     # -- after the reply --------------------------------------------------------------------------

@@ -17,8 +17,10 @@ def corpus(n: int = 200) -> list[str]:
     problems = ArithProblems(3, seed=123)
     texts = [get_protocol(p).system_prompt() for p in ("markdown", "qwen")]
     texts += [problems[i].question for i in range(n)]
-    texts += ["```python\nprint(12 * 34)\n```\n```output\n408\n```\nSo \\boxed{408}.",
-              '<tool_call>\n{"name": "python", "arguments": {"code": "print(1)"}}\n</tool_call>']
+    texts += [
+        "```python\nprint(12 * 34)\n```\n```output\n408\n```\nSo \\boxed{408}.",
+        '<tool_call>\n{"name": "python", "arguments": {"code": "print(1)"}}\n</tool_call>',
+    ]
     return texts
 
 

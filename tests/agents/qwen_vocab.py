@@ -12,25 +12,49 @@ from __future__ import annotations
 
 import importlib.resources
 
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 SPECIAL_TOKENS = [  # from id 151643 on, in order
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>"]
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 NOT_SPECIAL = {"<tool_call>", "</tool_call>"}  # added tokens the decoder never skips
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-TOOLS_PREAMBLE = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user "
-                  "query.\n\nYou are provided with function signatures within <tools></tools> "
-                  "XML tags:\n<tools>")
-TOOLS_POSTAMBLE = ("\n</tools>\n\nFor each function call, return a json object with function "
-                   "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-                   "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
-                   "</tool_call><|im_end|>\n")
+TOOLS_PREAMBLE = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user "
+    "query.\n\nYou are provided with function signatures within <tools></tools> "
+    "XML tags:\n<tools>"
+)
+TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each function call, return a json object with function "
+    "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call><|im_end|>\n"
+)
 
 CHAT_TEMPLATE = (
     "{%- if tools %}"
@@ -53,7 +77,7 @@ CHAT_TEMPLATE = (
     "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
     "{%- for call in message.tool_calls %}"
     "{%- if call.function is defined %}{%- set call = call.function %}{%- endif %}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' }}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + call.name + \'", "arguments": \' }}'
     "{{- call.arguments | tojson }}{{- '}\\n</tool_call>' }}"
     "{%- endfor %}"
     "{{- '<|im_end|>\\n' }}"
@@ -79,11 +103,17 @@ def qwen25_tokenizer():
     tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
     tok.normalizer = normalizers.NFC()
     first = tok.get_vocab_size()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=t not in NOT_SPECIAL)
-                            for t in SPECIAL_TOKENS])
+    tok.add_special_tokens(
+        [AddedToken(t, normalized=False, special=t not in NOT_SPECIAL) for t in SPECIAL_TOKENS]
+    )
     assert first == 151643 and tok.token_to_id("<|endoftext|>") == 151643
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS[1:] if t not in NOT_SPECIAL
-                                   and t != "<|im_end|>"])
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        additional_special_tokens=[
+            t for t in SPECIAL_TOKENS[1:] if t not in NOT_SPECIAL and t != "<|im_end|>"
+        ],
+    )

@@ -18,16 +18,33 @@ class ScriptedSampler:
         budgets = max_new_tokens or [params.max_new_tokens] * len(prompts)
         for p, budget in zip(prompts, budgets):
             text = self.tokenizer.decode(p, skip_special_tokens=False)
-            turn = text.count("<tool_response>") + text.rpartition(
-                "<|im_start|>assistant")[2].count("```output")
+            turn = text.count("<tool_response>") + text.rpartition("<|im_start|>assistant")[
+                2
+            ].count("```output")
             ids = self.tokenizer.encode(self.script(text, turn), add_special_tokens=False)
             ids = ids[:budget]
-            finish = "eos" if ids and ids[-1] == self.tokenizer.eos_token_id else (
-                "stop" if any(self.tokenizer.decode(ids).endswith(s) for s in params.stop)
-                else "length")
+            finish = (
+                "eos"
+                if ids and ids[-1] == self.tokenizer.eos_token_id
+                else (
+                    "stop"
+                    if any(self.tokenizer.decode(ids).endswith(s) for s in params.stop)
+                    else "length"
+                )
+            )
             version = self.adapter_version if adapter_version is None else adapter_version
-            out.append([Sample(ids, [-0.5] * len(ids), self.tokenizer.decode(
-                ids, skip_special_tokens=True), finish, version, len(p))])
+            out.append(
+                [
+                    Sample(
+                        ids,
+                        [-0.5] * len(ids),
+                        self.tokenizer.decode(ids, skip_special_tokens=True),
+                        finish,
+                        version,
+                        len(p),
+                    )
+                ]
+            )
         return out
 
 
@@ -40,7 +57,6 @@ def force_two_rounds(generate, tokenizer):
         return [[Sample(ids, [0.0] * len(ids), "", "stop", g[0].adapter_version)] for g in groups]
 
     return wrapped
-
 
 
 def count_prompts(samplers) -> dict[str, int]:

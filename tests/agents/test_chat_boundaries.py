@@ -31,20 +31,34 @@ def markdown_call(end: str) -> str:
 
 
 def qwen_call(end: str) -> str:
-    return ('Let me call the tool.\n<tool_call>\n{"name": "python", "arguments": {"code": '
-            f'"print(12 * 34)"}}}}\n</tool_call>{end}')
+    return (
+        'Let me call the tool.\n<tool_call>\n{"name": "python", "arguments": {"code": '
+        f'"print(12 * 34)"}}}}\n</tool_call>{end}'
+    )
 
 
 CASES = {  # protocol, first turn, answer turn
-    "fence then newline (the stop sequence)": ("markdown", markdown_call("\n"),
-                                               "So \\boxed{408}.<|im_end|>"),
-    "fence then end of turn": ("markdown", markdown_call("<|im_end|>"),
-                               "So \\boxed{408}.<|im_end|>"),
-    "newline before the end of turn": ("markdown", markdown_call("\n"),
-                                       "The answer is\n\\boxed{408}\n<|im_end|>"),
-    "answer cut by the turn budget": ("markdown", markdown_call("\n"),
-                                      "So \\boxed{408}, and that is all there is to say about this "
-                                      "problem, which was a product of two numbers"),
+    "fence then newline (the stop sequence)": (
+        "markdown",
+        markdown_call("\n"),
+        "So \\boxed{408}.<|im_end|>",
+    ),
+    "fence then end of turn": (
+        "markdown",
+        markdown_call("<|im_end|>"),
+        "So \\boxed{408}.<|im_end|>",
+    ),
+    "newline before the end of turn": (
+        "markdown",
+        markdown_call("\n"),
+        "The answer is\n\\boxed{408}\n<|im_end|>",
+    ),
+    "answer cut by the turn budget": (
+        "markdown",
+        markdown_call("\n"),
+        "So \\boxed{408}, and that is all there is to say about this "
+        "problem, which was a product of two numbers",
+    ),
     "tool call, then the tool response": ("qwen", qwen_call(""), "\\boxed{408}<|im_end|>"),
     "tool call then end of turn": ("qwen", qwen_call("<|im_end|>"), "\\boxed{408}<|im_end|>"),
 }
@@ -54,8 +68,12 @@ CASES = {  # protocol, first turn, answer turn
 def test_tokens_are_the_templates_rendering_at_every_boundary(qwen, case):
     protocol, first, answer = CASES[case]
     sampler = ScriptedSampler(qwen, lambda text, turn: first if turn == 0 else answer)
-    cfg = RolloutConfig(group_size=2, max_turn_tokens=24 if "budget" in case else 64,
-                        max_total_tokens=2048, check_template=True)
+    cfg = RolloutConfig(
+        group_size=2,
+        max_turn_tokens=24 if "budget" in case else 64,
+        max_total_tokens=2048,
+        check_template=True,
+    )
     with Rollouts(lambda: product_env(protocol=protocol), sampler, qwen, cfg) as rollouts:
         batch = rollouts.collect([0])
     ep = batch.episodes[0]
@@ -63,7 +81,7 @@ def test_tokens_are_the_templates_rendering_at_every_boundary(qwen, case):
     assert ep.correct
     if "budget" in case:  # the last turn never sampled its end of turn
         assert batch.tokens[0, batch.lengths[0] - 1] != qwen.eos_token_id
-    text = qwen.decode(batch.tokens[0, :batch.lengths[0]], skip_special_tokens=False)
+    text = qwen.decode(batch.tokens[0, : batch.lengths[0]], skip_special_tokens=False)
     assert "408" in re.findall(r"(?:output\n|<tool_response>\n)(\d+)", text)
     assert 151644 in batch.tokens[0]  # <|im_start|>, the real id
 
@@ -71,12 +89,16 @@ def test_tokens_are_the_templates_rendering_at_every_boundary(qwen, case):
 def test_the_check_catches_tokens_that_are_not_the_conversation(qwen, monkeypatch):
     """Re-tokenizing the model's text (what the rollout never does) merges across the boundary
     the model's own tokens kept: the check says where."""
-    sampler = ScriptedSampler(qwen, lambda text, turn: markdown_call("\n") if turn == 0 else
-                              "So \\boxed{408}.<|im_end|>")
+    sampler = ScriptedSampler(
+        qwen, lambda text, turn: markdown_call("\n") if turn == 0 else "So \\boxed{408}.<|im_end|>"
+    )
     cfg = RolloutConfig(group_size=1, check_template=True)
     with Rollouts(lambda: product_env(protocol="markdown"), sampler, qwen, cfg) as rollouts:
         real = rollouts._observation_tokens
-        monkeypatch.setattr(rollouts, "_observation_tokens",
-                            lambda ep, obs, ended: real(ep, obs.replace("\n", " ", 1), ended))
+        monkeypatch.setattr(
+            rollouts,
+            "_observation_tokens",
+            lambda ep, obs, ended: real(ep, obs.replace("\n", " ", 1), ended),
+        )
         with pytest.raises(RolloutError, match="not the chat template's rendering"):
             rollouts.collect([0])

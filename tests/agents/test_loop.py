@@ -12,11 +12,22 @@ from agents.training.loop import GRPOLoop, ProblemOrder
 
 
 def episode(problem: int, group: int, reward: float) -> EpisodeStats:
-    return EpisodeStats(problem_id=str(problem), group=group, turns=1, tool_calls=0,
-                        tool_errors=0, tool_timeouts=0, parse_failures=0, answer_found=True,
-                        correct=reward > 0, truncated=None, reward=reward,
-                        reward_components={"correctness": reward}, sampled_tokens=4,
-                        total_tokens=8)
+    return EpisodeStats(
+        problem_id=str(problem),
+        group=group,
+        turns=1,
+        tool_calls=0,
+        tool_errors=0,
+        tool_timeouts=0,
+        parse_failures=0,
+        answer_found=True,
+        correct=reward > 0,
+        truncated=None,
+        reward=reward,
+        reward_components={"correctness": reward},
+        sampled_tokens=4,
+        total_tokens=8,
+    )
 
 
 class StubRollouts:
@@ -24,8 +35,9 @@ class StubRollouts:
     1 alternating) when its problem is in `varied`, uniform (all 1) otherwise. Tokens are random
     ids of the tiny model's vocabulary; the last `sampled` tokens of a row are the sampled ones."""
 
-    def __init__(self, varied, group_size: int = 2, length: int = 8, sampled: int = 4,
-                 vocab: int = 32):
+    def __init__(
+        self, varied, group_size: int = 2, length: int = 8, sampled: int = 4, vocab: int = 32
+    ):
         self.varied, self.length, self.sampled, self.vocab = set(varied), length, sampled, vocab
         self.cfg = RolloutConfig(group_size=group_size)
         self.tokenizer = SimpleNamespace(pad_token_id=0)
@@ -38,25 +50,39 @@ class StubRollouts:
         rng = np.random.default_rng(seed)
         b = len(problem_ids) * g
         mask = np.zeros((b, self.length), np.int32)
-        mask[:, -self.sampled:] = 1
-        rewards = np.asarray([float(k % 2 if p in self.varied else 1) for p in problem_ids
-                              for k in range(g)], np.float32)
+        mask[:, -self.sampled :] = 1
+        rewards = np.asarray(
+            [float(k % 2 if p in self.varied else 1) for p in problem_ids for k in range(g)],
+            np.float32,
+        )
         groups = np.repeat(np.arange(len(problem_ids)), g).astype(np.int32)
         return RolloutBatch(
             tokens=rng.integers(1, self.vocab, (b, self.length)).astype(np.int32),
-            loss_mask=mask, sampler_logprobs=np.where(mask > 0, -1.0, 0.0).astype(np.float32),
-            rewards=rewards, group_ids=groups,
+            loss_mask=mask,
+            sampler_logprobs=np.where(mask > 0, -1.0, 0.0).astype(np.float32),
+            rewards=rewards,
+            group_ids=groups,
             adapter_version=np.full(b, adapter_version or 0, np.int32),
             lengths=np.full(b, self.length, np.int32),
-            episodes=[episode(p, i, rewards[i * g + k]) for i, p in enumerate(problem_ids)
-                      for k in range(g)],
-            transcripts=[""] * b)
+            episodes=[
+                episode(p, i, rewards[i * g + k])
+                for i, p in enumerate(problem_ids)
+                for k in range(g)
+            ],
+            transcripts=[""] * b,
+        )
 
 
 def loop_of(rollouts, problems_per_step=4, max_refills=2) -> GRPOLoop:
-    return GRPOLoop(model=None, state=SimpleNamespace(updates=0, lora=None), cfg=None,
-                    rollouts=rollouts, problems_per_step=problems_per_step, dynamic_sampling=True,
-                    max_refills=max_refills)
+    return GRPOLoop(
+        model=None,
+        state=SimpleNamespace(updates=0, lora=None),
+        cfg=None,
+        rollouts=rollouts,
+        problems_per_step=problems_per_step,
+        dynamic_sampling=True,
+        max_refills=max_refills,
+    )
 
 
 def problems_of(batch: RolloutBatch) -> list[int]:

@@ -50,16 +50,16 @@ class LengthReward(gym.Wrapper):
 
 def arith_rollouts(sampler, tokenizer, group_size=2):
     make = lambda: LengthReward(gym.make("ToolMath-Arith-v0", max_turns=1))
-    return Rollouts(make, sampler, tokenizer, RolloutConfig(**{**ROLL.__dict__,
-                                                               "group_size": group_size}))
+    return Rollouts(
+        make, sampler, tokenizer, RolloutConfig(**{**ROLL.__dict__, "group_size": group_size})
+    )
 
 
 def leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves((state.lora, state.opt_state))]
 
 
-def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model,
-                                                                      chat_tokenizer):
+def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model, chat_tokenizer):
     """fit's pipeline with max_staleness 0 (its thread, evaluations pausing it) against the loop
     written out: collect with the current adapter, update, sync, evaluate. The same computation
     in the same order on the CPU: equal bits, not merely close ones."""
@@ -68,13 +68,23 @@ def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model,
     # the synchronous loop, written out
     model = nnx.clone(chat_model)
     sampler = JaxSampler(model, chat_tokenizer, eos_token_ids=eos, bucket=32)
-    state, order, ref_metrics, ref_tokens, ref_eval = init_state(model, CFG), ProblemOrder(
-        50, seed=1), [], [], []
-    with arith_rollouts(sampler, chat_tokenizer) as train, \
-            arith_rollouts(sampler, chat_tokenizer, group_size=2) as held_out:
+    state, order, ref_metrics, ref_tokens, ref_eval = (
+        init_state(model, CFG),
+        ProblemOrder(50, seed=1),
+        [],
+        [],
+        [],
+    )
+    with (
+        arith_rollouts(sampler, chat_tokenizer) as train,
+        arith_rollouts(sampler, chat_tokenizer, group_size=2) as held_out,
+    ):
         for step in range(1, STEPS + 1):
-            batch = train.collect([next(order) for _ in range(PROBLEMS)],
-                                  seed=SEED * 1_000_003 + step, adapter_version=step - 1)
+            batch = train.collect(
+                [next(order) for _ in range(PROBLEMS)],
+                seed=SEED * 1_000_003 + step,
+                adapter_version=step - 1,
+            )
             state, metrics = grpo_step(state, batch, CFG)
             nnx.update(model, state.lora)
             sampler.sync_adapter(model, step)
@@ -87,14 +97,23 @@ def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model,
     model = nnx.clone(chat_model)
     sampler = JaxSampler(model, chat_tokenizer, eos_token_ids=eos, bucket=32)
     log, tokens, evals = Record(), [], []
-    with arith_rollouts(sampler, chat_tokenizer) as train, \
-            arith_rollouts(sampler, chat_tokenizer, group_size=2) as held_out:
+    with (
+        arith_rollouts(sampler, chat_tokenizer) as train,
+        arith_rollouts(sampler, chat_tokenizer, group_size=2) as held_out,
+    ):
         loop = GRPOLoop(model, init_state(model, CFG), CFG, train, PROBLEMS, max_staleness=0)
         loop_update = loop.update
         loop.update = lambda batch: tokens.append(batch.tokens) or loop_update(batch)
-        fit(loop, ProblemOrder(50, seed=1), log, start=0, steps=STEPS, seed=SEED,
+        fit(
+            loop,
+            ProblemOrder(50, seed=1),
+            log,
+            start=0,
+            steps=STEPS,
+            seed=SEED,
             evaluate_at=lambda step: evals.append(evaluate(held_out, range(2), seed=step)[0]),
-            eval_every=1)
+            eval_every=1,
+        )
     assert loop.cfg == CFG  # no importance weights added to a synchronous loop
     for a, b in zip(ref_tokens, tokens, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -109,21 +128,30 @@ def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model,
     assert all(m["grad_norm"] > 0 for m in ref_metrics)  # every step learned something
 
 
-def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(chat_model,
-                                                                         chat_tokenizer):
+def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(
+    chat_model, chat_tokenizer
+):
     """Batch 1 and 2 come from adapter 0, batch s from adapter s - 2 after that: its
     sampler_logprobs are that adapter's log-probabilities (its copy of the parameters, one
     version behind the learner's), not the learner's at the time of the update."""
     model = nnx.clone(chat_model)
     behind = sampler_copy(model)
-    sampler = JaxSampler(behind, chat_tokenizer, eos_token_ids=[chat_tokenizer.eos_token_id],
-                         bucket=32)
+    sampler = JaxSampler(
+        behind, chat_tokenizer, eos_token_ids=[chat_tokenizer.eos_token_id], bucket=32
+    )
     log, batches = Record(), {}
     with arith_rollouts(sampler, chat_tokenizer) as train:
         with pytest.raises(ValueError, match="needs a sampler_model"):
             GRPOLoop(model, init_state(model, CFG), CFG, train, PROBLEMS, max_staleness=1)
-        loop = GRPOLoop(model, init_state(model, CFG), CFG, train, PROBLEMS, max_staleness=1,
-                        sampler_model=behind)
+        loop = GRPOLoop(
+            model,
+            init_state(model, CFG),
+            CFG,
+            train,
+            PROBLEMS,
+            max_staleness=1,
+            sampler_model=behind,
+        )
         assert loop.cfg.tis_cap == PIPELINED_TIS_CAP  # importance weights on by default
         # the LoRA parameters of each version: the arrays (init_state's holds the variables)
         params = {0: jax.tree.map(lambda x: x, loop.state.lora)}
@@ -157,8 +185,10 @@ def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(chat_mo
         assert np.abs(logprobs(trained_by) - logprobs(sampled_by)).max() > 1e-2
     # after fit the sampler's copy holds the learner's final adapter, as a synchronous loop's
     assert sampler.adapter_version == 4
-    for a, b in zip(jax.tree.leaves(nnx.state(behind, nnx.LoRAParam)),
-                    jax.tree.leaves(nnx.state(model, nnx.LoRAParam))):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(behind, nnx.LoRAParam)),
+        jax.tree.leaves(nnx.state(model, nnx.LoRAParam)),
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -190,14 +220,22 @@ def test_ctrl_c_and_resume_of_a_pipelined_run_lose_and_repeat_no_problem():
     def run(start, steps, position, interrupt_at=None):
         rollouts = VersionedStub(varied=set(range(0, 100, 3)))
         model = tiny_model(lora_seed=1)
-        loop = GRPOLoop(model, init_state(model, cfg), cfg, rollouts, problems_per_step=4,
-                        max_staleness=1, sampler_model=sampler_copy(model))
+        loop = GRPOLoop(
+            model,
+            init_state(model, cfg),
+            cfg,
+            rollouts,
+            problems_per_step=4,
+            max_staleness=1,
+            sampler_model=sampler_copy(model),
+        )
         loop.state = jax.tree.map(lambda x: x, loop.state)
         loop.state.updates = jnp.asarray(start, jnp.int32)  # as restored from a checkpoint
         trained, saved = [], {}
         loop_update = loop.update
-        loop.update = lambda batch: trained.append(
-            [int(e.problem_id) for e in batch.episodes[::2]]) or loop_update(batch)
+        loop.update = lambda batch: (
+            trained.append([int(e.problem_id) for e in batch.episodes[::2]]) or loop_update(batch)
+        )
 
         def checkpoint(step, force):
             saved[step] = loop.data_position
@@ -205,8 +243,15 @@ def test_ctrl_c_and_resume_of_a_pipelined_run_lose_and_repeat_no_problem():
                 os.kill(os.getpid(), signal.SIGINT)
 
         try:
-            fit(loop, ProblemOrder(40, seed=3, position=position), Record(), start=start,
-                steps=steps, seed=0, checkpoint=checkpoint)
+            fit(
+                loop,
+                ProblemOrder(40, seed=3, position=position),
+                Record(),
+                start=start,
+                steps=steps,
+                seed=0,
+                checkpoint=checkpoint,
+            )
         except Interrupted as stop:
             return trained, saved, stop.step, rollouts.asked
         return trained, saved, None, rollouts.asked

@@ -24,8 +24,10 @@ def solve_with_tool(text: str, turn: int) -> str:
 
 
 def product_env(**kw):
-    problems = [Problem(f"p{i}", f"Compute {a} × {b}.", str(a * b), "integer")
-                for i, (a, b) in enumerate([(12, 34), (56, 78), (91, 23)])]
+    problems = [
+        Problem(f"p{i}", f"Compute {a} × {b}.", str(a * b), "integer")
+        for i, (a, b) in enumerate([(12, 34), (56, 78), (91, 23)])
+    ]
     return ToolMathEnv(problems=problems, **kw)
 
 
@@ -48,13 +50,16 @@ def test_scripted_tool_episodes_have_exact_tokens_and_masks(chat_tokenizer, prot
             return solve_with_tool(text, turn)
         if turn == 0:
             a, b = re.findall(r"Compute (\d+) × (\d+)", text)[-1]
-            return ('<tool_call>\n{"name": "python", "arguments": {"code": "print(%s * %s)"}}\n'
-                    "</tool_call>" % (a, b))
+            return (
+                '<tool_call>\n{"name": "python", "arguments": {"code": "print(%s * %s)"}}\n'
+                "</tool_call>" % (a, b)
+            )
         return "\\boxed{%s}<|im_end|>" % re.findall(r"<tool_response>\n(.*?)\n", text)[-1]
 
     sampler = ScriptedSampler(tok, script, adapter_version=3)
-    with Rollouts(lambda: product_env(protocol=protocol), sampler, tok,
-                  RolloutConfig(group_size=2, pad_to=16)) as rollouts:
+    with Rollouts(
+        lambda: product_env(protocol=protocol), sampler, tok, RolloutConfig(group_size=2, pad_to=16)
+    ) as rollouts:
         batch = rollouts.collect([0, 2], seed=1)
     assert batch.tokens.shape[0] == 4 and batch.tokens.shape[1] % 16 == 0
     assert list(batch.group_ids) == [0, 0, 1, 1] and set(batch.adapter_version) == {3}
@@ -66,8 +71,9 @@ def test_scripted_tool_episodes_have_exact_tokens_and_masks(chat_tokenizer, prot
         assert not batch.loss_mask[i, n:].any() and not batch.sampler_logprobs[i, n:].any()
         runs = spans(row, mask)
         assert [v for v, _, _ in runs] == [0, 1, 0, 1]  # prompt, call, tool output, answer
-        prompt, call, output, answer = (tok.decode(row[s:e], skip_special_tokens=False)
-                                        for _, s, e in runs)
+        prompt, call, output, answer = (
+            tok.decode(row[s:e], skip_special_tokens=False) for _, s, e in runs
+        )
         a, b = [(12, 34), (91, 23)][ep.group]
         assert prompt.endswith("<|im_start|>assistant\n") and f"Compute {a} × {b}." in prompt
         assert str(a * b) in output and str(a * b) not in call
@@ -90,17 +96,25 @@ def test_rendered_conversation_matches_the_chat_template(chat_tokenizer):
     tok = chat_tokenizer
     env = product_env(protocol="qwen")
     _, first = env.reset(options={"index": 1})
-    _, _, _, _, info = env.step('<tool_call>\n{"name": "python", "arguments": {"code": '
-                                '"print(56 * 78)"}}\n</tool_call>')
-    sampler = ScriptedSampler(tok, lambda text, turn: (
+    _, _, _, _, info = env.step(
         '<tool_call>\n{"name": "python", "arguments": {"code": "print(56 * 78)"}}\n</tool_call>'
-        if turn == 0 else "\\boxed{4368}<|im_end|>"))
-    with Rollouts(lambda: product_env(protocol="qwen"), sampler, tok,
-                  RolloutConfig(group_size=1)) as rollouts:
+    )
+    sampler = ScriptedSampler(
+        tok,
+        lambda text, turn: (
+            '<tool_call>\n{"name": "python", "arguments": {"code": "print(56 * 78)"}}\n</tool_call>'
+            if turn == 0
+            else "\\boxed{4368}<|im_end|>"
+        ),
+    )
+    with Rollouts(
+        lambda: product_env(protocol="qwen"), sampler, tok, RolloutConfig(group_size=1)
+    ) as rollouts:
         batch = rollouts.collect([1])
     # the rollout's text up to the second turn = the template applied to the env's messages
-    expected = tok.apply_chat_template(info["messages"], tools=first["tools"], tokenize=False,
-                                       add_generation_prompt=True)
+    expected = tok.apply_chat_template(
+        info["messages"], tools=first["tools"], tokenize=False, add_generation_prompt=True
+    )
     assert batch.transcripts[0].split("\n\n", 1)[1].startswith(expected)
     env.close()
 
@@ -120,8 +134,9 @@ def test_context_overflow_truncates_instead_of_crashing(chat_tokenizer):
 def test_turn_limit_is_reported_apart_from_context(chat_tokenizer):
     tok = chat_tokenizer
     looping = ScriptedSampler(tok, lambda text, turn: "```python\nprint(1)\n```\n")
-    with Rollouts(lambda: product_env(max_turns=2), looping, tok,
-                  RolloutConfig(group_size=1)) as rollouts:
+    with Rollouts(
+        lambda: product_env(max_turns=2), looping, tok, RolloutConfig(group_size=1)
+    ) as rollouts:
         batch = rollouts.collect([0])
     ep = batch.episodes[0]
     assert ep.truncated == "turns" and ep.turns == 2 and ep.tool_calls == 2
@@ -130,20 +145,29 @@ def test_turn_limit_is_reported_apart_from_context(chat_tokenizer):
 
 def test_a_slow_tool_call_does_not_stall_the_other_episodes(chat_tokenizer):
     tok = chat_tokenizer
-    problems = [Problem("slow", "Compute 1 × 1.", "1", "integer"),
-                Problem("fast", "Compute 2 × 2.", "4", "integer")]
+    problems = [
+        Problem("slow", "Compute 1 × 1.", "1", "integer"),
+        Problem("fast", "Compute 2 × 2.", "4", "integer"),
+    ]
     finished = {}
 
     def script(text, turn):
         slow = "Compute 1 × 1." in text
         if turn < (1 if slow else 3):
-            return ("```python\nimport time; time.sleep(1.5); print(1)\n```\n" if slow
-                    else "```python\nprint(2 * 2)\n```\n")
+            return (
+                "```python\nimport time; time.sleep(1.5); print(1)\n```\n"
+                if slow
+                else "```python\nprint(2 * 2)\n```\n"
+            )
         finished["slow" if slow else "fast"] = time.perf_counter()
         return "\\boxed{1}<|im_end|>" if slow else "\\boxed{4}<|im_end|>"
 
-    with Rollouts(lambda: ToolMathEnv(problems=problems, max_turns=5), ScriptedSampler(
-            tok, script), tok, RolloutConfig(group_size=1)) as rollouts:
+    with Rollouts(
+        lambda: ToolMathEnv(problems=problems, max_turns=5),
+        ScriptedSampler(tok, script),
+        tok,
+        RolloutConfig(group_size=1),
+    ) as rollouts:
         batch = rollouts.collect([0, 1])
     assert [e.correct for e in batch.episodes] == [True, True]
     assert batch.episodes[1].tool_calls == 3
@@ -152,14 +176,19 @@ def test_a_slow_tool_call_does_not_stall_the_other_episodes(chat_tokenizer):
 
 def test_sync_rounds_make_batches_that_do_not_depend_on_tool_timing(chat_tokenizer):
     tok = chat_tokenizer
-    problems = [Problem("slow", "Compute 1 × 1.", "1", "integer"),
-                Problem("fast", "Compute 2 × 2.", "4", "integer")]
+    problems = [
+        Problem("slow", "Compute 1 × 1.", "1", "integer"),
+        Problem("fast", "Compute 2 × 2.", "4", "integer"),
+    ]
 
     def script(text, turn):
         slow = "Compute 1 × 1." in text
         if turn < (1 if slow else 3):
-            return ("```python\nimport time; time.sleep(0.3); print(1)\n```\n" if slow
-                    else "```python\nprint(2 * 2)\n```\n")
+            return (
+                "```python\nimport time; time.sleep(0.3); print(1)\n```\n"
+                if slow
+                else "```python\nprint(2 * 2)\n```\n"
+            )
         return "\\boxed{1}<|im_end|>" if slow else "\\boxed{4}<|im_end|>"
 
     class Recording(ScriptedSampler):
@@ -168,16 +197,21 @@ def test_sync_rounds_make_batches_that_do_not_depend_on_tool_timing(chat_tokeniz
             return super().generate(prompts, params, adapter_version, **per_prompt)
 
     sizes = []
-    with Rollouts(lambda: ToolMathEnv(problems=problems, max_turns=5), Recording(tok, script),
-                  tok, RolloutConfig(group_size=1, sync_rounds=True)) as rollouts:
+    with Rollouts(
+        lambda: ToolMathEnv(problems=problems, max_turns=5),
+        Recording(tok, script),
+        tok,
+        RolloutConfig(group_size=1, sync_rounds=True),
+    ) as rollouts:
         batch = rollouts.collect([0, 1])
     assert [e.correct for e in batch.episodes] == [True, True]
     assert sizes == [2, 2, 1, 1]  # without sync_rounds: [2, 1, 1, 1, 1], the fast calls first
 
 
 def test_jax_sampler_rollout_logprobs_match_the_learner(chat_tokenizer, chat_model):
-    sampler = JaxSampler(chat_model, chat_tokenizer, bucket=32,
-                         eos_token_ids=[chat_tokenizer.eos_token_id])
+    sampler = JaxSampler(
+        chat_model, chat_tokenizer, bucket=32, eos_token_ids=[chat_tokenizer.eos_token_id]
+    )
     cfg = RolloutConfig(group_size=3, max_turn_tokens=24, max_total_tokens=512)
     with Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, chat_tokenizer, cfg) as r:
         batch = r.collect([4, 9], seed=2, adapter_version=5)
@@ -190,8 +224,10 @@ def test_jax_sampler_rollout_logprobs_match_the_learner(chat_tokenizer, chat_mod
     assert not batch.sampler_logprobs[~mask].any()
     for i, ep in enumerate(batch.episodes):  # the prompt is the masked-out head of each row
         first = int(np.argmax(mask[i]))
-        assert chat_tokenizer.decode(batch.tokens[i, :first]).endswith(
-            "<|im_start|>assistant\n") and ep.turns >= 1
+        assert (
+            chat_tokenizer.decode(batch.tokens[i, :first]).endswith("<|im_start|>assistant\n")
+            and ep.turns >= 1
+        )
 
 
 def test_a_failing_environment_gives_an_error_and_no_batch(chat_tokenizer):
@@ -200,8 +236,12 @@ def test_a_failing_environment_gives_an_error_and_no_batch(chat_tokenizer):
             raise OSError("disk on fire")
 
     sampler = ScriptedSampler(chat_tokenizer, solve_with_tool)
-    with Rollouts(lambda: Broken(problems=product_env().problems), sampler, chat_tokenizer,
-                  RolloutConfig(group_size=2)) as rollouts:
+    with Rollouts(
+        lambda: Broken(problems=product_env().problems),
+        sampler,
+        chat_tokenizer,
+        RolloutConfig(group_size=2),
+    ) as rollouts:
         with pytest.raises(RolloutError, match="no batch was made: disk on fire"):
             rollouts.collect([0])
         with pytest.raises(ValueError, match="at least one problem"):

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer, models, pre_tokenizers
 from tiny import tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from agents.sampler import JaxSampler, SamplingParams
@@ -35,7 +35,7 @@ def test_sampler_logprobs_match_the_learner(sampler):
         for s in group:
             assert s.adapter_version == 7 and s.prompt_len == len(prompt)
             seq = jnp.asarray([prompt + s.token_ids])
-            learner = np.asarray(token_logprobs(sampler.model(seq), seq))[0, len(prompt):]
+            learner = np.asarray(token_logprobs(sampler.model(seq), seq))[0, len(prompt) :]
             np.testing.assert_allclose(s.logprobs, learner, atol=1e-4)
             if s.finish_reason == "length":
                 assert len(s.token_ids) == 12
@@ -47,20 +47,22 @@ def test_greedy_is_deterministic_and_top_k_one_is_greedy(sampler):
     greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     again = sampler.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     top1 = sampler.generate(PROMPTS, SamplingParams(top_k=1, max_new_tokens=8, seed=5))
-    ids = lambda o: [s.token_ids for g in o for s in g]  # noqa: E731
+    ids = lambda o: [s.token_ids for g in o for s in g]
     assert ids(greedy) == ids(again) == ids(top1)
-    seeded = [ids(sampler.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=s)))
-              for s in (1, 1, 2)]
+    seeded = [
+        ids(sampler.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=s))) for s in (1, 1, 2)
+    ]
     assert seeded[0] == seeded[1] and seeded[0] != seeded[2]
 
 
 def test_stop_sequences_and_finish_reasons(sampler):
     free = sampler.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=10))[0][0]
     word = sampler.tokenizer.decode([free.token_ids[2]])
-    stopped = sampler.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=10,
-                                                            stop=(word,)))[0][0]
+    stopped = sampler.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=10, stop=(word,))
+    )[0][0]
     first = [sampler.tokenizer.decode([t]) for t in free.token_ids].index(word)
-    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first + 1]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]
     assert stopped.text.endswith(word)
 
 
@@ -73,8 +75,11 @@ def test_samples_do_not_depend_on_how_the_batch_is_split(sampler):
     a, b = whole.generate(prompts, params), split.generate(prompts, params)
     assert [s.token_ids for g in a for s in g] == [s.token_ids for g in b for s in g]
     assert [s.finish_reason for g in a for s in g] == [s.finish_reason for g in b for s in g]
-    np.testing.assert_allclose([x for g in a for s in g for x in s.logprobs],
-                               [x for g in b for s in g for x in s.logprobs], atol=1e-5)
+    np.testing.assert_allclose(
+        [x for g in a for s in g for x in s.logprobs],
+        [x for g in b for s in g for x in s.logprobs],
+        atol=1e-5,
+    )
     assert len({tuple(s.token_ids) for g in a for s in g}) > 20  # really sampled, not greedy
     with pytest.raises(ValueError, match="threads"):
         JaxSampler(sampler.model, sampler.tokenizer, threads=0)
@@ -96,8 +101,9 @@ def test_inverse_cdf_draws_follow_the_distribution():
     probs = rng.random(70) ** 3  # 70 entries: not a multiple of the 32-entry blocks
     probs[[0, 5, 31, 32, 69]] = 0.0  # block edges and the last entry included
     probs /= probs.sum()
-    draws = np.asarray(_inverse_cdf(jnp.tile(jnp.asarray(probs, jnp.float32), (100_000, 1)),
-                                    jax.random.key(1)))
+    draws = np.asarray(
+        _inverse_cdf(jnp.tile(jnp.asarray(probs, jnp.float32), (100_000, 1)), jax.random.key(1))
+    )
     freq = np.bincount(draws, minlength=70) / len(draws)
     assert draws.min() >= 0 and draws.max() < 70
     assert freq[probs == 0].sum() == 0

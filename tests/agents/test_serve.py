@@ -12,14 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scripted import force_two_rounds
 
 import envs  # noqa: F401
 from agents.rollout import RolloutConfig, RolloutError, Rollouts
 from agents.sampler import SamplingParams
 from agents.serve import CompletionService, serve
-from agents.vllm_client import (ServerError, StaleAdapterError, VLLMSampler, VLLMServer,
-                                python_serve_command)
-from scripted import force_two_rounds
+from agents.vllm_client import (
+    ServerError,
+    StaleAdapterError,
+    VLLMSampler,
+    VLLMServer,
+    python_serve_command,
+)
 from learners.grpo import token_logprobs
 from learners.lora import lora_disabled, merge_lora
 from learners.params import save_pretrained
@@ -27,8 +32,9 @@ from learners.params import save_pretrained
 
 @pytest.fixture(scope="module")
 def server(chat_model, chat_tokenizer):
-    service = CompletionService(_without_lora(chat_model), chat_tokenizer, "tiny-qwen",
-                                max_lora_rank=8)
+    service = CompletionService(
+        _without_lora(chat_model), chat_tokenizer, "tiny-qwen", max_lora_rank=8
+    )
     httpd = serve(service, port=0)
     yield f"http://127.0.0.1:{httpd.server_port}", service
     httpd.shutdown()
@@ -43,8 +49,12 @@ def _without_lora(model):
 
 
 def post(url, path, body):
-    req = urllib.request.Request(url + path, json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + path,
+        json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req) as r:
             return r.status, r.read().decode()
@@ -52,8 +62,9 @@ def post(url, path, body):
         return e.code, e.read().decode()
 
 
-def test_rollouts_through_the_server_match_the_learner(server, chat_model, chat_tokenizer,
-                                                       tmp_path):
+def test_rollouts_through_the_server_match_the_learner(
+    server, chat_model, chat_tokenizer, tmp_path
+):
     url, service = server
     sampler = VLLMSampler(url, chat_tokenizer, adapter_dir=str(tmp_path))
     assert sampler.model == "tiny-qwen" and sampler.adapter_version == 0
@@ -61,8 +72,10 @@ def test_rollouts_through_the_server_match_the_learner(server, chat_model, chat_
     assert sampler.prefix.startswith("toolgrpo-")
     sampler.sync_adapter(chat_model, 2)  # the old adapter is unloaded, the new one listed
     models = json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"]
-    assert [(m["id"], m["parent"]) for m in models] == [("tiny-qwen", None),
-                                                         (f"{sampler.prefix}-v2", "tiny-qwen")]
+    assert [(m["id"], m["parent"]) for m in models] == [
+        ("tiny-qwen", None),
+        (f"{sampler.prefix}-v2", "tiny-qwen"),
+    ]
     cfg = RolloutConfig(group_size=2, max_turn_tokens=20, max_total_tokens=512)
     with Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, chat_tokenizer, cfg) as r:
         batch = r.collect([1, 2], seed=3)
@@ -81,19 +94,33 @@ def test_rollouts_through_the_server_match_the_learner(server, chat_model, chat_
 
 def test_completions_api_shape_and_stop_strings(server, chat_tokenizer):
     url, _ = server
-    status, raw = post(url, "/v1/completions", {
-        "model": "tiny-qwen", "prompt": [[5, 6, 7], [8]], "n": 2, "max_tokens": 6,
-        "temperature": 0, "logprobs": 0, "return_tokens_as_token_ids": True})
+    status, raw = post(
+        url,
+        "/v1/completions",
+        {
+            "model": "tiny-qwen",
+            "prompt": [[5, 6, 7], [8]],
+            "n": 2,
+            "max_tokens": 6,
+            "temperature": 0,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        },
+    )
     reply = json.loads(raw)
     assert status == 200 and len(reply["choices"]) == 4
     c = reply["choices"][0]
     assert c["logprobs"]["tokens"] == [f"token_id:{t}" for t in c["token_ids"]]
-    assert c["finish_reason"] in ("stop", "length") and len(c["logprobs"]["token_logprobs"]) \
-        == len(c["token_ids"])
+    assert c["finish_reason"] in ("stop", "length") and len(c["logprobs"]["token_logprobs"]) == len(
+        c["token_ids"]
+    )
     assert reply["choices"][0]["token_ids"] == reply["choices"][1]["token_ids"]  # greedy, n=2
     word = chat_tokenizer.decode(c["token_ids"][-1:])
-    status, raw = post(url, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 6,
-                                                "temperature": 0, "stop": [word]})
+    status, raw = post(
+        url,
+        "/v1/completions",
+        {"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0, "stop": [word]},
+    )
     stopped = json.loads(raw)["choices"][0]
     assert stopped["stop_reason"] == word and not stopped["text"].endswith(word)
 
@@ -105,28 +132,33 @@ def test_server_errors_are_vllm_shaped(server, chat_tokenizer, tmp_path):
     assert post(url, "/v1/completions", {"prompt": []})[0] == 400
     assert post(url, "/v1/completions", {"prompt": [10**6]})[0] == 400
     assert post(url, "/v1/unload_lora_adapter", {"lora_name": "ghost"})[0] == 404
-    status, raw = post(url, "/v1/load_lora_adapter", {"lora_name": "x",
-                                                      "lora_path": str(tmp_path / "none")})
+    status, raw = post(
+        url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "none")}
+    )
     assert status == 404 and "cannot load" in json.loads(raw)["message"]
 
 
-def test_adapter_rank_above_the_limit_and_servers_without_lora(chat_model, chat_tokenizer,
-                                                              tmp_path):
+def test_adapter_rank_above_the_limit_and_servers_without_lora(
+    chat_model, chat_tokenizer, tmp_path
+):
     base = _without_lora(chat_model)
     httpd = serve(CompletionService(base, chat_tokenizer, "m", max_lora_rank=0), port=0)
     try:
-        sampler = VLLMSampler(f"http://127.0.0.1:{httpd.server_port}", chat_tokenizer,
-                              adapter_dir=str(tmp_path))
+        sampler = VLLMSampler(
+            f"http://127.0.0.1:{httpd.server_port}", chat_tokenizer, adapter_dir=str(tmp_path)
+        )
         with pytest.raises(ServerError, match="cannot load LoRA adapters at run time"):
             sampler.sync_adapter(chat_model, 1)
     finally:
         httpd.shutdown()
     httpd = serve(CompletionService(base, chat_tokenizer, "m", max_lora_rank=2), port=0)
     try:
-        sampler = VLLMSampler(f"http://127.0.0.1:{httpd.server_port}", chat_tokenizer,
-                              adapter_dir=str(tmp_path))
-        with pytest.raises(ServerError,
-                           match="restart it with a larger one.*greater than max_lora_rank"):
+        sampler = VLLMSampler(
+            f"http://127.0.0.1:{httpd.server_port}", chat_tokenizer, adapter_dir=str(tmp_path)
+        )
+        with pytest.raises(
+            ServerError, match="restart it with a larger one.*greater than max_lora_rank"
+        ):
             sampler.sync_adapter(chat_model, 1)  # rank 4 > 2
     finally:
         httpd.shutdown()
@@ -136,8 +168,7 @@ def test_unreachable_server_is_a_clear_error(chat_tokenizer):
     from agents.vllm_client import free_port
 
     with pytest.raises(ServerError, match="unreachable.*vllm.entrypoints.openai.api_server"):
-        VLLMSampler(f"http://127.0.0.1:{free_port()}", chat_tokenizer, retries=1,
-                    backoff_s=0.01)
+        VLLMSampler(f"http://127.0.0.1:{free_port()}", chat_tokenizer, retries=1, backoff_s=0.01)
 
 
 def test_launcher_and_a_server_dying_mid_rollout(chat_model, chat_tokenizer, tmp_path):
@@ -146,12 +177,18 @@ def test_launcher_and_a_server_dying_mid_rollout(chat_model, chat_tokenizer, tmp
     model_dir = tmp_path / "model"
     save_pretrained(_without_lora(chat_model), str(model_dir))
     chat_tokenizer.save_pretrained(str(model_dir))
-    server = VLLMServer(str(model_dir), max_lora_rank=8, command=python_serve_command(),
-                        startup_timeout_s=120)
+    server = VLLMServer(
+        str(model_dir), max_lora_rank=8, command=python_serve_command(), startup_timeout_s=120
+    )
     with server:
         assert "--enable-lora" in server.cmd and "--gpu-memory-utilization" in server.cmd
-        sampler = VLLMSampler(server.url, chat_tokenizer, retries=2, backoff_s=0.05,
-                              adapter_dir=str(tmp_path / "adapters"))
+        sampler = VLLMSampler(
+            server.url,
+            chat_tokenizer,
+            retries=2,
+            backoff_s=0.05,
+            adapter_dir=str(tmp_path / "adapters"),
+        )
         sampler.sync_adapter(chat_model, 1)
         calls = []
         real = sampler.generate

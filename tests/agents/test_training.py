@@ -11,8 +11,15 @@ import sys
 
 import pytest
 
-from agents.training import (Config, EvalConfig, LogConfig, ModelConfig, RunLog,
-                             config_from_dict, pass_at_k)
+from agents.training import (
+    Config,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    RunLog,
+    config_from_dict,
+    pass_at_k,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -45,13 +52,37 @@ def test_every_setting_of_every_part_is_a_flag_and_a_yaml_key(tmp_path):
     from learners.train import GRPOConfig
 
     assert Config().rollout == RolloutConfig() and Config().grpo == GRPOConfig()
-    cfg = load_config(["--grpo.eps-high", "0.31", "--grpo.aggregation", "token-mean",
-                       "--grpo.no-scale-by-std", "--rollout.top-k", "5", "--steps", "7"], Config)
-    assert (cfg.grpo.eps_high, cfg.grpo.aggregation, cfg.grpo.scale_by_std) == (0.31,
-                                                                                "token-mean", False)
+    cfg = load_config(
+        [
+            "--grpo.eps-high",
+            "0.31",
+            "--grpo.aggregation",
+            "token-mean",
+            "--grpo.no-scale-by-std",
+            "--rollout.top-k",
+            "5",
+            "--steps",
+            "7",
+        ],
+        Config,
+    )
+    assert (cfg.grpo.eps_high, cfg.grpo.aggregation, cfg.grpo.scale_by_std) == (
+        0.31,
+        "token-mean",
+        False,
+    )
     assert cfg.rollout.top_k == 5 and cfg.steps == 7 and cfg.grpo.eps_low == GRPOConfig().eps_low
-    cfg = load_config(["--env.rewards.tool-use", "0.2", "--env.tool-timeout-s", "3",
-                       "--env.eval-problems", "a.jsonl"], Config)
+    cfg = load_config(
+        [
+            "--env.rewards.tool-use",
+            "0.2",
+            "--env.tool-timeout-s",
+            "3",
+            "--env.eval-problems",
+            "a.jsonl",
+        ],
+        Config,
+    )
     kwargs = cfg.env.env_kwargs("test")  # what gym.make gets for the evaluation split
     assert kwargs["reward_weights"].tool_use == 0.2 and kwargs["tool_timeout_s"] == 3.0
     assert (kwargs["split"], kwargs["problems"]) == ("test", "a.jsonl")
@@ -66,11 +97,23 @@ def test_the_model_computes_in_bf16_on_accelerators_and_fp32_on_the_cpu():
     from agents.training.cli import load_config
 
     auto = ModelConfig()
-    assert [auto.compute_dtype(b) for b in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16",
-                                                                      "bfloat16"]
+    assert [auto.compute_dtype(b) for b in ("cpu", "gpu", "tpu")] == [
+        "float32",
+        "bfloat16",
+        "bfloat16",
+    ]
     assert ModelConfig(dtype="float32").compute_dtype("gpu") == "float32"
-    cfg = load_config(["--model.attention", "blockwise", "--model.attention-block", "256",
-                       "--grpo.micro-batch-tokens", "32768"], Config)
+    cfg = load_config(
+        [
+            "--model.attention",
+            "blockwise",
+            "--model.attention-block",
+            "256",
+            "--grpo.micro-batch-tokens",
+            "32768",
+        ],
+        Config,
+    )
     assert (cfg.model.attention, cfg.model.attention_block) == ("blockwise", 256)
     assert cfg.grpo.micro_batch_tokens == 32768
     with pytest.raises(ValueError, match="attention_block"):
@@ -97,12 +140,15 @@ def test_a_resume_may_change_only_the_resumable_settings():
     from agents.training.run import config_changes
 
     saved = json.loads(json.dumps(dataclasses.asdict(Config()), default=str))
-    allowed = dataclasses.replace(Config(), steps=500, eval=EvalConfig(every=5),
-                                  log=LogConfig(wandb=False))
+    allowed = dataclasses.replace(
+        Config(), steps=500, eval=EvalConfig(every=5), log=LogConfig(wandb=False)
+    )
     assert config_changes(saved, dataclasses.asdict(allowed)) == []
     changed = dataclasses.replace(Config(), model=ModelConfig(lora_rank=8), seed=3)
-    assert config_changes(saved, dataclasses.asdict(changed)) == ["seed: 0 -> 3",
-                                                                  "model.lora_rank: 128 -> 8"]
+    assert config_changes(saved, dataclasses.asdict(changed)) == [
+        "seed: 0 -> 3",
+        "model.lora_rank: 128 -> 8",
+    ]
 
 
 def test_pass_at_k_by_hand():
@@ -139,8 +185,14 @@ import agents.training
 print("LOOP", agents.training.__file__, summary["step"], summary["eval/pass@1"])
 """
     outside = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    done = subprocess.run([installed_python, "-c", script], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path, env=outside)
+    done = subprocess.run(
+        [installed_python, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=outside,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("LOOP"))
     _, origin, step, pass1 = line.split()

@@ -24,8 +24,9 @@ from learners.grpo import token_logprobs
 @pytest.fixture(scope="module")
 def two_servers(chat_model, chat_tokenizer):
     base = _without_lora(chat_model)
-    services = [CompletionService(base, chat_tokenizer, "tiny-qwen", max_lora_rank=8)
-                for _ in range(2)]
+    services = [
+        CompletionService(base, chat_tokenizer, "tiny-qwen", max_lora_rank=8) for _ in range(2)
+    ]
     servers = [serve(s, port=0) for s in services]
     yield [f"http://127.0.0.1:{s.server_port}" for s in servers], services
     for s in servers:
@@ -37,8 +38,9 @@ def adapters_on(url: str) -> list[str]:
     return [m["id"] for m in models if m.get("parent")]
 
 
-def test_rollouts_spread_over_two_servers_each_holding_the_adapter(two_servers, chat_model,
-                                                                  chat_tokenizer, tmp_path):
+def test_rollouts_spread_over_two_servers_each_holding_the_adapter(
+    two_servers, chat_model, chat_tokenizer, tmp_path
+):
     urls, _ = two_servers
     clients = [VLLMSampler(url, chat_tokenizer) for url in urls]
     pool = VLLMPool(clients, adapter_dir=str(tmp_path))
@@ -47,8 +49,9 @@ def test_rollouts_spread_over_two_servers_each_holding_the_adapter(two_servers, 
     assert [adapters_on(url) for url in urls] == [[f"{c.prefix}-v1"] for c in clients]
     assert pool.adapter_version == 1 and all(c.adapter_version == 1 for c in clients)
     cfg = RolloutConfig(group_size=2, max_turn_tokens=12, max_total_tokens=512)
-    with Rollouts(lambda: gym.make("ToolMath-Arith-v0", max_turns=1), pool, chat_tokenizer,
-                  cfg) as r:
+    with Rollouts(
+        lambda: gym.make("ToolMath-Arith-v0", max_turns=1), pool, chat_tokenizer, cfg
+    ) as r:
         batch = r.collect([1, 2, 3], seed=3, adapter_version=1)
     assert set(batch.adapter_version) == {1}
     assert asked == {urls[0]: 3, urls[1]: 3}  # six episodes, three a server
@@ -62,13 +65,11 @@ def test_rollouts_spread_over_two_servers_each_holding_the_adapter(two_servers, 
         assert episode.group == i // 2
 
 
-def test_an_adapter_one_server_refuses_leaves_the_pool_on_the_old_version(two_servers,
-                                                                         chat_model,
-                                                                         chat_tokenizer,
-                                                                         tmp_path):
+def test_an_adapter_one_server_refuses_leaves_the_pool_on_the_old_version(
+    two_servers, chat_model, chat_tokenizer, tmp_path
+):
     urls, services = two_servers
-    pool = VLLMPool([VLLMSampler(url, chat_tokenizer) for url in urls],
-                    adapter_dir=str(tmp_path))
+    pool = VLLMPool([VLLMSampler(url, chat_tokenizer) for url in urls], adapter_dir=str(tmp_path))
     pool.sync_adapter(chat_model, 1)
     services[1].max_lora_rank = 2  # below the model's rank 4: this server refuses the next one
     try:

@@ -39,25 +39,37 @@ pytestmark = pytest.mark.slow
 def tiny(chat_tokenizer, tmp_path_factory):
     """A random Qwen2 with head_dim 64 (what vLLM's CPU attention takes) and peaked logits (a
     scaled embedding), so that a repetition penalty would change what is sampled."""
-    model = tiny_base_model(vocab_size=len(chat_tokenizer), hidden_size=128, intermediate_size=128,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                            max_position_embeddings=2048)
+    model = tiny_base_model(
+        vocab_size=len(chat_tokenizer),
+        hidden_size=128,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=2048,
+    )
     embed = model.embed_tokens.embedding
     embed[...] = embed[...] * 2.5
     directory = tmp_path_factory.mktemp("tiny-vllm")
     save_pretrained(model, str(directory))
     chat_tokenizer.save_pretrained(str(directory))
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"repetition_penalty": 2.0, "top_k": 1, "temperature": 0.1}))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"repetition_penalty": 2.0, "top_k": 1, "temperature": 0.1})
+    )
     return str(directory), model
 
 
 def tiny_server(vllm_python: str, directory: str) -> VLLMServer:
     """A vLLM CPU server of the tiny model that applies its generation_config.json."""
-    return VLLMServer(directory, max_lora_rank=4, command=vllm_command(vllm_python),
-                      generation_config="auto", startup_timeout_s=900,
-                      extra_args=["--max-model-len", "2048", "--dtype", "float32"],
-                      env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    return VLLMServer(
+        directory,
+        max_lora_rank=4,
+        command=vllm_command(vllm_python),
+        generation_config="auto",
+        startup_timeout_s=900,
+        extra_args=["--max-model-len", "2048", "--dtype", "float32"],
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +97,17 @@ def test_the_launcher_command():
 
 
 def test_a_group_is_independent_reproducible_samples_from_the_learners_policy(
-        server, tiny, chat_tokenizer, tmp_path):
+    server, tiny, chat_tokenizer, tmp_path
+):
     """8 episodes of one problem at temperature 1: 8 distinct samples, the same 8 again for the
     same seed, and the log-probabilities of the adapted learner (vLLM applies the adapter)."""
     _, base = tiny
     model = adapted(base)
     sampler = VLLMSampler(server.url, chat_tokenizer, adapter_dir=str(tmp_path))
     assert sampler.sync_adapter(model, 1) == f"{sampler.prefix}-v1"
-    cfg = RolloutConfig(group_size=8, max_turn_tokens=24, max_total_tokens=1024,
-                        check_template=True)
+    cfg = RolloutConfig(
+        group_size=8, max_turn_tokens=24, max_total_tokens=1024, check_template=True
+    )
     with Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, chat_tokenizer, cfg) as r:
         batch = r.collect([5, 6], seed=11, adapter_version=1)
         again = r.collect([5, 6], seed=11, adapter_version=1)
@@ -116,7 +130,8 @@ def second_server(vllm_python, tiny):
 
 
 def test_two_real_servers_share_the_rollouts_and_hold_every_adapter(
-        server, second_server, tiny, chat_tokenizer, tmp_path):
+    server, second_server, tiny, chat_tokenizer, tmp_path
+):
     """VLLMPool over two vLLM processes: each new adapter is loaded on both before samples carry
     its version, a call's prompts are spread over both, and every sample is the adapted policy's
     (its log-probabilities are the learner's, whichever server made it)."""
@@ -129,15 +144,17 @@ def test_two_real_servers_share_the_rollouts_and_hold_every_adapter(
     cfg = RolloutConfig(group_size=2, max_turn_tokens=16, max_total_tokens=1024)
     for version in (1, 2):
         model = adapted(base)  # version 2: another adapter
-        nnx.update(model, jax.tree.map(lambda x: x * (3 - 2 * version),
-                                       nnx.state(model, nnx.LoRAParam)))
+        nnx.update(
+            model, jax.tree.map(lambda x: x * (3 - 2 * version), nnx.state(model, nnx.LoRAParam))
+        )
         pool.sync_adapter(model, version)
         for client in clients:
             with urllib.request.urlopen(client.url + "/v1/models") as reply:
                 served = {m["id"] for m in json.loads(reply.read())["data"]}
             assert f"{client.prefix}-v{version}" in served, (client.url, served)
-        with Rollouts(lambda: gym.make("ToolMath-Arith-v0", max_turns=1), pool, chat_tokenizer,
-                      cfg) as r:
+        with Rollouts(
+            lambda: gym.make("ToolMath-Arith-v0", max_turns=1), pool, chat_tokenizer, cfg
+        ) as r:
             batch = r.collect([1, 2], seed=5, adapter_version=version)
         assert set(batch.adapter_version) == {version}
         tokens = jnp.asarray(batch.tokens)
@@ -149,16 +166,18 @@ def test_two_real_servers_share_the_rollouts_and_hold_every_adapter(
     assert asked == {clients[0].url: 4, clients[1].url: 4}  # two calls of 2 x 2 episodes
 
 
-def test_the_model_generation_config_does_not_reach_the_samples(server, tiny, chat_tokenizer,
-                                                                 tmp_path):
+def test_the_model_generation_config_does_not_reach_the_samples(
+    server, tiny, chat_tokenizer, tmp_path
+):
     """The model's generation_config.json (repetition penalty 2, top_k 1) is applied by this
     server to every field a request leaves out; the client leaves none out, so how often a
     sampled token repeats one already in the context is what the model's own distribution
     predicts (within 5 standard deviations of that count)."""
     _, model = tiny
     sampler = VLLMSampler(server.url, chat_tokenizer, adapter_dir=str(tmp_path))
-    prompt = chat_tokenizer.encode("Compute 12 × 34. Then compute 56 × 78.",
-                                   add_special_tokens=False)
+    prompt = chat_tokenizer.encode(
+        "Compute 12 × 34. Then compute 56 × 78.", add_special_tokens=False
+    )
     (samples,) = sampler.generate([prompt], SamplingParams(n=16, max_new_tokens=48, seed=3))
     observed = expected = variance = 0.0
     for sample in samples:
@@ -182,13 +201,46 @@ def test_the_main_job_trains_through_vllm(server, tiny, tmp_path):
     train, test = make_problems(str(tmp_path / "problems"))
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), "--model.name", directory,
-         "--env.problems", train, "--env.eval-problems", test, "--out", str(out),
-         "--steps", "2", "--problems-per-step", "2", "--rollout.group-size", "4",
-         "--grpo.micro-batch-size", "4", "--model.lora-rank", "4",
-         "--rollout.max-turn-tokens", "16", "--rollout.max-total-tokens", "1024",
-         "--eval.samples", "2", "--eval.every", "0", "--log.no-wandb",
-         "--sampler.engine", "vllm", "--sampler.vllm-url", server.url], capture_output=True, text=True, timeout=900, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "aime_grpo.py"),
+            "--model.name",
+            directory,
+            "--env.problems",
+            train,
+            "--env.eval-problems",
+            test,
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--problems-per-step",
+            "2",
+            "--rollout.group-size",
+            "4",
+            "--grpo.micro-batch-size",
+            "4",
+            "--model.lora-rank",
+            "4",
+            "--rollout.max-turn-tokens",
+            "16",
+            "--rollout.max-total-tokens",
+            "1024",
+            "--eval.samples",
+            "2",
+            "--eval.every",
+            "0",
+            "--log.no-wandb",
+            "--sampler.engine",
+            "vllm",
+            "--sampler.vllm-url",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rollouts: vLLM server at {server.url}" in done.stdout
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -199,8 +251,9 @@ def test_the_main_job_trains_through_vllm(server, tiny, tmp_path):
     assert json.load(open(out / "summary.json"))["sampler"] == "vllm"
 
 
-def test_an_adapter_above_the_servers_rank_is_refused_in_one_error(server, tiny, chat_tokenizer,
-                                                                  tmp_path):
+def test_an_adapter_above_the_servers_rank_is_refused_in_one_error(
+    server, tiny, chat_tokenizer, tmp_path
+):
     _, base = tiny
     big = apply_lora(nnx.clone(base), rank=16, alpha=16, rngs=nnx.Rngs(2))  # server: rank 8
     sampler = VLLMSampler(server.url, chat_tokenizer, adapter_dir=str(tmp_path))
@@ -211,10 +264,12 @@ def test_an_adapter_above_the_servers_rank_is_refused_in_one_error(server, tiny,
 
 
 def test_a_server_dying_mid_rollout_ends_the_collection_with_a_clear_error(
-        server, chat_tokenizer, tmp_path):
+    server, chat_tokenizer, tmp_path
+):
     """Last in this module: it stops the module's server."""
-    sampler = VLLMSampler(server.url, chat_tokenizer, retries=2, backoff_s=0.05,
-                          adapter_dir=str(tmp_path))
+    sampler = VLLMSampler(
+        server.url, chat_tokenizer, retries=2, backoff_s=0.05, adapter_dir=str(tmp_path)
+    )
     calls = []
     real = sampler.generate
 
@@ -226,8 +281,11 @@ def test_a_server_dying_mid_rollout_ends_the_collection_with_a_clear_error(
 
     sampler.generate = force_two_rounds(generate_then_die, chat_tokenizer)
     cfg = RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=1024)
-    with Rollouts(lambda: gym.make("ToolMath-Arith-v0", max_turns=10), sampler, chat_tokenizer,
-                  cfg) as rollouts:
-        with pytest.raises(RolloutError, match="unreachable"):
-            rollouts.collect([0])
+    with (
+        Rollouts(
+            lambda: gym.make("ToolMath-Arith-v0", max_turns=10), sampler, chat_tokenizer, cfg
+        ) as rollouts,
+        pytest.raises(RolloutError, match="unreachable"),
+    ):
+        rollouts.collect([0])
     assert len(calls) == 2 and server.process is None

@@ -5,25 +5,42 @@ import pytest
 from envs.answers import answers_match, last_boxed, parse_integer
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so \\boxed{42}.", "42"),
-    ("\\boxed{1} then \\boxed{2}", "2"),
-    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}"),
-    ("\\boxed{7} and a broken \\boxed{8", "7"),
-    ("\\boxed 5 apples", "5"),
-    ("\\fbox{12}", "12"),
-    ("no answer here", None),
-    ("\\boxed{}", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so \\boxed{42}.", "42"),
+        ("\\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}"),
+        ("\\boxed{7} and a broken \\boxed{8", "7"),
+        ("\\boxed 5 apples", "5"),
+        ("\\fbox{12}", "12"),
+        ("no answer here", None),
+        ("\\boxed{}", ""),
+    ],
+)
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("42", 42), ("042", 42), ("$42$", 42), ("42.0", 42), ("\\text{42}", 42), ("1,000", 1000),
-    ("-7", -7), ("90^\\circ", 90), ("3/2", None), ("x=4", None), ("", None), (None, None),
-    ("4.5", None), ("1,00", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("42", 42),
+        ("042", 42),
+        ("$42$", 42),
+        ("42.0", 42),
+        ("\\text{42}", 42),
+        ("1,000", 1000),
+        ("-7", -7),
+        ("90^\\circ", 90),
+        ("3/2", None),
+        ("x=4", None),
+        ("", None),
+        (None, None),
+        ("4.5", None),
+        ("1,00", None),
+    ],
+)
 def test_parse_integer(text, expected):
     assert parse_integer(text) == expected
 
@@ -43,8 +60,11 @@ def test_math_answers_use_math_verify_also_off_the_main_thread():
     assert answers_match("2^{1/2}", "\\sqrt{2}")
     assert not answers_match("\\sqrt{3}", "\\sqrt{2}")
     results = []
-    t = threading.Thread(target=lambda: results.append(
-        (answers_match("\\frac{2}{4}", "\\frac{1}{2}"), answers_match("1", "\\frac{1}{2}"))))
+    t = threading.Thread(
+        target=lambda: results.append(
+            (answers_match("\\frac{2}{4}", "\\frac{1}{2}"), answers_match("1", "\\frac{1}{2}"))
+        )
+    )
     t.start()
     t.join()
     assert results == [(True, False)]

@@ -18,8 +18,10 @@ def write_jsonl(path, rows):
 def test_local_files_in_every_format_with_detected_columns(tmp_path):
     import datasets
 
-    rows = [{"ID": "1983-1", "Question": "What is 1+1?", "Answer": 2},
-            {"ID": "1983-2", "Question": "What is 2+2?", "Answer": 4}]
+    rows = [
+        {"ID": "1983-1", "Question": "What is 1+1?", "Answer": 2},
+        {"ID": "1983-2", "Question": "What is 2+2?", "Answer": 4},
+    ]
     jsonl = write_jsonl(tmp_path / "aime.jsonl", rows)
     table = datasets.Dataset.from_list(rows)
     table.to_csv(tmp_path / "aime.csv")
@@ -33,14 +35,18 @@ def test_local_files_in_every_format_with_detected_columns(tmp_path):
 
 
 def test_solution_column_contributes_its_boxed_answer(tmp_path):
-    path = write_jsonl(tmp_path / "math.jsonl", [
-        {"problem": "Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}])
+    path = write_jsonl(
+        tmp_path / "math.jsonl",
+        [{"problem": "Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}],
+    )
     assert load_problems(path)[0].answer == "\\frac{1}{2}"
 
 
 def test_row_without_usable_answer_is_named(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        {"problem": "ok", "answer": "1"}, {"problem": "broken", "answer": ""}])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"problem": "ok", "answer": "1"}, {"problem": "broken", "answer": ""}],
+    )
     with pytest.raises(ValueError, match="row 1"):
         load_problems(path)
     path = write_jsonl(tmp_path / "cols.jsonl", [{"text": "q", "label": "1"}])
@@ -50,12 +56,18 @@ def test_row_without_usable_answer_is_named(tmp_path):
         load_problems(str(tmp_path / "missing.jsonl"))
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "is empty"),
-    ("\n\n", "has no rows"),
-    ('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", "answer": 4\n', "line 2 is not JSON"),
-    ('{"problem": "1+1?", "answer": "2"}\n["2+2?", "4"]\n', "line 2 is not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        ("\n\n", "has no rows"),
+        (
+            '{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", "answer": 4\n',
+            "line 2 is not JSON",
+        ),
+        ('{"problem": "1+1?", "answer": "2"}\n["2+2?", "4"]\n', "line 2 is not a JSON object"),
+    ],
+)
 def test_broken_problem_files_are_named_with_the_line(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
     path.write_text(content)
@@ -71,15 +83,22 @@ def test_unreadable_csv_names_the_file(tmp_path):
 
 
 def test_unreachable_hub_says_so_and_names_the_offline_alternative(tmp_path):
-    code = ("import json\n"
-            "from envs.problems import load_problems, HubUnavailableError\n"
-            "try:\n    load_problems('aime', 'train')\n"
-            "except HubUnavailableError as e:\n    print('ERR', e)\n"
-            "    print(json.dumps([e.reason, e.offline_hint]))\n")
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path),
-           "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
+    code = (
+        "import json\n"
+        "from envs.problems import load_problems, HubUnavailableError\n"
+        "try:\n    load_problems('aime', 'train')\n"
+        "except HubUnavailableError as e:\n    print('ERR', e)\n"
+        "    print(json.dumps([e.reason, e.offline_hint]))\n"
+    )
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2, out.stdout + out.stderr
     line = lines[0]
@@ -98,8 +117,11 @@ def test_hub_unavailable_error_fields():
     assert (exc.reason, exc.offline_hint) == ("could not load 'x'", "Offline, pass a file.")
     assert str(exc) == "could not load 'x'. Offline, pass a file."
     again = pickle.loads(pickle.dumps(exc))  # e.g. from a worker process
-    assert (again.reason, again.offline_hint, str(again)) == (exc.reason, exc.offline_hint,
-                                                              str(exc))
+    assert (again.reason, again.offline_hint, str(again)) == (
+        exc.reason,
+        exc.offline_hint,
+        str(exc),
+    )
 
 
 def test_a_plainly_unreachable_hub_fails_at_once_without_retries(tmp_path):
@@ -107,17 +129,25 @@ def test_a_plainly_unreachable_hub_fails_at_once_without_retries(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("from envs.problems import load_problems, HubUnavailableError\n"
-            "try:\n    load_problems('aime', 'train')\n"
-            "except HubUnavailableError as e:\n    print('ERR', e)\n")
-    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path),
-           "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
+    code = (
+        "from envs.problems import load_problems, HubUnavailableError\n"
+        "try:\n    load_problems('aime', 'train')\n"
+        "except HubUnavailableError as e:\n    print('ERR', e)\n"
+    )
+    env = {
+        "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+        "HF_HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert "Retry" not in out.stderr, out.stderr
     line = out.stdout.strip()
-    assert line.startswith("ERR could not load 'gneubig/aime-1983-2024' from the Hugging Face Hub "
-                           "(the Hub cannot be reached and it is not in the local cache)"), line
+    assert line.startswith(
+        "ERR could not load 'gneubig/aime-1983-2024' from the Hugging Face Hub "
+        "(the Hub cannot be reached and it is not in the local cache)"
+    ), line
 
 
 def test_arith_is_deterministic_and_unlimited():

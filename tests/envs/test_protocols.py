@@ -2,30 +2,43 @@ import json
 
 import pytest
 
-from envs.protocols import (FinalAnswer, MarkdownProtocol, ParseFailure, QwenToolCallProtocol,
-                            ToolCall, get_protocol, truncate_middle)
+from envs.protocols import (
+    FinalAnswer,
+    MarkdownProtocol,
+    ParseFailure,
+    QwenToolCallProtocol,
+    ToolCall,
+    get_protocol,
+    truncate_middle,
+)
 
 md = MarkdownProtocol()
 qw = QwenToolCallProtocol()
 
 
-@pytest.mark.parametrize("text, code", [
-    ("Let me compute.\n```python\nprint(2**10)\n```\n", "print(2**10)"),
-    ("```python\nx = 1\nprint(x)", "x = 1\nprint(x)"),  # the stop string was removed
-    ("```python\nprint(3)\n```\n```output", "print(3)"),  # the model opened the output block
-    ("```py\na=1\n```\nand\n```python\nprint(a)\n```\n", "a=1\nprint(a)"),
-    ("I guess \\boxed{5}, let me check:\n```python\nprint(5)\n```\n", "print(5)"),
-])
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("Let me compute.\n```python\nprint(2**10)\n```\n", "print(2**10)"),
+        ("```python\nx = 1\nprint(x)", "x = 1\nprint(x)"),  # the stop string was removed
+        ("```python\nprint(3)\n```\n```output", "print(3)"),  # the model opened the output block
+        ("```py\na=1\n```\nand\n```python\nprint(a)\n```\n", "a=1\nprint(a)"),
+        ("I guess \\boxed{5}, let me check:\n```python\nprint(5)\n```\n", "print(5)"),
+    ],
+)
 def test_markdown_tool_calls(text, code):
     assert md.parse(text) == ToolCall(code)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("```python\nprint(4)\n```\n```output\n4\n```\nSo \\boxed{4}.", "4"),
-    ("The answer is \\boxed{17}.", "17"),
-    ("No idea.", None),
-    ("```text\n\\boxed{9}\n```\nhmm", None),  # a boxed inside a code block is not an answer
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("```python\nprint(4)\n```\n```output\n4\n```\nSo \\boxed{4}.", "4"),
+        ("The answer is \\boxed{17}.", "17"),
+        ("No idea.", None),
+        ("```text\n\\boxed{9}\n```\nhmm", None),  # a boxed inside a code block is not an answer
+    ],
+)
 def test_markdown_final_answers(text, answer):
     assert md.parse(text) == FinalAnswer(answer)
 
@@ -52,12 +65,15 @@ def test_qwen_tool_calls():
     assert qw.stop_sequences == ("</tool_call>",) and qw.tools[0]["function"]["name"] == "python"
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("<tool_call>{not json}</tool_call>", "not valid JSON"),
-    ('<tool_call>{"name": "shell", "arguments": {"cmd": "ls"}}</tool_call>', "Unknown tool"),
-    ('<tool_call>{"name": "python", "arguments": {}}</tool_call>', "non-empty"),
-    ('<tool_call>[1, 2]</tool_call>', "Unknown tool"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("<tool_call>{not json}</tool_call>", "not valid JSON"),
+        ('<tool_call>{"name": "shell", "arguments": {"cmd": "ls"}}</tool_call>', "Unknown tool"),
+        ('<tool_call>{"name": "python", "arguments": {}}</tool_call>', "non-empty"),
+        ("<tool_call>[1, 2]</tool_call>", "Unknown tool"),
+    ],
+)
 def test_qwen_malformed_calls_are_parse_failures(text, fragment):
     parsed = qw.parse(text)
     assert isinstance(parsed, ParseFailure) and fragment in parsed.reason

@@ -141,9 +141,11 @@ def test_every_call_draws_fresh_random_numbers(sandbox):
 def test_threads_of_the_state_are_not_alive_in_the_next_cell(sandbox):
     """A fork copies only the calling thread, and Python's view must say so."""
     with sandbox.session() as s:
-        assert s.run("import threading, time\n"
-                     "t = threading.Thread(target=time.sleep, args=(5,), daemon=True)\n"
-                     "t.start()").ok
+        assert s.run(
+            "import threading, time\n"
+            "t = threading.Thread(target=time.sleep, args=(5,), daemon=True)\n"
+            "t.start()"
+        ).ok
         r = s.run("print(threading.active_count(), t.is_alive())")
         assert r.stdout == "1 False\n", r
 
@@ -151,10 +153,11 @@ def test_threads_of_the_state_are_not_alive_in_the_next_cell(sandbox):
 def test_a_state_that_cannot_fork_is_replaced_with_a_clear_note(sandbox):
     need(sandbox, "process_cap")
     with sandbox.session() as s:  # the kept state's own limit stops it forking the next call
-        assert s.run("import resource\nkept = 1\n"
-                     "cap = resource.getrlimit(resource.RLIMIT_NPROC)[1]\n"
-                     "resource.setrlimit(resource.RLIMIT_NPROC, (1, cap))"
-                     ).ok
+        assert s.run(
+            "import resource\nkept = 1\n"
+            "cap = resource.getrlimit(resource.RLIMIT_NPROC)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NPROC, (1, cap))"
+        ).ok
         r = s.run("print(kept)")
         assert r.status == "error" and "NameError" in r.stderr, r
         assert "process limit is reached; state was reset" in r.stderr, r
@@ -215,11 +218,13 @@ def test_infinite_loop_times_out(sandbox):
 
 
 def test_loop_that_ignores_signals_still_dies(sandbox):
-    code = ("import signal\n"
-            "for s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGHUP):\n"
-            "    signal.signal(s, signal.SIG_IGN)\n"
-            "signal.alarm(1)\n"
-            "while True:\n    pass")
+    code = (
+        "import signal\n"
+        "for s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
+        "signal.alarm(1)\n"
+        "while True:\n    pass"
+    )
     t0 = time.monotonic()
     r = sandbox.run(code, timeout_s=1.5)
     assert r.status == "timeout" and time.monotonic() - t0 < 5
@@ -235,18 +240,20 @@ def test_sleep_forever_times_out(sandbox):
 # --- processes ---------------------------------------------------------------------------------------
 def test_fork_flood_stops_at_the_process_cap(sandbox):
     need(sandbox, "process_cap")
-    code = ("import os, time\n"
-            "n = 0\n"
-            "for _ in range(3000):\n"
-            "    try:\n"
-            "        pid = os.fork()\n"
-            "    except OSError:\n"
-            "        break\n"
-            "    if pid == 0:\n"
-            "        time.sleep(3)\n"
-            "        os._exit(0)\n"
-            "    n += 1\n"
-            "print(n)")
+    code = (
+        "import os, time\n"
+        "n = 0\n"
+        "for _ in range(3000):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(3)\n"
+        "        os._exit(0)\n"
+        "    n += 1\n"
+        "print(n)"
+    )
     with sandbox.session() as s:
         s.run("kept = True")
         r = s.run(code, timeout_s=20)
@@ -260,14 +267,16 @@ def test_fork_flood_stops_at_the_process_cap(sandbox):
 
 def test_thousand_threads_stop_at_the_cap(sandbox):
     need(sandbox, "process_cap")
-    code = ("import threading, time\n"
-            "started = 0\n"
-            "try:\n"
-            "    for _ in range(1000):\n"
-            "        threading.Thread(target=time.sleep, args=(3,), daemon=True).start()\n"
-            "        started += 1\n"
-            "finally:\n"
-            "    print(started)")
+    code = (
+        "import threading, time\n"
+        "started = 0\n"
+        "try:\n"
+        "    for _ in range(1000):\n"
+        "        threading.Thread(target=time.sleep, args=(3,), daemon=True).start()\n"
+        "        started += 1\n"
+        "finally:\n"
+        "    print(started)"
+    )
     r = sandbox.run(code, timeout_s=20)
     assert r.status == "error" and "can't start new thread" in r.stderr, r
     assert int(r.stdout) < sandbox.config.max_processes
@@ -278,17 +287,20 @@ def test_thousand_threads_stop_at_the_cap(sandbox):
 def test_double_forked_setsid_daemon_is_gone_when_the_call_returns(sandbox, stateful):
     need(sandbox, "daemon_cleanup")
     marker = f"0.{uuid.uuid4().int % 10**12:012d}"  # `sleep 30 0.xxx` sleeps ~30 s, a unique argv
-    code = ("import os, time\n"
-            "if os.fork() == 0:\n"
-            "    os.setsid()\n"
-            "    if os.fork() == 0:\n"
-            f"        os.execv('/bin/sleep', ['sleep', '30', '{marker}'])\n"
-            "    os._exit(0)\n"
-            "time.sleep(1.5)\n"
-            "print('parent done')")
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        os.execv('/bin/sleep', ['sleep', '30', '{marker}'])\n"
+        "    os._exit(0)\n"
+        "time.sleep(1.5)\n"
+        "print('parent done')"
+    )
     seen = []
-    watcher = threading.Thread(target=lambda: seen.append(wait_until(
-        lambda: processes_with(marker), timeout_s=1.4)))
+    watcher = threading.Thread(
+        target=lambda: seen.append(wait_until(lambda: processes_with(marker), timeout_s=1.4))
+    )
     watcher.start()
     if stateful:
         with sandbox.session() as s:
@@ -311,8 +323,11 @@ def unkilled(pids: list[int]) -> list[int]:
     for pid in pids:
         try:  # pending first: a SIGKILL taken off it sets PF_EXITING before the flags are read
             with open(f"/proc/{pid}/status") as f:
-                pending = [int(line.split()[1], 16) for line in f
-                           if line.startswith(("SigPnd:", "ShdPnd:"))]
+                pending = [
+                    int(line.split()[1], 16)
+                    for line in f
+                    if line.startswith(("SigPnd:", "ShdPnd:"))
+                ]
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError, ValueError):
@@ -325,32 +340,40 @@ def unkilled(pids: list[int]) -> list[int]:
 
 SPAWN = {  # code leaving a `sleep 30 <marker>` behind, by three routes out of the cell's tree
     "child": "import os\nif os.fork() == 0:\n    os.execv('/bin/sleep', ['sleep', '30', M])\n",
-    "orphan": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-               "        os.execv('/bin/sleep', ['sleep', '30', M])\n    os._exit(0)\n"
-               "time.sleep(0.3)\n"),
-    "state_child": ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                    "pid = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT)\n"
-                    "if pid == 0:\n    os.execv('/bin/sleep', ['sleep', '30', M])\n"
-                    "assert pid > 0, ctypes.get_errno()\n"),
+    "orphan": (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        "        os.execv('/bin/sleep', ['sleep', '30', M])\n    os._exit(0)\n"
+        "time.sleep(0.3)\n"
+    ),
+    "state_child": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "pid = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT)\n"
+        "if pid == 0:\n    os.execv('/bin/sleep', ['sleep', '30', M])\n"
+        "assert pid > 0, ctypes.get_errno()\n"
+    ),
 }
 
 
 @pytest.mark.parametrize("route", sorted(SPAWN))
 @pytest.mark.parametrize("stateful", [False, True])
-def test_processes_of_a_discarded_cell_are_killed_before_the_call_returns(sandbox, route,
-                                                                           stateful):
+def test_processes_of_a_discarded_cell_are_killed_before_the_call_returns(sandbox, route, stateful):
     """A discarded cell's rollback may wait until after the reply only when the kernel's lists of
     children show that nothing of the code is left; each route out of the cell's tree must defeat
     that shortcut."""
     need(sandbox, "daemon_cleanup")
     marker = f"0.{uuid.uuid4().int % 10**12:012d}"
-    code = (f"M = {marker!r}\n" + SPAWN[route] + "import time\ntime.sleep(0.5)\n"
-            + ("raise RuntimeError('discard this cell')\n" if stateful else "print('done')\n"))
+    code = (
+        f"M = {marker!r}\n"
+        + SPAWN[route]
+        + "import time\ntime.sleep(0.5)\n"
+        + ("raise RuntimeError('discard this cell')\n" if stateful else "print('done')\n")
+    )
     with sandbox.session() as s:
         s.run("kept = 1")
         pids: list[int] = []
-        watch = threading.Thread(target=lambda: wait_until(
-            lambda: pids.extend(processes_with(marker)) or pids, 0.45))
+        watch = threading.Thread(
+            target=lambda: wait_until(lambda: pids.extend(processes_with(marker)) or pids, 0.45)
+        )
         watch.start()
         r = s.run(code) if stateful else sandbox.run(code)
         left = unkilled(pids)  # at once: a kill sent after the reply would still be on its way
@@ -375,8 +398,10 @@ def test_kill_of_parent_and_process_group_does_not_hurt_the_sandbox(sandbox):
         r = s.run("import os, signal\nos.killpg(os.getpgrp(), signal.SIGKILL)")
         assert r.status == "crashed" and r.exit_code == -9
         assert s.run("print(x)").stdout == "kept\n"
-        r = s.run("import os, signal\ntry:\n    os.kill(1, signal.SIGKILL)\nexcept OSError as e:\n"
-                  "    print(type(e).__name__)\nprint('alive')")
+        r = s.run(
+            "import os, signal\ntry:\n    os.kill(1, signal.SIGKILL)\nexcept OSError as e:\n"
+            "    print(type(e).__name__)\nprint('alive')"
+        )
         assert "alive" in r.stdout
         assert s.run("print(x)").stdout == "kept\n"
     still_serves(sandbox)
@@ -384,8 +409,10 @@ def test_kill_of_parent_and_process_group_does_not_hurt_the_sandbox(sandbox):
 
 def test_deep_recursion_segfault_is_a_crash(sandbox):
     # Python 3.11 calls between Python functions use no C stack; repr of a deep list does.
-    code = ("import sys\nsys.setrecursionlimit(10**8)\nx = []\n"
-            "for _ in range(10**6):\n    x = [x]\nrepr(x)")
+    code = (
+        "import sys\nsys.setrecursionlimit(10**8)\nx = []\n"
+        "for _ in range(10**6):\n    x = [x]\nrepr(x)"
+    )
     r = sandbox.run(code, timeout_s=20)
     if "RecursionError" in r.stderr:  # newer Pythons guard the C stack themselves
         assert r.status == "error"
@@ -414,15 +441,19 @@ def test_memory_bomb_is_reported_and_numpy_still_works(sandbox):
     assert r.status == "memory" and "MemoryError" in r.stderr
     r = sandbox.run("chunks = []\nwhile True:\n    chunks.append(bytearray(64 * 1024**2))")
     assert r.status == "memory"
-    r = sandbox.run("import numpy as np\na = np.random.default_rng(0).random((500, 500))\n"
-                    "print(round(float(np.linalg.det(a @ np.linalg.inv(a))), 6))")
+    r = sandbox.run(
+        "import numpy as np\na = np.random.default_rng(0).random((500, 500))\n"
+        "print(round(float(np.linalg.det(a @ np.linalg.inv(a))), 6))"
+    )
     assert (r.status, r.stdout) == ("ok", "1.0\n"), r
 
 
 # --- output ------------------------------------------------------------------------------------------
 def test_gigabyte_of_printing_is_capped_head_and_tail(sandbox):
-    code = ("import sys\nsys.stdout.write('HEAD')\nchunk = 'x' * (1 << 20)\n"
-            "for _ in range(1024):\n    sys.stdout.write(chunk)\nprint('TAIL')")
+    code = (
+        "import sys\nsys.stdout.write('HEAD')\nchunk = 'x' * (1 << 20)\n"
+        "for _ in range(1024):\n    sys.stdout.write(chunk)\nprint('TAIL')"
+    )
     r = sandbox.run(code, timeout_s=60)
     assert r.status == "ok" and r.truncated
     cap = sandbox.config.max_output_bytes
@@ -440,11 +471,13 @@ def test_invalid_utf8_output_is_replaced(sandbox):
 
 def test_output_that_imitates_the_result_framing_is_just_output(sandbox):
     fake = '{"status":"ok","wall_s":0,"truncated":false,"exit_code":null,"stdout_len":0}'
-    code = ("import struct, sys\n"
-            f"h = {fake!r}.encode()\n"
-            "sys.stdout.buffer.write(struct.pack('!II', len(h), 0) + h)\n"
-            "sys.stderr.write(h.decode())\n"
-            "raise KeyError('real failure')")
+    code = (
+        "import struct, sys\n"
+        f"h = {fake!r}.encode()\n"
+        "sys.stdout.buffer.write(struct.pack('!II', len(h), 0) + h)\n"
+        "sys.stderr.write(h.decode())\n"
+        "raise KeyError('real failure')"
+    )
     r = sandbox.run(code)
     assert r.status == "error" and "KeyError" in r.stderr
     assert fake in r.stdout and fake in r.stderr
@@ -457,11 +490,13 @@ def test_writes_outside_the_scratch_dir_fail(sandbox, tmp_path):
     target.mkdir()
     target.chmod(0o777)  # even a world-writable directory of the caller is out of reach
     host_tmp = f"/tmp/toolgrpo-escape-{uuid.uuid4().hex}"
-    code = ("import os\nresults = []\n"
-            f"for path in ({str(target / 'pwned')!r}, '/pwned', '/etc/pwned', {host_tmp!r}):\n"
-            "    try:\n        open(path, 'w').write('x')\n        results.append('wrote')\n"
-            "    except OSError as e:\n        results.append(type(e).__name__)\n"
-            "open('inside.txt', 'w').write('fine')\nprint(results, os.getcwd())")
+    code = (
+        "import os\nresults = []\n"
+        f"for path in ({str(target / 'pwned')!r}, '/pwned', '/etc/pwned', {host_tmp!r}):\n"
+        "    try:\n        open(path, 'w').write('x')\n        results.append('wrote')\n"
+        "    except OSError as e:\n        results.append(type(e).__name__)\n"
+        "open('inside.txt', 'w').write('fine')\nprint(results, os.getcwd())"
+    )
     r = sandbox.run(code)
     assert r.status == "ok", r
     assert not (target / "pwned").exists() and not os.path.exists("/pwned")
@@ -471,10 +506,12 @@ def test_writes_outside_the_scratch_dir_fail(sandbox, tmp_path):
 
 
 def test_file_far_past_the_size_cap_fails(sandbox):
-    code = ("block = b'0' * (1 << 20)\nwritten = 0\ntry:\n"
-            "    with open('big.bin', 'wb') as f:\n"
-            "        for _ in range(2048):\n            f.write(block)\n            written += 1\n"
-            "finally:\n    print(written)")
+    code = (
+        "block = b'0' * (1 << 20)\nwritten = 0\ntry:\n"
+        "    with open('big.bin', 'wb') as f:\n"
+        "        for _ in range(2048):\n            f.write(block)\n            written += 1\n"
+        "finally:\n    print(written)"
+    )
     r = sandbox.run(code, timeout_s=30)
     assert r.status == "error" and "File too large" in r.stderr, r
     assert int(r.stdout) <= sandbox.config.max_file_mb
@@ -488,16 +525,18 @@ def test_environment_holds_no_secret_of_the_caller(monkeypatch):
     with PythonSandbox(FAST, pool_size=0) as sb:
         r = sb.run("import os\nprint(dict(os.environ))")
         assert r.status == "ok" and secret not in r.stdout and "HF_TOKEN" not in r.stdout
-        code = (f"import os\nleaks = []\nfor pid in (1, {os.getpid()}, {os.getppid()}):\n"
-                "    try:\n        leaks.append(open(f'/proc/{pid}/environ', 'rb').read())\n"
-                "    except OSError as e:\n        leaks.append(type(e).__name__)\nprint(leaks)")
+        code = (
+            f"import os\nleaks = []\nfor pid in (1, {os.getpid()}, {os.getppid()}):\n"
+            "    try:\n        leaks.append(open(f'/proc/{pid}/environ', 'rb').read())\n"
+            "    except OSError as e:\n        leaks.append(type(e).__name__)\nprint(leaks)"
+        )
         r = sb.run(code)
         assert r.status == "ok" and secret not in r.stdout, r.stdout
 
 
 def test_no_file_descriptor_is_inherited(sandbox):
     r = sandbox.run("import os\nprint(sorted(int(f) for f in os.listdir('/proc/self/fd')))")
-    fds = eval(r.stdout)  # noqa: S307 - our own output
+    fds = eval(r.stdout)
     # stdin/out/err, the result channel, and the listing's own directory handle
     assert fds[:3] == [0, 1, 2] and len(fds) <= 5, fds
 
@@ -505,8 +544,10 @@ def test_no_file_descriptor_is_inherited(sandbox):
 def test_the_code_owns_its_proc_files_in_every_cell(sandbox):
     """The change to the session's uid makes a process undumpable (its /proc/self root's); the
     cell makes itself dumpable again, and the cells forked from a kept state inherit that."""
-    probe = ("import os\nst = os.stat('/proc/self/status')\n"
-             "print(st.st_uid == os.getuid(), len(os.listdir('/proc/self/fd')) >= 3)")
+    probe = (
+        "import os\nst = os.stat('/proc/self/status')\n"
+        "print(st.st_uid == os.getuid(), len(os.listdir('/proc/self/fd')) >= 3)"
+    )
     assert sandbox.run(probe).stdout == "True True\n"
     with sandbox.session() as s:
         for _ in range(3):
@@ -515,8 +556,10 @@ def test_the_code_owns_its_proc_files_in_every_cell(sandbox):
 
 def test_runs_unprivileged_without_new_privileges(sandbox):
     need(sandbox, "separate_uid")
-    r = sandbox.run("import os\nprint(os.getuid(), os.geteuid(), "
-                    "open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])")
+    r = sandbox.run(
+        "import os\nprint(os.getuid(), os.geteuid(), "
+        "open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])"
+    )
     uid, euid, nnp = r.stdout.split()
     assert int(uid) != 0 and int(euid) != 0 and nnp == "1"
 
@@ -528,8 +571,10 @@ def test_no_network_even_to_a_local_listener(sandbox):
     listener.listen(1)
     listener.settimeout(0.5)
     port = listener.getsockname()[1]
-    code = ("import socket\ns = socket.socket()\ns.settimeout(2)\n"
-            f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'exfiltrated')")
+    code = (
+        "import socket\ns = socket.socket()\ns.settimeout(2)\n"
+        f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'exfiltrated')"
+    )
     r = sandbox.run(code)
     assert r.status == "error" and ("unreachable" in r.stderr or "refused" in r.stderr), r
     with pytest.raises(socket.timeout):
@@ -549,13 +594,17 @@ def test_state_does_not_leak_between_sessions(sandbox):
 
 
 def test_stateless_calls_share_nothing(sandbox):
-    leave = ("import os, numpy\nmarker = 1\nnumpy.pi = 3\nopen('left.txt', 'w').write('x')\n"
-             "os.mkdir('d')\nopen('/dev/shm/left', 'w').write('x')\n"
-             "os.symlink('/etc/passwd', 'link')\nos.chmod('.', 0o500)")
+    leave = (
+        "import os, numpy\nmarker = 1\nnumpy.pi = 3\nopen('left.txt', 'w').write('x')\n"
+        "os.mkdir('d')\nopen('/dev/shm/left', 'w').write('x')\n"
+        "os.symlink('/etc/passwd', 'link')\nos.chmod('.', 0o500)"
+    )
     for _ in range(3):  # stateless calls reuse idle sessions: whichever one runs next
         assert sandbox.run(leave).status == "ok"
-        r = sandbox.run("import os, numpy\nprint(sorted(os.listdir('.')), "
-                        "os.path.exists('/dev/shm/left'), 'marker' in globals(), numpy.pi > 3.1)")
+        r = sandbox.run(
+            "import os, numpy\nprint(sorted(os.listdir('.')), "
+            "os.path.exists('/dev/shm/left'), 'marker' in globals(), numpy.pi > 3.1)"
+        )
         assert r.stdout == "[] False False True\n", r
 
 
@@ -592,7 +641,7 @@ def test_close_leaves_no_process_behind():
     tree = {sb._proc.pid} | descendants(sb._proc.pid)  # the server, its pool and the session
     assert len(tree) >= 4
     sb.close()
-    alive = lambda: {p for p in tree if os.path.exists(f"/proc/{p}")}  # noqa: E731
+    alive = lambda: {p for p in tree if os.path.exists(f"/proc/{p}")}
     assert wait_until(lambda: not alive(), 5.0), alive()
     with pytest.raises(Exception):
         s.run("print(x)")
@@ -635,9 +684,10 @@ def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     from envs.sandbox.processes import children, dead, pid_of_pidfd
 
     def listed(pid: int, expected=frozenset()) -> set[int]:  # None while a thread of pytest's
-        found: list[set[int]] = []                           # own ends mid-read: read again
-        assert wait_until(lambda: found.append(children(pid, expected)) or
-                          found[-1] is not None, 2.0)
+        found: list[set[int]] = []  # own ends mid-read: read again
+        assert wait_until(
+            lambda: found.append(children(pid, expected)) or found[-1] is not None, 2.0
+        )
         return found[-1]
 
     me = int(os.readlink("/proc/self"))
@@ -676,16 +726,30 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
     from envs.sandbox.client import SERVER_BOOTSTRAP
 
     assert SERVER_BOOTSTRAP.endswith("\nmain()\n")
-    probe = (SERVER_BOOTSTRAP[:-len("main()\n")]
-             + "import json\nprint(json.dumps(sorted(sys.modules)))\n")
-    out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True,
-                         cwd="/", timeout=60)
+    probe = (
+        SERVER_BOOTSTRAP[: -len("main()\n")]
+        + "import json\nprint(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", probe], capture_output=True, text=True, cwd="/", timeout=60
+    )
     assert out.returncode == 0, out.stderr
     modules = set(json.loads(out.stdout))
     assert {m for m in modules if m.split(".")[0] == "sandbox"} == {
-        "sandbox", "sandbox.framing", "sandbox.protocol", "sandbox.linux", "sandbox.processes",
-        "sandbox.cgroups", "sandbox.cell", "sandbox.state", "sandbox.checks", "sandbox.jail",
-        "sandbox.output", "sandbox.supervisor", "sandbox.server"}
+        "sandbox",
+        "sandbox.framing",
+        "sandbox.protocol",
+        "sandbox.linux",
+        "sandbox.processes",
+        "sandbox.cgroups",
+        "sandbox.cell",
+        "sandbox.state",
+        "sandbox.checks",
+        "sandbox.jail",
+        "sandbox.output",
+        "sandbox.supervisor",
+        "sandbox.server",
+    }
     assert not {m.split(".")[0] for m in modules} & {"envs", "gymnasium", "numpy", "sympy"}
 
 
@@ -693,6 +757,7 @@ def test_kill_of_every_process_refuses_as_root_outside_a_sandbox_pid_namespace(m
     """kill(-1) by root outside a pid namespace of the sandbox would reach every process of the
     machine: `kill_all_but_self` refuses (os.kill is replaced here, so nothing is sent)."""
     from envs.sandbox import processes
+
     if processes.in_nested_pid_namespace():
         pytest.skip("this test process is itself in a nested pid namespace")
     sent = []

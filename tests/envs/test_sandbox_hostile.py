@@ -84,10 +84,12 @@ else:
 print(sorted(denied))
 """)
     assert r.stdout == "['affinity', 'ptrace', 'relimit', 'renice', 'signal']\n", r
-    r = sandbox.run("import os, resource\n"
-                    "print(os.getpriority(os.PRIO_PROCESS, 0), "
-                    "resource.getrlimit(resource.RLIMIT_NOFILE)[1], "
-                    "len(os.sched_getaffinity(0)) == os.cpu_count())")
+    r = sandbox.run(
+        "import os, resource\n"
+        "print(os.getpriority(os.PRIO_PROCESS, 0), "
+        "resource.getrlimit(resource.RLIMIT_NOFILE)[1], "
+        "len(os.sched_getaffinity(0)) == os.cpu_count())"
+    )
     assert r.stdout == f"0 {HOSTILE.max_open_files} True\n", r
 
 
@@ -149,9 +151,11 @@ def test_a_discarded_cell_of_a_session_leaves_its_state_as_it_found_it(sandbox):
     the cell ran; a state whose limits changed (hard ones go up only with CAP_SYS_RESOURCE) is
     replaced, with a note (in the next call's result, since that rollback runs after the
     reply). Either way the next cell starts as the failed one did."""
-    probe = ("import os, resource\n"
-             "print(os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), "
-             "os.sched_getscheduler(0), resource.getrlimit(resource.RLIMIT_NOFILE), marker)")
+    probe = (
+        "import os, resource\n"
+        "print(os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), "
+        "os.sched_getscheduler(0), resource.getrlimit(resource.RLIMIT_NOFILE), marker)"
+    )
     reschedule = """
 import os
 state = os.getppid()
@@ -186,12 +190,16 @@ def test_sessions_have_their_own_ipc_namespace(sandbox):
     need(sandbox, "session_ipc")
     key = random_key()
     name = f"/tg{uuid.uuid4().hex[:8]}"
-    make = (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-            f"print(libc.shmget({key}, 4096, 0o1666) >= 0, libc.msgget({key}, 0o1666) >= 0,"
-            f" libc.mq_open({name!r}.encode(), os.O_CREAT | os.O_RDWR, 0o666, None) >= 0)")
-    look = (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-            f"print(libc.shmget({key}, 0, 0), libc.msgget({key}, 0),"
-            f" libc.mq_open({name!r}.encode(), os.O_RDONLY) < 0 and ctypes.get_errno())")
+    make = (
+        f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        f"print(libc.shmget({key}, 4096, 0o1666) >= 0, libc.msgget({key}, 0o1666) >= 0,"
+        f" libc.mq_open({name!r}.encode(), os.O_CREAT | os.O_RDWR, 0o666, None) >= 0)"
+    )
+    look = (
+        f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        f"print(libc.shmget({key}, 0, 0), libc.msgget({key}, 0),"
+        f" libc.mq_open({name!r}.encode(), os.O_RDONLY) < 0 and ctypes.get_errno())"
+    )
     with sandbox.session() as a, sandbox.session() as b:
         assert a.run(make).stdout == "True True True\n"
         assert a.run(look).stdout.split()[2] == "False"  # the queue is there for its session...
@@ -206,10 +214,14 @@ def test_sessions_do_not_share_a_network_namespace(sandbox):
     need(sandbox, "session_network")
     address = f"\0toolgrpo-test-{uuid.uuid4().hex}"
     with sandbox.session() as a, sandbox.session() as b:
-        assert a.run(f"import socket\nlistener = socket.socket(socket.AF_UNIX)\n"
-                     f"listener.bind({address!r})\nlistener.listen()").ok
-        r = b.run(f"import socket\ntry:\n    socket.socket(socket.AF_UNIX).connect({address!r})\n"
-                  f"    print('connected')\nexcept OSError as exc:\n    print(exc.errno)")
+        assert a.run(
+            f"import socket\nlistener = socket.socket(socket.AF_UNIX)\n"
+            f"listener.bind({address!r})\nlistener.listen()"
+        ).ok
+        r = b.run(
+            f"import socket\ntry:\n    socket.socket(socket.AF_UNIX).connect({address!r})\n"
+            f"    print('connected')\nexcept OSError as exc:\n    print(exc.errno)"
+        )
         assert r.stdout == f"{errno.ECONNREFUSED}\n", r
         with socket.socket(socket.AF_UNIX) as s, pytest.raises(ConnectionRefusedError):
             s.connect(address)
@@ -229,8 +241,10 @@ def test_each_session_has_its_own_scratch_quota(sandbox):
     """One session filling its scratch filesystem leaves another's intact (8 MiB each here)."""
     need(sandbox, "scratch_quota")
     with sandbox.session() as a, sandbox.session() as b:
-        r = a.run("try:\n    open('fill', 'wb').write(bytes(12 << 20))\n"
-                  "except OSError as exc:\n    print(exc.errno)")
+        r = a.run(
+            "try:\n    open('fill', 'wb').write(bytes(12 << 20))\n"
+            "except OSError as exc:\n    print(exc.errno)"
+        )
         assert r.stdout == f"{errno.ENOSPC}\n", r
         r = b.run("open('small', 'wb').write(bytes(1 << 20))\nprint('written')")
         assert r.stdout == "written\n", r
@@ -260,15 +274,19 @@ def test_a_result_frame_cannot_stretch_a_call_past_its_timeout(sandbox, frame):
     """The cell's report is read under the call's deadline: one written a byte every 0.2 s, or
     one announcing a long header, ends the call at its timeout."""
     if frame == "dribbled":
-        attack = ("head = b'{\"op\":\"done\",\"status\":\"ok\",\"promoted\":false}'\n"
-                  "for byte in framing.PREFIX.pack(len(head), 0) + head:\n"
-                  "    chan.send(bytes([byte]))\n"
-                  "    time.sleep(0.2)\n")
+        attack = (
+            'head = b\'{"op":"done","status":"ok","promoted":false}\'\n'
+            "for byte in framing.PREFIX.pack(len(head), 0) + head:\n"
+            "    chan.send(bytes([byte]))\n"
+            "    time.sleep(0.2)\n"
+        )
     else:
-        attack = ("chan.send(framing.PREFIX.pack(60000, 0))\n"
-                  "for _ in range(30):\n"
-                  "    chan.send(b' ' * 100)\n"
-                  "    time.sleep(0.2)\n")
+        attack = (
+            "chan.send(framing.PREFIX.pack(60000, 0))\n"
+            "for _ in range(30):\n"
+            "    chan.send(b' ' * 100)\n"
+            "    time.sleep(0.2)\n"
+        )
     t0 = time.monotonic()
     r = sandbox.run(FIND_CHANNEL + attack, timeout_s=1.0)
     assert r.status == "timeout", r
@@ -280,7 +298,9 @@ def test_a_forged_promotion_does_not_keep_a_running_process(sandbox):
     """A cell that says it is the new state while a child of its code keeps running is not kept:
     the call is not ok, and the child is gone when it returns."""
     with sandbox.session() as s:
-        r = s.run(FIND_CHANNEL + """
+        r = s.run(
+            FIND_CHANNEL
+            + """
 import os
 pid = os.fork()
 if pid == 0:  # beats for 3 s at most
@@ -291,7 +311,8 @@ if pid == 0:  # beats for 3 s at most
 time.sleep(0.1)
 protocol.send(chan, protocol.CellDone("ok", promoted=True))
 time.sleep(0.5)
-""")
+"""
+        )
         assert r.status == "crashed" and "could not be kept" in r.stderr, r
         size = s.run("import os\nprint(os.path.getsize('beat'))").stdout
         time.sleep(0.2)
@@ -326,9 +347,11 @@ def test_a_state_that_does_not_roll_back_is_replaced(sandbox):
     supervisor checks, finds the discarded cell's child alive and ends the session's processes
     before the call returns."""
     with sandbox.session() as s:
-        assert s.run("import sys\nstate = sys.modules['sandbox.state']\n"
-                     "state.kill_all_but_self = lambda **kw: None\n"
-                     "state.alive = lambda pid: False").ok
+        assert s.run(
+            "import sys\nstate = sys.modules['sandbox.state']\n"
+            "state.kill_all_but_self = lambda **kw: None\n"
+            "state.alive = lambda pid: False"
+        ).ok
         r = s.run("""
 import os, time
 if os.fork() == 0:  # beats for 3 s at most
@@ -366,8 +389,10 @@ def test_memfd_pages_count_against_the_memory_limit(sandbox):
     """memfd pages are in no address space (RLIMIT_AS does not see them); the session's memory
     cgroup does: 6 x 64 MiB with memory_mb=256 ends in "memory"."""
     need(sandbox, "memory_cgroup")
-    r = sandbox.run("import os\nfds = []\nfor _ in range(6):\n"
-                    "    fds.append(os.memfd_create('hoard'))\n"
-                    "    os.write(fds[-1], bytes(64 << 20))\nprint('held', len(fds))")
+    r = sandbox.run(
+        "import os\nfds = []\nfor _ in range(6):\n"
+        "    fds.append(os.memfd_create('hoard'))\n"
+        "    os.write(fds[-1], bytes(64 << 20))\nprint('held', len(fds))"
+    )
     assert r.status == "memory" and "held" not in r.stdout, r
     still_serves(sandbox)

@@ -21,8 +21,9 @@ from envs.sandbox import framing
 from envs.sandbox import protocol as p
 
 SAMPLES = [  # one of each kind, with the descriptors it carries
-    p.ServerReady(pid=12, protections={"private_tmp": True, "hidden_home": False},
-                  separate_uid=True),
+    p.ServerReady(
+        pid=12, protections={"private_tmp": True, "hidden_home": False}, separate_uid=True
+    ),
     p.Open(),
     p.Attach(),
     p.Run(timeout_s=2.5, keep=False),
@@ -55,17 +56,26 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
-def send_raw(sock: socket.socket, head: bytes, payload: bytes = b"", head_len=None,
-             payload_len=None) -> None:
+def send_raw(
+    sock: socket.socket, head: bytes, payload: bytes = b"", head_len=None, payload_len=None
+) -> None:
     """A frame as bytes, with lengths that may lie."""
-    sock.sendall(framing.PREFIX.pack(len(head) if head_len is None else head_len,
-                               len(payload) if payload_len is None else payload_len)
-                 + head + payload)
+    sock.sendall(
+        framing.PREFIX.pack(
+            len(head) if head_len is None else head_len,
+            len(payload) if payload_len is None else payload_len,
+        )
+        + head
+        + payload
+    )
 
 
 def test_every_kind_of_message_has_a_sample():
-    kinds = {obj for obj in vars(p).values()
-             if isinstance(obj, type) and issubclass(obj, p.Message) and obj is not p.Message}
+    kinds = {
+        obj
+        for obj in vars(p).values()
+        if isinstance(obj, type) and issubclass(obj, p.Message) and obj is not p.Message
+    }
     assert kinds == {type(m) for m in SAMPLES}
 
 
@@ -128,13 +138,22 @@ def test_a_message_of_another_kind_is_rejected_and_its_descriptors_closed(pair):
     assert p.recv(b, p.Promote)[0] == p.Promote()
 
 
-@pytest.mark.parametrize("header", [
-    {"op": "run"},  # a field missing
-    {"op": "run", "timeout_s": "soon"},  # not a number
-    {"op": "result", "status": "ok", "wall_s": 0, "truncated": False, "stdout_len": None,
-     "cell": 1},
-    {"op": "ready", "pid": 1, "protections": 3},
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"op": "run"},  # a field missing
+        {"op": "run", "timeout_s": "soon"},  # not a number
+        {
+            "op": "result",
+            "status": "ok",
+            "wall_s": 0,
+            "truncated": False,
+            "stdout_len": None,
+            "cell": 1,
+        },
+        {"op": "ready", "pid": 1, "protections": 3},
+    ],
+)
 def test_malformed_fields_are_a_bad_message(pair, header):
     a, b = pair
     framing.send_msg(a, header)
@@ -146,8 +165,9 @@ def test_fields_are_read_as_the_peer_code_has_always_read_them():
     assert p.decode({"op": "run", "timeout_s": 3}, [p.Run]) == p.Run(3.0, True)  # keep defaults on
     assert p.decode({"op": "ready", "proc_pid": "7"}, [p.CellReady]) == p.CellReady(None)
     # a cell's report comes from the process that ran the code: an unknown status is a crash
-    assert p.decode({"op": "done", "status": "fine", "promoted": 1}, [p.CellDone]) == \
-        p.CellDone("crashed", False)
+    assert p.decode({"op": "done", "status": "fine", "promoted": 1}, [p.CellDone]) == p.CellDone(
+        "crashed", False
+    )
     assert p.decode({"op": "done", "status": "ok", "promoted": True}, [p.CellDone]).promoted
 
 
@@ -179,8 +199,9 @@ def test_a_payload_over_the_kind_s_limit_is_rejected(pair):
             framing.recv_msg(d, max_payload=4)
 
 
-@pytest.mark.parametrize("message, sent", [(p.Fork(), 2), (p.CellReady(1), 4), (p.Open(), 3)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "message, sent", [(p.Fork(), 2), (p.CellReady(1), 4), (p.Open(), 3)], ids=lambda x: str(x)
+)
 def test_more_descriptors_than_the_kind_carries_are_rejected(pair, message, sent):
     a, b = pair
     r, w = os.pipe()
@@ -228,14 +249,20 @@ def test_recv_msg_default_bounds(pair):
 
 
 # -- broken frames and deadlines -------------------------------------------------------------------
-@pytest.mark.parametrize("cut", ["nothing", "half_prefix", "prefix_only", "half_header",
-                                 "half_payload"])
+@pytest.mark.parametrize(
+    "cut", ["nothing", "half_prefix", "prefix_only", "half_header", "half_payload"]
+)
 def test_a_frame_cut_short_is_a_protocol_error(pair, cut):
     a, b = pair
     head, payload = b'{"op":"run","timeout_s":1,"keep":true}', b"print(1)"
     frame = framing.PREFIX.pack(len(head), len(payload)) + head + payload
-    keep = {"nothing": 0, "half_prefix": 4, "prefix_only": 8, "half_header": 8 + len(head) // 2,
-            "half_payload": 8 + len(head) + 4}[cut]
+    keep = {
+        "nothing": 0,
+        "half_prefix": 4,
+        "prefix_only": 8,
+        "half_header": 8 + len(head) // 2,
+        "half_payload": 8 + len(head) + 4,
+    }[cut]
     a.sendall(frame[:keep])
     a.shutdown(socket.SHUT_WR)
     with pytest.raises(p.ProtocolError, match="closed the connection"):

@@ -1,8 +1,6 @@
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -22,8 +20,10 @@ def code(src: str) -> str:
 @pytest.fixture
 def aime_file(tmp_path):
     path = tmp_path / "aime.jsonl"
-    rows = [{"problem": "What is 6 times 7?", "answer": "42"},
-            {"problem": "What is 2 to the 10th, mod 1000?", "answer": "24"}]
+    rows = [
+        {"problem": "What is 6 times 7?", "answer": "42"},
+        {"problem": "What is 2 to the 10th, mod 1000?", "answer": "24"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -46,20 +46,29 @@ OUTSIDE = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTU
 
 
 @pytest.mark.slow
-def test_an_installed_package_registers_its_ids_in_any_program(tmp_path, aime_file,
-                                                               installed_python):
+def test_an_installed_package_registers_its_ids_in_any_program(
+    tmp_path, aime_file, installed_python
+):
     """A fresh venv with the built wheel: plain gym.make("ToolMath-...") from outside the repo."""
     python = installed_python
     venv = os.path.dirname(os.path.dirname(python))
-    script = ("import sys\n"
-              "print('gymnasium' in sys.modules)\n"  # the start-up hook imports nothing
-              "import gymnasium as gym\n"
-              f"env = gym.make('ToolMath-AIME-v0', problems={aime_file!r})\n"
-              "obs, info = env.reset(seed=0)\nprint(info['problem_id'])\n"
-              "env = gym.make('ToolMath-Arith-v0')\nobs, info = env.reset(seed=0)\n"
-              "print(type(env.unwrapped).__module__, sys.modules['envs'].__file__)")
-    out = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path, env=OUTSIDE)
+    script = (
+        "import sys\n"
+        "print('gymnasium' in sys.modules)\n"  # the start-up hook imports nothing
+        "import gymnasium as gym\n"
+        f"env = gym.make('ToolMath-AIME-v0', problems={aime_file!r})\n"
+        "obs, info = env.reset(seed=0)\nprint(info['problem_id'])\n"
+        "env = gym.make('ToolMath-Arith-v0')\nobs, info = env.reset(seed=0)\n"
+        "print(type(env.unwrapped).__module__, sys.modules['envs'].__file__)"
+    )
+    out = subprocess.run(
+        [python, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=OUTSIDE,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "False"
@@ -144,7 +153,11 @@ def test_qwen_protocol_messages_are_chat_form_tool_calls(aime_file):
     assistant, tool = info["messages"][-2:]
     assert assistant["content"] == "Compute."  # the template puts the newline back
     assert assistant["tool_calls"][0]["function"]["arguments"] == {"code": "print(6 * 7)"}
-    assert tool == {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"], "content": "42"}
+    assert tool == {
+        "role": "tool",
+        "tool_call_id": assistant["tool_calls"][0]["id"],
+        "content": "42",
+    }
     obs, *_ = env.step("<tool_call>{broken</tool_call>")
     assert "not valid JSON" in obs
     _, reward, term, _, info = env.step("\\boxed{42}")

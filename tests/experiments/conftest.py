@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "experiments"))
-from make_tiny import make_model, make_problems  # noqa: E402
+from make_tiny import make_model, make_problems
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def run_json(name: str, *args: str, timeout: int) -> tuple[dict, float]:
     """The script's JSON report and the run's wall time in seconds."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args, "--json"],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / name), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     wall_s = time.perf_counter() - t0
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout), wall_s
@@ -31,21 +36,51 @@ def memory_mb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
 
 
-SANDBOX_LATENCIES = ("trivial", "sympy", "session_cell", "trivial_back_to_back",
-                     "session_cell_back_to_back", "subprocess_trivial", "subprocess_sympy")
+SANDBOX_LATENCIES = (
+    "trivial",
+    "sympy",
+    "session_cell",
+    "trivial_back_to_back",
+    "session_cell_back_to_back",
+    "subprocess_trivial",
+    "subprocess_sympy",
+)
 SANDBOX_KEYS = {f"{name}_{p}_ms" for name in SANDBOX_LATENCIES for p in ("p50", "p99")} | {
-    "pace_ms", "trivial_speedup_vs_subprocess", "sympy_speedup_vs_subprocess", "executions_per_s",
-    "executions_per_s_runs", "concurrent_sessions", "cpu_count", "all_protections_on",
-    "protections", "floor_back_to_back_p50_ms", "floor_paced_p50_ms", "back_to_back_vs_floor",
-    "paced_vs_floor", "back_to_back_vs_floor_rounds", "paced_vs_floor_rounds",
-    "floor_executions_per_s", "floor_executions_per_s_runs", "throughput_vs_floor"}
+    "pace_ms",
+    "trivial_speedup_vs_subprocess",
+    "sympy_speedup_vs_subprocess",
+    "executions_per_s",
+    "executions_per_s_runs",
+    "concurrent_sessions",
+    "cpu_count",
+    "all_protections_on",
+    "protections",
+    "floor_back_to_back_p50_ms",
+    "floor_paced_p50_ms",
+    "back_to_back_vs_floor",
+    "paced_vs_floor",
+    "back_to_back_vs_floor_rounds",
+    "paced_vs_floor_rounds",
+    "floor_executions_per_s",
+    "floor_executions_per_s_runs",
+    "throughput_vs_floor",
+}
 
 
 def test_bench_sandbox_json():
     calls, baseline_calls, sessions, calls_per_session = 10, 2, 2, 3
-    report, wall_s = run_json("bench_sandbox.py", "--calls", str(calls), "--baseline-calls",
-                              str(baseline_calls), "--sessions", str(sessions),
-                              "--calls-per-session", str(calls_per_session), timeout=300)
+    report, wall_s = run_json(
+        "bench_sandbox.py",
+        "--calls",
+        str(calls),
+        "--baseline-calls",
+        str(baseline_calls),
+        "--sessions",
+        str(sessions),
+        "--calls-per-session",
+        str(calls_per_session),
+        timeout=300,
+    )
     assert set(report) == SANDBOX_KEYS, set(report) ^ SANDBOX_KEYS
     wall_ms = wall_s * 1e3
     for name in SANDBOX_LATENCIES:
@@ -71,24 +106,50 @@ def test_bench_sandbox_json():
     assert report["floor_executions_per_s"] == statistics.median(floor_runs)
     assert all(sessions * calls_per_session / wall_s < rate for rate in floor_runs)
     assert report["throughput_vs_floor"] == pytest.approx(
-        statistics.median(a / f for a, f in zip(runs, floor_runs)))
+        statistics.median(a / f for a, f in zip(runs, floor_runs))
+    )
     protections = report["protections"]
     assert protections and all(isinstance(v, bool) for v in protections.values())
     assert report["all_protections_on"] is all(protections.values())
 
 
-LEARNER_ROW_KEYS = {"batch", "seq_len", "rank", "jax_tokens_per_s", "jax_peak_mb",
-                    "jax_compile_s", "device", "torch_tokens_per_s", "torch_peak_mb",
-                    "speed_ratio", "memory_ratio"}
+LEARNER_ROW_KEYS = {
+    "batch",
+    "seq_len",
+    "rank",
+    "jax_tokens_per_s",
+    "jax_peak_mb",
+    "jax_compile_s",
+    "device",
+    "torch_tokens_per_s",
+    "torch_peak_mb",
+    "speed_ratio",
+    "memory_ratio",
+}
 LEARNER_GPU_KEYS = {"jax_device_peak_mb", "model_tflops", "mfu"}  # only on a GPU
-LEARNER_HEADLINE = ("jax_tokens_per_s", "jax_peak_mb", "torch_tokens_per_s", "torch_peak_mb",
-                    "speed_ratio")
+LEARNER_HEADLINE = (
+    "jax_tokens_per_s",
+    "jax_peak_mb",
+    "torch_tokens_per_s",
+    "torch_peak_mb",
+    "speed_ratio",
+)
 
 
 def test_bench_learner_json():
     batch, seq_len = 2, 32
-    report, wall_s = run_json("bench_learner.py", "--shapes", "tiny", "--steps", "2",
-                              "--batch", str(batch), "--seq-len", str(seq_len), timeout=600)
+    report, wall_s = run_json(
+        "bench_learner.py",
+        "--shapes",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch",
+        str(batch),
+        "--seq-len",
+        str(seq_len),
+        timeout=600,
+    )
     assert set(report) == {"shapes", "headline_shape", "cpu_count", *LEARNER_HEADLINE}
     assert report["headline_shape"] == "tiny" and list(report["shapes"]) == ["tiny"]
     assert report["cpu_count"] == os.cpu_count()
@@ -119,10 +180,25 @@ def test_bench_learner_plan_json():
     shape's."""
     rows = {}
     for seq_len in (64, 512):
-        report, wall_s = run_json("bench_learner.py", "--plan", "--shapes", "tiny", "--batch",
-                                  "4", "--seq-len", str(seq_len), "--ppo-epochs", "2",
-                                  "--beta", "0.04", "--logprob-chunk", "128",
-                                  "--attention-block", "64", timeout=600)
+        report, wall_s = run_json(
+            "bench_learner.py",
+            "--plan",
+            "--shapes",
+            "tiny",
+            "--batch",
+            "4",
+            "--seq-len",
+            str(seq_len),
+            "--ppo-epochs",
+            "2",
+            "--beta",
+            "0.04",
+            "--logprob-chunk",
+            "128",
+            "--attention-block",
+            "64",
+            timeout=600,
+        )
         row = rows[seq_len] = report["shapes"]["tiny"]
         programs = ["update", "apply", "old_logprobs", "ref_logprobs"]
         assert row["programs"] == programs and row["layers"] == 2
@@ -132,34 +208,65 @@ def test_bench_learner_plan_json():
             assert 0 < row[f"{program}_compile_s"] < wall_s
         assert report["update_temp_gib"] == row["update_temp_gib"]
         assert report["compile_s"] == pytest.approx(
-            row["lower_s"] + sum(row[f"{p}_compile_s"] for p in programs))
+            row["lower_s"] + sum(row[f"{p}_compile_s"] for p in programs)
+        )
         assert row["argument_gib"] > 0 and row["dtype"] == "bfloat16"
-    assert rows[64]["update_temp_gib"] < rows[512]["update_temp_gib"] < 12 * rows[64][
-        "update_temp_gib"], (rows[64]["update_temp_gib"], rows[512]["update_temp_gib"])
+    assert (
+        rows[64]["update_temp_gib"]
+        < rows[512]["update_temp_gib"]
+        < 12 * rows[64]["update_temp_gib"]
+    ), (rows[64]["update_temp_gib"], rows[512]["update_temp_gib"])
 
 
-SAMPLER_KEYS = {"jax_tokens_per_s", "hf_tokens_per_s", "speed_ratio", "prompts", "prompt_len",
-                "new_tokens", "repeats", "jax_threads", "torch_threads", "vllm_tokens_per_s",
-                "vllm_ratio"}
+SAMPLER_KEYS = {
+    "jax_tokens_per_s",
+    "hf_tokens_per_s",
+    "speed_ratio",
+    "prompts",
+    "prompt_len",
+    "new_tokens",
+    "repeats",
+    "jax_threads",
+    "torch_threads",
+    "vllm_tokens_per_s",
+    "vllm_ratio",
+}
 
 
 def test_bench_sampler_json(vllm_python):
     prompts, prompt_len, new_tokens, repeats = 4, 8, 8, 3
-    report, wall_s = run_json("bench_sampler.py", "--prompts", str(prompts), "--prompt-len",
-                              str(prompt_len), "--new-tokens", str(new_tokens), "--repeats",
-                              str(repeats), "--vllm-python", vllm_python, timeout=900)
+    report, wall_s = run_json(
+        "bench_sampler.py",
+        "--prompts",
+        str(prompts),
+        "--prompt-len",
+        str(prompt_len),
+        "--new-tokens",
+        str(new_tokens),
+        "--repeats",
+        str(repeats),
+        "--vllm-python",
+        vllm_python,
+        timeout=900,
+    )
     assert set(report) == SAMPLER_KEYS, set(report) ^ SAMPLER_KEYS
     assert (report["prompts"], report["prompt_len"], report["new_tokens"], report["repeats"]) == (
-        prompts, prompt_len, new_tokens, repeats)
+        prompts,
+        prompt_len,
+        new_tokens,
+        repeats,
+    )
     assert report["jax_threads"] >= 1 and report["torch_threads"] >= 1
     n_tokens = prompts * new_tokens
     for side in ("jax", "hf", "vllm"):  # each timed call was shorter than the whole run
         assert report[f"{side}_tokens_per_s"] > n_tokens / wall_s, side
     # the ratios are the same medians' ratios as the speeds
     assert report["speed_ratio"] == pytest.approx(
-        report["jax_tokens_per_s"] / report["hf_tokens_per_s"], rel=1e-6)
+        report["jax_tokens_per_s"] / report["hf_tokens_per_s"], rel=1e-6
+    )
     assert report["vllm_ratio"] == pytest.approx(
-        report["jax_tokens_per_s"] / report["vllm_tokens_per_s"], rel=1e-6)
+        report["jax_tokens_per_s"] / report["vllm_tokens_per_s"], rel=1e-6
+    )
     # three samplers of the same model, the same tokens, the same machine; at 8 new tokens a call
     # is per-step overhead, which has put JAX at ~40x transformers' generate (beside the vLLM
     # server), so the bound leaves 5x beyond what has been seen: outside it a side is broken
@@ -167,28 +274,63 @@ def test_bench_sampler_json(vllm_python):
         assert 0.01 < report[key] < 200, (key, report[key])
 
 
-PIPELINE_KEYS = {"sync_steps_per_s", "pipelined_steps_per_s", "speedup", "mean_staleness",
-                 "sync_mean_staleness", "calibrated_update_s", "per_token_ms", "sync_collect_s",
-                 "sync_update_s", "pipelined_collect_s", "pipelined_update_s", "steps",
-                 "problems_per_step", "group_size", "new_tokens", "cpu_count", "device",
-                 "engine", "repeats", "speedup_runs", "sync_steps_per_s_runs",
-                 "pipelined_steps_per_s_runs"}
+PIPELINE_KEYS = {
+    "sync_steps_per_s",
+    "pipelined_steps_per_s",
+    "speedup",
+    "mean_staleness",
+    "sync_mean_staleness",
+    "calibrated_update_s",
+    "per_token_ms",
+    "sync_collect_s",
+    "sync_update_s",
+    "pipelined_collect_s",
+    "pipelined_update_s",
+    "steps",
+    "problems_per_step",
+    "group_size",
+    "new_tokens",
+    "cpu_count",
+    "device",
+    "engine",
+    "repeats",
+    "speedup_runs",
+    "sync_steps_per_s_runs",
+    "pipelined_steps_per_s_runs",
+}
 
 
 def test_bench_pipeline_json():
     steps, problems, group, tokens = 3, 4, 2, 16
-    report, wall_s = run_json("bench_pipeline.py", "--steps", str(steps), "--problems-per-step",
-                              str(problems), "--group-size", str(group), "--new-tokens",
-                              str(tokens), "--repeats", "1", timeout=600)
+    report, wall_s = run_json(
+        "bench_pipeline.py",
+        "--steps",
+        str(steps),
+        "--problems-per-step",
+        str(problems),
+        "--group-size",
+        str(group),
+        "--new-tokens",
+        str(tokens),
+        "--repeats",
+        "1",
+        timeout=600,
+    )
     assert set(report) == PIPELINE_KEYS, set(report) ^ PIPELINE_KEYS
-    assert (report["steps"], report["problems_per_step"], report["group_size"],
-            report["new_tokens"], report["repeats"]) == (steps, problems, group, tokens, 1)
+    assert (
+        report["steps"],
+        report["problems_per_step"],
+        report["group_size"],
+        report["new_tokens"],
+        report["repeats"],
+    ) == (steps, problems, group, tokens, 1)
     assert report["sync_steps_per_s_runs"] == [report["sync_steps_per_s"]]
     assert report["pipelined_steps_per_s_runs"] == [report["pipelined_steps_per_s"]]
     # one pair of runs: the speedup is its ratio
     assert report["speedup_runs"] == [report["speedup"]]
     assert report["speedup"] == pytest.approx(
-        report["pipelined_steps_per_s"] / report["sync_steps_per_s"])
+        report["pipelined_steps_per_s"] / report["sync_steps_per_s"]
+    )
     # the first pipelined batch is fresh, every later one one update old; the synchronous side's
     # batches are never old
     assert report["mean_staleness"] == pytest.approx((steps - 1) / steps)
@@ -202,7 +344,8 @@ def test_bench_pipeline_json():
         assert report[f"{side}_steps_per_s"] > (steps - 1) / wall_s, side
     sync_step = report["sync_collect_s"] + report["sync_update_s"]
     assert report["sync_steps_per_s"] <= 1.05 / sync_step
-    assert report["pipelined_steps_per_s"] <= 2 / max(report["pipelined_collect_s"],
-                                                      report["pipelined_update_s"])
+    assert report["pipelined_steps_per_s"] <= 2 / max(
+        report["pipelined_collect_s"], report["pipelined_update_s"]
+    )
     # overlap can at most halve a step of two equal halves: beyond 2.5x something is not timed
     assert 0.5 < report["speedup"] < 2.5, report["speedup"]

@@ -31,11 +31,26 @@ def main_job(args, processes: int, timeout: int = 600) -> list[str]:
     else:
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
         address = f"127.0.0.1:{free_port()}"
-        cmds = [[*script, "--dist.coordinator", address, "--dist.num-processes",
-                 str(processes), "--dist.process-id", str(rank), "--dist.data", "2"]
-                for rank in range(processes)]
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT, env=env) for c in cmds]
+        cmds = [
+            [
+                *script,
+                "--dist.coordinator",
+                address,
+                "--dist.num-processes",
+                str(processes),
+                "--dist.process-id",
+                str(rank),
+                "--dist.data",
+                "2",
+            ]
+            for rank in range(processes)
+        ]
+    procs = [
+        subprocess.Popen(
+            c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        )
+        for c in cmds
+    ]
     outs = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
@@ -57,8 +72,13 @@ def test_main_job_on_two_processes_trains_and_resumes(tiny_model_dir, problem_fi
     records = train_records(out)
     assert [r["step"] for r in records] == [1, 2]  # logged once, by process 0
     assert [r["train/staleness"] for r in records] == [0, 1]  # pipelined across processes too
-    for name in ("checkpoints/2", "checkpoint_adapters/2/adapter_model.safetensors",
-                 "adapter/adapter_config.json", "summary.json", "config.json"):
+    for name in (
+        "checkpoints/2",
+        "checkpoint_adapters/2/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "summary.json",
+        "config.json",
+    ):
         assert (out / name).exists(), name
     again = main_job([*args, "--steps", "3", "--resume"], processes=2)
     assert all("resumed from step 2" in text for text in again)  # both restored their shards

@@ -10,8 +10,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run_script(name: str, *args: str, stdin: str | None = None, timeout: int = 300) -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], input=stdin,
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / name), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -24,63 +30,120 @@ def test_play_an_episode_by_hand():
 
 def test_make_tiny_writes_what_the_main_job_loads(tmp_path):
     run_script("make_tiny.py", "--out", str(tmp_path / "tiny"))
-    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
-                 "train.jsonl", "test.jsonl"):
+    for name in (
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "train.jsonl",
+        "test.jsonl",
+    ):
         assert (tmp_path / "tiny" / name).exists(), name
 
 
 def _tiny_run_args(model, train, test, out):
-    return ["--model.name", model, "--env.problems", train, "--env.eval-problems", test,
-            "--out", out, "--problems-per-step", "2", "--rollout.group-size", "2",
-            "--grpo.micro-batch-size", "2", "--model.lora-rank", "4",
-            "--rollout.max-turn-tokens", "12", "--rollout.max-total-tokens", "512",
-            "--eval.samples", "2", "--eval.every", "2", "--log.checkpoint-every", "1",
-            "--log.no-wandb", "--sampler.engine", "jax"]
+    return [
+        "--model.name",
+        model,
+        "--env.problems",
+        train,
+        "--env.eval-problems",
+        test,
+        "--out",
+        out,
+        "--problems-per-step",
+        "2",
+        "--rollout.group-size",
+        "2",
+        "--grpo.micro-batch-size",
+        "2",
+        "--model.lora-rank",
+        "4",
+        "--rollout.max-turn-tokens",
+        "12",
+        "--rollout.max-total-tokens",
+        "512",
+        "--eval.samples",
+        "2",
+        "--eval.every",
+        "2",
+        "--log.checkpoint-every",
+        "1",
+        "--log.no-wandb",
+        "--sampler.engine",
+        "jax",
+    ]
 
 
 def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_path):
     out = str(tmp_path / "run")
     args = _tiny_run_args(tiny_model_dir, *problem_files, out)
-    first = run_script("aime_grpo.py", *args, "--steps", "2", "--log.export-merged",
-                       timeout=600)
+    first = run_script("aime_grpo.py", *args, "--steps", "2", "--log.export-merged", timeout=600)
     assert "rollouts: in-process JAX sampler" in first
     records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2]
     assert any("eval/pass@1" in r and "eval/pass@2" in r for r in records)
-    for name in ("checkpoint_adapters/1/adapter_config.json",
-                 "checkpoint_adapters/2/adapter_model.safetensors",
-                 "metrics.png", "summary.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "merged/model.safetensors",
-                 "merged/tokenizer.json"):
+    for name in (
+        "checkpoint_adapters/1/adapter_config.json",
+        "checkpoint_adapters/2/adapter_model.safetensors",
+        "metrics.png",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+    ):
         assert (tmp_path / "run" / name).exists(), name
     # any checkpoint exports to the adapter the run wrote for it
     exported = run_script("export.py", out, "--step", "1", "--out", str(tmp_path / "exp1"))
     assert f"exported the adapter to {tmp_path / 'exp1'}" in exported
     from safetensors.numpy import load_file
+
     written = load_file(f"{out}/checkpoint_adapters/1/adapter_model.safetensors")
     again = load_file(str(tmp_path / "exp1" / "adapter_model.safetensors"))
     assert written.keys() == again.keys() and all((written[k] == again[k]).all() for k in written)
-    missing = subprocess.run([sys.executable, str(ROOT / "experiments" / "export.py"), out,
-                              "--step", "7"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "export.py"), out, "--step", "7"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert missing.returncode == 2 and "has no checkpoint 7; it has [1, 2]" in missing.stderr
     # a run directory holds one run: a new run into it is refused before anything loads
-    refused = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args],
-                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1 and "--resume" in lines[0], lines
     assert "--overwrite" in lines[0]
     # so is a resume whose settings differ from the saved ones (named with old and new value)
-    changed = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"),
-                              *args, "--resume", "--model.lora-rank", "8"],
-                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    changed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "aime_grpo.py"),
+            *args,
+            "--resume",
+            "--model.lora-rank",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert changed.returncode == 2 and "model.lora_rank: 4 -> 8" in changed.stderr, changed.stderr
     # a crash after step 3 was logged but before its checkpoint: the resumed run logs it again,
     # once; a config file sets defaults, flags override it; --resume continues at step 3
     with open(f"{out}/metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "train/reward": 0.5}) + "\n")
     (tmp_path / "cfg.yaml").write_text("steps: 3\neval:\n  every: 3\n")
-    second = run_script("aime_grpo.py", "--config", str(tmp_path / "cfg.yaml"), *args,
-                        "--resume", timeout=600)
+    second = run_script(
+        "aime_grpo.py", "--config", str(tmp_path / "cfg.yaml"), *args, "--resume", timeout=600
+    )
     assert "resumed from step 2" in second
     records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2, 3]
@@ -92,17 +155,22 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
     assert [d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()] == ["1"]
 
 
-def test_main_job_ctrl_c_saves_a_checkpoint_and_its_adapter(tiny_model_dir, problem_files,
-                                                            tmp_path):
+def test_main_job_ctrl_c_saves_a_checkpoint_and_its_adapter(
+    tiny_model_dir, problem_files, tmp_path
+):
     import signal
     import time
 
     out = tmp_path / "run"
     args = _tiny_run_args(tiny_model_dir, *problem_files, str(out))
     args[args.index("--log.checkpoint-every") + 1] = "50"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args,
-                             "--steps", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args, "--steps", "100"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         metrics = out / "metrics.jsonl"
@@ -118,8 +186,9 @@ def test_main_job_ctrl_c_saves_a_checkpoint_and_its_adapter(tiny_model_dir, prob
     assert f"saved checkpoint {steps[-1]}" in stdout
 
 
-def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir, problem_files,
-                                                                 tmp_path):
+def test_main_job_bad_inputs_are_one_line_before_the_model_loads(
+    tiny_model_dir, problem_files, tmp_path
+):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": \n')
     empty_model = tmp_path / "model"
@@ -132,8 +201,10 @@ def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir,
         (["--config", str(tmp_path / "nope.yaml")], "does not exist"),
         ([f"--config={tmp_path / 'typed.yaml'}"], "grpo.eps_high is 'high', expected float"),
         ([f"--config={tmp_path / 'typo.yaml'}"], "unknown settings ['rollout.max_turn_tokenz']"),
-        (["--rollout.max-total-tokens", "40"],
-         "--rollout.max-total-tokens 40 leaves no room to answer"),
+        (
+            ["--rollout.max-total-tokens", "40"],
+            "--rollout.max-total-tokens 40 leaves no room to answer",
+        ),
         (["--log.checkpoint-every", "0"], "checkpoint_every and keep_checkpoints must be >= 1"),
         (["--grpo.micro-batch-size", "3"], "grpo.micro_batch_size 3 must divide"),
     ]
@@ -141,8 +212,13 @@ def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir,
     (tmp_path / "typo.yaml").write_text("rollout: {max_turn_tokenz: 3}\n")
     for i, (flags, message) in enumerate(cases):
         args = _tiny_run_args(tiny_model_dir, *problem_files, str(tmp_path / f"run{i}"))
-        out = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args,
-                              *flags], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args, *flags],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, lines)
         assert "rollouts:" not in out.stdout  # stopped before the model and the sampler
@@ -150,9 +226,21 @@ def test_main_job_bad_inputs_are_one_line_before_the_model_loads(tiny_model_dir,
 
 def test_main_job_offline_error_is_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "aime_grpo.py"),
-                          "--model.name", "Qwen/Qwen2.5-0.5B-Instruct", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "aime_grpo.py"),
+            "--model.name",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and "--env.problems" in lines[0], lines
@@ -166,10 +254,27 @@ def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, t
 
     model = apply_lora(from_pretrained(tiny_model_dir), rank=4, alpha=8, rngs=nnx.Rngs(1))
     save_peft_adapter(model, str(tmp_path / "adapter"))
-    report = json.loads(run_script(
-        "evaluate.py", "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"),
-        "--problems", problem_files[1], "--rollout.group-size", "3", "--k", "1", "3",
-        "--rollout.max-turn-tokens", "8", "--json", "--report", str(tmp_path / "r.json")))
+    report = json.loads(
+        run_script(
+            "evaluate.py",
+            "--model",
+            tiny_model_dir,
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--problems",
+            problem_files[1],
+            "--rollout.group-size",
+            "3",
+            "--k",
+            "1",
+            "3",
+            "--rollout.max-turn-tokens",
+            "8",
+            "--json",
+            "--report",
+            str(tmp_path / "r.json"),
+        )
+    )
     assert report["problems"] == 2 and report["samples_per_problem"] == 3
     assert 0 <= report["pass@1"] <= report["pass@3"] <= 1
     assert json.load(open(tmp_path / "r.json")) == report
@@ -179,8 +284,13 @@ def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
     out = tmp_path / "arith"
     run_script("arith_grpo.py", "--quick", "--out", str(out), timeout=900)
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("warm_start_accuracy", "final_accuracy", "warm_start_tool_use_rate",
-                "final_tool_use_rate", "wall_s"):
+    for key in (
+        "warm_start_accuracy",
+        "final_accuracy",
+        "warm_start_tool_use_rate",
+        "final_tool_use_rate",
+        "wall_s",
+    ):
         assert key in summary
     assert summary["environment"]["packages"]["jax"] and summary["seed"] == 0
     warm = summary["warm_start"]
@@ -192,7 +302,11 @@ def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
     assert summary["final_reward"] > summary["warm_start_reward"] + 0.1
     assert summary["final_tool_use_rate"] > summary["warm_start_tool_use_rate"]
     assert (out / "arith_grpo.png").exists()
-    again = subprocess.run([sys.executable, str(ROOT / "experiments" / "arith_grpo.py"), "--quick",
-                            "--out", str(out)], capture_output=True, text=True, timeout=300,
-                           cwd=ROOT)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "arith_grpo.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-2000:]

@@ -15,5 +15,3 @@ def hf_model_dir(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory, safe_serialization=True)
     return request.param, str(directory), model
-
-

@@ -42,9 +42,12 @@ def batch_of(step: int) -> TrainBatch:
     rng = np.random.default_rng(step)
     mask = np.ones((8, 12), np.float32)
     mask[:, :4] = 0
-    return TrainBatch(tokens=rng.integers(0, 64, (8, 12)).astype(np.int32), loss_mask=mask,
-                      rewards=rng.random(8).astype(np.float32),
-                      group_ids=np.repeat(np.arange(2), 4).astype(np.int32))
+    return TrainBatch(
+        tokens=rng.integers(0, 64, (8, 12)).astype(np.int32),
+        loss_mask=mask,
+        rewards=rng.random(8).astype(np.float32),
+        group_ids=np.repeat(np.arange(2), 4).astype(np.int32),
+    )
 
 
 ckpt = Checkpointer(directory, keep=3)
@@ -55,15 +58,18 @@ if ckpt.latest_step is not None:
     assert int(gather(state.updates)) == start
     print("RESUMED", start)
 for step in range(start + 1, steps + 1):
-    state, metrics = grpo_step(state, batch_of(step), CFG,
-                               place=lambda mb: shard_batch(mb, mesh))
+    state, metrics = grpo_step(state, batch_of(step), CFG, place=lambda mb: shard_batch(mb, mesh))
     history.append([metrics["loss"], metrics["grad_norm"]])
     ckpt.save(step, state, {"history": history})
 lora = gather(state.lora)  # every process takes part; process 0 writes
 nu = gather(optax.tree_utils.tree_get(state.opt_state, "nu"))
 if is_main():
-    np.savez(out, history=np.asarray(history), devices=len(jax.devices()),
-             spanned=max(len(x.sharding.device_set) for x in jax.tree.leaves(state.lora)),
-             **{f"lora_{i}": x for i, x in enumerate(jax.tree.leaves(lora))},
-             **{f"nu_{i}": x for i, x in enumerate(jax.tree.leaves(nu))})
+    np.savez(
+        out,
+        history=np.asarray(history),
+        devices=len(jax.devices()),
+        spanned=max(len(x.sharding.device_set) for x in jax.tree.leaves(state.lora)),
+        **{f"lora_{i}": x for i, x in enumerate(jax.tree.leaves(lora))},
+        **{f"nu_{i}": x for i, x in enumerate(jax.tree.leaves(nu))},
+    )
 print("DONE", jax.process_index(), history)

@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 from tiny import subprocess_env, tiny_model
 
-from learners.checkpoint import CheckpointError, Checkpointer
+from learners.checkpoint import Checkpointer, CheckpointError
 from learners.train import GRPOConfig, init_state
 
 WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
 
 
 def worker(directory, total, kill_after, out):
-    return subprocess.run([sys.executable, str(WORKER), str(directory), str(total),
-                           str(kill_after), str(out)], capture_output=True, text=True,
-                          timeout=600, env=subprocess_env(JAX_PLATFORMS="cpu"))
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(directory), str(total), str(kill_after), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(JAX_PLATFORMS="cpu"),
+    )
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):

@@ -17,10 +17,13 @@ S3 = math.sqrt(3) / 2  # (1 - 0.5) / sqrt(1/3): rewards [0, 1, 1, 0] in one grou
 
 
 def test_group_advantages_by_hand():
-    np.testing.assert_allclose(grpo.group_advantages([0, 1, 1, 0], [5, 5, 5, 5]),
-                               [-S3, S3, S3, -S3], atol=1e-5)
-    np.testing.assert_allclose(grpo.group_advantages([0, 1, 1, 0], [5, 5, 5, 5],
-                                                     scale_by_std=False), [-.5, .5, .5, -.5])
+    np.testing.assert_allclose(
+        grpo.group_advantages([0, 1, 1, 0], [5, 5, 5, 5]), [-S3, S3, S3, -S3], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        grpo.group_advantages([0, 1, 1, 0], [5, 5, 5, 5], scale_by_std=False),
+        [-0.5, 0.5, 0.5, -0.5],
+    )
     two = grpo.group_advantages([0, 1, 1, 0, 2, 2], [7, 7, 3, 3, 9, 9])
     r = 1 / math.sqrt(2)  # a group of two, rewards 0 and 1: std sqrt(0.5)
     np.testing.assert_allclose(two, [-r, r, r, -r, 0, 0], atol=1e-5)
@@ -33,8 +36,9 @@ def test_aggregations_by_hand():
     mask = jnp.array([[1, 1, 0], [1, 0, 0]])
     assert float(grpo.aggregate(per_token, mask, "seq-mean-token-mean")) == pytest.approx(0.0)
     assert float(grpo.aggregate(per_token, mask, "token-mean")) == pytest.approx(-1 / 3)
-    assert float(grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm", 4)) == \
-        pytest.approx((-2 / 4 + 1 / 4) / 2)
+    assert float(grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm", 4)) == pytest.approx(
+        (-2 / 4 + 1 / 4) / 2
+    )
     with pytest.raises(ValueError, match="max_tokens"):
         grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm")
 
@@ -43,18 +47,29 @@ def test_policy_loss_ratio_one_clipping_and_kl_by_hand():
     mask = jnp.ones((2, 1))
     adv = jnp.array([1.0, -1.0])
     logp = jnp.log(jnp.array([[0.3], [0.3]]))
-    loss, aux = grpo.policy_loss(logp, logp, adv, mask, eps_low=0.2, eps_high=0.28,
-                                 aggregation="token-mean")
+    loss, aux = grpo.policy_loss(
+        logp, logp, adv, mask, eps_low=0.2, eps_high=0.28, aggregation="token-mean"
+    )
     assert float(loss) == pytest.approx(0.0) and float(aux["ratio_mean"]) == pytest.approx(1.0)
     # ratio 1.5 with A=+1 is clipped at 1 + eps_high; ratio 0.5 with A=-1 at 1 - eps_low
     new = jnp.log(jnp.array([[0.45], [0.15]]))
-    loss, aux = grpo.policy_loss(new, logp, adv, mask, eps_low=0.2, eps_high=0.2,
-                                 aggregation="token-mean")
+    loss, aux = grpo.policy_loss(
+        new, logp, adv, mask, eps_low=0.2, eps_high=0.2, aggregation="token-mean"
+    )
     assert float(loss) == pytest.approx((-1.2 + 0.8) / 2, abs=1e-6)
     assert float(aux["clip_frac_high"]) == 0.5 and float(aux["clip_frac_low"]) == 0.5
     ref = jnp.log(jnp.array([[0.225], [0.075]]))  # half the policy's probability everywhere
-    loss_kl, aux = grpo.policy_loss(new, logp, adv, mask, eps_low=0.2, eps_high=0.2,
-                                    aggregation="token-mean", ref_logprobs=ref, beta=0.1)
+    loss_kl, aux = grpo.policy_loss(
+        new,
+        logp,
+        adv,
+        mask,
+        eps_low=0.2,
+        eps_high=0.2,
+        aggregation="token-mean",
+        ref_logprobs=ref,
+        beta=0.1,
+    )
     k3 = 0.5 - math.log(0.5) - 1  # exp(d) - d - 1 with d = log 0.5
     assert float(aux["kl"]) == pytest.approx(k3, abs=1e-6)
     assert float(loss_kl - loss) == pytest.approx(0.1 * k3, abs=1e-6)
@@ -64,8 +79,17 @@ def test_truncated_importance_sampling_weights():
     mask = jnp.ones((1, 2))
     logp = jnp.log(jnp.array([[0.5, 0.5]]))
     sampler = jnp.log(jnp.array([[0.25, 0.5]]))  # weights min(2, cap) and 1
-    loss, aux = grpo.policy_loss(logp, logp, jnp.array([1.0]), mask, eps_low=0.2, eps_high=0.28,
-                                 aggregation="token-mean", sampler_logprobs=sampler, tis_cap=1.5)
+    loss, aux = grpo.policy_loss(
+        logp,
+        logp,
+        jnp.array([1.0]),
+        mask,
+        eps_low=0.2,
+        eps_high=0.28,
+        aggregation="token-mean",
+        sampler_logprobs=sampler,
+        tis_cap=1.5,
+    )
     assert float(loss) == pytest.approx(-(1.5 + 1.0) / 2)
     assert float(aux["sampler_learner_gap"]) == pytest.approx(math.log(2) / 2, abs=1e-6)
 
@@ -76,14 +100,32 @@ def test_masked_tokens_and_zero_advantages_give_no_gradient():
     old = logp + 0.1
     mask = jnp.array([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     for agg in grpo.AGGREGATIONS:
-        g = jax.grad(lambda lp: grpo.policy_loss(lp, old, jnp.array([1.0, -2.0, 0.5]), mask,
-                                                 eps_low=0.2, eps_high=0.28, aggregation=agg,
-                                                 max_tokens=5)[0])(logp)
+        g = jax.grad(
+            lambda lp: grpo.policy_loss(
+                lp,
+                old,
+                jnp.array([1.0, -2.0, 0.5]),
+                mask,
+                eps_low=0.2,
+                eps_high=0.28,
+                aggregation=agg,
+                max_tokens=5,
+            )[0]
+        )(logp)
         assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0), agg
         assert np.any(np.asarray(g)[np.asarray(mask) == 1] != 0), agg
-        g0 = jax.grad(lambda lp: grpo.policy_loss(lp, old, jnp.zeros(3), mask, eps_low=0.2,
-                                                  eps_high=0.28, aggregation=agg,
-                                                  max_tokens=5)[0])(logp)
+        g0 = jax.grad(
+            lambda lp: grpo.policy_loss(
+                lp,
+                old,
+                jnp.zeros(3),
+                mask,
+                eps_low=0.2,
+                eps_high=0.28,
+                aggregation=agg,
+                max_tokens=5,
+            )[0]
+        )(logp)
         assert np.all(np.asarray(g0) == 0), agg
 
 
@@ -100,10 +142,12 @@ def test_a_few_steps_raise_the_rewarded_completion():
     other's fall, the first pass's ratio is exactly 1, and the base model stays frozen."""
     tokens = jnp.array([[1, 2, 3, 10, 11, 12, 0], [1, 2, 3, 20, 21, 22, 0]], jnp.int32)
     loss_mask = jnp.array([[0, 0, 0, 1, 1, 1, 0]] * 2, jnp.float32)
-    batch = TrainBatch(tokens, loss_mask, rewards=jnp.array([1.0, 0.0]),
-                       group_ids=jnp.array([0, 0]))
-    cfg = GRPOConfig(learning_rate=3e-3, warmup_steps=1, schedule="constant", ppo_epochs=2,
-                     micro_batch_size=1)
+    batch = TrainBatch(
+        tokens, loss_mask, rewards=jnp.array([1.0, 0.0]), group_ids=jnp.array([0, 0])
+    )
+    cfg = GRPOConfig(
+        learning_rate=3e-3, warmup_steps=1, schedule="constant", ppo_epochs=2, micro_batch_size=1
+    )
     state = init_state(tiny_model(), cfg)
     rest_before = jax.tree.map(np.asarray, state.rest)
 
@@ -125,12 +169,21 @@ def test_a_few_steps_raise_the_rewarded_completion():
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient():
     tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 32)
-    batch = TrainBatch(tokens, jnp.ones((4, 6)).at[:, :2].set(0),
-                       rewards=jnp.array([1.0, 0.0, 0.5, 0.0]), group_ids=jnp.array([0, 0, 1, 1]))
+    batch = TrainBatch(
+        tokens,
+        jnp.ones((4, 6)).at[:, :2].set(0),
+        rewards=jnp.array([1.0, 0.0, 0.5, 0.0]),
+        group_ids=jnp.array([0, 0, 1, 1]),
+    )
     results = []
     for mbs in (None, 2):
-        cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant",
-                         micro_batch_size=mbs, aggregation="token-mean")
+        cfg = GRPOConfig(
+            learning_rate=1e-3,
+            warmup_steps=1,
+            schedule="constant",
+            micro_batch_size=mbs,
+            aggregation="token-mean",
+        )
         state, metrics = grpo_step(init_state(tiny_model(), cfg), batch, cfg)
         results.append((jax.tree.leaves(state.lora), metrics["grad_norm"]))
     # equal-sized micro-batches with equal token counts: the mean of their losses is the loss
@@ -149,14 +202,16 @@ def test_config_validation():
 
 
 def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
-    model = tiny_base_model(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                            remat=True)  # base frozen in bf16, remat on
+    model = tiny_base_model(
+        dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True
+    )  # base frozen in bf16, remat on
     apply_lora(model, rank=4, alpha=8, param_dtype=jnp.float32)
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant")
     state = init_state(model, cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 32)
-    batch = TrainBatch(tokens, jnp.ones((2, 6)), rewards=jnp.array([1.0, 0.0]),
-                       group_ids=jnp.array([0, 0]))
+    batch = TrainBatch(
+        tokens, jnp.ones((2, 6)), rewards=jnp.array([1.0, 0.0]), group_ids=jnp.array([0, 0])
+    )
     state, metrics = grpo_step(state, batch, cfg)
     assert {x.dtype for x in jax.tree.leaves(state.lora)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
@@ -184,7 +239,14 @@ def test_one_epoch_needs_no_old_logprob_pass():
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale)
-    _, metrics = grpo_step(state, TrainBatch(tokens, mb.loss_mask,
-                                             rewards=jnp.array([1.0, 0.0, 0.5, 0.0]),
-                                             group_ids=jnp.array([0, 0, 1, 1])), cfg)
+    _, metrics = grpo_step(
+        state,
+        TrainBatch(
+            tokens,
+            mb.loss_mask,
+            rewards=jnp.array([1.0, 0.0, 0.5, 0.0]),
+            group_ids=jnp.array([0, 0, 1, 1]),
+        ),
+        cfg,
+    )
     assert metrics["first_pass_ratio_mean"] == 1.0

@@ -10,22 +10,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_config, tiny_model
 
 from learners import grpo
 from learners.attention import causal_attention
 from learners.qwen2 import Qwen2ForCausalLM
-from learners.train import (LENGTHS, GRPOConfig, TrainBatch, grpo_step, init_state,
-                            needed_lengths, plan_micro_batches)
-
-from tiny import tiny_config, tiny_model
+from learners.train import (
+    LENGTHS,
+    GRPOConfig,
+    TrainBatch,
+    grpo_step,
+    init_state,
+    needed_lengths,
+    plan_micro_batches,
+)
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 
 
 def qkv(b=2, t=37, n=6, k=2, h=8, seed=0):
     keys = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(keys[0], (b, t, n, h)), jax.random.normal(keys[1], (b, t, k, h)),
-            jax.random.normal(keys[2], (b, t, k, h)))
+    return (
+        jax.random.normal(keys[0], (b, t, n, h)),
+        jax.random.normal(keys[1], (b, t, k, h)),
+        jax.random.normal(keys[2], (b, t, k, h)),
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 10, 64])
@@ -35,16 +44,19 @@ def test_blockwise_attention_equals_jax_dot_product_attention(chunk):
     q, k, v = qkv()
     lengths = jnp.array([37, 23])
     key_mask = jnp.arange(37)[None, :] < lengths[:, None]
-    ours = lambda q, k, v: causal_attention(q, k, v, key_mask, "blockwise", chunk)  # noqa: E731
-    ref = lambda q, k, v: causal_attention(q, k, v, key_mask, "dot_product")  # noqa: E731
+    ours = lambda q, k, v: causal_attention(q, k, v, key_mask, "blockwise", chunk)
+    ref = lambda q, k, v: causal_attention(q, k, v, key_mask, "dot_product")
     # softmax rows of <= 37 terms of O(1) values: float32 rounding of a few ulps per term
     tol = 64 * F32_EPS
     valid = np.asarray(key_mask)
-    np.testing.assert_allclose(np.asarray(ours(q, k, v))[valid], np.asarray(ref(q, k, v))[valid],
-                               atol=tol, rtol=tol)
+    np.testing.assert_allclose(
+        np.asarray(ours(q, k, v))[valid], np.asarray(ref(q, k, v))[valid], atol=tol, rtol=tol
+    )
     weights = jax.random.normal(jax.random.key(9), (2, 37, 48)) * key_mask[..., None]
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-             for f in (ours, ref)]
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+        for f in (ours, ref)
+    ]
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=4 * tol, rtol=4 * tol)
 
@@ -92,8 +104,9 @@ def test_logprobs_from_hidden_equal_the_full_logits(chunk):
     np.testing.assert_allclose(np.asarray(g_a), np.asarray(g_b), atol=tol, rtol=tol)
     assert float(lp_a[0, 0]) == 0.0 and float(ent_a[0, 0]) == 0.0
     # the entropy is a metric: no gradient flows through it
-    g_ent = jax.grad(lambda h: jnp.sum(grpo.token_logprobs_from_hidden(
-        h, w, tokens, chunk, entropy=True)[1]))(hidden)
+    g_ent = jax.grad(
+        lambda h: jnp.sum(grpo.token_logprobs_from_hidden(h, w, tokens, chunk, entropy=True)[1])
+    )(hidden)
     assert not np.asarray(g_ent).any()
 
 
@@ -107,9 +120,13 @@ def test_scanned_layers_equal_unrolled_ones():
             layer.mlp.up_proj.lora_b.set_value(jnp.full(layer.mlp.up_proj.lora_b.shape, 0.1))
         model.scan_layers, model.remat = scan, True
         graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-        loss = lambda lora: jnp.mean(nnx.merge(graphdef, lora, rest)(ids) ** 2)  # noqa: E731
-        results.append((np.asarray(nnx.merge(graphdef, lora, rest)(ids)),
-                        jax.tree.leaves(jax.grad(loss)(lora))))
+        loss = lambda lora: jnp.mean(nnx.merge(graphdef, lora, rest)(ids) ** 2)
+        results.append(
+            (
+                np.asarray(nnx.merge(graphdef, lora, rest)(ids)),
+                jax.tree.leaves(jax.grad(loss)(lora)),
+            )
+        )
     (logits_a, grads_a), (logits_b, grads_b) = results
     np.testing.assert_allclose(logits_a, logits_b, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_a, grads_b):
@@ -119,6 +136,7 @@ def test_scanned_layers_equal_unrolled_ones():
 def test_the_model_compiles_one_layer_when_scanned():
     """Six more layers add to a scanned model's program only the stacking of their parameters;
     unrolled, they add six copies of a layer."""
+
     def hlo_size(layers, scan):
         model = Qwen2ForCausalLM(tiny_config(num_hidden_layers=layers), scan_layers=scan)
         graphdef, state = nnx.split(model)
@@ -138,7 +156,9 @@ def test_micro_batch_plan():
     assert all(length in LENGTHS for _, _, length in plan)
     budget = plan_micro_batches(lengths, GRPOConfig(micro_batch_tokens=200))
     assert [(list(i), rows, length) for i, rows, length in budget] == [
-        ([2], 1, 128), ([3, 4, 5, 0], 4, 48)]
+        ([2], 1, 128),
+        ([3, 4, 5, 0], 4, 48),
+    ]
     for n in range(1, 5000, 7):  # padding below a third of the padded length
         assert n <= min(x for x in LENGTHS if x >= n) <= max(32, 1.5 * n)
     mask = np.zeros((3, 8))
@@ -156,31 +176,51 @@ def cut_batch():
     loss_mask = np.zeros((b, t), np.float32)
     for row, (start, end) in enumerate(CUT_BATCH_LENGTHS):
         loss_mask[row, start:end] = 1
-    return TrainBatch(rng.integers(0, 32, (b, t)).astype(np.int32), loss_mask,
-                      rewards=np.array([1.0, 0.0, 0.5, 0.2, 0.0, 1.0]),
-                      group_ids=np.array([0, 0, 0, 1, 1, 1]),
-                      sampler_logprobs=-rng.uniform(0, 3, (b, t)).astype(np.float32) * loss_mask)
+    return TrainBatch(
+        rng.integers(0, 32, (b, t)).astype(np.int32),
+        loss_mask,
+        rewards=np.array([1.0, 0.0, 0.5, 0.2, 0.0, 1.0]),
+        group_ids=np.array([0, 0, 0, 1, 1, 1]),
+        sampler_logprobs=-rng.uniform(0, 3, (b, t)).astype(np.float32) * loss_mask,
+    )
 
 
-@pytest.mark.parametrize("aggregation,options", [
-    ("seq-mean-token-mean", dict(ppo_epochs=2, beta=0.1, tis_cap=2.0)),  # every pass
-    ("token-mean", {}), ("seq-mean-token-sum-norm", {})])
+@pytest.mark.parametrize(
+    "aggregation,options",
+    [
+        ("seq-mean-token-mean", dict(ppo_epochs=2, beta=0.1, tis_cap=2.0)),  # every pass
+        ("token-mean", {}),
+        ("seq-mean-token-sum-norm", {}),
+    ],
+)
 def test_any_cut_gives_the_whole_batch_loss_and_gradient(aggregation, options):
     """Episodes of different lengths: micro-batches of a few rows, of one, or of a token budget
     give the whole batch's metrics and parameters (with the default aggregation also over two
     PPO epochs, the KL term and importance weights)."""
-    cuts = [dict(micro_batch_size=None), {  # each cut compiles its shapes: one other cut each
-        "seq-mean-token-mean": dict(micro_batch_tokens=100),  # 2 x 48, then 3 x 32
-        "token-mean": dict(micro_batch_size=1),  # 1 x 48 twice, then 1 x 32 three times
-        "seq-mean-token-sum-norm": dict(micro_batch_size=4)}[aggregation]]  # 4 x 48, 4 x 32
+    cuts = [
+        dict(micro_batch_size=None),
+        {  # each cut compiles its shapes: one other cut each
+            "seq-mean-token-mean": dict(micro_batch_tokens=100),  # 2 x 48, then 3 x 32
+            "token-mean": dict(micro_batch_size=1),  # 1 x 48 twice, then 1 x 32 three times
+            "seq-mean-token-sum-norm": dict(micro_batch_size=4),
+        }[aggregation],
+    ]  # 4 x 48, 4 x 32
     results = []
     for cut in cuts:
-        cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant",
-                         aggregation=aggregation, max_tokens=40, **options, **cut)
+        cfg = GRPOConfig(
+            learning_rate=1e-2,
+            warmup_steps=1,
+            schedule="constant",
+            aggregation=aggregation,
+            max_tokens=40,
+            **options,
+            **cut,
+        )
         model = tiny_model(lora_seed=3)
         for layer in model.layers:
             layer.self_attn.q_proj.lora_b.set_value(
-                jnp.full(layer.self_attn.q_proj.lora_b.shape, 0.05))
+                jnp.full(layer.self_attn.q_proj.lora_b.shape, 0.05)
+            )
         state, metrics = grpo_step(init_state(model, cfg), cut_batch(), cfg)
         results.append((cut, metrics, jax.tree.leaves(state.lora)))
     (_, m0, p0), *others = results
@@ -193,15 +233,21 @@ def test_any_cut_gives_the_whole_batch_loss_and_gradient(aggregation, options):
         for a, b_ in zip(p0, p):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5, rtol=1e-4)
     assert results[0][1]["micro_batches"] == 1
-    assert results[1][1]["micro_batches"] == {"seq-mean-token-mean": 2, "token-mean": 5,
-                                              "seq-mean-token-sum-norm": 2}[aggregation]
+    assert (
+        results[1][1]["micro_batches"]
+        == {"seq-mean-token-mean": 2, "token-mean": 5, "seq-mean-token-sum-norm": 2}[aggregation]
+    )
 
 
 def test_a_batch_without_sampled_tokens_still_takes_a_step():
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant")
     state = init_state(tiny_model(), cfg)
-    batch = TrainBatch(np.ones((2, 5), np.int32), np.zeros((2, 5), np.float32),
-                       rewards=np.array([1.0, 0.0]), group_ids=np.array([0, 0]))
+    batch = TrainBatch(
+        np.ones((2, 5), np.int32),
+        np.zeros((2, 5), np.float32),
+        rewards=np.array([1.0, 0.0]),
+        group_ids=np.array([0, 0]),
+    )
     new, metrics = grpo_step(state, batch, cfg)
     assert int(new.updates) == 1 and metrics["grad_norm"] == 0.0 and metrics["loss"] == 0.0
     assert int(new.opt_state[1][0].count) == 1
@@ -224,15 +270,20 @@ def test_memory_plan_of_a_small_model():
         cfg = GRPOConfig(total_steps=10, logprob_chunk=64, **kw)
         state = jax.eval_shape(lambda: build(cfg))
         programs = lower_passes(state, cfg, rows, length)
-        return {name: p.compile().memory_analysis().temp_size_in_bytes
-                for name, p in programs.items()}
+        return {
+            name: p.compile().memory_analysis().temp_size_in_bytes for name, p in programs.items()
+        }
 
     small, big = plan(2, 64), plan(2, 512)
     assert set(small) == {"update", "apply"}
     logits = 2 * 512 * 4096 * 4  # one float32 copy of the [2, 512, V] logits
     assert small["update"] < big["update"] < logits / 2
-    assert set(plan(2, 64, ppo_epochs=2, beta=0.1)) == {"update", "apply", "old_logprobs",
-                                                        "ref_logprobs"}
+    assert set(plan(2, 64, ppo_epochs=2, beta=0.1)) == {
+        "update",
+        "apply",
+        "old_logprobs",
+        "ref_logprobs",
+    }
 
 
 def test_config_rejects_bad_cuts():

@@ -36,12 +36,26 @@ def run_processes(directory, steps, out, processes: int) -> list[str]:
         env = subprocess_env(JAX_PLATFORMS="cpu")
     else:
         address = f"127.0.0.1:{free_port()}"
-        cmds = [[sys.executable, WORKER, str(directory), str(steps), str(out), address,
-                 str(processes), str(rank)] for rank in range(processes)]
-        env = subprocess_env(JAX_PLATFORMS="cpu",
-                             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for c in cmds]
+        cmds = [
+            [
+                sys.executable,
+                WORKER,
+                str(directory),
+                str(steps),
+                str(out),
+                address,
+                str(processes),
+                str(rank),
+            ]
+            for rank in range(processes)
+        ]
+        env = subprocess_env(
+            JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+        )
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for c in cmds
+    ]
     outputs = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
@@ -61,7 +75,10 @@ def test_two_processes_train_as_one_and_resume_from_a_one_process_checkpoint(tmp
     again = run_processes(tmp_path / "two", STEPS, tmp_path / "two.npz", processes=2)
     assert all("RESUMED 1" in out for out in again)  # each process restored step 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.isdigit()) == [
-        "1", "2", "3"]  # the two processes wrote steps 2 and 3
+        "1",
+        "2",
+        "3",
+    ]  # the two processes wrote steps 2 and 3
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert (int(one["devices"]), int(two["devices"])) == (1, 4)
     assert int(two["spanned"]) == 4  # a LoRA matrix lives on the devices of both processes
@@ -70,15 +87,16 @@ def test_two_processes_train_as_one_and_resume_from_a_one_process_checkpoint(tmp
     norms1, norms2 = one["history"][:, 1], two["history"][:, 1]
     assert (norms1 > 0).all()
     np.testing.assert_allclose(norms2, norms1, rtol=GRAD_RTOL)
-    np.testing.assert_allclose(two["history"][:, 0], one["history"][:, 0], rtol=0,
-                               atol=GRAD_RTOL * norms1.max())
+    np.testing.assert_allclose(
+        two["history"][:, 0], one["history"][:, 0], rtol=0, atol=GRAD_RTOL * norms1.max()
+    )
     # the largest gradient element is at most the gradient's norm: delta bounds its error
     delta = GRAD_RTOL * norms1.max()
     lora = sorted(k for k in one.files if k.startswith("lora_"))
     assert lora and lora == sorted(k for k in two.files if k.startswith("lora_"))
     for key in lora:
         a, b = one[key], two[key]
-        v_hat = one[key.replace("lora_", "nu_")] / (1 - 0.999 ** STEPS)
+        v_hat = one[key.replace("lora_", "nu_")] / (1 - 0.999**STEPS)
         tol = np.minimum(4 * STEPS * LR * delta / np.sqrt(v_hat + 1e-30), 2 * STEPS * LR) + 1e-6
         err = np.abs(a - b)
         assert (err <= tol).all(), (key, err.max(), tol[err.argmax()])

@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-from learners.params import (HubUnavailableError, from_pretrained, read_model_config,
-                              save_pretrained)
-from learners.qwen2 import PRESETS, Qwen2Config
-
 from tiny import tiny_base_model
 from tiny_qwen import random_batch, torch_logits
+
+from learners.params import HubUnavailableError, from_pretrained, read_model_config, save_pretrained
+from learners.qwen2 import PRESETS, Qwen2Config
 
 
 @pytest.mark.parametrize("pad", [False, True])
@@ -36,16 +34,18 @@ def test_kv_cache_decode_equals_the_full_forward(hf_model_dir):
     lengths = mask.sum(1)
     prompt_len = 5  # prefill the first 5 positions of every row, then decode the rest
     full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    logits, cache = model.prefill(jnp.asarray(ids[:, :prompt_len]),
-                                  jnp.ones((3, prompt_len), jnp.int32), max_len=16)
+    logits, cache = model.prefill(
+        jnp.asarray(ids[:, :prompt_len]), jnp.ones((3, prompt_len), jnp.int32), max_len=16
+    )
     np.testing.assert_allclose(np.asarray(logits), full[:, :prompt_len], atol=1e-4, rtol=1e-4)
     decode = jax.jit(lambda tok, c: model.decode(tok, c))
     for pos in range(prompt_len, ids.shape[1]):
         step_logits, cache = decode(jnp.asarray(ids[:, pos]), cache)
         for row in range(3):
             if pos < lengths[row]:
-                np.testing.assert_allclose(np.asarray(step_logits[row]), full[row, pos],
-                                           atol=1e-4, rtol=1e-4)
+                np.testing.assert_allclose(
+                    np.asarray(step_logits[row]), full[row, pos], atol=1e-4, rtol=1e-4
+                )
     assert list(np.asarray(cache.lengths)) == [ids.shape[1]] * 3
 
 
@@ -59,7 +59,7 @@ def test_decode_after_right_padded_prefill(hf_model_dir):
     step, _ = model.decode(jnp.asarray(nxt), cache)
     for row in range(3):
         n = int(mask[row].sum())
-        seq = np.concatenate([ids[row, :n], nxt[row:row + 1]])[None]
+        seq = np.concatenate([ids[row, :n], nxt[row : row + 1]])[None]
         expect = torch_logits(hf, seq, np.ones_like(seq))[0, -1]
         np.testing.assert_allclose(np.asarray(step[row]), expect, atol=1e-4, rtol=1e-4)
 
@@ -72,11 +72,13 @@ def test_save_pretrained_round_trips_into_transformers(hf_model_dir, tmp_path):
     save_pretrained(model, str(tmp_path))
     again = HF.from_pretrained(str(tmp_path)).eval()
     ids, mask = random_batch(hf.config.vocab_size, seed=3)
-    np.testing.assert_allclose(torch_logits(again, ids, mask), torch_logits(hf, ids, mask),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        torch_logits(again, ids, mask), torch_logits(hf, ids, mask), atol=1e-5, rtol=1e-5
+    )
     reloaded = from_pretrained(str(tmp_path))
-    np.testing.assert_array_equal(np.asarray(reloaded(jnp.asarray(ids))),
-                                  np.asarray(model(jnp.asarray(ids))))
+    np.testing.assert_array_equal(
+        np.asarray(reloaded(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids)))
+    )
 
 
 def test_sharded_bf16_checkpoint_and_separate_compute_dtype(hf_model_dir, tmp_path):
@@ -103,7 +105,7 @@ def test_remat_gives_the_same_logits_and_gradients(hf_model_dir):
     grads = []
     for remat in (False, True):
         model = from_pretrained(directory, remat=remat)
-        loss = lambda m: m(jnp.asarray(ids), jnp.asarray(mask)).mean()  # noqa: E731
+        loss = lambda m: m(jnp.asarray(ids), jnp.asarray(mask)).mean()
         grads.append(nnx.grad(loss)(model))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -149,8 +151,9 @@ def test_a_config_json_without_head_dim_loads(tmp_path):
     model = tiny_base_model()  # head width 32 // 4
     save_pretrained(model, str(tmp_path))
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
-                                if k != "head_dim"}))
+    path.write_text(
+        json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "head_dim"})
+    )
     loaded = from_pretrained(str(tmp_path))
     assert loaded.config == model.config and loaded.config.head_dim == 8
     ids = jnp.asarray(random_batch(model.config.vocab_size, pad=False)[0])
@@ -162,14 +165,15 @@ def test_the_model_module_does_not_import_the_loaders():
     import subprocess
     import sys
 
-    code = ("import sys, learners.qwen2\n"
-            "assert 'learners.params' not in sys.modules, 'qwen2 imported params'\n"
-            "import learners.params\n"
-            "assert learners.params.Qwen2ForCausalLM is learners.qwen2.Qwen2ForCausalLM\n"
-            "assert not hasattr(learners.qwen2.Qwen2ForCausalLM, 'from_pretrained')\n"
-            "assert not hasattr(learners.qwen2.Qwen2Config, 'dim')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys, learners.qwen2\n"
+        "assert 'learners.params' not in sys.modules, 'qwen2 imported params'\n"
+        "import learners.params\n"
+        "assert learners.params.Qwen2ForCausalLM is learners.qwen2.Qwen2ForCausalLM\n"
+        "assert not hasattr(learners.qwen2.Qwen2ForCausalLM, 'from_pretrained')\n"
+        "assert not hasattr(learners.qwen2.Qwen2Config, 'dim')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -201,8 +205,14 @@ def test_broken_model_directories_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 64, "hidden_size": 32}))
     with pytest.raises(ValueError, match="lacks intermediate_size, num_hidden_layers"):
         from_pretrained(str(tmp_path))  # never filled with 0.5B's values
-    cfg = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 1,
-           "num_attention_heads": 4, "num_key_value_heads": 2}
+    cfg = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 40,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="no .*safetensors"):
         read_model_config(str(tmp_path))

@@ -43,5 +43,8 @@ def torch_logits(model, ids, mask):
     import torch
 
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long),
-                     attention_mask=torch.tensor(mask)).logits.float().numpy()
+        return (
+            model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+            .logits.float()
+            .numpy()
+        )
