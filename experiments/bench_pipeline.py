@@ -24,13 +24,10 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import tyro
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The benchmark scripts on a tiny budget: every figure their JSON documents is there, counts are
 the counts asked for, derived figures agree with the ones they come from, and each measurement
 is within what it can physically be (a latency is shorter than the whole run, a throughput is at
-least the work done over the whole run, a ratio of two implementations on the same machine is
-within a bounded factor)."""
+least the work done over the whole run).
+
+No test here bounds a speed, a latency or a ratio of two timings: on a loaded machine those
+measure the machine, not the code. Speed is what the benchmarks themselves report."""
 
 import json
 import os
@@ -86,21 +88,17 @@ def test_bench_sandbox_json():
     for name in SANDBOX_LATENCIES:
         p50, p99 = report[f"{name}_p50_ms"], report[f"{name}_p99_ms"]
         assert 0 < p50 <= p99 < wall_ms, (name, p50, p99, wall_ms)
-    # a sandbox call beats starting an interpreter (and, for sympy, importing it), and a ratio
-    # of 1000 would be a unit error: even a cold `python -c` costs well under 1000 sandbox calls
+    # the speedups are the ratios of the medians beside them
     for kind, base in (("trivial", "subprocess_trivial"), ("sympy", "subprocess_sympy")):
         speedup = report[f"{kind}_speedup_vs_subprocess"]
         assert speedup == pytest.approx(report[f"{base}_p50_ms"] / report[f"{kind}_p50_ms"])
-        assert 1 < speedup < 1000, (kind, speedup)
     assert report["pace_ms"] == 10.0  # the default
     assert report["concurrent_sessions"] == sessions and report["cpu_count"] == os.cpu_count()
     runs = report["executions_per_s_runs"]
     assert len(runs) == 3 and report["executions_per_s"] == statistics.median(runs)
-    # each throughput run executed sessions x calls_per_session cells within the whole run; and
-    # concurrent sessions are not 10x faster each than one session's back-to-back cells
-    ceiling = 10 * sessions * 1e3 / report["session_cell_back_to_back_p50_ms"]
+    # each throughput run executed sessions x calls_per_session cells within the whole run
     for rate in runs:
-        assert sessions * calls_per_session / wall_s < rate < ceiling, (rate, ceiling)
+        assert sessions * calls_per_session / wall_s < rate, rate
     floor_runs = report["floor_executions_per_s_runs"]
     assert len(floor_runs) == 3
     assert report["floor_executions_per_s"] == statistics.median(floor_runs)
@@ -167,10 +165,6 @@ def test_bench_learner_json():
     # the ratios are those of the figures beside them (step times; peak memory)
     assert row["speed_ratio"] == pytest.approx(row["jax_tokens_per_s"] / row["torch_tokens_per_s"])
     assert row["memory_ratio"] == pytest.approx(row["jax_peak_mb"] / row["torch_peak_mb"])
-    # the same LoRA step on the same machine: neither framework is 50x the other (a tiny step is
-    # overhead-bound, which has put JAX at ~6x torch here), nor takes 20x the other's memory
-    assert 0.02 < row["speed_ratio"] < 50, row["speed_ratio"]
-    assert 0.05 < row["memory_ratio"] < 20, row["memory_ratio"]
 
 
 def test_bench_learner_plan_json():
@@ -267,11 +261,6 @@ def test_bench_sampler_json(vllm_python):
     assert report["vllm_ratio"] == pytest.approx(
         report["jax_tokens_per_s"] / report["vllm_tokens_per_s"], rel=1e-6
     )
-    # three samplers of the same model, the same tokens, the same machine; at 8 new tokens a call
-    # is per-step overhead, which has put JAX at ~40x transformers' generate (beside the vLLM
-    # server), so the bound leaves 5x beyond what has been seen: outside it a side is broken
-    for key in ("speed_ratio", "vllm_ratio"):
-        assert 0.01 < report[key] < 200, (key, report[key])
 
 
 PIPELINE_KEYS = {
@@ -337,15 +326,11 @@ def test_bench_pipeline_json():
     assert report["sync_mean_staleness"] == 0
     # the engine's latency was calibrated to the update: one round of `tokens` tokens a step
     assert report["per_token_ms"] == pytest.approx(report["calibrated_update_s"] * 1e3 / tokens)
-    # each side's steps 2..steps ran within the whole run; a synchronous step takes at least its
-    # collection and its update, a pipelined one at least the longer of the two (the update,
-    # within the 2x of timing noise on a shared machine)
+    # each side's steps 2..steps ran within the whole run; the timed steps' collections and
+    # updates were timed inside them: a synchronous step holds both, a pipelined one its update
+    # (the learner's thread runs the updates one after another)
     for side in ("sync", "pipelined"):
         assert report[f"{side}_steps_per_s"] > (steps - 1) / wall_s, side
     sync_step = report["sync_collect_s"] + report["sync_update_s"]
-    assert report["sync_steps_per_s"] <= 1.05 / sync_step
-    assert report["pipelined_steps_per_s"] <= 2 / max(
-        report["pipelined_collect_s"], report["pipelined_update_s"]
-    )
-    # overlap can at most halve a step of two equal halves: beyond 2.5x something is not timed
-    assert 0.5 < report["speedup"] < 2.5, report["speedup"]
+    assert report["sync_steps_per_s"] * sync_step <= 1 + 1e-6
+    assert report["pipelined_steps_per_s"] * report["pipelined_update_s"] <= 1 + 1e-6
