@@ -120,6 +120,7 @@ def test_all_uniform_groups_give_a_full_batch_of_filler():
     assert problems_of(batch) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_every_step_has_the_same_batch_shape_and_filler_adds_nothing_to_the_update():
     """Steps with 4, 1 and 1 informative groups train on batches of one shape (micro-batches of
     one group divide it every time); the loss and gradient norm of a batch with filler are those

@@ -59,6 +59,7 @@ def leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves((state.lora, state.opt_state))]
 
 
+@pytest.mark.slow
 def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model, chat_tokenizer):
     """fit's pipeline with max_staleness 0 (its thread, evaluations pausing it) against the loop
     written out: collect with the current adapter, update, sync, evaluate. The same computation
@@ -128,6 +129,7 @@ def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model,
     assert all(m["grad_norm"] > 0 for m in ref_metrics)  # every step learned something
 
 
+@pytest.mark.slow
 def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(
     chat_model, chat_tokenizer
 ):

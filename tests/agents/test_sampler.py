@@ -66,6 +66,7 @@ def test_stop_sequences_and_finish_reasons(sampler):
     assert stopped.text.endswith(word)
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_how_the_batch_is_split(sampler):
     """Shards decoded concurrently draw the random numbers their rows draw in the whole batch."""
     prompts = [[2 + i, 3 + i % 5] for i in range(20)]  # 40 rows: a batch of 64, 8 shards at most

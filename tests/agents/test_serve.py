@@ -171,6 +171,7 @@ def test_unreachable_server_is_a_clear_error(chat_tokenizer):
         VLLMSampler(f"http://127.0.0.1:{free_port()}", chat_tokenizer, retries=1, backoff_s=0.01)
 
 
+@pytest.mark.slow
 def test_launcher_and_a_server_dying_mid_rollout(chat_model, chat_tokenizer, tmp_path):
     """VLLMServer starts `python -m agents.serve` (vllm serve's flags); killing it mid-rollout
     ends the collection with a clear error and no batch."""

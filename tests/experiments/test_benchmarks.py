@@ -134,6 +134,7 @@ LEARNER_HEADLINE = (
 )
 
 
+@pytest.mark.slow
 def test_bench_learner_json():
     batch, seq_len = 2, 32
     report, wall_s = run_json(
@@ -167,6 +168,7 @@ def test_bench_learner_json():
     assert row["memory_ratio"] == pytest.approx(row["jax_peak_mb"] / row["torch_peak_mb"])
 
 
+@pytest.mark.slow
 def test_bench_learner_plan_json():
     """--plan compiles (runs nothing): every program a step of the config runs is there with its
     figures; the update's temporaries grow with the sequence at most linearly (8x the length,
@@ -227,6 +229,7 @@ SAMPLER_KEYS = {
 }
 
 
+@pytest.mark.slow
 def test_bench_sampler_json(vllm_python):
     prompts, prompt_len, new_tokens, repeats = 4, 8, 8, 3
     report, wall_s = run_json(
@@ -289,6 +292,7 @@ PIPELINE_KEYS = {
 }
 
 
+@pytest.mark.slow
 def test_bench_pipeline_json():
     steps, problems, group, tokens = 3, 4, 2, 16
     report, wall_s = run_json(

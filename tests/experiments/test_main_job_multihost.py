@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from test_scripts import ROOT, _tiny_run_args
 
 
@@ -63,6 +64,7 @@ def train_records(out) -> list[dict]:
     return [r for r in map(json.loads, open(out / "metrics.jsonl")) if "train/reward" in r]
 
 
+@pytest.mark.slow
 def test_main_job_on_two_processes_trains_and_resumes(tiny_model_dir, problem_files, tmp_path):
     out = tmp_path / "run"
     args = _tiny_run_args(tiny_model_dir, *problem_files, str(out))

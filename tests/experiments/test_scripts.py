@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -74,6 +76,7 @@ def _tiny_run_args(model, train, test, out):
     ]
 
 
+@pytest.mark.slow
 def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_path):
     out = str(tmp_path / "run")
     args = _tiny_run_args(tiny_model_dir, *problem_files, out)
@@ -186,6 +189,7 @@ def test_main_job_ctrl_c_saves_a_checkpoint_and_its_adapter(
     assert f"saved checkpoint {steps[-1]}" in stdout
 
 
+@pytest.mark.slow
 def test_main_job_bad_inputs_are_one_line_before_the_model_loads(
     tiny_model_dir, problem_files, tmp_path
 ):
@@ -280,6 +284,7 @@ def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, t
     assert json.load(open(tmp_path / "r.json")) == report
 
 
+@pytest.mark.slow
 def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
     out = tmp_path / "arith"
     run_script("arith_grpo.py", "--quick", "--out", str(out), timeout=900)

@@ -24,6 +24,7 @@ def worker(directory, total, kill_after, out):
     )
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     straight = worker(tmp_path / "a", 6, -1, tmp_path / "a.npz")
     assert straight.returncode == 0, straight.stderr[-2000:]

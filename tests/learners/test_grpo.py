@@ -167,6 +167,7 @@ def test_a_few_steps_raise_the_rewarded_completion():
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.slow
 def test_micro_batches_accumulate_to_the_full_batch_gradient():
     tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 32)
     batch = TrainBatch(
@@ -219,6 +220,7 @@ def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_one_epoch_needs_no_old_logprob_pass():
     """With ppo_epochs 1 the loss takes the update's own log-probabilities, held constant, as the
     old ones: the same loss and gradient as with a separate pass over the same parameters."""

@@ -29,6 +29,7 @@ def randomize_lora(model, seed=0):
     nnx.update(model, new)
 
 
+@pytest.mark.slow
 def test_fresh_adapter_changes_nothing_and_only_lora_is_trainable(hf_model_dir):
     _, directory, hf = hf_model_dir
     model = from_pretrained(directory)

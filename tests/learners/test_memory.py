@@ -37,7 +37,10 @@ def qkv(b=2, t=37, n=6, k=2, h=8, seed=0):
     )
 
 
-@pytest.mark.parametrize("chunk", [1, 8, 10, 64])
+@pytest.mark.parametrize(
+    "chunk",
+    [pytest.param(1, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow), 10, 64],
+)
 def test_blockwise_attention_equals_jax_dot_product_attention(chunk):
     """Values and gradients of the blockwise attention equal jax.nn.dot_product_attention's (XLA's
     formulation on the CPU), with right padding, for chunks that do and do not divide T."""
@@ -77,7 +80,7 @@ def test_blockwise_attention_holds_no_full_score_matrix():
     assert temp("blockwise") < full / 2
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 7, 1000])
 def test_logprobs_from_hidden_equal_the_full_logits(chunk):
     b, t, d, vocab = 3, 11, 16, 50
     keys = jax.random.split(jax.random.key(1), 3)
@@ -110,6 +113,7 @@ def test_logprobs_from_hidden_equal_the_full_logits(chunk):
     assert not np.asarray(g_ent).any()
 
 
+@pytest.mark.slow
 def test_scanned_layers_equal_unrolled_ones():
     """One scanned layer or the layers one after another: the same logits and LoRA gradients."""
     ids = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
@@ -188,9 +192,11 @@ def cut_batch():
 @pytest.mark.parametrize(
     "aggregation,options",
     [
-        ("seq-mean-token-mean", dict(ppo_epochs=2, beta=0.1, tis_cap=2.0)),  # every pass
+        pytest.param(  # every pass
+            "seq-mean-token-mean", dict(ppo_epochs=2, beta=0.1, tis_cap=2.0), marks=pytest.mark.slow
+        ),
         ("token-mean", {}),
-        ("seq-mean-token-sum-norm", {}),
+        pytest.param("seq-mean-token-sum-norm", {}, marks=pytest.mark.slow),
     ],
 )
 def test_any_cut_gives_the_whole_batch_loss_and_gradient(aggregation, options):
@@ -255,6 +261,7 @@ def test_a_batch_without_sampled_tokens_still_takes_a_step():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_memory_plan_of_a_small_model():
     """`lower_passes` compiles every program of a step for abstract shapes: the update's
     temporaries grow with the micro-batch (but far slower than its [R, L, V] logits would),

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from tiny import TESTS_DIR, subprocess_env
 
 WORKER = f"{TESTS_DIR}/learners/multihost_worker.py"
@@ -64,6 +65,7 @@ def run_processes(directory, steps, out, processes: int) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_and_resume_from_a_one_process_checkpoint(tmp_path):
     """The two processes start from the single process's checkpoint of step 1 (each reads its
     shards of arrays written whole) and write their own of steps 2 and 3."""

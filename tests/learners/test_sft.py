@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from tiny import VARIANTS, tiny_base_model
 
@@ -24,6 +25,7 @@ def _params(model):
     return [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
+@pytest.mark.slow
 def test_sft_fits_a_fixed_batch_on_the_masked_tokens():
     model, batch = _model(), _batch()
     step = SFTStep(model, learning_rate=1e-2, warmup_steps=1)

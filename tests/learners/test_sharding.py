@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from tiny import subprocess_env
 
 SCRIPT = textwrap.dedent("""
@@ -79,6 +80,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_eight_fake_devices_give_the_same_update_as_one():
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
