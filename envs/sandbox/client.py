@@ -169,6 +169,7 @@ def _namespaces_work(user: bool) -> bool:
                 [unshare, *flags, "--mount", "--net", "--pid", "--fork", "--mount-proc", "true"],
                 capture_output=True,
                 timeout=10,
+                check=False,
             ).returncode
             == 0
         )

@@ -192,6 +192,7 @@ print("LOOP", agents.training.__file__, summary["step"], summary["eval/pass@1"])
         timeout=600,
         cwd=tmp_path,
         env=outside,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("LOOP"))

@@ -240,6 +240,7 @@ def test_the_main_job_trains_through_vllm(server, tiny, tmp_path):
         text=True,
         timeout=900,
         cwd=ROOT,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rollouts: vLLM server at {server.url}" in done.stdout

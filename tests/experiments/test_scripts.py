@@ -17,6 +17,7 @@ def run_script(name: str, *args: str, stdin: str | None = None, timeout: int = 3
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -107,6 +108,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     assert missing.returncode == 2 and "has no checkpoint 7; it has [1, 2]" in missing.stderr
     # a run directory holds one run: a new run into it is refused before anything loads
@@ -116,6 +118,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1 and "--resume" in lines[0], lines
@@ -134,6 +137,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     assert changed.returncode == 2 and "model.lora_rank: 4 -> 8" in changed.stderr, changed.stderr
     # a crash after step 3 was logged but before its checkpoint: the resumed run logs it again,
@@ -218,6 +222,7 @@ def test_main_job_bad_inputs_are_one_line_before_the_model_loads(
             text=True,
             timeout=300,
             cwd=ROOT,
+            check=False,
         )
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, lines)
@@ -240,6 +245,7 @@ def test_main_job_offline_error_is_one_line(tmp_path):
         timeout=300,
         cwd=ROOT,
         env=env,
+        check=False,
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
@@ -308,5 +314,6 @@ def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-2000:]

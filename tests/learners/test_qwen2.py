@@ -173,7 +173,9 @@ def test_the_model_module_does_not_import_the_loaders():
         "assert not hasattr(learners.qwen2.Qwen2ForCausalLM, 'from_pretrained')\n"
         "assert not hasattr(learners.qwen2.Qwen2Config, 'dim')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
