@@ -32,6 +32,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Self
 
 from agents.sampler import Sample, SamplingParams, check_per_prompt
 
@@ -417,7 +418,7 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> VLLMServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -184,7 +184,7 @@ class ToolMathEnv(gym.Env):
         self._append(action, parsed, observation)
         self._chars += len(action) + len(observation)
         if self._turns >= self.max_turns or self._chars > self.max_chars:
-            obs, reward, terminated, truncated, info = self._finish(None, terminated=False)
+            _obs, reward, terminated, truncated, info = self._finish(None, terminated=False)
             return observation, reward, terminated, truncated, info
         return observation, 0.0, False, False, self._info()
 

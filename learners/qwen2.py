@@ -317,7 +317,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, rngs=rngs, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -407,7 +407,7 @@ class Qwen2ForCausalLM(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         positions = _positions(attention_mask) if positions is None else positions
         key_mask = attention_mask.astype(bool)
-        attention = dict(implementation=self.attention, block=self.attention_block)
+        attention = {"implementation": self.attention, "block": self.attention_block}
 
         def run(graphdef, state, x):  # one layer, split/merged so that jax transforms apply
             return nnx.merge(graphdef, state)(x, positions, key_mask, **attention)[0]
@@ -459,7 +459,7 @@ class Qwen2ForCausalLM(nnx.Module):
             raise ValueError(f"prompt length {t} exceeds the cache capacity {max_len}")
         cache = self.init_cache(b, max_len)
         positions, key_mask = _positions(attention_mask), attention_mask.astype(bool)
-        attention = dict(implementation=self.attention, block=self.attention_block)
+        attention = {"implementation": self.attention, "block": self.attention_block}
         x = self.embed_tokens(input_ids)
         new_layers = []
         for layer, lc in zip(self.layers, cache.layers):

@@ -29,6 +29,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class RolloutPipeline:
         self._stop, self._pauses, self._busy = False, 0, False
         self._thread = threading.Thread(target=self._produce, name="rollout-pipeline", daemon=True)
 
-    def __enter__(self) -> RolloutPipeline:
+    def __enter__(self) -> Self:
         if self._collects:
             self._thread.start()
         return self

@@ -20,7 +20,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Self
 
 from .protocol import Open, ProtocolError, Result, Run, ServerReady, recv, send
 
@@ -333,7 +333,7 @@ class PythonSandbox:
                 self._finalizer()
             self._proc = self._control = self._finalizer = None
 
-    def __enter__(self) -> PythonSandbox:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -444,7 +444,7 @@ class SandboxSession:
                 self.closed = True
                 self._conn[0].close()  # the supervisor ends the session's processes
 
-    def __enter__(self) -> SandboxSession:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -65,7 +65,7 @@ def post(url, path, body):
 def test_rollouts_through_the_server_match_the_learner(
     server, chat_model, chat_tokenizer, tmp_path
 ):
-    url, service = server
+    url, _service = server
     sampler = VLLMSampler(url, chat_tokenizer, adapter_dir=str(tmp_path))
     assert sampler.model == "tiny-qwen" and sampler.adapter_version == 0
     assert sampler.sync_adapter(chat_model, 1) == f"{sampler.prefix}-v1"

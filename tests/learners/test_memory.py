@@ -188,7 +188,7 @@ def cut_batch():
 @pytest.mark.parametrize(
     "aggregation,options",
     [
-        ("seq-mean-token-mean", dict(ppo_epochs=2, beta=0.1, tis_cap=2.0)),  # every pass
+        ("seq-mean-token-mean", {"ppo_epochs": 2, "beta": 0.1, "tis_cap": 2.0}),  # every pass
         ("token-mean", {}),
         ("seq-mean-token-sum-norm", {}),
     ],
@@ -198,11 +198,11 @@ def test_any_cut_gives_the_whole_batch_loss_and_gradient(aggregation, options):
     give the whole batch's metrics and parameters (with the default aggregation also over two
     PPO epochs, the KL term and importance weights)."""
     cuts = [
-        dict(micro_batch_size=None),
+        {"micro_batch_size": None},
         {  # each cut compiles its shapes: one other cut each
-            "seq-mean-token-mean": dict(micro_batch_tokens=100),  # 2 x 48, then 3 x 32
-            "token-mean": dict(micro_batch_size=1),  # 1 x 48 twice, then 1 x 32 three times
-            "seq-mean-token-sum-norm": dict(micro_batch_size=4),
+            "seq-mean-token-mean": {"micro_batch_tokens": 100},  # 2 x 48, then 3 x 32
+            "token-mean": {"micro_batch_size": 1},  # 1 x 48 twice, then 1 x 32 three times
+            "seq-mean-token-sum-norm": {"micro_batch_size": 4},
         }[aggregation],
     ]  # 4 x 48, 4 x 32
     results = []

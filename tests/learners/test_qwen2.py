@@ -17,7 +17,7 @@ from learners.qwen2 import PRESETS, Qwen2Config
 
 @pytest.mark.parametrize("pad", [False, True])
 def test_logits_match_transformers(hf_model_dir, pad):
-    name, directory, hf = hf_model_dir
+    _name, directory, hf = hf_model_dir
     model = from_pretrained(directory)
     ids, mask = random_batch(hf.config.vocab_size, pad=pad)
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
@@ -82,7 +82,7 @@ def test_save_pretrained_round_trips_into_transformers(hf_model_dir, tmp_path):
 
 
 def test_sharded_bf16_checkpoint_and_separate_compute_dtype(hf_model_dir, tmp_path):
-    _, directory, hf = hf_model_dir
+    _, _directory, hf = hf_model_dir
     hf.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
     hf.to(torch.float32)
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
@@ -112,7 +112,7 @@ def test_remat_gives_the_same_logits_and_gradients(hf_model_dir):
 
 
 def test_config_conversion_and_presets(hf_model_dir):
-    _, directory, hf = hf_model_dir
+    _, directory, _hf = hf_model_dir
     with open(os.path.join(directory, "config.json")) as f:
         cfg = Qwen2Config.from_hf_config(json.load(f))
     assert Qwen2Config.from_hf_config(cfg.to_hf_config()) == cfg
