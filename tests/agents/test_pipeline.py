@@ -172,7 +172,7 @@ def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(
         mask = b.loss_mask == 1
         tokens = jnp.asarray(b.tokens)
 
-        def logprobs(version):
+        def logprobs(version, tokens=tokens, mask=mask):
             scored = nnx.clone(model)
             nnx.update(scored, params[version])
             return np.asarray(token_logprobs(scored(tokens), tokens))[mask]

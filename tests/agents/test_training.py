@@ -39,7 +39,7 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
         return identity
 
     first = run_id(resume=False)
-    assert open(os.path.join(run_dir, "wandb_run_id")).read().strip() == first
+    assert pathlib.Path(run_dir, "wandb_run_id").read_text().strip() == first
     assert run_id(resume=True) == first
     assert run_id(resume=False) != first  # a new run (after --overwrite) is a new W&B run
 
@@ -199,5 +199,5 @@ print("LOOP", agents.training.__file__, summary["step"], summary["eval/pass@1"])
     _, origin, step, pass1 = line.split()
     assert origin.startswith(os.path.dirname(os.path.dirname(installed_python))), origin
     assert step == "2" and 0.0 <= float(pass1) <= 1.0
-    records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2]

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from envs.sandbox import ExecutionResult, PythonSandbox, SandboxConfig
+from envs.sandbox import ExecutionResult, PythonSandbox, SandboxConfig, SandboxError
 
 FAST = SandboxConfig(timeout_s=5.0, max_timeout_s=60.0)
 
@@ -643,7 +643,7 @@ def test_close_leaves_no_process_behind():
     sb.close()
     alive = lambda: {p for p in tree if os.path.exists(f"/proc/{p}")}
     assert wait_until(lambda: not alive(), 5.0), alive()
-    with pytest.raises(Exception):
+    with pytest.raises(SandboxError):  # the session's server is gone
         s.run("print(x)")
 
 

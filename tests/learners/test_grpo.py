@@ -101,7 +101,7 @@ def test_masked_tokens_and_zero_advantages_give_no_gradient():
     mask = jnp.array([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     for agg in grpo.AGGREGATIONS:
         g = jax.grad(
-            lambda lp: grpo.policy_loss(
+            lambda lp, agg=agg: grpo.policy_loss(
                 lp,
                 old,
                 jnp.array([1.0, -2.0, 0.5]),
@@ -115,7 +115,7 @@ def test_masked_tokens_and_zero_advantages_give_no_gradient():
         assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0), agg
         assert np.any(np.asarray(g)[np.asarray(mask) == 1] != 0), agg
         g0 = jax.grad(
-            lambda lp: grpo.policy_loss(
+            lambda lp, agg=agg: grpo.policy_loss(
                 lp,
                 old,
                 jnp.zeros(3),

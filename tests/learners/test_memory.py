@@ -120,7 +120,9 @@ def test_scanned_layers_equal_unrolled_ones():
             layer.mlp.up_proj.lora_b.set_value(jnp.full(layer.mlp.up_proj.lora_b.shape, 0.1))
         model.scan_layers, model.remat = scan, True
         graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-        loss = lambda lora: jnp.mean(nnx.merge(graphdef, lora, rest)(ids) ** 2)
+        loss = lambda lora, graphdef=graphdef, rest=rest: jnp.mean(
+            nnx.merge(graphdef, lora, rest)(ids) ** 2
+        )
         results.append(
             (
                 np.asarray(nnx.merge(graphdef, lora, rest)(ids)),
