@@ -56,7 +56,8 @@ class _GymnasiumFinder:
 def _register() -> None:
     try:
         __import__("envs")
-    except Exception as exc:  # a broken install must not break every program that uses Gymnasium
+    # a broken install must not break every program that uses Gymnasium
+    except Exception as exc:  # noqa: BLE001 - reported below, whatever it is
         print(f"toolgrpo: its Gymnasium environments are not registered: {exc!r}", file=sys.stderr)
 
 

@@ -160,8 +160,8 @@ def _check_local_file(source: str, ext: str) -> None:
                     f"problem file {source!r} line {number} is not JSON "
                     f"({exc.msg} at column {exc.colno}): {line.strip()[:80]!r}"
                 ) from None
-            if not isinstance(row, dict):
-                raise ValueError(
+            if not isinstance(row, dict):  # a bad line of the file: a ValueError like the others
+                raise ValueError(  # noqa: TRY004
                     f"problem file {source!r} line {number} is not a JSON object "
                     f"with question and answer fields: {line.strip()[:80]!r}"
                 )

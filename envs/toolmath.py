@@ -81,7 +81,8 @@ class ToolMathEnv(gym.Env):
     * v0: initial release.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    # gym.Env declares `metadata` a plain dict attribute, which a ClassVar may not override
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012
 
     def __init__(
         self,

@@ -299,7 +299,9 @@ def config_from_dict(values: dict, cls: type = Config, where: str = "") -> Any:
     """A `cls` from a nested mapping (a YAML file, a saved config.json), every value checked
     against its field's type: a ValueError names the first bad key, with its dotted path."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where or 'the config'} must map setting names to values")
+        # a ValueError like every other bad config: the value comes from a file, not from code
+        message = f"{where or 'the config'} must map setting names to values"
+        raise ValueError(message)  # noqa: TRY004
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)

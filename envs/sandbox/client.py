@@ -453,7 +453,7 @@ class SandboxSession:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing to report to
             pass
 
 
