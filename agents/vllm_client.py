@@ -358,7 +358,7 @@ class VLLMServer:
         )
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> VLLMServer:
+    def start(self) -> Self:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.env}
         # the server holds its own copy of the log's descriptor: ours closes once it has started
         with open(self.log_path, "w") as log:

@@ -200,7 +200,7 @@ class PythonSandbox:
         self._idle: list[socket.socket] = []  # sessions that serve stateless calls, ready
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> PythonSandbox:
+    def start(self) -> Self:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start_locked()
@@ -212,10 +212,11 @@ class PythonSandbox:
         prefix: list[str] = []
         namespaces = False
         if cfg.isolation != "none":
-            if root and _namespaces_work(user=False):
-                prefix, namespaces = [shutil.which("unshare")], True
-            elif not root and _namespaces_work(user=True):
-                prefix, namespaces = [shutil.which("unshare"), "--user", "--map-root-user"], True
+            unshare = shutil.which("unshare")  # without it, namespaces do not work
+            if root and unshare and _namespaces_work(user=False):
+                prefix, namespaces = [unshare], True
+            elif not root and unshare and _namespaces_work(user=True):
+                prefix, namespaces = [unshare, "--user", "--map-root-user"], True
             elif cfg.isolation == "namespaces":
                 raise SandboxError(
                     "SandboxConfig.isolation='namespaces' but this machine cannot "
@@ -373,9 +374,11 @@ class PythonSandbox:
             mine, theirs = socket.socketpair()
             try:
                 with self._lock:
+                    if self._control is None:  # closed by another thread since start()
+                        raise ConnectionError("the sandbox server is closed")
                     send(self._control, Open(), fds=[theirs.fileno()])
                 return mine, self
-            except (OSError, AttributeError):
+            except OSError:
                 mine.close()
                 if attempt:
                     raise SandboxError("the sandbox server is not answering") from None
