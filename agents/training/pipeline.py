@@ -112,9 +112,13 @@ class RolloutPipeline:
             with self._cond:
                 self._cond.wait_for(lambda: step in self._ready or self._error is not None)
                 if step not in self._ready:
+                    assert self._error is not None  # what the wait ended on, without a batch
                     raise self._error
                 collected = self._ready.pop(step)
-        return broadcast_collected(collected) if jax.process_count() > 1 else collected
+        if jax.process_count() > 1:
+            return broadcast_collected(collected)
+        assert collected is not None  # a single process is process 0, which collects
+        return collected
 
     def publish(self) -> None:
         """The learner's adapter changed: collections that start from now on use it."""
