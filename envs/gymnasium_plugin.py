@@ -48,7 +48,8 @@ class _GymnasiumFinder:
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _RegisterAfterLoad(spec.loader)
+                    # a stand-in, not an importlib.abc.Loader: the rest it forwards to Gymnasium's
+                    spec.loader = _RegisterAfterLoad(spec.loader)  # ty: ignore[invalid-assignment]
                 return spec
         return None
 

@@ -102,7 +102,9 @@ def _load_table(source: str, split: str):
         return loaded[split]
     if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is
         return next(iter(loaded.values()))
-    raise ValueError(f"{source!r} has no split {split!r}; it has {', '.join(loaded)}")
+    raise ValueError(
+        f"{source!r} has no split {split!r}; it has {', '.join(str(s) for s in loaded)}"
+    )
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -245,7 +247,8 @@ class ArithProblems(Sequence[Problem]):
     def __len__(self) -> int:
         return self.SIZE
 
-    def __getitem__(self, index: int) -> Problem:  # type: ignore[override]
+    # integers only, deliberately: a slice of 2**31 generated problems is not made
+    def __getitem__(self, index: int) -> Problem:  # ty: ignore[incompatible-method-override]
         if not 0 <= index < self.SIZE:
             raise IndexError(index)
         rng = random.Random(f"{self.seed}:{self.difficulty}:{index}")
