@@ -43,8 +43,10 @@ def run_cell(code: str, ns: dict, cell: int) -> str:
     try:
         tree = ast.parse(code, filename, "exec")
         last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+        final = tree.body[-1] if tree.body else None
+        if isinstance(final, ast.Expr):
+            tree.body.pop()
+            last = ast.Expression(final.value)
         exec(compile(tree, filename, "exec"), ns)  # noqa: S102 - running the snippet is the job
         if last is not None:
             value = eval(compile(last, filename, "eval"), ns)
