@@ -244,6 +244,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
         h = cfg.head_dim
+        assert h is not None  # Qwen2Config.__post_init__ derives it when not given
         self.q_proj = linear(d, n * h, True, dtype, param_dtype, rngs)
         self.k_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
         self.v_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
@@ -409,11 +410,10 @@ class Qwen2ForCausalLM(nnx.Module):
         key_mask = attention_mask.astype(bool)
         attention = {"implementation": self.attention, "block": self.attention_block}
 
-        def run(graphdef, state, x):  # one layer, split/merged so that jax transforms apply
+        def one_layer(graphdef, state, x):  # one layer, split/merged so that jax transforms apply
             return nnx.merge(graphdef, state)(x, positions, key_mask, **attention)[0]
 
-        if self.remat:
-            run = jax.checkpoint(run, static_argnums=0)
+        run = jax.checkpoint(one_layer, static_argnums=0) if self.remat else one_layer
         x = self.embed_tokens(input_ids)
         split = [nnx.split(layer) for layer in self.layers]
         graphdefs = {graphdef for graphdef, _ in split}
