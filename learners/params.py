@@ -110,7 +110,7 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     tensors = {}
     for name in files:
         with safe_open(os.path.join(directory, name), framework="flax") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 - a safe_open has keys() but is not iterable
                 tensors[key] = f.get_tensor(key)
     return tensors
 
