@@ -74,7 +74,7 @@ def fit(
     steps: int,
     seed: int,
     checkpoint: Callable[[int, bool], object] | None = None,
-    evaluate_at: Callable[[int], dict] | None = None,
+    evaluate_at: Callable[[int], object] | None = None,
     eval_every: int = 0,
     transcripts_every: int = 10,
 ) -> dict:
