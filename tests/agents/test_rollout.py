@@ -193,9 +193,9 @@ def test_sync_rounds_make_batches_that_do_not_depend_on_tool_timing(chat_tokeniz
         return "\\boxed{1}<|im_end|>" if slow else "\\boxed{4}<|im_end|>"
 
     class Recording(ScriptedSampler):
-        def generate(self, prompts, params, adapter_version=None, **per_prompt):
+        def generate(self, prompts, params, adapter_version=None, seeds=None, max_new_tokens=None):
             sizes.append(len(prompts))
-            return super().generate(prompts, params, adapter_version, **per_prompt)
+            return super().generate(prompts, params, adapter_version, seeds, max_new_tokens)
 
     sizes = []
     with Rollouts(

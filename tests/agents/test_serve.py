@@ -4,6 +4,7 @@ and the client's own failure paths (unreachable server, a server dying mid-rollo
 The vLLM path itself is tested against a real vLLM in test_vllm_server.py."""
 
 import json
+import urllib.error
 import urllib.request
 
 import gymnasium as gym

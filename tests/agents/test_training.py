@@ -34,6 +34,7 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
     def run_id(resume: bool) -> str:
         log = RunLog(run_dir, {"steps": 3}, wandb_mode="offline", resume=resume)
         log.log(1, {"train/reward": 0.5})
+        assert log.wandb is not None  # offline, not off
         identity = log.wandb.id
         log.close()
         return identity

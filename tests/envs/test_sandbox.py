@@ -207,7 +207,7 @@ def test_invalid_arguments_are_clear_errors(sandbox):
     with pytest.raises(ValueError, match="memory_mb"):
         SandboxConfig(memory_mb=64)
     with pytest.raises(ValueError, match="isolation"):
-        SandboxConfig(isolation="docker")
+        SandboxConfig(isolation="docker")  # ty: ignore[invalid-argument-type] - deliberately bad
 
 
 # --- time --------------------------------------------------------------------------------------------
@@ -638,6 +638,7 @@ def test_close_leaves_no_process_behind():
     sb = PythonSandbox(FAST)
     s = sb.session()
     s.run("import subprocess\nx = 1")
+    assert sb._proc is not None  # the session started the server
     tree = {sb._proc.pid} | descendants(sb._proc.pid)  # the server, its pool and the session
     assert len(tree) >= 4
     sb.close()
@@ -684,11 +685,13 @@ def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     from envs.sandbox.processes import children, dead, pid_of_pidfd
 
     def listed(pid: int, expected=frozenset()) -> set[int]:  # None while a thread of pytest's
-        found: list[set[int]] = []  # own ends mid-read: read again
+        found: list[set[int] | None] = []  # own ends mid-read: read again
         assert wait_until(
             lambda: found.append(children(pid, expected)) or found[-1] is not None, 2.0
         )
-        return found[-1]
+        last = found[-1]
+        assert last is not None  # what the wait waited for
+        return last
 
     me = int(os.readlink("/proc/self"))
     before = listed(me)

@@ -227,7 +227,8 @@ def test_one_epoch_needs_no_old_logprob_pass():
     tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, 32)
     cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant")
     state = init_state(tiny_model(), cfg)
-    mb = MicroBatch(tokens, jnp.ones((4, 6)).at[:, :2].set(0), jnp.array([1.0, -1.0, 0.5, -0.5]))
+    loss_mask = jnp.ones((4, 6)).at[:, :2].set(0)
+    mb = MicroBatch(tokens, loss_mask, jnp.array([1.0, -1.0, 0.5, -0.5]))
     with_pass = dataclasses.replace(mb, old_logprobs=sequence_logprobs(state, tokens))
     grad = jax.value_and_grad(_loss, has_aux=True)
     totals = (jnp.float32(16), jnp.float32(4))
@@ -243,7 +244,7 @@ def test_one_epoch_needs_no_old_logprob_pass():
         state,
         TrainBatch(
             tokens,
-            mb.loss_mask,
+            loss_mask,
             rewards=jnp.array([1.0, 0.0, 0.5, 0.0]),
             group_ids=jnp.array([0, 0, 1, 1]),
         ),

@@ -144,7 +144,7 @@ def test_head_dim_is_always_the_resolved_width(hf_model_dir):
         Qwen2Config(hidden_size=30, num_attention_heads=4, num_key_value_heads=2)
     for bad in (0, 7, -2, 8.0, True):
         with pytest.raises(ValueError, match="head_dim must be an even integer"):
-            Qwen2Config(head_dim=bad)
+            Qwen2Config(head_dim=bad)  # ty: ignore[invalid-argument-type] - deliberately bad
 
 
 def test_a_config_json_without_head_dim_loads(tmp_path):
