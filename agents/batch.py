@@ -9,7 +9,7 @@ batch.select(batch.informative_rows()), RolloutBatch.concat([a, b], pad_id=0)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -70,8 +70,11 @@ class RolloutBatch(TrainBatch):
     lengths          int32 [B]  real (unpadded) tokens of each row
     episodes         B EpisodeStats
     transcripts      B strings
+
+    Its sampler_logprobs are never None: a rollout records them.
     """
 
+    sampler_logprobs: np.ndarray = field(kw_only=True)
     adapter_version: np.ndarray
     lengths: np.ndarray
     episodes: list[EpisodeStats]

@@ -102,15 +102,28 @@ class _Episode:
         self.mask = [0] * len(self.tokens)
         self.logprobs = [0.0] * len(self.tokens)
 
-    def append(self, tokens: Sequence[int], sampled: bool, logprobs=None) -> None:
+    def append(
+        self, tokens: Sequence[int], sampled: bool, logprobs: Sequence[float] | None = None
+    ) -> None:
         """Tokens are only ever appended (or a sampled end-of-turn token taken back, `pop`):
-        what the model saw stays exactly what it sees next."""
+        what the model saw stays exactly what it sees next. Sampled tokens come with their
+        log-probabilities."""
+        if not sampled:
+            logprobs = [0.0] * len(tokens)
+        elif logprobs is None:
+            raise ValueError("sampled tokens need their log-probabilities")
         self.tokens += list(tokens)
         self.mask += [int(sampled)] * len(tokens)
-        self.logprobs += list(logprobs) if sampled else [0.0] * len(tokens)
+        self.logprobs += list(logprobs)
 
     def pop(self) -> None:
         del self.tokens[-1], self.mask[-1], self.logprobs[-1]
+
+    @property
+    def ended(self) -> EpisodeStats:
+        """The stats of an episode that has ended (`Rollouts._end` set them)."""
+        assert self.stats is not None, "the episode has not ended"
+        return self.stats
 
     def seed(self, step_seed: int) -> int:
         """The sampling seed of this episode's next turn: distinct for every (step seed, group,
@@ -408,13 +421,13 @@ class Rollouts:
             tokens=tokens,
             loss_mask=mask,
             sampler_logprobs=logprobs,
-            rewards=np.asarray([ep.stats.reward for ep in episodes], np.float32),
+            rewards=np.asarray([ep.ended.reward for ep in episodes], np.float32),
             group_ids=np.asarray([ep.group for ep in episodes], np.int32),
             adapter_version=np.asarray([min(ep.versions, default=0) for ep in episodes], np.int32),
             lengths=np.asarray([len(ep.tokens) for ep in episodes], np.int32),
-            episodes=[ep.stats for ep in episodes],
+            episodes=[ep.ended for ep in episodes],
             transcripts=[
-                ep.stats.header()
+                ep.ended.header()
                 + "\n\n"
                 + self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
                 for ep in episodes

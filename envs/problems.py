@@ -102,7 +102,9 @@ def _load_table(source: str, split: str):
         return loaded[split]
     if len(loaded) == 1:  # e.g. AIME 2025 ships only a "test" split; take what there is
         return next(iter(loaded.values()))
-    raise ValueError(f"{source!r} has no split {split!r}; it has {', '.join(loaded)}")
+    raise ValueError(
+        f"{source!r} has no split {split!r}; it has {', '.join(str(s) for s in loaded)}"
+    )
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -160,8 +162,8 @@ def _check_local_file(source: str, ext: str) -> None:
                     f"problem file {source!r} line {number} is not JSON "
                     f"({exc.msg} at column {exc.colno}): {line.strip()[:80]!r}"
                 ) from None
-            if not isinstance(row, dict):
-                raise ValueError(
+            if not isinstance(row, dict):  # a bad line of the file: a ValueError like the others
+                raise ValueError(  # noqa: TRY004
                     f"problem file {source!r} line {number} is not a JSON object "
                     f"with question and answer fields: {line.strip()[:80]!r}"
                 )
@@ -245,7 +247,8 @@ class ArithProblems(Sequence[Problem]):
     def __len__(self) -> int:
         return self.SIZE
 
-    def __getitem__(self, index: int) -> Problem:  # type: ignore[override]
+    # integers only, deliberately: a slice of 2**31 generated problems is not made
+    def __getitem__(self, index: int) -> Problem:  # ty: ignore[incompatible-method-override]
         if not 0 <= index < self.SIZE:
             raise IndexError(index)
         rng = random.Random(f"{self.seed}:{self.difficulty}:{index}")

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from envs.answers import last_boxed
 
-PYTHON_TOOL = {
+PYTHON_TOOL: dict[str, Any] = {  # a JSON schema: values of every JSON type
     "type": "function",
     "function": {
         "name": "python",

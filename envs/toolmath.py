@@ -81,7 +81,8 @@ class ToolMathEnv(gym.Env):
     * v0: initial release.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    # gym.Env declares `metadata` a plain dict attribute, which a ClassVar may not override
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012
 
     def __init__(
         self,
@@ -184,7 +185,7 @@ class ToolMathEnv(gym.Env):
         self._append(action, parsed, observation)
         self._chars += len(action) + len(observation)
         if self._turns >= self.max_turns or self._chars > self.max_chars:
-            obs, reward, terminated, truncated, info = self._finish(None, terminated=False)
+            _obs, reward, terminated, truncated, info = self._finish(None, terminated=False)
             return observation, reward, terminated, truncated, info
         return observation, 0.0, False, False, self._info()
 
@@ -247,8 +248,14 @@ class ToolMathEnv(gym.Env):
         else:
             self._messages.append(message)
 
+    def _current(self) -> Problem:
+        """The episode's problem, which reset() drew."""
+        if self._problem is None:
+            raise RuntimeError("no episode yet: call reset() first")
+        return self._problem
+
     def _finish(self, answer: str | None, terminated: bool):
-        problem = self._problem
+        problem = self._current()
         correct = answers_match(answer, problem.answer, problem.answer_kind)
         components = reward_components(correct, answer, self._stats)
         reward = self.reward_weights.combine(components)
@@ -262,7 +269,7 @@ class ToolMathEnv(gym.Env):
 
     def _info(self) -> dict:
         return {
-            "problem_id": self._problem.id,
+            "problem_id": self._current().id,
             "turn": self._turns,
             "tool": dict(vars(self._stats)),
             "messages": self._copy_messages(),
@@ -275,6 +282,14 @@ class ToolMathEnv(gym.Env):
         if self._session is not None:
             self._session.close()
             self._session = None
+
+
+def unwrapped_toolmath(env: gym.Env) -> ToolMathEnv:
+    """The ToolMathEnv under gym.make's wrappers (which hide its attributes, like `problems`)."""
+    inner = env.unwrapped
+    if not isinstance(inner, ToolMathEnv):
+        raise TypeError(f"not a ToolMath environment: {type(inner).__name__}")
+    return inner
 
 
 def _bump(stats: ToolStats, **deltas: int) -> ToolStats:

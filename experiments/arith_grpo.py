@@ -39,6 +39,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -114,7 +115,7 @@ class Config:
     """Held-out problems for the accuracy figures."""
     eval_samples: int = 2
     """Samples per held-out problem (pass@1 is their mean)."""
-    wandb: str = "off"
+    wandb: Literal["online", "offline", "off"] = "off"
     """Weights & Biases: "online", "offline" or "off"."""
 
     def __post_init__(self):

@@ -33,39 +33,39 @@ from dataclasses import dataclass
 import tyro
 
 SHAPES = {
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        batch=8,
-        seq_len=128,
-        rank=16,
-    ),
-    "0.5b-width": dict(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=2,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        batch=2,
-        seq_len=256,
-        rank=128,
-    ),
-    "0.5b": dict(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        batch=8,
-        seq_len=1024,
-        rank=128,
-    ),
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "batch": 8,
+        "seq_len": 128,
+        "rank": 16,
+    },
+    "0.5b-width": {
+        "vocab_size": 151_936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "batch": 2,
+        "seq_len": 256,
+        "rank": 128,
+    },
+    "0.5b": {
+        "vocab_size": 151_936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "batch": 8,
+        "seq_len": 1024,
+        "rank": 128,
+    },
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
@@ -324,7 +324,7 @@ def measure(args: Args, side: str, name: str) -> dict:
     for flag in ("batch", "seq_len", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{side} benchmark failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

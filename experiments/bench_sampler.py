@@ -125,15 +125,15 @@ def main(args: Args) -> dict:
     out = sampler.generate(prompts, params)  # compile
     assert all(len(s[0].token_ids) == args.new_tokens for s in out)
 
-    kwargs = dict(
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
+    kwargs = {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+    }
     ids = torch.tensor(prompts)
     with contextlib.ExitStack() as stack, torch.no_grad():
         d = stack.enter_context(tempfile.TemporaryDirectory())

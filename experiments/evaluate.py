@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from agents.rollout import RolloutConfig
 
@@ -77,9 +78,12 @@ def main(args: Args) -> dict:
     import envs  # noqa: F401 - registers the environments
     from agents.rollout import Rollouts
     from agents.training import evaluate
+    from envs.toolmath import unwrapped_toolmath
     from learners.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer_name = args.tokenizer or args.model
+    assert tokenizer_name is not None  # Args: --endpoint needs --tokenizer
+    tokenizer = load_tokenizer(tokenizer_name)
     if args.endpoint:
         from agents.vllm_client import VLLMSampler
 
@@ -90,20 +94,21 @@ def main(args: Args) -> dict:
         from learners.lora import load_peft_adapter
         from learners.params import from_pretrained
 
+        assert args.model is not None  # Args: exactly one of --model and --endpoint
         model = from_pretrained(args.model)
         if args.adapter:
             load_peft_adapter(model, args.adapter)
         eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
         sampler = JaxSampler(model, tokenizer, eos_token_ids=eos)
         name = args.model + (f" + {args.adapter}" if args.adapter else "")
-    kwargs = {
+    kwargs: dict[str, Any] = {  # the environment's, of several types
         "protocol": args.protocol,
         "max_turns": args.max_turns,
         "split": args.split,
         **({"problems": args.problems} if args.problems else {}),
     }
     env = gym.make(args.env_id, **kwargs)
-    available = len(env.unwrapped.problems)
+    available = len(unwrapped_toolmath(env).problems)
     env.close()
     n = min(available, args.limit or available)
     if n > 100_000:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import tyro
@@ -42,7 +43,7 @@ def read_turn() -> str | None:
 
 
 def main(args: Args) -> None:
-    kwargs = {"protocol": args.protocol}
+    kwargs: dict[str, Any] = {"protocol": args.protocol}  # the environment's
     if args.problems:
         kwargs["problems"] = args.problems
     env = gym.make(args.env_id, **kwargs)

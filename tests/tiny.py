@@ -20,50 +20,50 @@ import pathlib
 
 TESTS_DIR = str(pathlib.Path(__file__).resolve().parent)
 
-TINY = dict(
-    vocab_size=32,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=10_000.0,
-)
+TINY = {
+    "vocab_size": 32,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rope_theta": 10_000.0,
+}
 """Fields of the tiny Qwen2 (the rest are Qwen2Config's defaults): head width 8, two query heads
 per key/value head, tied embeddings."""
 
 VARIANTS = {
     # grouped-query attention, 3 query heads per KV head, tied embeddings, odd vocabulary
-    "gqa_tied": dict(
-        vocab_size=97,
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
+    "gqa_tied": {
+        "vocab_size": 97,
+        "hidden_size": 48,
+        "intermediate_size": 72,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
     # multi-head attention, odd MLP width, untied embeddings, three layers
-    "mha_untied": dict(
-        vocab_size=101,
-        hidden_size=40,
-        intermediate_size=50,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    ),
+    "mha_untied": {
+        "vocab_size": 101,
+        "hidden_size": 40,
+        "intermediate_size": 50,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    },
     # one KV head for eight query heads, an explicit head_dim (not hidden_size / heads)
-    "mqa": dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=8,
-        tie_word_embeddings=True,
-    ),
+    "mqa": {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 40,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "tie_word_embeddings": True,
+    },
 }
 """Shapes that exercise the attention variants, each compared with transformers
 (tests/learners/tiny_qwen.py); a variant overrides TINY's sizes and keeps its rope_theta."""

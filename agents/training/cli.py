@@ -13,9 +13,12 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agents.training.config import config_from_dict
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 def fail(message: str):
@@ -24,7 +27,9 @@ def fail(message: str):
     raise SystemExit(2)
 
 
-def load_config(argv: list[str], cls: type, default: Any = None, description: str = "") -> Any:
+def load_config(
+    argv: list[str], cls: type[DataclassInstance], default: Any = None, description: str = ""
+) -> Any:
     """Defaults, then a YAML/JSON file (--config PATH or --config=PATH), then flags. A file nests
     as the config does: `steps: 50` at the top, `grpo: {eps_high: 0.3}` for a section."""
     import tyro
@@ -65,7 +70,7 @@ def _section_errors_raised():
     return hook(raise_value_error)
 
 
-def read_config_file(path: str, cls: type, default: Any) -> Any:
+def read_config_file(path: str, cls: type[DataclassInstance], default: Any) -> Any:
     """`default` with a config file's settings applied, each checked against its type; errors
     name the file and the setting."""
     import yaml

@@ -15,7 +15,7 @@ import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import tyro
 
@@ -25,6 +25,9 @@ from agents.training.loop import PIPELINED_TIS_CAP
 from envs.rewards import RewardWeights
 from envs.toolmath import ToolMathEnv
 from learners.train import GRPOConfig
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 _ENV_DEFAULTS = {
     name: p.default for name, p in inspect.signature(ToolMathEnv.__init__).parameters.items()
@@ -295,11 +298,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_from_dict(values: dict, cls: type = Config, where: str = "") -> Any:
+def config_from_dict(values: dict, cls: type[DataclassInstance] = Config, where: str = "") -> Any:
     """A `cls` from a nested mapping (a YAML file, a saved config.json), every value checked
     against its field's type: a ValueError names the first bad key, with its dotted path."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where or 'the config'} must map setting names to values")
+        # a ValueError like every other bad config: the value comes from a file, not from code
+        message = f"{where or 'the config'} must map setting names to values"
+        raise ValueError(message)  # noqa: TRY004
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)

@@ -43,10 +43,9 @@ class DistConfig:
                 "dist.coordinator, dist.num_processes and dist.process_id go "
                 f"together; got {explicit}"
             )
-        if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
-            raise ValueError(
-                f"dist.process_id must be in 0..{self.num_processes - 1}, got {self.process_id}"
-            )
+        n, i = self.num_processes, self.process_id  # both set, or neither
+        if n is not None and i is not None and not 0 <= i < n:
+            raise ValueError(f"dist.process_id must be in 0..{n - 1}, got {i}")
         if self.data < 1:
             raise ValueError(f"dist.data must be >= 1, got {self.data}")
 

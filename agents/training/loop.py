@@ -99,6 +99,13 @@ class GRPOLoop:
             self.local_lora = self.state.lora
 
     @property
+    def collector(self) -> Rollouts:
+        """`rollouts`, in the one process that collects."""
+        if self.rollouts is None:
+            raise RuntimeError("this process of the learner has no rollouts: process 0 collects")
+        return self.rollouts
+
+    @property
     def adapter_version(self) -> int:
         """The updates the adapter has had: the version that tags the samples it makes."""
         return int(self.state.updates)
@@ -131,7 +138,7 @@ class GRPOLoop:
         version = self.adapter_version if adapter_version is None else adapter_version
 
         def play(round_seed: int) -> RolloutBatch:
-            return self.rollouts.collect(
+            return self.collector.collect(
                 [next(problems) for _ in range(self.problems_per_step)],
                 seed=round_seed,
                 adapter_version=version,
@@ -165,7 +172,7 @@ class GRPOLoop:
         )
         if not found:  # every group was uniform: the step is still taken (a zero-loss update)
             stats["all_groups_uniform"] = 1  # so that optimizer steps and loop steps stay one count
-        pad_id = self.rollouts.tokenizer.pad_token_id or 0
+        pad_id = self.collector.tokenizer.pad_token_id or 0
         parts = (
             [
                 first_groups(
@@ -213,7 +220,7 @@ class GRPOLoop:
             )
         metrics = {}
         if batch.episodes:  # (a process but 0 of a multi-process learner has only the arrays)
-            filler = stats.get("filler_groups", 0) * self.rollouts.cfg.group_size
+            filler = stats.get("filler_groups", 0) * self.collector.cfg.group_size
             real = len(batch.rewards) - filler
             episodes = batch.select(np.arange(len(batch.rewards)) < real) if real else batch
             metrics = {f"train/{k}": v for k, v in episodes.metrics().items()}
@@ -226,7 +233,7 @@ class GRPOLoop:
         metrics["time/rollout_s"], metrics["time/collect_s"] = waited_s, collected.collect_s
         return metrics, batch
 
-    def step(self, problems: Iterator[int], seed: int) -> tuple[dict, RolloutBatch]:
+    def step(self, problems: ProblemOrder, seed: int) -> tuple[dict, RolloutBatch]:
         """Synchronously: collect, update, sync the sampler ("train/..." and "time/..." metrics,
         the batch trained on). time/rollout_s is the collection's time."""
         t0 = time.perf_counter()
@@ -267,7 +274,8 @@ class ProblemOrder:
 
     def __init__(self, size: int | None, seed: int = 0, position: int = 0):
         self.size, self.seed, self.position = size, seed, position
-        self._epoch, self._order = -1, None
+        self._epoch = -1  # no permutation drawn yet: the first index draws epoch 0's
+        self._order = np.arange(0)
 
     def __iter__(self):
         return self

@@ -29,6 +29,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class RolloutPipeline:
         self._stop, self._pauses, self._busy = False, 0, False
         self._thread = threading.Thread(target=self._produce, name="rollout-pipeline", daemon=True)
 
-    def __enter__(self) -> RolloutPipeline:
+    def __enter__(self) -> Self:
         if self._collects:
             self._thread.start()
         return self
@@ -111,9 +112,13 @@ class RolloutPipeline:
             with self._cond:
                 self._cond.wait_for(lambda: step in self._ready or self._error is not None)
                 if step not in self._ready:
+                    assert self._error is not None  # what the wait ended on, without a batch
                     raise self._error
                 collected = self._ready.pop(step)
-        return broadcast_collected(collected) if jax.process_count() > 1 else collected
+        if jax.process_count() > 1:
+            return broadcast_collected(collected)
+        assert collected is not None  # a single process is process 0, which collects
+        return collected
 
     def publish(self) -> None:
         """The learner's adapter changed: collections that start from now on use it."""

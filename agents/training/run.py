@@ -30,7 +30,7 @@ from agents.training.cli import fail, one_line_errors
 from agents.training.config import RESUMABLE_CHANGES, Config, flatten
 from agents.training.evaluation import evaluate
 from agents.training.loop import GRPOLoop, ProblemOrder, sampler_copy
-from agents.training.runlog import RunLog, run_environment, truncate_metrics
+from agents.training.runlog import RunLog, StepLog, run_environment, truncate_metrics
 
 
 class Interrupted(Exception):
@@ -68,13 +68,13 @@ class GracefulInterrupt:
 def fit(
     loop: GRPOLoop,
     problems: ProblemOrder,
-    log: RunLog,
+    log: StepLog,
     *,
     start: int,
     steps: int,
     seed: int,
     checkpoint: Callable[[int, bool], object] | None = None,
-    evaluate_at: Callable[[int], dict] | None = None,
+    evaluate_at: Callable[[int], object] | None = None,
     eval_every: int = 0,
     transcripts_every: int = 10,
 ) -> dict:
@@ -252,6 +252,7 @@ def check_inputs(cfg: Config):
     import gymnasium as gym
 
     import envs
+    from envs.toolmath import unwrapped_toolmath
     from learners.params import read_model_config, resolve
     from learners.tokenizer import load_tokenizer
 
@@ -262,7 +263,7 @@ def check_inputs(cfg: Config):
     sizes = []
     for split in ("train", "test"):
         probe = gym.make(cfg.env.env_id, **cfg.env.env_kwargs(split))  # loads the problems now
-        sizes.append(len(probe.unwrapped.problems))
+        sizes.append(len(unwrapped_toolmath(probe).problems))
         check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg)
         probe.close()
     return tokenizer, sizes[0], min(sizes[1], cfg.eval.limit or 10**9)
@@ -429,6 +430,7 @@ def train(cfg: Config) -> dict:
         def evaluate_at(step: int) -> dict:
             if not main:
                 return {}
+            assert evaluator is not None  # the main process made it
             loop.sync_sampler()  # the learner's latest adapter (a no-op when it has it)
             metrics, transcripts = evaluate(
                 evaluator,

@@ -13,7 +13,9 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
+
+WandbMode = Literal["online", "offline", "off"]
 
 PLOTS = {
     "reward": ("train/reward", "eval/reward"),
@@ -93,6 +95,14 @@ def run_environment() -> dict:
     }
 
 
+class StepLog(Protocol):
+    """What `fit` logs to: a RunLog, or anything else with its log and transcripts."""
+
+    def log(self, step: int, metrics: dict) -> None: ...
+
+    def transcripts(self, step: int, texts: Sequence[str], tag: str = "train") -> None: ...
+
+
 class RunLog:
     """metrics.jsonl, transcripts and PNG plots in `directory`; Weights & Biases optionally
     ("online" with a key, "offline" otherwise, or "off"). The W&B run's id is kept in
@@ -102,7 +112,7 @@ class RunLog:
         self,
         directory: str,
         config: Any,
-        wandb_mode: str = "off",
+        wandb_mode: WandbMode = "off",
         project: str = "toolgrpo",
         plot_every: int = 5,
         plot_name: str = "metrics.png",

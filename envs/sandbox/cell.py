@@ -43,9 +43,11 @@ def run_cell(code: str, ns: dict, cell: int) -> str:
     try:
         tree = ast.parse(code, filename, "exec")
         last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
-        exec(compile(tree, filename, "exec"), ns)
+        final = tree.body[-1] if tree.body else None
+        if isinstance(final, ast.Expr):
+            tree.body.pop()
+            last = ast.Expression(final.value)
+        exec(compile(tree, filename, "exec"), ns)  # noqa: S102 - running the snippet is the job
         if last is not None:
             value = eval(compile(last, filename, "eval"), ns)
             if value is not None:
@@ -62,7 +64,7 @@ def run_cell(code: str, ns: dict, cell: int) -> str:
             tb = tb.tb_next
         try:
             sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
-        except BaseException:  # noqa: BLE001 - a broken stderr must not hide the status
+        except BaseException:  # noqa: BLE001, S110 - a broken stderr must not hide the status
             pass
         return "memory" if isinstance(exc, MemoryError) else "error"
 
@@ -130,7 +132,7 @@ def cell_process(
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except BaseException:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001, S110 - a closed stream: nowhere to report to
             pass
     if status == "ok" and order.keep and time.monotonic() < order.promote_by:
         return _become_state(chan, CellDone("ok", promoted=True), scoped, state_pid)

@@ -44,6 +44,11 @@ class ReadyCell:
     err_r: int
     proc_pid: int  # its pid, read from its pidfd
 
+    def channel(self) -> socket.socket:
+        """`chan`, while the cell has not become the state."""
+        assert self.chan is not None, "the cell's channel is the state's now"
+        return self.chan
+
     def close(self) -> None:
         if self.chan is not None:
             self.chan.close()
@@ -89,7 +94,7 @@ def promotion_holds(
     c, s = cell.proc_pid, state_pid
     of_cell = children(c)
     of_state = children(s, {c}) if s is not None else None  # None: gone, its children are P's
-    of_self = children(own_pid, {c, s})
+    of_self = children(own_pid, {c} if s is None else {c, s})
     return (
         of_cell == set()
         and (of_state is None or of_state <= {c})
@@ -153,7 +158,9 @@ class StateAttributes:
     limits: bytes  # /proc/<pid>/limits
 
     @classmethod
-    def read(cls, pidfd: int, proc_pid: int | None) -> StateAttributes | None:
+    def read(cls, pidfd: int | None, proc_pid: int | None) -> StateAttributes | None:
+        if pidfd is None:  # no state
+            return None
         pid = pid_of_pidfd(pidfd, own_namespace=True)
         if pid is None or proc_pid is None:
             return None

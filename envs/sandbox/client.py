@@ -20,7 +20,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Self
 
 from .protocol import Open, ProtocolError, Result, Run, ServerReady, recv, send
 
@@ -169,6 +169,7 @@ def _namespaces_work(user: bool) -> bool:
                 [unshare, *flags, "--mount", "--net", "--pid", "--fork", "--mount-proc", "true"],
                 capture_output=True,
                 timeout=10,
+                check=False,
             ).returncode
             == 0
         )
@@ -199,7 +200,7 @@ class PythonSandbox:
         self._idle: list[socket.socket] = []  # sessions that serve stateless calls, ready
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> PythonSandbox:
+    def start(self) -> Self:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start_locked()
@@ -211,10 +212,11 @@ class PythonSandbox:
         prefix: list[str] = []
         namespaces = False
         if cfg.isolation != "none":
-            if root and _namespaces_work(user=False):
-                prefix, namespaces = [shutil.which("unshare")], True
-            elif not root and _namespaces_work(user=True):
-                prefix, namespaces = [shutil.which("unshare"), "--user", "--map-root-user"], True
+            unshare = shutil.which("unshare")  # without it, namespaces do not work
+            if root and unshare and _namespaces_work(user=False):
+                prefix, namespaces = [unshare], True
+            elif not root and unshare and _namespaces_work(user=True):
+                prefix, namespaces = [unshare, "--user", "--map-root-user"], True
             elif cfg.isolation == "namespaces":
                 raise SandboxError(
                     "SandboxConfig.isolation='namespaces' but this machine cannot "
@@ -332,7 +334,7 @@ class PythonSandbox:
                 self._finalizer()
             self._proc = self._control = self._finalizer = None
 
-    def __enter__(self) -> PythonSandbox:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -372,9 +374,11 @@ class PythonSandbox:
             mine, theirs = socket.socketpair()
             try:
                 with self._lock:
+                    if self._control is None:  # closed by another thread since start()
+                        raise ConnectionError("the sandbox server is closed")
                     send(self._control, Open(), fds=[theirs.fileno()])
                 return mine, self
-            except (OSError, AttributeError):
+            except OSError:
                 mine.close()
                 if attempt:
                     raise SandboxError("the sandbox server is not answering") from None
@@ -443,7 +447,7 @@ class SandboxSession:
                 self.closed = True
                 self._conn[0].close()  # the supervisor ends the session's processes
 
-    def __enter__(self) -> SandboxSession:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -452,7 +456,7 @@ class SandboxSession:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing to report to
             pass
 
 

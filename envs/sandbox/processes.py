@@ -203,7 +203,7 @@ def pidfd_signal(pidfd: int | None, sig: int) -> bool:
         return False
 
 
-def children(pid: int, expected: set[int] = frozenset()) -> set[int] | None:
+def children(pid: int, expected: set[int] | frozenset[int] = frozenset()) -> set[int] | None:
     """The children of every thread of `pid` that are not zombies, as the kernel lists them
     (members of `expected` are returned without that check); None if `pid` or one of its threads
     vanished while they were read (a caller assumes the worst)."""

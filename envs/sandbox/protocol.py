@@ -104,8 +104,10 @@ class ServerReady(Message):
         }
 
     @staticmethod
-    def from_header(h: dict) -> ServerReady:
-        return ServerReady(int(h["pid"]), dict(h["protections"]), bool(h.get("separate_uid")))
+    def from_header(header: dict) -> ServerReady:
+        return ServerReady(
+            int(header["pid"]), dict(header["protections"]), bool(header.get("separate_uid"))
+        )
 
 
 class Open(Message):
@@ -136,8 +138,8 @@ class Run(Message):
         return {"op": "run", "timeout_s": self.timeout_s, "keep": self.keep}
 
     @staticmethod
-    def from_header(h: dict) -> Run:
-        return Run(float(h["timeout_s"]), bool(h.get("keep", True)))
+    def from_header(header: dict) -> Run:
+        return Run(float(header["timeout_s"]), bool(header.get("keep", True)))
 
 
 class Result(Message):
@@ -174,14 +176,14 @@ class Result(Message):
         }
 
     @staticmethod
-    def from_header(h: dict) -> Result:
+    def from_header(header: dict) -> Result:
         return Result(
-            h["status"],
-            float(h["wall_s"]),
-            bool(h["truncated"]),
-            h.get("exit_code"),
-            int(h["stdout_len"]),
-            int(h["cell"]),
+            header["status"],
+            float(header["wall_s"]),
+            bool(header["truncated"]),
+            header.get("exit_code"),
+            int(header["stdout_len"]),
+            int(header["cell"]),
         )
 
 
@@ -202,8 +204,8 @@ class Fork(Message):
         return {"op": "fork", "reap": self.reap, "warm": self.warm}
 
     @staticmethod
-    def from_header(h: dict) -> Fork:
-        return Fork(h.get("reap") is True, h.get("warm") is not False)
+    def from_header(header: dict) -> Fork:
+        return Fork(header.get("reap") is True, header.get("warm") is not False)
 
 
 class ForkFailed(Message):
@@ -220,8 +222,8 @@ class ForkFailed(Message):
         return {"op": "fork_failed", "error": self.error}
 
     @staticmethod
-    def from_header(h: dict) -> ForkFailed:
-        return ForkFailed(str(h.get("error")))
+    def from_header(header: dict) -> ForkFailed:
+        return ForkFailed(str(header.get("error")))
 
 
 class CellReady(Message):
@@ -238,8 +240,8 @@ class CellReady(Message):
         return {"op": "ready", "proc_pid": self.proc_pid}
 
     @staticmethod
-    def from_header(h: dict) -> CellReady:
-        proc_pid = h.get("proc_pid")
+    def from_header(header: dict) -> CellReady:
+        proc_pid = header.get("proc_pid")
         return CellReady(proc_pid if type(proc_pid) is int else None)
 
 
@@ -265,8 +267,13 @@ class RunCell(Message):
         }
 
     @staticmethod
-    def from_header(h: dict) -> RunCell:
-        return RunCell(int(h["cell"]), int(h["cpu_s"]), bool(h.get("keep")), float(h["promote_by"]))
+    def from_header(header: dict) -> RunCell:
+        return RunCell(
+            int(header["cell"]),
+            int(header["cpu_s"]),
+            bool(header.get("keep")),
+            float(header["promote_by"]),
+        )
 
 
 CELL_STATUSES = ("ok", "error", "memory")
@@ -288,9 +295,11 @@ class CellDone(Message):
         return {"op": "done", "status": self.status, "promoted": self.promoted}
 
     @staticmethod
-    def from_header(h: dict) -> CellDone:
-        status = h.get("status")
-        return CellDone(status if status in CELL_STATUSES else "crashed", h.get("promoted") is True)
+    def from_header(header: dict) -> CellDone:
+        status = header.get("status")
+        return CellDone(
+            status if status in CELL_STATUSES else "crashed", header.get("promoted") is True
+        )
 
 
 class Promote(Message):
@@ -329,8 +338,8 @@ class RolledBack(Message):
         return {"op": "rolled_back", "wait_status": self.wait_status}
 
     @staticmethod
-    def from_header(h: dict) -> RolledBack:
-        return RolledBack(h.get("wait_status"))
+    def from_header(header: dict) -> RolledBack:
+        return RolledBack(header.get("wait_status"))
 
 
 def decode(header: dict, kinds) -> Message:

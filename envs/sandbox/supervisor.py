@@ -119,6 +119,11 @@ class Session:
         self.state_ran_code, self.state_stopped = ran_code, False
         self.state_attributes = None
 
+    def state_channel(self) -> socket.socket:
+        """The state's channel, where the caller knows there is a state."""
+        assert self.state is not None, "the session has no state process"
+        return self.state
+
     def state_trusted(self) -> bool:
         """Whether no code can have touched the state: the pristine state, of another uid than
         the code's."""
@@ -148,7 +153,7 @@ class Session:
             self.wake_state()
             mine, theirs = socket.socketpair()
             try:
-                send(self.state, Fork(reap, warm), fds=[theirs.fileno()])
+                send(self.state_channel(), Fork(reap, warm), fds=[theirs.fileno()])
                 theirs.close()
                 ready, _, fds = recv(
                     mine, CellReady, ForkFailed, deadline=time.monotonic() + READY_S
@@ -194,6 +199,7 @@ class Session:
             except ProcessLookupError:
                 pass
         elif self.scoped:  # a helper with the session's uid does it
+            assert self.uid is not None  # scoped, yet not the init of a pid namespace: by uid
             kill_as(self.uid)
 
     def ready_cell(self, notes: list[str], keep: bool) -> ReadyCell | None:
@@ -251,7 +257,7 @@ class Session:
         (Promote)."""
         order = RunCell(number, cpu_s, keep, deadline - PROMOTION_MARGIN_S)
         try:
-            send(cell.chan, order, code)
+            send(cell.channel(), order, code)
         except OSError:
             pass  # it died waiting; its pidfd says so in `_wait`
 
@@ -260,8 +266,9 @@ class Session:
         """Feed the cell's output to `streams` until the cell reports, ends or reaches the
         deadline, which also bounds the report's read. Returns (status, whether the cell says it
         has promoted itself)."""
+        chan = cell.channel()
         poller = select.poll()
-        for fd in (cell.out_r, cell.err_r, cell.chan.fileno(), cell.pidfd):
+        for fd in (cell.out_r, cell.err_r, chan.fileno(), cell.pidfd):
             poller.register(fd, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
@@ -274,9 +281,9 @@ class Session:
                         streams[fd].feed(data)
                     else:
                         poller.unregister(fd)
-                elif fd == cell.chan.fileno():
+                elif fd == chan.fileno():
                     try:
-                        done, _, _ = recv(cell.chan, CellDone, deadline=deadline)
+                        done, _, _ = recv(chan, CellDone, deadline=deadline)
                     except BadMessage:
                         return "crashed", False
                     except ProtocolError:
@@ -302,9 +309,9 @@ class Session:
         if status == "ok" and keep:
             if not promoted:
                 try:
-                    send(cell.chan, Promote())
+                    send(cell.channel(), Promote())
                     recv(
-                        cell.chan,
+                        cell.channel(),
                         Promoted,
                         deadline=max(deadline, time.monotonic()) + PROMOTE_GRACE_S,
                     )
@@ -314,7 +321,7 @@ class Session:
             if promoted and promotion_holds(
                 cell, self.state_pidfd, self.state_proc_pid, self.own_proc_pid
             ):  # its channel is the state's
-                self.set_state(cell.chan, cell.pidfd, cell.proc_pid, ran_code=True)
+                self.set_state(cell.channel(), cell.pidfd, cell.proc_pid, ran_code=True)
                 self.state_stopped = True
                 cell.chan, cell.pidfd = None, -1
             else:
@@ -347,8 +354,10 @@ class Session:
         Returns the cell's wait status as the state reports it, if plausible."""
         self.wake_state()
         try:
-            send(self.state, Rollback())
-            ack, _, _ = recv(self.state, RolledBack, deadline=time.monotonic() + ROLLBACK_S)
+            send(self.state_channel(), Rollback())
+            ack, _, _ = recv(
+                self.state_channel(), RolledBack, deadline=time.monotonic() + ROLLBACK_S
+            )
         except (ProtocolError, OSError):
             self.kill_all()
             return None

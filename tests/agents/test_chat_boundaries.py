@@ -56,8 +56,10 @@ CASES = {  # protocol, first turn, answer turn
     "answer cut by the turn budget": (
         "markdown",
         markdown_call("\n"),
-        "So \\boxed{408}, and that is all there is to say about this "
-        "problem, which was a product of two numbers",
+        (
+            "So \\boxed{408}, and that is all there is to say about this "
+            "problem, which was a product of two numbers"
+        ),
     ),
     "tool call, then the tool response": ("qwen", qwen_call(""), "\\boxed{408}<|im_end|>"),
     "tool call then end of turn": ("qwen", qwen_call("<|im_end|>"), "\\boxed{408}<|im_end|>"),

@@ -76,8 +76,8 @@ class StubRollouts:
 def loop_of(rollouts, problems_per_step=4, max_refills=2) -> GRPOLoop:
     return GRPOLoop(
         model=None,
-        state=SimpleNamespace(updates=0, lora=None),
-        cfg=None,
+        state=SimpleNamespace(updates=0, lora=None),  # ty: ignore[invalid-argument-type] - a stub
+        cfg=None,  # ty: ignore[invalid-argument-type] - collect never updates
         rollouts=rollouts,
         problems_per_step=problems_per_step,
         dynamic_sampling=True,

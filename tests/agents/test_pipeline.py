@@ -2,6 +2,7 @@
 bit; max_staleness 1 trains each batch one adapter version after the one that sampled it (the
 sampler reading its own copy of the adapter); Ctrl-C and resume lose and repeat no problem."""
 
+import dataclasses
 import os
 import signal
 
@@ -50,9 +51,7 @@ class LengthReward(gym.Wrapper):
 
 def arith_rollouts(sampler, tokenizer, group_size=2):
     make = lambda: LengthReward(gym.make("ToolMath-Arith-v0", max_turns=1))
-    return Rollouts(
-        make, sampler, tokenizer, RolloutConfig(**{**ROLL.__dict__, "group_size": group_size})
-    )
+    return Rollouts(make, sampler, tokenizer, dataclasses.replace(ROLL, group_size=group_size))
 
 
 def leaves(state):
@@ -174,7 +173,7 @@ def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(
         mask = b.loss_mask == 1
         tokens = jnp.asarray(b.tokens)
 
-        def logprobs(version):
+        def logprobs(version, tokens=tokens, mask=mask):
             scored = nnx.clone(model)
             nnx.update(scored, params[version])
             return np.asarray(token_logprobs(scored(tokens), tokens))[mask]
@@ -226,7 +225,7 @@ def test_ctrl_c_and_resume_of_a_pipelined_run_lose_and_repeat_no_problem():
             model,
             init_state(model, cfg),
             cfg,
-            rollouts,
+            rollouts,  # ty: ignore[invalid-argument-type] - a stub of Rollouts' collect and sampler
             problems_per_step=4,
             max_staleness=1,
             sampler_model=sampler_copy(model),

@@ -1,3 +1,4 @@
+import json
 import re
 
 import gymnasium as gym
@@ -19,7 +20,8 @@ def solve_with_tool(text: str, turn: int) -> str:
     if turn == 0:
         a, b = re.findall(r"Compute (\d+) × (\d+)", text)[-1]
         return f"I will compute it.\n```python\nprint({a} * {b})\n```\n"
-    return "So \\boxed{%s}.<|im_end|>" % re.findall(r"```output\n(.*?)\n```", text)[-1]
+    output = re.findall(r"```output\n(.*?)\n```", text)[-1]
+    return f"So \\boxed{{{output}}}.<|im_end|>"
 
 
 def product_env(**kw):
@@ -49,11 +51,10 @@ def test_scripted_tool_episodes_have_exact_tokens_and_masks(chat_tokenizer, prot
             return solve_with_tool(text, turn)
         if turn == 0:
             a, b = re.findall(r"Compute (\d+) × (\d+)", text)[-1]
-            return (
-                '<tool_call>\n{"name": "python", "arguments": {"code": "print(%s * %s)"}}\n'
-                "</tool_call>" % (a, b)
-            )
-        return "\\boxed{%s}<|im_end|>" % re.findall(r"<tool_response>\n(.*?)\n", text)[-1]
+            call = {"name": "python", "arguments": {"code": f"print({a} * {b})"}}
+            return f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+        output = re.findall(r"<tool_response>\n(.*?)\n", text)[-1]
+        return f"\\boxed{{{output}}}<|im_end|>"
 
     sampler = ScriptedSampler(tok, script, adapter_version=3)
     with Rollouts(
@@ -81,7 +82,7 @@ def test_scripted_tool_episodes_have_exact_tokens_and_masks(chat_tokenizer, prot
         else:
             assert output.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n")
             assert output.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
-        assert answer.replace("So ", "").replace(".<", "<") == "\\boxed{%d}<|im_end|>" % (a * b)
+        assert answer.replace("So ", "").replace(".<", "<") == f"\\boxed{{{a * b}}}<|im_end|>"
         np.testing.assert_allclose(batch.sampler_logprobs[i, :n][mask == 1], -0.5)
         # the token sequence is the chat template's rendering of the episode's messages; the
         # transcript puts the verdict, the reward, its components and both answers first
@@ -193,9 +194,9 @@ def test_sync_rounds_make_batches_that_do_not_depend_on_tool_timing(chat_tokeniz
         return "\\boxed{1}<|im_end|>" if slow else "\\boxed{4}<|im_end|>"
 
     class Recording(ScriptedSampler):
-        def generate(self, prompts, params, adapter_version=None, **per_prompt):
+        def generate(self, prompts, params, adapter_version=None, seeds=None, max_new_tokens=None):
             sizes.append(len(prompts))
-            return super().generate(prompts, params, adapter_version, **per_prompt)
+            return super().generate(prompts, params, adapter_version, seeds, max_new_tokens)
 
     sizes = []
     with Rollouts(

@@ -4,6 +4,7 @@ and the client's own failure paths (unreachable server, a server dying mid-rollo
 The vLLM path itself is tested against a real vLLM in test_vllm_server.py."""
 
 import json
+import urllib.error
 import urllib.request
 
 import gymnasium as gym
@@ -65,7 +66,7 @@ def post(url, path, body):
 def test_rollouts_through_the_server_match_the_learner(
     server, chat_model, chat_tokenizer, tmp_path
 ):
-    url, service = server
+    url, _service = server
     sampler = VLLMSampler(url, chat_tokenizer, adapter_dir=str(tmp_path))
     assert sampler.model == "tiny-qwen" and sampler.adapter_version == 0
     assert sampler.sync_adapter(chat_model, 1) == f"{sampler.prefix}-v1"

@@ -97,7 +97,12 @@ def test_unreachable_hub_says_so_and_names_the_offline_alternative(tmp_path):
         "PATH": "/usr/bin:/bin",
     }
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2, out.stdout + out.stderr
@@ -140,7 +145,12 @@ def test_a_plainly_unreachable_hub_fails_at_once_without_retries(tmp_path):
         "PATH": "/usr/bin:/bin",
     }
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     assert "Retry" not in out.stderr, out.stderr
     line = out.stdout.strip()

@@ -168,7 +168,8 @@ def test_fields_are_read_as_the_peer_code_has_always_read_them():
     assert p.decode({"op": "done", "status": "fine", "promoted": 1}, [p.CellDone]) == p.CellDone(
         "crashed", False
     )
-    assert p.decode({"op": "done", "status": "ok", "promoted": True}, [p.CellDone]).promoted
+    done = p.decode({"op": "done", "status": "ok", "promoted": True}, [p.CellDone])
+    assert isinstance(done, p.CellDone) and done.promoted
 
 
 # -- bounds ----------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def test_an_installed_package_registers_its_ids_in_any_program(
         timeout=120,
         cwd=tmp_path,
         env=OUTSIDE,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -123,7 +124,7 @@ def test_tool_errors_timeouts_and_garbage_are_observations(aime_file):
     assert info["tool"] == {"calls": 3, "ok": 1, "errors": 1, "timeouts": 1, "parse_failures": 1}
     for garbage in ("", "\x00\ud800 \u202e", "{" * 10000):
         env.reset(options={"index": 1})
-        obs, reward, term, trunc, _ = env.step(garbage)
+        obs, reward, term, _trunc, _ = env.step(garbage)
         assert term and reward == 0.0
 
 
@@ -160,7 +161,7 @@ def test_qwen_protocol_messages_are_chat_form_tool_calls(aime_file):
     }
     obs, *_ = env.step("<tool_call>{broken</tool_call>")
     assert "not valid JSON" in obs
-    _, reward, term, _, info = env.step("\\boxed{42}")
+    _, _reward, term, _, info = env.step("\\boxed{42}")
     assert term and info["correct"] and info["tool"]["parse_failures"] == 1
 
 

@@ -28,6 +28,7 @@ def run_json(name: str, *args: str, timeout: int) -> tuple[dict, float]:
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        check=False,
     )
     wall_s = time.perf_counter() - t0
     assert out.returncode == 0, out.stderr[-3000:]

@@ -19,9 +19,14 @@ def run_script(name: str, *args: str, stdin: str | None = None, timeout: int = 3
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
 
 
 def test_play_an_episode_by_hand():
@@ -82,7 +87,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
     args = _tiny_run_args(tiny_model_dir, *problem_files, out)
     first = run_script("aime_grpo.py", *args, "--steps", "2", "--log.export-merged", timeout=600)
     assert "rollouts: in-process JAX sampler" in first
-    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    records = read_jsonl(f"{out}/metrics.jsonl")
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2]
     assert any("eval/pass@1" in r and "eval/pass@2" in r for r in records)
     for name in (
@@ -110,6 +115,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     assert missing.returncode == 2 and "has no checkpoint 7; it has [1, 2]" in missing.stderr
     # a run directory holds one run: a new run into it is refused before anything loads
@@ -119,6 +125,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1 and "--resume" in lines[0], lines
@@ -137,6 +144,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     assert changed.returncode == 2 and "model.lora_rank: 4 -> 8" in changed.stderr, changed.stderr
     # a crash after step 3 was logged but before its checkpoint: the resumed run logs it again,
@@ -148,12 +156,12 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
         "aime_grpo.py", "--config", str(tmp_path / "cfg.yaml"), *args, "--resume", timeout=600
     )
     assert "resumed from step 2" in second
-    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    records = read_jsonl(f"{out}/metrics.jsonl")
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2, 3]
-    assert json.load(open(f"{out}/config.json"))["steps"] == 3
+    assert json.loads(pathlib.Path(out, "config.json").read_text())["steps"] == 3
     # --overwrite replaces the run: only the new run's steps and checkpoints remain
     run_script("aime_grpo.py", *args, "--steps", "1", "--overwrite", timeout=600)
-    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    records = read_jsonl(f"{out}/metrics.jsonl")
     assert [r["step"] for r in records if "train/reward" in r] == [1]
     assert [d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()] == ["1"]
 
@@ -183,7 +191,7 @@ def test_main_job_ctrl_c_saves_a_checkpoint_and_its_adapter(
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-2000:]
-    steps = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "train/reward" in r]
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train/reward" in r]
     assert (out / "adapter" / "adapter_config.json").exists()
     assert os.listdir(out / "checkpoint_adapters") == [str(steps[-1])]
     assert f"saved checkpoint {steps[-1]}" in stdout
@@ -222,6 +230,7 @@ def test_main_job_bad_inputs_are_one_line_before_the_model_loads(
             text=True,
             timeout=300,
             cwd=ROOT,
+            check=False,
         )
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, lines)
@@ -244,6 +253,7 @@ def test_main_job_offline_error_is_one_line(tmp_path):
         timeout=300,
         cwd=ROOT,
         env=env,
+        check=False,
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
@@ -281,7 +291,7 @@ def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, t
     )
     assert report["problems"] == 2 and report["samples_per_problem"] == 3
     assert 0 <= report["pass@1"] <= report["pass@3"] <= 1
-    assert json.load(open(tmp_path / "r.json")) == report
+    assert json.loads((tmp_path / "r.json").read_text()) == report
 
 
 @pytest.mark.slow
@@ -313,5 +323,6 @@ def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
         text=True,
         timeout=300,
         cwd=ROOT,
+        check=False,
     )
     assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-2000:]

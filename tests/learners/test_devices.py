@@ -3,8 +3,10 @@ from learners.devices import unused_accelerator
 
 def test_a_cpu_only_jax_on_an_accelerator_machine_is_named_with_its_fix():
     gpu = unused_accelerator(backend="cpu", present=["gpu"])
+    assert gpu is not None
     assert "an NVIDIA GPU" in gpu and "uv sync --extra cuda12" in gpu and "--allow-cpu" in gpu
-    assert "uv sync --extra tpu" in unused_accelerator(backend="cpu", present=["tpu"])
+    tpu = unused_accelerator(backend="cpu", present=["tpu"])
+    assert tpu is not None and "uv sync --extra tpu" in tpu
     assert unused_accelerator(backend="gpu", present=["gpu"]) is None  # jax uses it
     assert unused_accelerator(backend="cpu", present=[]) is None  # nothing to use
 
@@ -27,7 +29,7 @@ def test_the_compilation_cache_keeps_a_program_for_the_next_process(tmp_path):
     runs = []
     for _ in range(2):
         out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
         )
         assert out.returncode == 0, out.stderr[-2000:]
         runs.append((out.stdout.split()[-1], sorted(p.name for p in tmp_path.iterdir())))

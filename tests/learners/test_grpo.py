@@ -101,7 +101,7 @@ def test_masked_tokens_and_zero_advantages_give_no_gradient():
     mask = jnp.array([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     for agg in grpo.AGGREGATIONS:
         g = jax.grad(
-            lambda lp: grpo.policy_loss(
+            lambda lp, agg=agg: grpo.policy_loss(
                 lp,
                 old,
                 jnp.array([1.0, -2.0, 0.5]),
@@ -115,7 +115,7 @@ def test_masked_tokens_and_zero_advantages_give_no_gradient():
         assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0), agg
         assert np.any(np.asarray(g)[np.asarray(mask) == 1] != 0), agg
         g0 = jax.grad(
-            lambda lp: grpo.policy_loss(
+            lambda lp, agg=agg: grpo.policy_loss(
                 lp,
                 old,
                 jnp.zeros(3),
@@ -229,12 +229,13 @@ def test_one_epoch_needs_no_old_logprob_pass():
     tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, 32)
     cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant")
     state = init_state(tiny_model(), cfg)
-    mb = MicroBatch(tokens, jnp.ones((4, 6)).at[:, :2].set(0), jnp.array([1.0, -1.0, 0.5, -0.5]))
+    loss_mask = jnp.ones((4, 6)).at[:, :2].set(0)
+    mb = MicroBatch(tokens, loss_mask, jnp.array([1.0, -1.0, 0.5, -0.5]))
     with_pass = dataclasses.replace(mb, old_logprobs=sequence_logprobs(state, tokens))
     grad = jax.value_and_grad(_loss, has_aux=True)
     totals = (jnp.float32(16), jnp.float32(4))
     (loss_a, aux_a), grads_a = grad(state.lora, state, mb, totals, cfg)
-    (loss_b, aux_b), grads_b = grad(state.lora, state, with_pass, totals, cfg)
+    (loss_b, _aux_b), grads_b = grad(state.lora, state, with_pass, totals, cfg)
     assert float(aux_a["ratio_mean"]) == 1.0
     # float32: the two passes may differ in the last bits of each log-probability
     np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-5, atol=1e-6)
@@ -245,7 +246,7 @@ def test_one_epoch_needs_no_old_logprob_pass():
         state,
         TrainBatch(
             tokens,
-            mb.loss_mask,
+            loss_mask,
             rewards=jnp.array([1.0, 0.0, 0.5, 0.0]),
             group_ids=jnp.array([0, 0, 1, 1]),
         ),

@@ -84,6 +84,11 @@ SCRIPT = textwrap.dedent("""
 def test_eight_fake_devices_give_the_same_update_as_one():
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
     assert out.returncode == 0 and "SAME" in out.stdout, out.stderr[-3000:]
