@@ -112,7 +112,7 @@ class CompletionService:
                 404 if isinstance(exc, OSError) else 400,
                 f"cannot load LoRA adapter '{name}' from {path}: {exc}",
                 "NotFoundError" if isinstance(exc, OSError) else "BadRequestError",
-            )
+            ) from exc
         base = self.samplers[self.name]
         with self.lock:
             self.samplers[name] = JaxSampler(model, self.tokenizer, eos_token_ids=base.eos)
@@ -172,13 +172,13 @@ class CompletionService:
                 else int.from_bytes(os.urandom(4), "little"),
             )
         except (TypeError, ValueError) as exc:
-            raise APIError(400, str(exc))
+            raise APIError(400, str(exc)) from exc
         prompts = self._prompts(body.get("prompt"))
         with self.lock:
             try:
                 groups = sampler.generate(prompts, params)
             except ValueError as exc:
-                raise APIError(400, str(exc))
+                raise APIError(400, str(exc)) from exc
         as_ids = bool(body.get("return_tokens_as_token_ids"))
         skip = body.get("skip_special_tokens", True)
         keep_stop = body.get("include_stop_str_in_output", False)

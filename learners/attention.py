@@ -106,7 +106,7 @@ def _forward(q, k, v, valid, c, g):
         q_blk = _slice(q, i * rows, rows, 2)
 
         def key_block(j, carry):
-            m, l, acc = carry
+            m, denom, acc = carry
             s, _ = _scores(q_blk, _slice(k, j * c, c, 2), _slice(valid, j * c, c, 1), i, j, c, g)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
@@ -117,7 +117,7 @@ def _forward(q, k, v, valid, c, g):
                 _slice(v, j * c, c, 2),
                 preferred_element_type=jnp.float32,
             )
-            return m_new, l * scale + p.sum(-1), acc
+            return m_new, denom * scale + p.sum(-1), acc
 
         shape = q_blk.shape[:3]
         init = (
@@ -125,8 +125,8 @@ def _forward(q, k, v, valid, c, g):
             jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_blk.shape, jnp.float32),
         )
-        m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)  # blocks at or before i
-        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+        m, denom, acc = jax.lax.fori_loop(0, i + 1, key_block, init)  # blocks at or before i
+        return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
 
     out, lse = jax.lax.map(query_block, jnp.arange(n_blocks))  # [n, B, K, rows, ...]
     unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, *x.shape[4:])
