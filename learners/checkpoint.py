@@ -14,8 +14,10 @@ removes that temporary directory and raises CheckpointDiskFull.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import shutil
 
@@ -59,6 +61,25 @@ def _signature(state) -> dict:
         "structure": str(jax.tree.structure((state.lora, state.opt_state, state.updates))),
         "shapes": [[list(np.shape(x)), str(jnp.asarray(x).dtype)] for x in leaves],
     }
+
+
+@contextlib.contextmanager
+def _disk_full_unlogged():
+    """Drops orbax's log records of a full disk (absl's logger: a traceback from each of its
+    writing threads) inside; CheckpointDiskFull says it once."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and is_disk_full(exc)) and "RESOURCE_EXHAUSTED" not in str(
+            record.msg
+        )
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 class Checkpointer:
@@ -110,14 +131,8 @@ class Checkpointer:
         record = {"meta": meta or {}, "signature": _signature(state), "has_rng": rng is not None}
         earlier = set(self._unfinished(step))
         try:
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)
-                ),
-                force=True,
-            )
-            self.manager.wait_until_finished()
+            with _disk_full_unlogged():
+                self._write(step, arrays, record)
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
@@ -130,6 +145,16 @@ class Checkpointer:
                 + (f"checkpoint {last}" if last is not None else "the start (no checkpoint yet)")
             ) from None
         return step
+
+    def _write(self, step: int, arrays: dict, record: dict) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)
+            ),
+            force=True,
+        )
+        self.manager.wait_until_finished()
 
     def _unfinished(self, step: int) -> list[str]:
         """The temporary directories of checkpoints of `step` being written (orbax renames one
