@@ -27,7 +27,12 @@ from __future__ import annotations
 import sys
 
 from agents.training import Config, train
-from agents.training.cli import exit_cleanly_when_offline, load_config, one_line_errors
+from agents.training.cli import (
+    exit_cleanly_when_offline,
+    load_config,
+    one_line_errors,
+    one_line_faults,
+)
 
 OFFLINE_HINT = (
     "offline? run with local files: python experiments/aime_grpo.py --model.name DIR "
@@ -39,7 +44,8 @@ OFFLINE_HINT = (
 def main(argv: list[str]) -> dict:
     with one_line_errors(debug="--debug" in argv):
         cfg = load_config(argv, Config, description=__doc__.split("\n\n")[0])
-    return exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
+    with one_line_faults(debug=cfg.debug):
+        return exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
 
 
 if __name__ == "__main__":

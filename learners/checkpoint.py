@@ -8,13 +8,18 @@
 Checkpoints are numbered by the loop's step. One holds the LoRA parameters, the optimizer state
 and the update count (the TrainState's arrays, by position), the PRNG key, and a JSON record (`meta`, plus the tree structure and shapes, which
 are checked on restore). Orbax writes each step to a temporary directory and renames it when
-complete, so a crash mid-save leaves the previous checkpoints intact.
+complete, so a crash mid-save leaves the previous checkpoints intact; a full disk during a save
+removes that temporary directory and raises CheckpointDiskFull.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,27 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model being trained."""
+
+
+class CheckpointDiskFull(CheckpointError):
+    """The disk (or the quota) filled up while a checkpoint was written: that checkpoint is
+    removed, the earlier ones are intact."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a full disk or quota: an OSError,
+    or the error text of tensorstore (which orbax raises as a ValueError)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+            return True
+        if any(os.strerror(code) in str(cause) for code in DISK_FULL):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _arrays(state) -> list:
@@ -36,6 +62,25 @@ def _signature(state) -> dict:
         "structure": str(jax.tree.structure((state.lora, state.opt_state, state.updates))),
         "shapes": [[list(np.shape(x)), str(jnp.asarray(x).dtype)] for x in leaves],
     }
+
+
+@contextlib.contextmanager
+def _disk_full_unlogged():
+    """Drops orbax's log records of a full disk (absl's logger: a traceback from each of its
+    writing threads) inside; CheckpointDiskFull says it once."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and is_disk_full(exc)) and "RESOURCE_EXHAUSTED" not in str(
+            record.msg
+        )
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 class Checkpointer:
@@ -85,6 +130,24 @@ class Checkpointer:
         if rng is not None:
             arrays["rng"] = np.asarray(jax.random.key_data(rng))
         record = {"meta": meta or {}, "signature": _signature(state), "has_rng": rng is not None}
+        earlier = set(self._unfinished(step))
+        try:
+            with _disk_full_unlogged():
+                self._write(step, arrays, record)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            for name in set(self._unfinished(step)) - earlier:  # what this save wrote, only
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            last = max(self.steps, default=None)
+            raise CheckpointDiskFull(
+                f"no space left on the disk of {self.directory} while checkpoint {step} was "
+                "written (removed): free space, then continue with --resume from "
+                + (f"checkpoint {last}" if last is not None else "the start (no checkpoint yet)")
+            ) from None
+        return step
+
+    def _write(self, step: int, arrays: dict, record: dict) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -93,7 +156,12 @@ class Checkpointer:
             force=True,
         )
         self.manager.wait_until_finished()
-        return step
+
+    def _unfinished(self, step: int) -> list[str]:
+        """The temporary directories of checkpoints of `step` being written (orbax renames one
+        to STEP when it is complete)."""
+        prefix = f"{step}.orbax-checkpoint-tmp"
+        return [n for n in os.listdir(self.directory) if n.startswith(prefix)]
 
     def restore(self, template, step: int | None = None):
         """(state, meta, rng) from `step` (default: the latest). `template` is a TrainState of

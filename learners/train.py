@@ -72,6 +72,9 @@ class GRPOConfig:
     """Divide advantages by the group's std (False: Dr. GRPO)."""
     tis_cap: float | None = None
     """Truncated importance sampling against sampler_logprobs, capped at this weight. None: off."""
+    max_skipped_updates: int = 3
+    """An update whose loss or gradient is not finite is skipped; this many in a row stop the run
+    (agents.training.loop.NonFiniteUpdates), with nothing of them saved."""
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
@@ -90,6 +93,8 @@ class GRPOConfig:
             raise ValueError(
                 f"micro_batch_tokens must be >= 1 or None, got {self.micro_batch_tokens}"
             )
+        if self.max_skipped_updates < 1:
+            raise ValueError(f"max_skipped_updates must be >= 1, got {self.max_skipped_updates}")
         if self.logprob_chunk < 1:
             raise ValueError(f"logprob_chunk must be >= 1, got {self.logprob_chunk}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
@@ -220,7 +225,8 @@ def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
 @dataclass
 class TrainState:
     """Everything a GRPO update changes, plus the frozen rest of the model. `updates` counts the
-    grpo_step calls applied (one per loop step, whatever ppo_epochs): the adapter's version."""
+    grpo_step calls (one per loop step, whatever ppo_epochs; skipped ones too): the adapter's
+    version."""
 
     lora: Any
     rest: Any
@@ -296,13 +302,28 @@ def _add(acc, more):
     return jax.tree.map(jnp.add, acc, more)
 
 
-def _apply(state: TrainState, grads, cfg: GRPOConfig):
-    """One optimizer step with the batch's gradient."""
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _apply(state: TrainState, grads, loss, cfg: GRPOConfig):
+    """One optimizer step with the batch's gradient: (state, gradient norm, skipped). Where the
+    loss, the gradient, the new parameters or the new optimizer state are not all finite (a NaN
+    loss, an overflow, a NaN learning rate) the step is skipped: parameters and optimizer state
+    come back as they were, bit for bit."""
     updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.lora)
     lora = optax.apply_updates(state.lora, updates)
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((lora, opt_state))
+    keep = lambda new, old: jnp.where(finite, new, old)
     return (
-        dataclasses.replace(state, lora=lora, opt_state=opt_state),
-        optax.tree_utils.tree_norm(grads),
+        dataclasses.replace(
+            state,
+            lora=jax.tree.map(keep, lora, state.lora),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        ),
+        grad_norm,
+        ~finite,
     )
 
 
@@ -353,7 +374,9 @@ def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch],
 
 def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None):
     """Advantages, old (and reference) log-probabilities, then `ppo_epochs` updates; returns the
-    new state (`updates` one higher) and the metrics of the last pass. With one epoch there is no
+    new state (`updates` one higher) and the metrics of the last pass. An update whose loss,
+    gradient or result is not finite is skipped (`_apply`): the state keeps its parameters and
+    optimizer state, and metrics["skipped_updates"] is 1 (else 0). With one epoch there is no
     separate old-log-probability pass: the update's own log-probabilities, held constant, are the
     old ones (what TRL does). Every pass runs micro-batch by micro-batch (`micro_batches`), each
     adding its exact share of the batch's loss and gradient. `place`, when given, puts each
@@ -381,7 +404,7 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
             )
             for mb in mbs
         ]
-    metrics = []
+    metrics, before = [], state
     for _ in range(cfg.ppo_epochs):
         acc = None
         for mb in mbs:
@@ -389,10 +412,13 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
             acc = (grads, aux) if acc is None else _add(acc, (grads, aux))
         assert acc is not None  # micro_batches cuts at least one
         grads, aux = acc
-        state, aux["grad_norm"] = _apply_jit(state, grads, cfg)
+        state, aux["grad_norm"], aux["skipped"] = _apply_jit(state, grads, aux["loss"], cfg)
         metrics.append(aux)
-    state = dataclasses.replace(state, updates=state.updates + 1)
+    # a pass that was not finite skips the whole update: the earlier passes' too
+    skipped = any(bool(m.pop("skipped")) for m in metrics)
+    state = dataclasses.replace(before if skipped else state, updates=state.updates + 1)
     out = {k: float(v) for k, v in metrics[-1].items()}
+    out["skipped_updates"] = float(skipped)
     _, _, zero_var = grpo.group_stats(batch.rewards, batch.group_ids)
     out.update(
         stats,
@@ -424,7 +450,7 @@ def lower_passes(
     totals = (spec((), jnp.float32), spec((), jnp.float32))
     programs = {
         "update": _grad_jit.lower(state.lora, state, mb, totals, cfg),
-        "apply": _apply_jit.lower(state, state.lora, cfg),
+        "apply": _apply_jit.lower(state, state.lora, spec((), jnp.float32), cfg),
     }
     if cfg.ppo_epochs > 1:
         programs["old_logprobs"] = _logprobs_jit.lower(

@@ -3,7 +3,8 @@
 
     cfg = load_config(sys.argv[1:], Config, description=__doc__)
     with one_line_errors(debug=cfg.debug): ...
-    exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
+    with one_line_faults(debug=cfg.debug):       # non-finite updates, a full disk: one line
+        exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
 """
 
 from __future__ import annotations
@@ -113,6 +114,45 @@ def one_line_errors(debug: bool = False):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fail(f"{first} (--debug shows where)")
+
+
+EXIT_DIVERGED = 3
+"""The exit code of a run stopped by non-finite updates (agents.training.loop.NonFiniteUpdates)."""
+EXIT_DISK_FULL = 4
+"""The exit code of a run stopped by a full disk or quota (it resumes once there is space)."""
+
+
+@contextlib.contextmanager
+def one_line_faults(debug: bool = False):
+    """A run stopped by a fault ends in one line on stderr with what to do: non-finite updates
+    (EXIT_DIVERGED), a full disk (EXIT_DISK_FULL), a stop signal or Ctrl-C before the first step
+    (128 + the signal). With `debug`, the exception propagates."""
+    import signal
+
+    from agents.training.loop import NonFiniteUpdates
+    from agents.training.run import StepAbandoned
+    from learners.checkpoint import CheckpointDiskFull, is_disk_full
+
+    try:
+        yield
+    except (StepAbandoned, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(
+            f"stopped by {signal.Signals(signum).name} before the first step: nothing to save",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signum) from None
+    except (NonFiniteUpdates, CheckpointDiskFull, OSError) as exc:
+        if debug or (isinstance(exc, OSError) and not is_disk_full(exc)):
+            raise
+        if isinstance(exc, NonFiniteUpdates):
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_DIVERGED) from None
+        if isinstance(exc, OSError):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            exc = f"no space left on the disk{where}: free space, then continue with --resume"
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_DISK_FULL) from None
 
 
 def exit_cleanly_when_offline(run: Callable[[], Any], hint: str) -> Any:

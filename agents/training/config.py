@@ -282,6 +282,7 @@ RESUMABLE_CHANGES = (
     "log",
     "sampler",
     "dist",
+    "grpo.max_skipped_updates",
 )
 """Settings (or whole sections) a resumed run may change; any other difference from the saved
 config.json stops it."""

@@ -42,6 +42,27 @@ class Collected:
     """Seconds the collection took."""
 
 
+class NonFiniteUpdates(RuntimeError):
+    """The updates of `count` steps in a row, up to `step`, had a non-finite loss or gradient
+    (each was skipped, so the state holds none of them): the run stops rather than go on."""
+
+    def __init__(self, step: int, count: int, checkpoint: int | None = None):
+        self.step, self.count, self.checkpoint = step, count, checkpoint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        kept = (
+            f"checkpoint {self.checkpoint} is the last one"
+            if self.checkpoint is not None
+            else "no checkpoint was written"
+        )
+        return (
+            f"the updates of steps {self.step - self.count + 1}-{self.step} had a non-finite "
+            f"loss or gradient ({self.count} in a row, each skipped; grpo.max_skipped_updates): "
+            f"stopped without saving them, {kept} (check the learning rate and the rewards)"
+        )
+
+
 def sampler_copy(model):
     """A model for the sampler that shares `model`'s arrays (no copy of the weights) but has
     its own variables, so that the learner can update its LoRA parameters while the sampler
@@ -79,6 +100,8 @@ class GRPOLoop:
     local_lora: Any = None
     """The adapter's LoRA parameters as the model holds them (whole in this process: gathered
     from the mesh when it spans several processes)."""
+    skipped_in_a_row: int = field(default=0, init=False)
+    """Updates skipped in a row, up to the last one (non-finite: learners.train._apply)."""
     _synced: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -200,6 +223,7 @@ class GRPOLoop:
 
         place = None if self.mesh is None else (lambda mb: place_batch(mb, self.mesh))
         self.state, metrics = grpo_step(self.state, batch, self.cfg, place=place)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if metrics["skipped_updates"] else 0
         # whole in this process (across processes a collective that every process joins), so
         # that the model, which the sampler and the exports read, is not spread over the mesh
         self.local_lora = self.state.lora if self.mesh is None else gather(self.state.lora)

@@ -66,7 +66,9 @@ class RolloutPipeline:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        self.close(sync=kind is None)
+        # leaving on an exception (a stop signal's among them) does not wait for the collection
+        # in flight, which may take minutes: its batch is not trained on
+        self.close(sync=kind is None, wait=kind is None)
 
     def _produce(self) -> None:
         bound = self.loop.max_staleness
@@ -144,13 +146,14 @@ class RolloutPipeline:
                 self._pauses -= 1
                 self._cond.notify_all()
 
-    def close(self, sync: bool = True) -> None:
-        """Stop after the collection in flight (waited for); with `sync` the sampler then holds
+    def close(self, sync: bool = True, wait: bool = True) -> None:
+        """Stop after the collection in flight (waited for unless `wait` is False: the thread,
+        a daemon, then ends with it or with the process); with `sync` the sampler then holds
         the learner's latest adapter, as after a synchronous loop."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        while self._thread.is_alive():  # in steps, so that a second Ctrl-C gets through
+        while wait and self._thread.is_alive():  # in steps, so that a signal gets through
             self._thread.join(0.2)
         if sync:
             self.loop.sync_sampler()

@@ -6,9 +6,11 @@ evaluation and the exported adapter.
 
 A run directory holds one run: config.json, metrics.jsonl, the plots, transcripts/,
 checkpoints/ (orbax) with checkpoint_adapters/STEP (PEFT) beside, adapter/ (the final one, PEFT),
-summary.json. Ctrl-C finishes the step, saves a checkpoint and its adapter and exits with 130;
-`resume` continues from the latest checkpoint with the first problem no step trained on: bitwise
-where the machine is the same and max_staleness is 0 (pipelined, the resumed run's next batch is
+summary.json. SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) finishes the update in flight (a
+wait for a batch or an evaluation is cut short), saves a checkpoint and its adapter and exits
+with 130 or 143 (StopSignals); non-finite updates are skipped, and grpo.max_skipped_updates of
+them in a row stop the run without saving them (NonFiniteUpdates); `resume` continues from the
+latest checkpoint with the first problem no step trained on: bitwise where the machine is the same and max_staleness is 0 (pipelined, the resumed run's next batch is
 sampled by the checkpoint's adapter, where the uninterrupted run's was sampled by the one
 before).
 """
@@ -23,46 +25,100 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable
+from typing import Self
 
 import numpy as np
 
 from agents.training.cli import fail, one_line_errors
 from agents.training.config import RESUMABLE_CHANGES, Config, flatten
 from agents.training.evaluation import evaluate
-from agents.training.loop import GRPOLoop, ProblemOrder, sampler_copy
+from agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, sampler_copy
 from agents.training.runlog import RunLog, StepLog, run_environment, truncate_metrics
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and the stop of SLURM, Kubernetes and preemptible VMs: either ends a run after a
+checkpoint (StopSignals)."""
 
 
 class Interrupted(Exception):
-    """Ctrl-C ended `fit` after `step` (its checkpoint, if any, saved)."""
+    """A stop signal (`signum`) ended `fit` after `step` (its checkpoint, if any, saved)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signum: int = signal.SIGINT):
         super().__init__(f"interrupted after step {step}")
-        self.step = step
+        self.step, self.signum = step, signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + self.signum
 
 
-class GracefulInterrupt:
-    """Turns the first Ctrl-C into a flag, so that the loop can checkpoint before exiting."""
+class StepAbandoned(BaseException):
+    """A stop signal cut short a block that leaves nothing half-done (StopSignals.abandoning).
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way takes
+    it."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+class StopSignals:
+    """SIGINT and SIGTERM as a request to stop after a checkpoint. The first signal is recorded
+    (`signum`); inside an `abandoning()` block (a wait for a batch, an evaluation) it also
+    raises StepAbandoned there, at once. Everywhere else, an update and a checkpoint's write
+    included, a signal, and any repeat of it (`uv run` forwards a signal a second time), is only
+    recorded: nothing is cut short half-written. With `abandon` False nothing is cut short (the
+    processes of a multi-process learner stop after the same step). With `linger`, after a stop
+    the signals stay ignored on exit (the process is ending: a late repeat must not end it
+    before it has)."""
+
+    def __init__(self, abandon: bool = True, linger: bool = False):
+        self.abandon, self.linger = abandon, linger
+        self.signum: int | None = None
+        self._abandonable = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> Self:
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\nCtrl-C: finishing this step, saving a checkpoint, then exiting "
-            "(Ctrl-C again to stop at once)",
-            flush=True,
-        )
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, signal.SIG_IGN if self.linger and self.requested else previous)
 
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            message = (
+                f"\n{name}: stopping: an update in flight is finished, a wait for a batch or "
+                "an evaluation is cut short; then a checkpoint and the adapter are saved\n"
+            )
+        else:
+            message = f"\n{name}: already stopping (the checkpoint is saved before the exit)\n"
+        os.write(2, message.encode())  # not print: the main thread may be inside a print
+        if self._abandonable:
+            self._abandonable = False
+            raise StepAbandoned(self.signum)
+
+    @contextlib.contextmanager
+    def abandoning(self):
+        """A block that a stop signal ends at once (StepAbandoned), one that came before it
+        included: it must leave nothing half-written."""
+        if not self.abandon:
+            yield
+            return
+        if self.signum is not None:  # a signal came before the block
+            raise StepAbandoned(self.signum)
+        self._abandonable = True
+        try:
+            yield
+        finally:
+            self._abandonable = False
 
 
 def fit(
@@ -77,15 +133,22 @@ def fit(
     evaluate_at: Callable[[int], object] | None = None,
     eval_every: int = 0,
     transcripts_every: int = 10,
+    signals: StopSignals | None = None,
 ) -> dict:
     """Steps start+1 .. steps of `loop`, each logged; `checkpoint(step, force)` after each (it
     decides whether one is due), `evaluate_at(step)` every `eval_every` steps before the last.
     Step t samples with seed `seed * 1_000_003 + t`. Batches come from a RolloutPipeline, up to
     loop.max_staleness steps ahead (0: the synchronous loop); evaluations pause it. Returns the
-    last step's metrics; Ctrl-C raises Interrupted once that step is logged and checkpointed
-    (forced)."""
+    last step's metrics.
+
+    A stop signal (`signals`, or StopSignals of its own) raises Interrupted once a step is
+    logged and checkpointed (forced): the step whose update is in flight, or, when it comes
+    while the learner waits for a batch or evaluates, the last one done (the batch is dropped:
+    a resumed run collects it again). grpo.max_skipped_updates non-finite updates in a row
+    raise NonFiniteUpdates once the last is logged, before any checkpoint of it."""
     import time
 
+    import jax
     from tqdm import tqdm
 
     from agents.training.pipeline import RolloutPipeline
@@ -94,35 +157,45 @@ def fit(
     bar = tqdm(
         range(start + 1, steps + 1), desc="GRPO", initial=start, total=steps, dynamic_ncols=True
     )
-    with (
-        GracefulInterrupt() as interrupt,
-        RolloutPipeline(
-            loop, problems, lambda step: seed * 1_000_003 + step, start + 1, steps
-        ) as rollouts,
-    ):
-        for step in bar:
-            t0 = time.perf_counter()
-            collected = rollouts.get(step)
-            metrics, batch = loop.learn(collected, waited_s=time.perf_counter() - t0)
-            rollouts.publish()
-            # read once: a Ctrl-C that arrives later in this step is acted on after the next;
-            # across processes, process 0's (so that all of them stop after the same step)
-            stop = agree(interrupt.requested)
-            log.log(step, metrics)
-            if transcripts_every and step % transcripts_every == 1 % transcripts_every:
-                log.transcripts(step, batch.transcripts[:4])
+    done = start  # the last step logged and checkpointed (when due)
+    with contextlib.ExitStack() as stack:
+        interrupt = signals or stack.enter_context(StopSignals(jax.process_count() == 1))
+        try:
+            with RolloutPipeline(
+                loop, problems, lambda step: seed * 1_000_003 + step, start + 1, steps
+            ) as rollouts:
+                for step in bar:
+                    t0 = time.perf_counter()
+                    with interrupt.abandoning():
+                        collected = rollouts.get(step)
+                    metrics, batch = loop.learn(collected, waited_s=time.perf_counter() - t0)
+                    rollouts.publish()
+                    # read once: a signal that arrives later in this step is acted on after the
+                    # next; across processes, process 0's (so that all stop after the same step)
+                    stop = agree(interrupt.requested)
+                    log.log(step, metrics)
+                    if loop.skipped_in_a_row >= loop.cfg.max_skipped_updates:
+                        raise NonFiniteUpdates(step, loop.skipped_in_a_row)
+                    if transcripts_every and step % transcripts_every == 1 % transcripts_every:
+                        log.transcripts(step, batch.transcripts[:4])
+                    if checkpoint is not None:
+                        checkpoint(step, stop)
+                    done = step
+                    due = evaluate_at and eval_every and step % eval_every == 0 and step < steps
+                    if due and not stop:
+                        with interrupt.abandoning(), rollouts.paused():
+                            evaluate_at(step)
+                    bar.set_postfix(
+                        reward=f"{metrics.get('train/reward', 0):.3f}",
+                        acc=f"{metrics.get('train/accuracy', 0):.3f}",
+                        tools=f"{metrics.get('train/tool_use_rate', 0):.2f}",
+                    )
+                    if stop:  # process 0's signal: this process may have had none
+                        raise Interrupted(step, interrupt.signum or signal.SIGTERM)
+        except StepAbandoned as abandoned:
             if checkpoint is not None:
-                checkpoint(step, stop)
-            if evaluate_at and eval_every and step % eval_every == 0 and step < steps and not stop:
-                with rollouts.paused():
-                    evaluate_at(step)
-            bar.set_postfix(
-                reward=f"{metrics.get('train/reward', 0):.3f}",
-                acc=f"{metrics.get('train/accuracy', 0):.3f}",
-                tools=f"{metrics.get('train/tool_use_rate', 0):.2f}",
-            )
-            if stop:
-                raise Interrupted(step)
+                checkpoint(done, True)
+            raise Interrupted(done, abandoned.signum) from None
     bar.close()
     return metrics
 
@@ -357,6 +430,10 @@ def train(cfg: Config) -> dict:
     # a pipelined sampler reads its own copy of the adapter while the learner updates the model
     sampler_model = sampler_copy(model) if cfg.max_staleness else model
     with contextlib.ExitStack() as stack:
+        # a stop signal from here on ends the run after a checkpoint; one during the setup
+        # (the sampler's start, the restore) is acted on when the first step begins; it stays
+        # in force until everything below is closed
+        signals = stack.enter_context(StopSignals(abandon=jax_processes() == 1, linger=True))
         train_rollouts = evaluator = None
         if main:
             sampler = stack.enter_context(open_sampler(cfg, engine, sampler_model, tokenizer))
@@ -432,13 +509,14 @@ def train(cfg: Config) -> dict:
                 return {}
             assert evaluator is not None  # the main process made it
             loop.sync_sampler()  # the learner's latest adapter (a no-op when it has it)
-            metrics, transcripts = evaluate(
-                evaluator,
-                range(n_eval),
-                ks=ks,
-                seed=cfg.seed + 99 * step,
-                adapter_version=loop.adapter_version,
-            )
+            with signals.abandoning():  # a stop signal ends it at once
+                metrics, transcripts = evaluate(
+                    evaluator,
+                    range(n_eval),
+                    ks=ks,
+                    seed=cfg.seed + 99 * step,
+                    adapter_version=loop.adapter_version,
+                )
             metrics = {f"eval/{k}": v for k, v in metrics.items()}
             log.log(step, metrics)
             log.transcripts(step, transcripts, tag="eval")
@@ -455,7 +533,11 @@ def train(cfg: Config) -> dict:
                 return
             directory = os.path.join(adapters_of_checkpoints, str(step))
             if not os.path.isdir(directory):
-                save_peft_adapter(model, directory, base_model_name_or_path=cfg.model.name)
+                try:
+                    save_peft_adapter(model, directory, base_model_name_or_path=cfg.model.name)
+                except OSError:  # a full disk: no half-written adapter is left
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise
             for name in os.listdir(adapters_of_checkpoints):
                 if name.isdigit() and int(name) not in ckpt.steps:
                     shutil.rmtree(os.path.join(adapters_of_checkpoints, name))
@@ -473,19 +555,25 @@ def train(cfg: Config) -> dict:
                 evaluate_at=evaluate_at,
                 eval_every=cfg.eval.every,
                 transcripts_every=cfg.log.transcripts_every,
+                signals=signals,
             )
-        except Interrupted as stop:
+            checkpoint(cfg.steps, force=True)
+            last_eval = evaluate_at(cfg.steps)
+        except (Interrupted, StepAbandoned) as stop:  # StepAbandoned: in the last evaluation
+            step = stop.step if isinstance(stop, Interrupted) else cfg.steps
             if main:
                 save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
                 print(
-                    f"saved checkpoint {stop.step} in {ckpt.directory} and its adapter in "
+                    f"saved checkpoint {step} in {ckpt.directory} and its adapter in "
                     f"{adapter_dir}; continue with --resume",
                     flush=True,
                 )
             log.close()
-            raise SystemExit(130) from None  # the shell's code for a run ended by Ctrl-C
-        checkpoint(cfg.steps, force=True)
-        last_eval = evaluate_at(cfg.steps)
+            raise SystemExit(128 + stop.signum) from None  # 130 for SIGINT, 143 for SIGTERM
+        except NonFiniteUpdates as diverged:
+            diverged.checkpoint = ckpt.latest_step
+            log.close()
+            raise
         if main:
             save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
             if cfg.log.export_merged:

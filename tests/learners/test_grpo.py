@@ -253,3 +253,30 @@ def test_one_epoch_needs_no_old_logprob_pass():
         cfg,
     )
     assert metrics["first_pass_ratio_mean"] == 1.0
+
+
+def test_a_non_finite_update_is_skipped_bit_for_bit():
+    """A NaN loss (a NaN reward) or a NaN step (a NaN learning rate, past the config's check)
+    leaves the parameters and the optimizer state exactly as they were, and is counted."""
+    tokens = jax.random.randint(jax.random.key(3), (4, 6), 0, 32)
+    mask = jnp.ones((4, 6)).at[:, :2].set(0)
+    good = TrainBatch(
+        tokens, mask, rewards=jnp.array([1.0, 0.0, 0.5, 0.0]), group_ids=jnp.array([0, 0, 1, 1])
+    )
+    nan_reward = dataclasses.replace(good, rewards=jnp.array([1.0, jnp.nan, 0.5, 0.0]))
+    cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant", ppo_epochs=2)
+    nan_lr = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant")
+    object.__setattr__(nan_lr, "learning_rate", float("nan"))  # what the config would refuse
+    state, metrics = grpo_step(init_state(tiny_model(), cfg), good, cfg)
+    assert metrics["skipped_updates"] == 0
+    for batch, c in ((nan_reward, cfg), (good, nan_lr)):
+        after, metrics = grpo_step(state, batch, c)
+        assert metrics["skipped_updates"] == 1 and int(after.updates) == int(state.updates) + 1
+        for a, b in zip(
+            jax.tree.leaves((state.lora, state.opt_state)),
+            jax.tree.leaves((after.lora, after.opt_state)),
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    after, metrics = grpo_step(state, good, cfg)  # and the next finite update is taken
+    assert metrics["skipped_updates"] == 0 and np.isfinite(metrics["loss"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after.lora))
