@@ -13,7 +13,9 @@ group_size episodes, optionally drop zero-variance groups and refill (DAPO's dyn
 one GRPO update of the LoRA adapter, push the adapter to the sampler, log. Every eval.every
 steps: pass@1 and pass@k on the test problems. Logs: the run directory (metrics.jsonl, PNG plots,
 transcripts), Weights & Biases unless --log.no-wandb. Ctrl-C saves a checkpoint and exits; --resume
-continues from the latest one. At the end the adapter is exported in PEFT format (and merged into
+continues from the latest one. A rollout server that dies is restarted (launched here) or waited
+for (--sampler.vllm-url, up to --sampler.recover-s) and the collection replayed; one that does not
+come back ends the run in one line, exit code 3, after the checkpoint of the last step trained. At the end the adapter is exported in PEFT format (and merged into
 a Hugging Face model directory with --log.export-merged). Settings: agents/training/config.py
 (every one a flag; --help lists them).
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-from agents.training import Config, train
+from agents.training import Config, RolloutsDown, train
 from agents.training.cli import exit_cleanly_when_offline, load_config, one_line_errors
 
 OFFLINE_HINT = (
@@ -39,7 +41,13 @@ OFFLINE_HINT = (
 def main(argv: list[str]) -> dict:
     with one_line_errors(debug="--debug" in argv):
         cfg = load_config(argv, Config, description=__doc__.split("\n\n")[0])
-    return exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
+    try:
+        return exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
+    except RolloutsDown as down:
+        if cfg.debug:
+            raise
+        print(f"error: {down}", file=sys.stderr)
+        raise SystemExit(3) from None  # the rollout servers are down: not bad input (2)
 
 
 if __name__ == "__main__":

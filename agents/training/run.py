@@ -7,6 +7,8 @@ evaluation and the exported adapter.
 A run directory holds one run: config.json, metrics.jsonl, the plots, transcripts/,
 checkpoints/ (orbax) with checkpoint_adapters/STEP (PEFT) beside, adapter/ (the final one, PEFT),
 summary.json. Ctrl-C finishes the step, saves a checkpoint and its adapter and exits with 130;
+rollout servers that fail and do not come back (RolloutsDown) stop the run the same way, with
+the checkpoint of the last step trained, and the exception propagates (the main job prints it);
 `resume` continues from the latest checkpoint with the first problem no step trained on: bitwise
 where the machine is the same and max_staleness is 0 (pipelined, the resumed run's next batch is
 sampled by the checkpoint's adapter, where the uninterrupted run's was sampled by the one
@@ -29,7 +31,7 @@ import numpy as np
 from agents.training.cli import fail, one_line_errors
 from agents.training.config import RESUMABLE_CHANGES, Config, flatten
 from agents.training.evaluation import evaluate
-from agents.training.loop import GRPOLoop, ProblemOrder, sampler_copy
+from agents.training.loop import GRPOLoop, ProblemOrder, RolloutsDown, sampler_copy
 from agents.training.runlog import RunLog, run_environment, truncate_metrics
 
 
@@ -83,7 +85,8 @@ def fit(
     Step t samples with seed `seed * 1_000_003 + t`. Batches come from a RolloutPipeline, up to
     loop.max_staleness steps ahead (0: the synchronous loop); evaluations pause it. Returns the
     last step's metrics; Ctrl-C raises Interrupted once that step is logged and checkpointed
-    (forced)."""
+    (forced); rollout servers that are down raise RolloutsDown, with the last step trained
+    checkpointed (forced) and named in its `step`."""
     import time
 
     from tqdm import tqdm
@@ -102,7 +105,13 @@ def fit(
     ):
         for step in bar:
             t0 = time.perf_counter()
-            collected = rollouts.get(step)
+            try:
+                collected = rollouts.get(step)
+            except RolloutsDown as down:
+                down.step = step - 1
+                if checkpoint is not None and down.step > start:
+                    checkpoint(down.step, True)
+                raise
             metrics, batch = loop.learn(collected, waited_s=time.perf_counter() - t0)
             rollouts.publish()
             # read once: a Ctrl-C that arrives later in this step is acted on after the next;
@@ -277,22 +286,32 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer):
             from agents.vllm_client import VLLMSampler, VLLMServer
             from agents.vllm_pool import VLLMPool
 
-            urls = cfg.sampler.vllm_url or (
-                stack.enter_context(
+            server = None
+            if not cfg.sampler.vllm_url:  # launched here: restarted if it dies
+                server = stack.enter_context(
                     VLLMServer(
                         cfg.model.name,
                         max_lora_rank=cfg.model.lora_rank,
                         gpu_memory_utilization=cfg.sampler.vllm_gpu_memory,
                         extra_args=["--max-model-len", str(cfg.rollout.max_total_tokens)],
                     )
-                ).url,
-            )
+                )
+            urls = cfg.sampler.vllm_url or (server.url,)
             print(
                 f"rollouts: vLLM server{'s' if len(urls) > 1 else ''} at {', '.join(urls)}",
                 flush=True,
             )
             adapters = os.path.join(cfg.out, "adapters")
-            clients = [VLLMSampler(url, tokenizer, adapter_dir=adapters) for url in urls]
+            clients = [
+                VLLMSampler(
+                    url,
+                    tokenizer,
+                    adapter_dir=adapters,
+                    server=server,
+                    recover_s=cfg.sampler.recover_s,
+                )
+                for url in urls
+            ]
             yield clients[0] if len(clients) == 1 else VLLMPool(clients, adapter_dir=adapters)
         else:
             import jax
@@ -386,6 +405,7 @@ def train(cfg: Config) -> dict:
             cfg.max_staleness,
             sampler_model,
             mesh=mesh if several else None,
+            max_replays=cfg.sampler.max_replays,
         )
         ckpt = Checkpointer(
             os.path.join(cfg.out, "checkpoints"),
@@ -482,6 +502,19 @@ def train(cfg: Config) -> dict:
                 )
             log.close()
             raise SystemExit(130) from None  # the shell's code for a run ended by Ctrl-C
+        except RolloutsDown as down:
+            if main:
+                save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
+            log.close()
+            saved = (
+                f"the checkpoint of step {down.step} is in {ckpt.directory}"
+                if down.step in ckpt.steps
+                else f"no step was trained (checkpoints: {ckpt.directory})"
+            )
+            raise RolloutsDown(
+                f"{down}; {saved}, the adapter in {adapter_dir}; continue with --resume",
+                down.step,
+            ) from down
         checkpoint(cfg.steps, force=True)
         last_eval = evaluate_at(cfg.steps)
         if main:
