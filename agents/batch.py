@@ -30,7 +30,8 @@ class EpisodeStats:
     answer_found: bool
     correct: bool
     truncated: str | None
-    """None, "turns" (the environment's turn or length limit) or "context" (max_total_tokens)."""
+    """None, "turns" (the environment's turn or length limit), "context" (max_total_tokens) or
+    "crashed" (the sandbox server died under a tool call: the row carries no loss)."""
     reward: float
     reward_components: dict[str, float]
     sampled_tokens: int
@@ -162,6 +163,7 @@ def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:
         "turns": mean([e.turns for e in eps]),
         "truncated_turns": mean([e.truncated == "turns" for e in eps]),
         "truncated_context": mean([e.truncated == "context" for e in eps]),
+        "crashed": mean([e.truncated == "crashed" for e in eps]),
         "sampled_tokens": mean([e.sampled_tokens for e in eps]),
         "total_tokens": mean([e.total_tokens for e in eps]),
     }

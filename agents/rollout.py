@@ -13,11 +13,15 @@ Token in, token out: the batch holds exactly the tokens the sampler produced (mo
 re-tokenized); those tokens decode to the chat template's rendering of the environment's
 conversation (`RolloutConfig.check_template` verifies it). Each episode samples with its own seed.
 An episode whose tokens outgrow `max_total_tokens` ends as truncated ("context"), with reward 0,
-never as a crash; a turn's budget is capped to the room its context has left.
+never as a crash; a turn's budget is capped to the room its context has left. An episode whose
+sandbox server died under a tool call (the environment's info["crashed"]) ends as truncated
+("crashed"), and its row carries no loss (its loss mask is zeroed: the fault was not the
+model's); the other episodes go on.
 
 Generation and tool calls overlap: episodes whose tool call is running sit out the next generation
 round while every other episode goes on, so a slow call does not stall the batch. A sampler or
-environment error ends the whole collection with that error: there is no partial batch.
+environment error ends the whole collection with that error: there is no partial batch (the
+training loop replays a collection whose sampler failed: agents.training.loop).
 """
 
 from __future__ import annotations
@@ -348,11 +352,23 @@ class Rollouts:
         """Record an environment step; True when the episode goes on."""
         observation, reward, terminated, truncated, info = step_result
         ep.last_info = info
+        if info.get("crashed"):  # the transcript shows the tool-error output; no turn follows
+            self._append_observation(ep, observation, turn_ended)
+            self._end(ep, reward=float(reward), truncated="crashed")
+            return False
         if terminated or truncated:
             self._end(ep, reward=float(reward), truncated=None if terminated else "turns")
             if self.cfg.check_template:
                 self._check_template(ep)
             return False
+        if not self._append_observation(ep, observation, turn_ended):  # no room left to answer
+            self._end(ep, truncated="context")
+            return False
+        return True
+
+    def _append_observation(self, ep: _Episode, observation: str, turn_ended: bool) -> bool:
+        """Append an observation's tokens (loss mask 0), cut to the room left; True when room
+        to answer is left after it."""
         if (
             turn_ended
             and ep.observation_role == "assistant"
@@ -366,10 +382,7 @@ class Rollouts:
         room = self.cfg.max_total_tokens - len(ep.tokens)
         tokens = self._observation_tokens(ep, observation, turn_ended)
         ep.append(tokens[: max(room, 0)], False)
-        if len(tokens) >= room:  # no room left to answer
-            self._end(ep, truncated="context")
-            return False
-        return True
+        return len(tokens) < room
 
     def _end(self, ep: _Episode, reward: float = 0.0, truncated: str | None = None) -> None:
         info = ep.last_info
@@ -417,6 +430,10 @@ class Rollouts:
         for i, ep in enumerate(episodes):
             k = len(ep.tokens)
             tokens[i, :k], mask[i, :k], logprobs[i, :k] = ep.tokens, ep.mask, ep.logprobs
+            if (
+                ep.stats is not None and ep.stats.truncated == "crashed"
+            ):  # an infrastructure fault: nothing to learn
+                mask[i], logprobs[i] = 0, 0.0
         return RolloutBatch(
             tokens=tokens,
             loss_mask=mask,

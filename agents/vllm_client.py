@@ -14,12 +14,18 @@ it, and asking for any other version raises StaleAdapterError instead of silentl
 base model. Version 0 is the base model (a fresh LoRA adapter is the identity).
 
 Transient failures (connection refused or reset, timeouts, HTTP 5xx) are retried with exponential
-backoff; then ServerError says which server, what failed and how to start one.
+backoff; then ServerError (ServerUnreachable when nothing answered) says which server, what failed
+and how to start one. After such a failure `recover()` brings the server back: it restarts the
+server this job launched (`server`), or waits, with backoff up to `recover_s`, for one given by
+URL, and reloads the adapter the sampler held (ServerDown when it does not come back); the
+training loop then replays the failed collection (agents.training.loop).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import os
 import shutil
 import socket
@@ -36,6 +42,8 @@ from typing import Self
 
 from agents.sampler import Sample, SamplingParams, check_per_prompt
 
+logger = logging.getLogger(__name__)
+
 
 class ServerError(RuntimeError):
     """The server is unreachable, lacks a feature, or answered with an error (HTTP `status`)."""
@@ -45,8 +53,33 @@ class ServerError(RuntimeError):
         self.status = status
 
 
+class ServerUnreachable(ServerError):
+    """Nothing answered (connection refused or reset, a timeout) in any of a request's tries."""
+
+
+class ServerDown(ServerError):
+    """A server that failed did not come back (`VLLMSampler.recover` gave up)."""
+
+
 class StaleAdapterError(ServerError):
     """A request named an adapter version the server does not hold."""
+
+
+class AdapterLostError(StaleAdapterError):
+    """The server no longer holds the adapter the sampler loaded on it (it restarted)."""
+
+
+def recoverable(exc: BaseException) -> ServerError | None:
+    """The server fault behind `exc` (itself or a cause) that `recover()` may mend: a server
+    that did not answer, answered 5xx every time, or lost its adapter; None otherwise."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (ServerUnreachable, AdapterLostError)) or (
+            isinstance(cause, ServerError) and (cause.status or 0) >= 500
+        ):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 class VLLMSampler:
@@ -62,10 +95,16 @@ class VLLMSampler:
         backoff_s: float = 0.5,
         adapter_prefix: str = "toolgrpo",
         adapter_dir: str | None = None,
+        server: VLLMServer | None = None,
+        recover_s: float = 60.0,
     ):
         self.url = base_url.rstrip("/").removesuffix("/v1")
         self.tokenizer, self.timeout_s = tokenizer, timeout_s
         self.retries, self.backoff_s = retries, backoff_s
+        self.server = server
+        """The server at `base_url` when this job launched it: recover() restarts it."""
+        self.recover_s = recover_s
+        """How long recover() waits for a server given by URL to answer again."""
         self.prefix = f"{adapter_prefix}-{uuid.uuid4().hex[:8]}"
         self.adapter_dir = adapter_dir or tempfile.mkdtemp(prefix="toolgrpo-adapters-")
         models = self._request("GET", "/v1/models")["data"]
@@ -75,6 +114,7 @@ class VLLMSampler:
         self.model = model or bases[0]
         self.adapter_version = 0
         self._adapter: str | None = None
+        self._adapter_path: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="vllm-request")
 
     # -- HTTP -------------------------------------------------------------------------------------
@@ -107,11 +147,16 @@ class VLLMSampler:
                 raise ServerError(
                     f"{self.url}{path}: HTTP {exc.code}: {message}", exc.code
                 ) from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            except (
+                urllib.error.URLError,
+                ConnectionError,
+                TimeoutError,
+                http.client.HTTPException,  # a reply cut short: the server died while answering
+            ) as exc:
                 last = exc
         if isinstance(last, ServerError):  # it answered, with an error every time
             raise last
-        raise ServerError(
+        raise ServerUnreachable(
             f"the vLLM server at {self.url} is unreachable ({path}, {self.retries + 1} tries): "
             f"{last}. Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL "
             "--enable-lora --max-lora-rank R` (agents.vllm_client.VLLMServer does), or use the "
@@ -120,8 +165,11 @@ class VLLMSampler:
 
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, path: str, version: int) -> str:
-        """Load the PEFT adapter at `path` as `version`, then unload the previous one."""
+        """Load the PEFT adapter at `path` as `version`, then unload the previous one (nothing
+        when the server holds that version already)."""
         name = f"{self.prefix}-v{version}"
+        if name == self._adapter:
+            return name
         try:
             self._request(
                 "POST",
@@ -146,6 +194,7 @@ class VLLMSampler:
                 ) from None
             raise
         previous, self._adapter, self.adapter_version = self._adapter, name, version
+        self._adapter_path = os.path.abspath(path)
         if previous is not None:
             self._request("POST", "/v1/unload_lora_adapter", {"lora_name": previous})
         return name
@@ -161,6 +210,66 @@ class VLLMSampler:
             if old != f"v{version}":
                 shutil.rmtree(os.path.join(self.adapter_dir, old), ignore_errors=True)
         return name
+
+    # -- recovery ---------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """After a failed request: bring the server back with the adapter the sampler holds (the
+        same name and version, reloaded from its files), so that a replayed collection samples
+        what the failed one would have. A server this job launched (`server`) is restarted
+        unless it answers; one given by URL is waited for, with backoff, up to `recover_s`.
+        ServerDown when it does not come back."""
+        if self.server is not None and not self._answers():
+            logger.warning("the vLLM server at %s died: restarting it", self.url)
+            try:
+                self.server.restart()
+            except ServerError as exc:
+                raise ServerDown(f"the vLLM server at {self.url} could not restart: {exc}") from exc
+        else:
+            self._wait_until_it_answers()
+        if (
+            self._adapter is not None
+            and self._adapter_path is not None
+            and self._adapter not in self._served()
+        ):
+            logger.warning("reloading adapter %s onto %s", self._adapter, self.url)
+            name, self._adapter = self._adapter, None  # the server lost it: load it afresh
+            try:
+                self.load_adapter(self._adapter_path, self.adapter_version)
+            except ServerError as exc:
+                self._adapter = name
+                raise ServerDown(f"{self.url} could not reload adapter {name}: {exc}") from exc
+
+    def _answers(self) -> bool:
+        """Whether the server answers /v1/models now (one try)."""
+        try:
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException):
+            return False
+
+    def _wait_until_it_answers(self) -> None:
+        """Probe the server with exponential backoff (1 s, 2 s, 4 s, ...) for up to
+        `recover_s`; ServerDown if it never answers."""
+        deadline, delay, tries = time.monotonic() + self.recover_s, 1.0, 0
+        while True:
+            tries += 1
+            if self._answers():
+                if tries > 1:
+                    logger.warning("the vLLM server at %s answers again", self.url)
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerDown(
+                    f"the vLLM server at {self.url} did not answer again within "
+                    f"{self.recover_s:g} s ({tries} tries)"
+                )
+            logger.warning("the vLLM server at %s does not answer; retrying", self.url)
+            time.sleep(min(delay, left))
+            delay *= 2
+
+    def _served(self) -> set[str]:
+        """The names of the models and adapters the server holds."""
+        return {m["id"] for m in self._request("GET", "/v1/models")["data"]}
 
     # -- sampling ---------------------------------------------------------------------------------
     def generate(
@@ -229,7 +338,7 @@ class VLLMSampler:
             reply = self._request("POST", "/v1/completions", body)
         except ServerError as exc:
             if self._adapter and exc.status == 404:
-                raise StaleAdapterError(
+                raise AdapterLostError(
                     f"the server at {self.url} no longer holds adapter "
                     f"{model!r} (restarted?); not falling back to the base "
                     "model"
@@ -399,14 +508,29 @@ class VLLMServer:
         except OSError:
             return ""
 
+    def restart(self) -> VLLMServer:
+        """Stop what is left of the server (its whole process group) and start it again, on the
+        same port (so at the same URL)."""
+        self.stop()
+        return self.start()
+
     def stop(self) -> None:
-        """Terminate the server (and its workers: it leads its own process group)."""
+        """Terminate the server and its workers: it leads its own process group, which is
+        signalled while the leader is unreaped (alive, or dead and a zombie), so that the group
+        id is still this server's; workers that outlive a killed leader go with it."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.returncode is not None:  # reaped: the group id is not ours now
             return
         import signal
 
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        signals = ((signal.SIGTERM, 30), (signal.SIGKILL, 10))
+        try:  # has the leader exited? asked without reaping it (WNOWAIT)
+            exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped elsewhere: the group id may be another's now
+            return
+        if exited is not None:  # the leader was killed: its workers are orphans, end them
+            signals = signals[1:]
+        for sig, wait in signals:
             try:
                 os.killpg(proc.pid, sig)  # the group this object started, nothing else
             except ProcessLookupError:

@@ -9,7 +9,8 @@ which are neighbours and share their prompt, mostly meet on one server and its p
 sent at once, and put back in prompt order. Every request keeps the seed it would have had from
 one server. A new adapter is loaded on every server before the pool's version moves to it, so
 no sample is tagged with a version some server does not hold; a server that refuses it stops the
-sync with its error (the pool keeps the previous version).
+sync with its error (the pool keeps the previous version). `recover()` brings back every server
+after a failure (VLLMSampler.recover, all at once).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class VLLMPool:
         for old in os.listdir(self.adapter_dir):  # every server has read it
             if old != f"v{version}":
                 shutil.rmtree(os.path.join(self.adapter_dir, old), ignore_errors=True)
+
+    def recover(self) -> None:
+        """VLLMSampler.recover on every server at once (a server that answers and holds its
+        adapter costs one request); the first ServerDown, after every one has ended."""
+        for done in [self._pool.submit(c.recover) for c in self.clients]:
+            done.result()
 
     def generate(
         self,

@@ -23,6 +23,8 @@ class ToolStats:
     """Calls stopped at the time limit."""
     parse_failures: int = 0
     """Turns whose tool call could not be parsed (malformed JSON, unknown tool, empty code)."""
+    crashes: int = 0
+    """Calls whose sandbox server died under them (also counted in `errors`)."""
 
 
 def correctness_reward(correct: bool) -> float:

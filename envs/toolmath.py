@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,12 @@ from envs.answers import answers_match
 from envs.problems import ArithProblems, Problem, load_problems
 from envs.protocols import FinalAnswer, ParseFailure, ToolCall, get_protocol, truncate_middle
 from envs.rewards import RewardWeights, ToolStats, reward_components
-from envs.sandbox import PythonSandbox, SandboxSession, shared_sandbox
+from envs.sandbox import PythonSandbox, SandboxError, SandboxSession, shared_sandbox
+
+logger = logging.getLogger(__name__)
+
+CRASHED_OUTPUT = "SandboxError: the Python sandbox crashed; this session's state is lost"
+"""The tool output of a call whose sandbox server died under it."""
 
 
 class UnicodeText(gym.spaces.Text):
@@ -64,8 +70,11 @@ class ToolMathEnv(gym.Env):
 
     ## Episode End
     Terminated on a final answer. Truncated after `max_turns` turns, or when the actions and
-    observations exceed `max_chars` characters. `info["tool"]` counts calls, errors, timeouts and
-    parse failures; the last `info` also holds "answer", "gold_answer" and "correct".
+    observations exceed `max_chars` characters, or when the sandbox server dies under a tool call
+    (the call's output says so, `info["crashed"]` is True, `info["tool"]["crashes"]` counts it;
+    the next episode's session comes from a restarted server). `info["tool"]` counts calls,
+    errors, timeouts, crashes and parse failures; the last `info` also holds "answer",
+    "gold_answer" and "correct".
 
     ## Arguments
     * `problems`: "aime" (AIME 1983-2024 train, AIME 2025 test), "arith" (generated), a hub id
@@ -148,7 +157,7 @@ class ToolMathEnv(gym.Env):
         elif not 0 <= int(index) < len(self.problems):
             raise IndexError(f"options['index']={index} is outside 0..{len(self.problems) - 1}")
         self._problem = self.problems[int(index)]
-        self._turns, self._chars, self._done = 0, 0, False
+        self._turns, self._chars, self._done, self._crashed = 0, 0, False, False
         self._stats = ToolStats()
         user = self._user_message(self._problem)
         self._messages = [
@@ -184,6 +193,9 @@ class ToolMathEnv(gym.Env):
         observation = self.protocol.format_output(output, action)
         self._append(action, parsed, observation)
         self._chars += len(action) + len(observation)
+        if self._crashed:  # the session is gone: the episode cannot go on
+            _, reward, _, _, info = self._finish(None, terminated=False)
+            return observation, reward, False, True, {**info, "crashed": True}
         if self._turns >= self.max_turns or self._chars > self.max_chars:
             _obs, reward, terminated, truncated, info = self._finish(None, terminated=False)
             return observation, reward, terminated, truncated, info
@@ -204,9 +216,16 @@ class ToolMathEnv(gym.Env):
         return f"{problem.question}\n\nPut your final answer within \\boxed{{}}.{hint}"
 
     def _run_tool(self, call: ToolCall) -> str:
-        if self._session is None:
-            self._session = (self._sandbox or shared_sandbox()).session()
-        result = self._session.run(call.code, timeout_s=self.tool_timeout_s)
+        try:
+            if self._session is None:
+                self._session = (self._sandbox or shared_sandbox()).session()
+            result = self._session.run(call.code, timeout_s=self.tool_timeout_s)
+        except SandboxError as exc:  # the server died (or cannot start): not the code's fault
+            logger.warning("problem %s: the sandbox crashed: %s", self._current().id, exc)
+            self._release()
+            self._crashed = True
+            self._stats = _bump(self._stats, calls=1, errors=1, crashes=1)
+            return CRASHED_OUTPUT
         self._stats = _bump(
             self._stats,
             calls=1,

@@ -13,7 +13,9 @@ group_size episodes, optionally drop zero-variance groups and refill (DAPO's dyn
 one GRPO update of the LoRA adapter, push the adapter to the sampler, log. Every eval.every
 steps: pass@1 and pass@k on the test problems. Logs: the run directory (metrics.jsonl, PNG plots,
 transcripts), Weights & Biases unless --log.no-wandb. Ctrl-C saves a checkpoint and exits; --resume
-continues from the latest one. At the end the adapter is exported in PEFT format (and merged into
+continues from the latest one. A rollout server that dies is restarted (launched here) or waited
+for (--sampler.vllm-url, up to --sampler.recover-s) and the collection replayed; one that does not
+come back ends the run in one line, exit code 3, after the checkpoint of the last step trained. At the end the adapter is exported in PEFT format (and merged into
 a Hugging Face model directory with --log.export-merged). Settings: agents/training/config.py
 (every one a flag; --help lists them).
 

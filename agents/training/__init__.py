@@ -24,7 +24,7 @@ from agents.training.config import (
     config_from_dict,
 )
 from agents.training.evaluation import evaluate, pass_at_k
-from agents.training.loop import GRPOLoop, ProblemOrder
+from agents.training.loop import GRPOLoop, ProblemOrder, RolloutsDown
 from agents.training.run import Interrupted, build_learner, fit, train
 from agents.training.runlog import RunLog, run_environment
 
@@ -37,6 +37,7 @@ __all__ = [
     "LogConfig",
     "ModelConfig",
     "ProblemOrder",
+    "RolloutsDown",
     "RunLog",
     "SamplerConfig",
     "build_learner",

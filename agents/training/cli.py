@@ -120,16 +120,20 @@ EXIT_DIVERGED = 3
 """The exit code of a run stopped by non-finite updates (agents.training.loop.NonFiniteUpdates)."""
 EXIT_DISK_FULL = 4
 """The exit code of a run stopped by a full disk or quota (it resumes once there is space)."""
+EXIT_ROLLOUTS_DOWN = 5
+"""The exit code of a run stopped by rollout servers that failed and did not come back
+(agents.training.loop.RolloutsDown; it resumes once they answer)."""
 
 
 @contextlib.contextmanager
 def one_line_faults(debug: bool = False):
     """A run stopped by a fault ends in one line on stderr with what to do: non-finite updates
-    (EXIT_DIVERGED), a full disk (EXIT_DISK_FULL), a stop signal or Ctrl-C before the first step
+    (EXIT_DIVERGED), a full disk (EXIT_DISK_FULL), rollout servers down (EXIT_ROLLOUTS_DOWN), a
+    stop signal or Ctrl-C before the first step
     (128 + the signal). With `debug`, the exception propagates."""
     import signal
 
-    from agents.training.loop import NonFiniteUpdates
+    from agents.training.loop import NonFiniteUpdates, RolloutsDown
     from agents.training.run import StepAbandoned
     from learners.checkpoint import CheckpointDiskFull, is_disk_full
 
@@ -142,12 +146,13 @@ def one_line_faults(debug: bool = False):
             file=sys.stderr,
         )
         raise SystemExit(128 + signum) from None
-    except (NonFiniteUpdates, CheckpointDiskFull, OSError) as exc:
+    except (NonFiniteUpdates, RolloutsDown, CheckpointDiskFull, OSError) as exc:
         if debug or (isinstance(exc, OSError) and not is_disk_full(exc)):
             raise
-        if isinstance(exc, NonFiniteUpdates):
+        if isinstance(exc, (NonFiniteUpdates, RolloutsDown)):
             print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(EXIT_DIVERGED) from None
+            code = EXIT_DIVERGED if isinstance(exc, NonFiniteUpdates) else EXIT_ROLLOUTS_DOWN
+            raise SystemExit(code) from None
         if isinstance(exc, OSError):
             where = f" writing {exc.filename}" if exc.filename else ""
             exc = f"no space left on the disk{where}: free space, then continue with --resume"

@@ -133,10 +133,19 @@ class SamplerConfig:
     every one before any sample is tagged with its version."""
     vllm_gpu_memory: float = 0.35
     """GPU memory share of a launched vLLM server; the JAX learner gets most of the rest."""
+    recover_s: float = 60.0
+    """How long a collection whose vLLM server (given by --sampler.vllm-url) stopped answering
+    waits for it, with backoff, before the run stops; a launched server is restarted instead."""
+    max_replays: int = 3
+    """Replays of one collection whose vLLM server failed before the run stops."""
 
     def __post_init__(self):
         if not 0 < self.vllm_gpu_memory < 0.9:
             raise ValueError(f"vllm_gpu_memory must be in (0, 0.9), got {self.vllm_gpu_memory}")
+        if self.recover_s < 0 or self.max_replays < 0:
+            raise ValueError(
+                f"recover_s ({self.recover_s}) and max_replays ({self.max_replays}) must be >= 0"
+            )
 
 
 @dataclass(frozen=True)

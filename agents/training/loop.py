@@ -6,11 +6,19 @@ sampling), update the adapter, push it to the sampler.
 
 `agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
 learns (`max_staleness` > 0); `fit` runs every step through it.
+
+A collection whose rollout server failed (it died, stopped answering or lost its adapter) is
+discarded whole: the sampler recovers (a server this job launched is restarted, one given by URL
+waited for; the adapter reloaded at the same version), the problem order is rewound, and the
+collection is replayed with the same problems and seed (`collect_batch`). A step never trains
+on a short batch or on one that mixes episodes from before and after a failure. When the server
+does not come back, or the replays run out (`max_replays`), RolloutsDown stops the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +29,10 @@ from flax import nnx
 
 from agents.batch import RolloutBatch
 from agents.rollout import Rollouts
+from agents.vllm_client import ServerError, recoverable
 from learners.train import GRPOConfig, TrainState, grpo_step
+
+logger = logging.getLogger(__name__)
 
 PIPELINED_TIS_CAP = 2.0
 """The truncated importance weight cap a pipelined run uses when its GRPOConfig sets none: its
@@ -63,6 +74,15 @@ class NonFiniteUpdates(RuntimeError):
         )
 
 
+class RolloutsDown(RuntimeError):
+    """The rollout servers failed and did not come back: the run stops. `step` is the last
+    step trained (fit sets it, once that step's checkpoint is saved)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
 def sampler_copy(model):
     """A model for the sampler that shares `model`'s arrays (no copy of the weights) but has
     its own variables, so that the learner can update its LoRA parameters while the sampler
@@ -102,6 +122,9 @@ class GRPOLoop:
     from the mesh when it spans several processes)."""
     skipped_in_a_row: int = field(default=0, init=False)
     """Updates skipped in a row, up to the last one (non-finite: learners.train._apply)."""
+    max_replays: int = 3
+    """Replays of one collection whose rollout server failed (each after the sampler's
+    recover()) before RolloutsDown stops the run."""
     _synced: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -144,6 +167,44 @@ class GRPOLoop:
             nnx.update(self.sampler_model, lora)
         self.rollouts.sampler.sync_adapter(self.sampler_model, version)
         self._synced = version
+
+    def collect_batch(
+        self, problems: ProblemOrder, seed: int, version: int | None = None, lora: Any = None
+    ) -> Collected:
+        """One step's batch by adapter `version` with LoRA parameters `lora` (default: the
+        learner's latest): sync the sampler, collect. A collection whose server failed is
+        discarded, the sampler recovered and the collection replayed from the same problem
+        position with the same seed (module docstring); RolloutsDown when that cannot be."""
+        if version is None:
+            version, lora = self.adapter_version, self.local_lora
+        start = problems.position
+        for replay in range(self.max_replays + 1):
+            t0 = time.perf_counter()
+            try:
+                self.sync_sampler(version, lora)
+                batch, stats = self.collect(problems, seed, version)
+                return Collected(batch, stats, problems.position, version, time.perf_counter() - t0)
+            except Exception as exc:
+                fault = recoverable(exc)
+                if fault is None or not hasattr(self.collector.sampler, "recover"):
+                    raise
+                if replay == self.max_replays:
+                    raise RolloutsDown(
+                        f"the rollout server failed in {replay + 1} collections in a row: "
+                        f"{first_line(fault)}"
+                    ) from exc
+            problems.position = start  # the same problems again, none skipped or repeated
+            logger.warning(
+                "collection of %d problems failed (%s): discarded; recovering the sampler "
+                "and replaying it",
+                self.problems_per_step,
+                first_line(fault),
+            )
+            try:
+                self.collector.sampler.recover()
+            except ServerError as down:
+                raise RolloutsDown(f"the rollout server is down: {first_line(down)}") from down
+        raise AssertionError("unreachable")
 
     def collect(
         self, problems: Iterator[int], seed: int, adapter_version: int | None = None
@@ -261,14 +322,15 @@ class GRPOLoop:
         """Synchronously: collect, update, sync the sampler ("train/..." and "time/..." metrics,
         the batch trained on). time/rollout_s is the collection's time."""
         t0 = time.perf_counter()
-        self.sync_sampler()
-        batch, stats = self.collect(problems, seed)
-        took = time.perf_counter() - t0
-        out = self.learn(
-            Collected(batch, stats, problems.position, self.adapter_version, took), took
-        )
+        collected = self.collect_batch(problems, seed)
+        out = self.learn(collected, time.perf_counter() - t0)
         self.sync_sampler()
         return out
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (a server's may end with its log)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def group_count(batch: RolloutBatch) -> int:

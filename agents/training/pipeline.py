@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from typing import Self
 
@@ -85,13 +84,8 @@ class RolloutPipeline:
                         return
                     version, lora = self._published
                     self._busy = True
-                try:
-                    t0 = time.perf_counter()
-                    self.loop.sync_sampler(version, lora)
-                    batch, stats = self.loop.collect(self.problems, self.seed_of(step), version)
-                    done = Collected(
-                        batch, stats, self.problems.position, version, time.perf_counter() - t0
-                    )
+                try:  # a failed server: the collection is replayed whole, or RolloutsDown
+                    done = self.loop.collect_batch(self.problems, self.seed_of(step), version, lora)
                 finally:
                     with self._cond:
                         self._busy = False

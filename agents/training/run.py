@@ -9,10 +9,12 @@ checkpoints/ (orbax) with checkpoint_adapters/STEP (PEFT) beside, adapter/ (the 
 summary.json. SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) finishes the update in flight (a
 wait for a batch or an evaluation is cut short), saves a checkpoint and its adapter and exits
 with 130 or 143 (StopSignals); non-finite updates are skipped, and grpo.max_skipped_updates of
-them in a row stop the run without saving them (NonFiniteUpdates); `resume` continues from the
-latest checkpoint with the first problem no step trained on: bitwise where the machine is the same and max_staleness is 0 (pipelined, the resumed run's next batch is
-sampled by the checkpoint's adapter, where the uninterrupted run's was sampled by the one
-before).
+them in a row stop the run without saving them (NonFiniteUpdates); rollout servers that fail
+and do not come back (RolloutsDown) stop it with the checkpoint of the last step trained and
+its adapter; `resume` continues from the latest checkpoint with the first problem no step
+trained on: bitwise where the machine is the same and max_staleness is 0 (pipelined, the
+resumed run's next batch is sampled by the checkpoint's adapter, where the uninterrupted run's
+was sampled by the one before).
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ import numpy as np
 from agents.training.cli import fail, one_line_errors
 from agents.training.config import RESUMABLE_CHANGES, Config, flatten
 from agents.training.evaluation import evaluate
-from agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, sampler_copy
+from agents.training.loop import (
+    GRPOLoop,
+    NonFiniteUpdates,
+    ProblemOrder,
+    RolloutsDown,
+    sampler_copy,
+)
 from agents.training.runlog import RunLog, StepLog, run_environment, truncate_metrics
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -145,7 +153,9 @@ def fit(
     logged and checkpointed (forced): the step whose update is in flight, or, when it comes
     while the learner waits for a batch or evaluates, the last one done (the batch is dropped:
     a resumed run collects it again). grpo.max_skipped_updates non-finite updates in a row
-    raise NonFiniteUpdates once the last is logged, before any checkpoint of it."""
+    raise NonFiniteUpdates once the last is logged, before any checkpoint of it. Rollout servers
+    that are down raise RolloutsDown, with the last step trained checkpointed (forced) and
+    named in its `step`."""
     import time
 
     import jax
@@ -166,8 +176,14 @@ def fit(
             ) as rollouts:
                 for step in bar:
                     t0 = time.perf_counter()
-                    with interrupt.abandoning():
-                        collected = rollouts.get(step)
+                    try:
+                        with interrupt.abandoning():
+                            collected = rollouts.get(step)
+                    except RolloutsDown as down:
+                        down.step = done
+                        if checkpoint is not None and done > start:
+                            checkpoint(done, True)
+                        raise
                     metrics, batch = loop.learn(collected, waited_s=time.perf_counter() - t0)
                     rollouts.publish()
                     # read once: a signal that arrives later in this step is acted on after the
@@ -351,22 +367,33 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer):
             from agents.vllm_client import VLLMSampler, VLLMServer
             from agents.vllm_pool import VLLMPool
 
-            urls = cfg.sampler.vllm_url or (
-                stack.enter_context(
+            server = None
+            urls = tuple(cfg.sampler.vllm_url)
+            if not urls:  # launched here: restarted if it dies
+                server = stack.enter_context(
                     VLLMServer(
                         cfg.model.name,
                         max_lora_rank=cfg.model.lora_rank,
                         gpu_memory_utilization=cfg.sampler.vllm_gpu_memory,
                         extra_args=["--max-model-len", str(cfg.rollout.max_total_tokens)],
                     )
-                ).url,
-            )
+                )
+                urls = (server.url,)
             print(
                 f"rollouts: vLLM server{'s' if len(urls) > 1 else ''} at {', '.join(urls)}",
                 flush=True,
             )
             adapters = os.path.join(cfg.out, "adapters")
-            clients = [VLLMSampler(url, tokenizer, adapter_dir=adapters) for url in urls]
+            clients = [
+                VLLMSampler(
+                    url,
+                    tokenizer,
+                    adapter_dir=adapters,
+                    server=server,
+                    recover_s=cfg.sampler.recover_s,
+                )
+                for url in urls
+            ]
             yield clients[0] if len(clients) == 1 else VLLMPool(clients, adapter_dir=adapters)
         else:
             import jax
@@ -464,6 +491,7 @@ def train(cfg: Config) -> dict:
             cfg.max_staleness,
             sampler_model,
             mesh=mesh if several else None,
+            max_replays=cfg.sampler.max_replays,
         )
         ckpt = Checkpointer(
             os.path.join(cfg.out, "checkpoints"),
@@ -574,6 +602,19 @@ def train(cfg: Config) -> dict:
             diverged.checkpoint = ckpt.latest_step
             log.close()
             raise
+        except RolloutsDown as down:
+            if main:
+                save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
+            log.close()
+            saved = (
+                f"the checkpoint of step {down.step} is in {ckpt.directory}"
+                if down.step in ckpt.steps
+                else f"no step was trained (checkpoints: {ckpt.directory})"
+            )
+            raise RolloutsDown(
+                f"{down}; {saved}, the adapter in {adapter_dir}; continue with --resume",
+                down.step,
+            ) from down
         if main:
             save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
             if cfg.log.export_merged:

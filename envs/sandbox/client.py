@@ -201,10 +201,30 @@ class PythonSandbox:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Self:
+        """Start the server, or a new one when it has died (the sessions it served are lost:
+        their calls raise SandboxError; new sessions come from the new server)."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
+            if self._proc is not None and self._proc.poll() is not None:
+                self._discard_dead_server_locked()
+            if self._proc is None:
                 self._start_locked()
         return self
+
+    def _discard_dead_server_locked(self) -> None:
+        """Forget a server that has exited: its ready stateless sessions and its control
+        channel went with it."""
+        for sock in self._idle:
+            sock.close()
+        self._idle.clear()
+        if self._finalizer is not None:
+            self._finalizer()
+        self._proc = self._control = self._finalizer = None
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the process this sandbox started: the server, or the `unshare` that runs
+        it (whose death ends the server and every session). None before the start."""
+        return None if self._proc is None else self._proc.pid
 
     def _start_locked(self) -> None:
         cfg = self.config

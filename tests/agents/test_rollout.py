@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import signal
+import time
 
 import gymnasium as gym
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import envs  # noqa: F401 - registers the environments
 from agents.rollout import RolloutConfig, RolloutError, Rollouts
 from agents.sampler import JaxSampler
 from envs.problems import Problem
+from envs.sandbox import PythonSandbox
 from envs.toolmath import ToolMathEnv
 from learners.grpo import token_logprobs
 
@@ -248,3 +252,85 @@ def test_a_failing_environment_gives_an_error_and_no_batch(chat_tokenizer):
             rollouts.collect([0])
         with pytest.raises(ValueError, match="at least one problem"):
             rollouts.collect([])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, read from /proc (the processes it started, and theirs)."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for task in (
+            os.listdir(f"/proc/{tree[i]}/task") if os.path.exists(f"/proc/{tree[i]}") else []
+        ):
+            try:
+                with open(f"/proc/{tree[i]}/task/{task}/children") as f:
+                    tree += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        i += 1
+    return tree
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (it may be a zombie that its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` (a process this test's sandbox started) and wait until every process of
+    its tree has exited, its sessions included (they die with the server)."""
+    tree = process_tree(pid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # a hang guard: they are gone within a second
+    while not all(gone(p) for p in tree):
+        assert time.monotonic() < deadline, f"processes {tree} outlived the sandbox server"
+        time.sleep(0.02)
+
+
+def test_a_sandbox_server_dying_mid_episode_crashes_its_callers_and_the_run_goes_on(
+    chat_tokenizer,
+):
+    """The sandbox server is killed by pid between two rounds: the episodes whose next turn is a
+    tool call end as "crashed" (a tool-error output, no loss), the others finish; the next
+    collection runs on a restarted server."""
+    sandbox = PythonSandbox(pool_size=1)
+    killed = []
+
+    def script(text: str, turn: int) -> str:
+        if turn == 1 and "56 ×" in text:  # problem p1 calls the tool again: its server is gone
+            return "Once more.\n```python\nprint(2)\n```\n"
+        return solve_with_tool(text, turn)
+
+    sampler = ScriptedSampler(chat_tokenizer, script)
+    generate = sampler.generate
+
+    def kill_before_round_two(prompts, *args, **kwargs):
+        if sampler.calls == 1 and not killed:
+            assert sandbox.pid is not None  # the first round started the server
+            killed.append(sandbox.pid)
+            kill_tree(sandbox.pid)
+        return generate(prompts, *args, **kwargs)
+
+    sampler.generate = kill_before_round_two
+    cfg = RolloutConfig(group_size=2, sync_rounds=True, check_template=True)
+    try:
+        with Rollouts(
+            lambda: product_env(sandbox=sandbox), sampler, chat_tokenizer, cfg
+        ) as rollouts:
+            batch = rollouts.collect([0, 1])
+            assert killed
+            ends = [(e.problem_id, e.truncated, e.correct) for e in batch.episodes]
+            assert ends == [("p0", None, True)] * 2 + [("p1", "crashed", False)] * 2
+            crashed = [e for e in batch.episodes if e.truncated == "crashed"]
+            assert all(e.tool_errors == 1 and e.tool_calls == 2 for e in crashed)
+            assert "the Python sandbox crashed" in batch.transcripts[2]
+            assert not batch.loss_mask[2:].any() and batch.loss_mask[:2].any()
+            assert batch.metrics()["crashed"] == 0.5
+            again = rollouts.collect([0, 2])  # the run goes on, on a new server
+            assert all(e.correct for e in again.episodes)
+            assert sandbox.pid != killed[0]
+    finally:
+        sandbox.close()

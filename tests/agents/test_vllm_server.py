@@ -9,7 +9,9 @@ VLLMSampler must still come from the model's own distribution.
 """
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -26,10 +28,12 @@ from tiny import tiny_base_model
 import envs  # noqa: F401
 from agents.rollout import RolloutConfig, RolloutError, Rollouts
 from agents.sampler import SamplingParams
+from agents.training import GRPOLoop, ProblemOrder
 from agents.vllm_client import ServerError, VLLMSampler, VLLMServer, vllm_command, vllm_lora_rank
 from learners.grpo import token_logprobs
 from learners.lora import apply_lora
 from learners.params import save_pretrained
+from learners.train import GRPOConfig, init_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -261,6 +265,62 @@ def test_an_adapter_above_the_servers_rank_is_refused_in_one_error(
         sampler.sync_adapter(big, 1)
     assert sampler.adapter_version == 0  # nothing changed: the base model still answers
     assert sampler.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0][0].token_ids
+
+
+def test_a_killed_server_is_restarted_with_its_adapter_and_the_collection_replayed(
+    server, tiny, chat_tokenizer, tmp_path
+):
+    """The API server's process is SIGKILLed (by the pid VLLMServer started) once the first
+    request of a collection has its reply: recover() stops what is left of its process group
+    (the engine's workers), starts it again, reloads adapter 1, and the collection is replayed
+    whole."""
+    _, base = tiny
+    model = adapted(base)
+    sampler = VLLMSampler(
+        server.url,
+        chat_tokenizer,
+        retries=1,
+        backoff_s=0.05,
+        adapter_dir=str(tmp_path),
+        server=server,
+    )
+    cfg = GRPOConfig(micro_batch_size=4)
+    rollouts = Rollouts(
+        lambda: gym.make("ToolMath-Arith-v0"),
+        sampler,
+        chat_tokenizer,
+        RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=1024),
+    )
+    loop = GRPOLoop(model, init_state(model, cfg), cfg, rollouts, problems_per_step=2)
+    complete, killed = sampler._complete, []
+
+    def then_kill(*args, **kwargs):
+        reply = complete(*args, **kwargs)
+        if not killed:
+            killed.append(server.process.pid)
+            os.kill(server.process.pid, signal.SIGKILL)
+        return reply
+
+    sampler._complete = then_kill
+    problems = ProblemOrder(None)
+    with rollouts:
+        collected = loop.collect_batch(problems, 3, 1, nnx.state(model, nnx.LoRAParam))
+    assert killed and server.process.pid != killed[0] and problems.position == 2
+    assert len(collected.batch.episodes) == 4 and set(collected.batch.adapter_version) == {1}
+    assert f"{sampler.prefix}-v1" in sampler._served()
+    assert not group_members(killed[0])  # nothing of the killed server's group outlived it
+
+
+def group_members(pgid: int) -> list[int]:
+    """The pids of the processes in process group `pgid`."""
+    members = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(name)) == pgid:
+                members.append(int(name))
+        except ProcessLookupError:  # it exited meanwhile
+            pass
+    return members
 
 
 def test_a_server_dying_mid_rollout_ends_the_collection_with_a_clear_error(

@@ -93,7 +93,14 @@ def test_an_episode_with_a_tool_call_and_a_right_answer(aime_file):
     assert info["correct"] and info["answer"] == "42" and info["gold_answer"] == "42"
     assert info["reward_components"] == {"correctness": 1.0, "format": 1.0, "tool_use": 1.0}
     assert reward == pytest.approx(1.2)
-    assert info["tool"] == {"calls": 2, "ok": 2, "errors": 0, "timeouts": 0, "parse_failures": 0}
+    assert info["tool"] == {
+        "calls": 2,
+        "ok": 2,
+        "errors": 0,
+        "timeouts": 0,
+        "parse_failures": 0,
+        "crashes": 0,
+    }
     transcript = info["messages"][-1]["content"]
     assert transcript.count("```output") == 2 and transcript.endswith("\\boxed{42}.")
     with pytest.raises(RuntimeError, match="reset"):
@@ -121,7 +128,14 @@ def test_tool_errors_timeouts_and_garbage_are_observations(aime_file):
     assert "empty" in obs
     obs, *_, info = env.step(code("print('x' * 100000)"))
     assert len(obs) < 2200 and "omitted" in obs
-    assert info["tool"] == {"calls": 3, "ok": 1, "errors": 1, "timeouts": 1, "parse_failures": 1}
+    assert info["tool"] == {
+        "calls": 3,
+        "ok": 1,
+        "errors": 1,
+        "timeouts": 1,
+        "parse_failures": 1,
+        "crashes": 0,
+    }
     for garbage in ("", "\x00\ud800 \u202e", "{" * 10000):
         env.reset(options={"index": 1})
         obs, reward, term, _trunc, _ = env.step(garbage)
