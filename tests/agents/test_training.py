@@ -202,3 +202,33 @@ print("LOOP", agents.training.__file__, summary["step"], summary["eval/pass@1"])
     assert step == "2" and 0.0 <= float(pass1) <= 1.0
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "fault,code,words",
+    [
+        ("diverged", 3, "non-finite"),
+        ("disk", 4, "no space left on the disk"),
+        ("rollouts", 5, "the rollout server is down"),
+    ],
+)
+def test_a_fault_ends_the_main_job_in_one_line_with_its_own_exit_code(fault, code, words, capsys):
+    """What a scheduler reads: 3 for a run that diverged (rerunning does not help), 4 and 5 for
+    a full disk and rollout servers that stay down (resume once they are mended)."""
+    import errno
+
+    from agents.training import RolloutsDown
+    from agents.training.cli import one_line_faults
+    from agents.training.loop import NonFiniteUpdates
+
+    raised = {
+        "diverged": NonFiniteUpdates(step=5, count=3, checkpoint=2),
+        "disk": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl"),
+        "rollouts": RolloutsDown("the rollout server is down: refused", step=4),
+    }[fault]
+    with pytest.raises(SystemExit) as stopped, one_line_faults():
+        raise raised
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == code and len(err) == 1 and words in err[0], err
+    with pytest.raises(type(raised)), one_line_faults(debug=True):  # --debug: the traceback
+        raise raised
