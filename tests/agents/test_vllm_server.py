@@ -270,10 +270,11 @@ def test_an_adapter_above_the_servers_rank_is_refused_in_one_error(
 def test_a_killed_server_is_restarted_with_its_adapter_and_the_collection_replayed(
     server, tiny, chat_tokenizer, tmp_path
 ):
-    """The API server's process is SIGKILLed (by the pid VLLMServer started) once the first
-    request of a collection has its reply: recover() stops what is left of its process group
-    (the engine's workers), starts it again, reloads adapter 1, and the collection is replayed
-    whole."""
+    """The API server's process is SIGKILLed (by the pid VLLMServer started) between the first
+    round of a collection and the second (which round 1's tool calls make sure of: killed
+    while the first round's replies are in flight, the server may have sent them all):
+    recover() stops what is left of its process group (the engine's workers), starts it
+    again, reloads adapter 1, and the collection is replayed whole."""
     _, base = tiny
     model = adapted(base)
     sampler = VLLMSampler(
@@ -292,16 +293,16 @@ def test_a_killed_server_is_restarted_with_its_adapter_and_the_collection_replay
         RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=1024),
     )
     loop = GRPOLoop(model, init_state(model, cfg), cfg, rollouts, problems_per_step=2)
-    complete, killed = sampler._complete, []
+    generate, rounds, killed = sampler.generate, [], []
 
-    def then_kill(*args, **kwargs):
-        reply = complete(*args, **kwargs)
-        if not killed:
+    def kill_before_round_two(*args, **kwargs):
+        if rounds and not killed:
             killed.append(server.process.pid)
             os.kill(server.process.pid, signal.SIGKILL)
-        return reply
+        rounds.append(1)
+        return generate(*args, **kwargs)
 
-    sampler._complete = then_kill
+    sampler.generate = force_two_rounds(kill_before_round_two, chat_tokenizer)
     problems = ProblemOrder(None)
     with rollouts:
         collected = loop.collect_batch(problems, 3, 1, nnx.state(model, nnx.LoRAParam))
