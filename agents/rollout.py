@@ -77,6 +77,12 @@ class RolloutConfig:
             )
         if self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
+        # checked here, before a model loads (the sampler's own SamplingParams check them again)
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"need temperature >= 0 (0: greedy), 0 < top_p <= 1, top_k >= 0 (0: off); got "
+                f"temperature {self.temperature}, top_p {self.top_p}, top_k {self.top_k}"
+            )
 
 
 class RolloutError(RuntimeError):

@@ -237,6 +237,9 @@ def load_peft_adapter(model, directory: str, param_dtype=jnp.float32):
         a, b = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
         if a not in tensors or b not in tensors:
             raise KeyError(f"{directory}: adapter tensors for {key} are missing")
+        for tensor in (a, b):  # a NaN adapter would score 0 without a word
+            if not bool(jnp.isfinite(tensors[tensor]).all()):
+                raise ValueError(f"{directory}: adapter tensor {tensor!r} holds NaN or inf values")
         module.lora_a.set_value(tensors[a].T.astype(module.lora_a[...].dtype))
         module.lora_b.set_value(tensors[b].T.astype(module.lora_b[...].dtype))
         used |= {a, b}

@@ -173,6 +173,8 @@ def from_pretrained(
         if name not in tensors:
             raise KeyError(f"{directory}: tensor {name!r} is missing")
         value = jnp.asarray(tensors[name])
+        if not bool(jnp.isfinite(value).all()):  # one reduction a tensor: NaN weights train NaN
+            raise ValueError(f"{directory}: tensor {name!r} holds NaN or inf values")
         value = value.T if transposed else value
         if value.shape != var.get_value().shape:
             raise ValueError(

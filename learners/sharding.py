@@ -29,6 +29,11 @@ from learners.train import TrainBatch, TrainState
 
 def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    if fsdp is None and len(devices) % data:
+        raise ValueError(
+            f"mesh data={data} must divide the {len(devices)} devices (the fsdp axis takes the "
+            "rest)"
+        )
     fsdp = fsdp or len(devices) // data
     if data * fsdp != len(devices):
         raise ValueError(

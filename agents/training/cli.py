@@ -42,6 +42,8 @@ def load_config(
             fail("--config needs a path to a YAML or JSON file")
         path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
         default = read_config_file(path, cls, cls() if default is None else default)
+        if "config_file" in {f.name for f in dataclasses.fields(cls)}:
+            default = dataclasses.replace(default, config_file=path)
     with _section_errors_raised():
         return tyro.cli(
             cls,

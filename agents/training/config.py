@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import tyro
 
 from agents.rollout import RolloutConfig
+from agents.training.checks import check_finite
 from agents.training.distributed import DistConfig
 from agents.training.loop import PIPELINED_TIS_CAP
 from envs.rewards import RewardWeights
@@ -225,6 +226,9 @@ class Config:
     """Run on the CPU even where jax has no access to the machine's GPU or TPU."""
     debug: bool = False
     """Show the traceback of an input error instead of its one-line message."""
+    config_file: tyro.conf.Suppress[str | None] = None
+    """The YAML/JSON file these settings were read from (set by load_config, not a flag): an
+    input of the run, which --overwrite never deletes."""
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -235,6 +239,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
+        check_finite(dataclasses.asdict(self))
         if (
             self.steps < 1
             or self.problems_per_step < 1
@@ -286,6 +291,7 @@ RESUMABLE_CHANGES = (
     "overwrite",
     "out",
     "debug",
+    "config_file",
     "allow_cpu",
     "eval",
     "log",
