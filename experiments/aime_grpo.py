@@ -38,8 +38,9 @@ from agents.training.cli import (
 
 OFFLINE_HINT = (
     "offline? run with local files: python experiments/aime_grpo.py --model.name DIR "
-    "--env.problems train.jsonl --env.eval-problems test.jsonl (or the offline demo: "
-    "python experiments/arith_grpo.py)"
+    "--env.problems train.jsonl --env.eval-problems test.jsonl (python experiments/make_tiny.py "
+    "--out DIR writes a tiny model and problems to try it; the offline demo: python "
+    "experiments/arith_grpo.py)"
 )
 
 

@@ -325,6 +325,7 @@ def main(cfg: Config) -> dict:
         fit,
         run_environment,
     )
+    from agents.training.cli import one_line_errors
     from agents.training.run import prepare_run_directory
     from envs.problems import ArithProblems
     from learners.lora import apply_lora
@@ -334,7 +335,8 @@ def main(cfg: Config) -> dict:
 
     cfg = cfg.shortened()
     t_start = time.perf_counter()
-    prepare_run_directory(cfg.out, cfg, resume=False, overwrite=cfg.overwrite)
+    with one_line_errors():
+        prepare_run_directory(cfg.out, cfg, resume=False, overwrite=cfg.overwrite)
     log = RunLog(cfg.out, cfg, wandb_mode=cfg.wandb, plot_every=5, plot_name="arith_grpo.png")
     train_problems = ArithProblems(cfg.difficulty, seed=cfg.seed + 1, kinds=cfg.kinds)
     heldout = ArithProblems(cfg.difficulty, seed=cfg.seed + 2, kinds=cfg.kinds)

@@ -57,6 +57,8 @@ class Args:
     """Write the JSON report here."""
     json: bool = False
     """Print the JSON report instead of a table."""
+    debug: bool = False
+    """Show the traceback of an input error instead of its one-line message."""
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     """How episodes are played; group_size is the samples per problem."""
 
@@ -72,47 +74,80 @@ class Args:
             raise ValueError(f"every k must be in 1..rollout.group_size ({n}), got {self.k}")
 
 
-def main(args: Args) -> dict:
-    import gymnasium as gym
-
-    import envs  # noqa: F401 - registers the environments
-    from agents.rollout import Rollouts
-    from agents.training import evaluate
-    from envs.toolmath import unwrapped_toolmath
+def check_tokenizer_of(args: Args):
+    """The tokenizer, after the main job's checks (agents.training.checks) of every input but
+    the problems: the model's files, the adapter's, the endpoint's answer."""
+    from agents.training.checks import (
+        check_adapter,
+        check_context_length,
+        check_model,
+        check_server,
+        check_tokenizer,
+    )
+    from learners.params import resolve
     from learners.tokenizer import load_tokenizer
 
-    tokenizer_name = args.tokenizer or args.model
-    assert tokenizer_name is not None  # Args: --endpoint needs --tokenizer
-    tokenizer = load_tokenizer(tokenizer_name)
+    if args.endpoint:
+        assert args.tokenizer is not None  # Args: --endpoint needs --tokenizer
+        check_server(args.endpoint, flag="--endpoint")
+        return load_tokenizer(args.tokenizer)
+    assert args.model is not None  # Args: exactly one of --model and --endpoint
+    config = check_model(resolve(args.model))
+    tokenizer = check_tokenizer(args.tokenizer or args.model, config)
+    check_context_length(config, args.rollout.max_total_tokens)
+    if args.adapter:
+        check_adapter(args.adapter)
+    return tokenizer
+
+
+def open_sampler(args: Args, tokenizer):
+    """(the sampler, the evaluated model's name)."""
     if args.endpoint:
         from agents.vllm_client import VLLMSampler
 
         sampler = VLLMSampler(args.endpoint, tokenizer, model=args.endpoint_model)
-        name = f"{args.endpoint} ({sampler.model})"
-    else:
-        from agents.sampler import JaxSampler
-        from learners.lora import load_peft_adapter
-        from learners.params import from_pretrained
+        return sampler, f"{args.endpoint} ({sampler.model})"
+    from agents.sampler import JaxSampler
+    from learners.lora import load_peft_adapter
+    from learners.params import from_pretrained
 
-        assert args.model is not None  # Args: exactly one of --model and --endpoint
-        model = from_pretrained(args.model)
-        if args.adapter:
-            load_peft_adapter(model, args.adapter)
-        eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
-        sampler = JaxSampler(model, tokenizer, eos_token_ids=eos)
-        name = args.model + (f" + {args.adapter}" if args.adapter else "")
+    assert args.model is not None  # Args: exactly one of --model and --endpoint
+    model = from_pretrained(args.model)
+    if args.adapter:
+        load_peft_adapter(model, args.adapter)
+    eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
+    name = args.model + (f" + {args.adapter}" if args.adapter else "")
+    return JaxSampler(model, tokenizer, eos_token_ids=eos), name
+
+
+def main(args: Args) -> dict:
+    import gymnasium as gym
+
+    import envs
+    from agents.rollout import Rollouts
+    from agents.training import evaluate
+    from agents.training.cli import one_line_errors
+    from agents.training.run import check_context_budget
+    from envs.toolmath import unwrapped_toolmath
+
     kwargs: dict[str, Any] = {  # the environment's, of several types
         "protocol": args.protocol,
         "max_turns": args.max_turns,
         "split": args.split,
         **({"problems": args.problems} if args.problems else {}),
     }
-    env = gym.make(args.env_id, **kwargs)
-    available = len(unwrapped_toolmath(env).problems)
-    env.close()
-    n = min(available, args.limit or available)
-    if n > 100_000:
-        raise SystemExit(f"{args.env_id} has {available} problems: pass --limit N")
+    with one_line_errors(debug=args.debug):  # every input checked before the model loads
+        if args.env_id not in envs.ENV_IDS:
+            raise ValueError(f"--env-id {args.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
+        tokenizer = check_tokenizer_of(args)
+        env = gym.make(args.env_id, **kwargs)
+        available = len(unwrapped_toolmath(env).problems)
+        n = min(available, args.limit or available)
+        if n > 100_000:
+            raise ValueError(f"{args.env_id} has {available} problems: pass --limit N")
+        check_context_budget(env, tokenizer, range(min(n, 4096)), args.rollout)
+        env.close()
+        sampler, name = open_sampler(args, tokenizer)
     with Rollouts(
         lambda: gym.make(args.env_id, **kwargs), sampler, tokenizer, args.rollout
     ) as rollouts:
@@ -135,7 +170,7 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     from agents.training.cli import exit_cleanly_when_offline, load_config, one_line_errors
 
-    with one_line_errors(debug=False):
+    with one_line_errors(debug="--debug" in sys.argv):
         arguments = load_config(sys.argv[1:], Args, description=__doc__.split("\n\n")[0])
     exit_cleanly_when_offline(
         lambda: main(arguments),

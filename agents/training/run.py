@@ -31,6 +31,7 @@ from typing import Self
 
 import numpy as np
 
+from agents.rollout import RolloutConfig
 from agents.training.cli import fail, one_line_errors
 from agents.training.config import RESUMABLE_CHANGES, Config, flatten
 from agents.training.evaluation import evaluate
@@ -240,33 +241,85 @@ def config_changes(saved: dict, config: dict, allowed=RESUMABLE_CHANGES) -> list
     return changes
 
 
-def prepare_run_directory(out: str, config, resume: bool, overwrite: bool) -> None:
+RUN_MARKER = "config.json"
+"""The file every run directory holds from its start (RunLog writes it): the settings of the
+run, which mark a directory as one that --overwrite may replace."""
+
+
+def is_run_directory(path: str) -> bool:
+    """Whether `path` holds a run of this project: its RUN_MARKER, the settings of a run."""
+    try:
+        with open(os.path.join(path, RUN_MARKER)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"out", "seed"} <= saved.keys()
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def prepare_run_directory(
+    out: str, config, resume: bool, overwrite: bool, inputs: tuple[str, ...] = ()
+) -> None:
     """A run directory holds one run. A new run needs an empty (or missing) `out`, or
-    `overwrite`, which deletes what is there; `resume` needs the saved config to agree with
-    `config` but for RESUMABLE_CHANGES. Otherwise it says why in one line and exits with 2."""
+    `overwrite` of a run directory (is_run_directory) that neither holds one of the run's
+    `inputs` (model, problems, config file) nor the current directory; `resume` needs the saved
+    config to agree with `config` but for RESUMABLE_CHANGES. Otherwise a ValueError says why;
+    nothing is deleted but a run. Makes `out`."""
+    if not out.strip():
+        raise ValueError("--out is empty: name the run directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory: choose another --out")
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    shown = f"{', '.join(present[:4])}{', ...' if len(present) > 4 else ''}"
     if resume:
-        saved_path = os.path.join(out, "config.json")
+        saved_path = os.path.join(out, RUN_MARKER)
         if os.path.exists(saved_path):
             with open(saved_path) as f:
                 saved = json.load(f)
             changes = config_changes(saved, cfg)
             if changes:
-                fail(
+                raise ValueError(
                     f"--resume with settings that differ from the run in {out}: "
                     f"{'; '.join(changes)} (resume with the saved settings, or start a new run "
                     f"with another --out)"
                 )
-        return
-    if present and not overwrite:
-        fail(
-            f"{out} already holds a run ({', '.join(present[:4])}"
-            f"{', ...' if len(present) > 4 else ''}); continue it with --resume, replace it "
+        elif present:
+            raise ValueError(f"--resume: {out} holds no run ({shown}); choose its run directory")
+    elif present and not is_run_directory(out):
+        raise ValueError(
+            f"{out} is not empty and holds no run of this project ({shown}): choose another "
+            "--out (--overwrite replaces only a run directory)"
+        )
+    elif present and not overwrite:
+        raise ValueError(
+            f"{out} already holds a run ({shown}); continue it with --resume, replace it "
             f"with --overwrite, or choose another --out"
         )
-    if present:
+    elif present:
+        held = [p for p in inputs if p and os.path.exists(p) and _inside(p, out)]
+        if _inside(os.getcwd(), out):
+            held.insert(0, "the current directory")
+        if held:
+            raise ValueError(
+                f"--overwrite of {out} would delete {', '.join(held)}: choose another --out"
+            )
         shutil.rmtree(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot make the directory ({exc.strerror})") from None
+
+
+def run_inputs(cfg: Config) -> tuple[str, ...]:
+    """The local paths a run of `cfg` reads: the model directory, the problems files, the
+    config file."""
+    paths = (cfg.model.name, cfg.env.problems, cfg.env.eval_problems, cfg.config_file)
+    return tuple(p for p in paths if p and os.path.exists(p))
 
 
 def choose_engine(cfg: Config) -> str:
@@ -284,12 +337,12 @@ def choose_engine(cfg: Config) -> str:
     return "vllm" if has_gpu and importlib.util.find_spec("vllm") else "jax"
 
 
-def check_context_budget(env, tokenizer, indices, cfg: Config) -> None:
+def check_context_budget(env, tokenizer, indices, rollout: RolloutConfig) -> None:
     """A prompt that fills rollout.max_total_tokens leaves nothing to sample: refuse such a
     budget (and warn when the first turn gets less than its max_turn_tokens)."""
     from agents.rollout import longest_prompt
 
-    budget, turn = cfg.rollout.max_total_tokens, cfg.rollout.max_turn_tokens
+    budget, turn = rollout.max_total_tokens, rollout.max_turn_tokens
     tokens, problem_id = longest_prompt(env, tokenizer, indices)
     if tokens >= budget:
         raise ValueError(
@@ -333,28 +386,40 @@ def build_learner(cfg: Config):
     return model, grpo_cfg, init_state(model, grpo_cfg)
 
 
-def check_inputs(cfg: Config):
-    """Everything a run reads, checked before the model loads (a ValueError or
-    FileNotFoundError otherwise): the model's config, the tokenizer, the environment and both
-    problem sets, the context budget. Returns (the tokenizer, training problems, evaluation
-    problems)."""
+def check_inputs(cfg: Config, engine: str):
+    """Everything a run reads, checked before the model loads (agents.training.checks: a
+    ValueError or FileNotFoundError otherwise): the model's config and weight files, the
+    tokenizer, the rollout engine, the environment and both problem sets, the context budget.
+    Returns (the tokenizer, training problems, evaluation problems)."""
     import gymnasium as gym
 
     import envs
+    from agents.training.checks import (
+        check_context_length,
+        check_model,
+        check_sampler,
+        check_tokenizer,
+    )
     from envs.toolmath import unwrapped_toolmath
-    from learners.params import read_model_config, resolve
-    from learners.tokenizer import load_tokenizer
+    from learners.params import resolve
 
-    read_model_config(resolve(cfg.model.name))
-    tokenizer = load_tokenizer(cfg.model.name)
+    model_config = check_model(resolve(cfg.model.name))
+    tokenizer = check_tokenizer(cfg.model.name, model_config)
+    check_context_length(model_config, cfg.rollout.max_total_tokens)
+    check_sampler(cfg.sampler.vllm_url, engine)
     if cfg.env.env_id not in envs.ENV_IDS:
         raise ValueError(f"--env.env-id {cfg.env.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
     sizes = []
     for split in ("train", "test"):
         probe = gym.make(cfg.env.env_id, **cfg.env.env_kwargs(split))  # loads the problems now
         sizes.append(len(unwrapped_toolmath(probe).problems))
-        check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg)
+        check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg.rollout)
         probe.close()
+    if cfg.problems_per_step > sizes[0]:
+        raise ValueError(
+            f"--problems-per-step {cfg.problems_per_step} is more than the {sizes[0]} training "
+            "problems"
+        )
     return tokenizer, sizes[0], min(sizes[1], cfg.eval.limit or 10**9)
 
 
@@ -440,17 +505,30 @@ def train(cfg: Config) -> dict:
     with one_line_errors(debug=cfg.debug):
         mesh = initialize(cfg.dist)  # before jax is used for anything else
     main, several = is_main(), mesh.devices.size > 1
-    if main:
-        prepare_run_directory(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
-    barrier("run directory")
     unused = None if cfg.allow_cpu else unused_accelerator()
     if unused:
         fail(unused)
-    enable_compilation_cache()  # a rerun or a resume loads the step's programs
-    with one_line_errors(debug=cfg.debug):
-        tokenizer, n_train, n_eval = check_inputs(cfg)
     engine = choose_engine(cfg)
-    model, grpo_cfg, state = build_learner(cfg)
+    with one_line_errors(debug=cfg.debug):  # nothing is written before the inputs are checked
+        tokenizer, n_train, n_eval = check_inputs(cfg, engine)
+        if main:
+            prepare_run_directory(cfg.out, cfg, cfg.resume, cfg.overwrite, inputs=run_inputs(cfg))
+            check_same_problems(cfg)
+    barrier("run directory")
+    finished = finished_summary(cfg) if cfg.resume and main else None
+    if cfg.resume and agree(finished is not None):  # a finished run: nothing to train
+        if main:
+            print(
+                f"the run in {cfg.out} has trained its {cfg.steps} steps; nothing to do (raise "
+                f"--steps to train further). {results_line(cfg.out)}",
+                flush=True,
+            )
+        return finished or {}
+    enable_compilation_cache()  # a rerun or a resume loads the step's programs
+    with one_line_errors(debug=cfg.debug):  # weights that are not finite, shapes that differ
+        model, grpo_cfg, state = build_learner(cfg)
+    if main:
+        record_problems(cfg)
     if several:  # parameters and optimizer state over the mesh's devices
         state = shard_state(state, mesh)
 
@@ -637,7 +715,71 @@ def train(cfg: Config) -> dict:
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps({k: summary[k] for k in summary if k.startswith("eval/pass@")}))
+    print(results_line(cfg.out), flush=True)
     return summary
+
+
+def results_line(out: str) -> str:
+    """Where a finished run's results are."""
+    return (
+        f"results in {out}: summary.json, metrics.jsonl, the plots, transcripts/, the adapter "
+        f"in {os.path.join(out, 'adapter')} (experiments/evaluate.py --adapter scores it)"
+    )
+
+
+def finished_summary(cfg: Config) -> dict | None:
+    """The summary of the run in cfg.out when it has trained its cfg.steps steps (a resume of
+    it has nothing to do), else None."""
+    path = os.path.join(cfg.out, "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("step", 0) >= cfg.steps else None
+
+
+PROBLEM_HASHES = "problem_files.json"
+"""The sha256 of each local problems file of a run (beside its config.json): a resume on files
+whose contents changed under the same path would train on other problems than it saved its
+place in."""
+
+
+def _problem_hashes(cfg: Config) -> dict[str, str]:
+    import hashlib
+
+    hashes = {}
+    for key, path in (("problems", cfg.env.problems), ("eval_problems", cfg.env.eval_problems)):
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                hashes[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return hashes
+
+
+def check_same_problems(cfg: Config) -> None:
+    """A resume refuses problems files whose contents changed since record_problems (a
+    ValueError)."""
+    path = os.path.join(cfg.out, PROBLEM_HASHES)
+    if not (cfg.resume and os.path.exists(path)):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    hashes = _problem_hashes(cfg)
+    changed = [key for key in hashes if key in saved and saved[key] != hashes[key]]
+    if changed:
+        names = ", ".join(f"--env.{k.replace('_', '-')} {getattr(cfg.env, k)}" for k in changed)
+        raise ValueError(
+            f"--resume: {names} changed since the run started (its problem order and place "
+            "refer to the old contents): restore the file, or start a new run"
+        )
+
+
+def record_problems(cfg: Config) -> None:
+    """OUT/PROBLEM_HASHES for a new run (a resume keeps the first one)."""
+    path = os.path.join(cfg.out, PROBLEM_HASHES)
+    if not (cfg.resume and os.path.exists(path)):
+        with open(path, "w") as f:
+            json.dump(_problem_hashes(cfg), f, indent=2)
 
 
 def jax_processes() -> int:

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -284,6 +285,8 @@ def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, t
             "3",
             "--rollout.max-turn-tokens",
             "8",
+            "--rollout.max-total-tokens",
+            "512",
             "--json",
             "--report",
             str(tmp_path / "r.json"),
@@ -505,3 +508,31 @@ def test_main_job_on_a_full_disk_says_so_in_one_line_and_resumes(
     assert read("full.ls").split() == []  # no checkpoint, and no temporary directory left
     assert read("resumed.rc").strip() == "0", read("resumed.err")[-3000:]
     assert read("resumed.ls").split() == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumes_to_nothing_and_a_changed_problems_file_is_refused(
+    tiny_model_dir, problem_files, tmp_path
+):
+    train = tmp_path / "train.jsonl"
+    shutil.copy(problem_files[0], train)
+    out = str(tmp_path / "run")
+    args = [*_tiny_run_args(tiny_model_dir, str(train), problem_files[1], out), "--steps", "1"]
+    first = run_script("aime_grpo.py", *args, timeout=600)
+    assert f"results in {out}: summary.json" in first
+    records = read_jsonl(f"{out}/metrics.jsonl")
+    again = run_script("aime_grpo.py", *args, "--resume", timeout=600)
+    assert "has trained its 1 steps; nothing to do" in again and "rollouts:" not in again
+    assert read_jsonl(f"{out}/metrics.jsonl") == records  # no second final evaluation
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[::-1]) + "\n")  # the same problems, in another order
+    changed = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "aime_grpo.py"), *args, "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    message = f"--resume: --env.problems {train} changed since the run started"
+    assert changed.returncode == 2 and message in changed.stderr, changed.stderr[-2000:]
