@@ -259,6 +259,7 @@ def test_main_job_offline_error_is_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and "--env.problems" in lines[0], lines
+    assert "make_tiny.py" in lines[0]
 
 
 def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, tmp_path):
