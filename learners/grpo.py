@@ -9,6 +9,8 @@ Sources:
 * k3 KL estimator: Schulman 2020, "Approximating KL divergence"; used by DeepSeekMath (beta 0.04).
 * Truncated importance sampling against the sampler's log-probabilities: Yao et al. 2025, "Your
   efficient RL framework secretly brings you off-policy RL training" (fengyao.notion.site).
+* The log-ratio clamped before exp (as verl clamps it to [-20, 20]) and the k3 estimate of
+  KL(old || new) as the early-stopping signal of PPO epochs (target_kl: Stable-Baselines3).
 """
 
 from __future__ import annotations
@@ -17,6 +19,32 @@ import jax
 import jax.numpy as jnp
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+MAX_LOG_RATIO = 20.0
+"""Default bound of |logp - logp_old| before exp: exp(20) ~ 4.9e8 is finite in float32 (and in
+bfloat16), exp(89) is not. A ratio that far from 1 is already clipped for any positive
+advantage; for a negative one the bound keeps the loss finite (and its gradient zero there)."""
+
+
+def bounded_log_ratio(logprobs, old_logprobs, mask, bound: float = MAX_LOG_RATIO):
+    """clip(logp - logp_old, -bound, bound) on the mask, 0 off it, [B, T]. Without the bound,
+    with ppo_epochs > 1 a policy that drifted far (logp - logp_old > 88 in float32) gives
+    ratio = inf, and ratio * A = -inf for A < 0 wins the min of the clipped objective: an
+    infinite loss. With it, the ratio is at most exp(bound)."""
+    log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
+    return jnp.clip(log_ratio, -bound, bound)
+
+
+def approx_kl(log_ratio, mask, n_tokens=None):
+    """The k3 estimate of KL(pi_old || pi) over the masked tokens (Schulman 2020, "Approximating
+    KL divergence": for x ~ q and r = p(x) / q(x), k3 = (r - 1) - log r is unbiased for
+    KL(q || p) and never negative). Here q = pi_old (the tokens were sampled by it) and
+    log r = logp - logp_old, so per token k3 = exp(log r) - 1 - log r, averaged over the mask
+    (over `n_tokens` when given: a micro-batch's share of the batch's mean)."""
+    mask = mask.astype(jnp.float32)
+    k3 = jnp.exp(log_ratio) - 1.0 - log_ratio
+    n = jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens
+    return jnp.sum(k3 * mask) / n
 
 
 def _group_index(group_ids):
@@ -154,21 +182,23 @@ def policy_loss(
     entropy=None,
     n_tokens=None,
     n_seqs=None,
+    max_log_ratio: float = MAX_LOG_RATIO,
 ):
     """The clipped GRPO objective, as a loss to minimise. Per token t of episode i:
 
-        ratio = exp(logp - logp_old)
+        ratio = exp(clip(logp - logp_old, -max_log_ratio, max_log_ratio))   (bounded_log_ratio)
         l_t = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
         KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1                 (k3, >= 0)
 
     With `tis_cap`, l_t is weighted by min(exp(logp_old - logp_sampler), tis_cap) (no gradient):
     truncated importance sampling for the gap between the sampler and the learner. Only tokens
-    with loss_mask == 1 count. Arrays are [B, T]; `advantages` is [B]. Returns (loss, aux).
+    with loss_mask == 1 count. Arrays are [B, T]; `advantages` is [B]. Returns (loss, aux);
+    aux["approx_kl"] is the k3 estimate of KL(old || new) (`approx_kl`), 0 when old == new.
     With `n_tokens` and `n_seqs` (the whole batch's counts, see `aggregate`) the loss and every
     token mean in aux are this micro-batch's share of the batch's."""
     mask = loss_mask.astype(jnp.float32)
     adv = advantages[:, None].astype(jnp.float32)
-    log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
+    log_ratio = bounded_log_ratio(logprobs, old_logprobs, mask, max_log_ratio)
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
@@ -197,6 +227,7 @@ def policy_loss(
         clip_frac_low=token_mean(((ratio < 1.0 - eps_low) & (adv < 0)).astype(jnp.float32)),
         clip_frac_high=token_mean(((ratio > 1.0 + eps_high) & (adv > 0)).astype(jnp.float32)),
         ratio_mean=token_mean(ratio),
+        approx_kl=approx_kl(jax.lax.stop_gradient(log_ratio), mask, n_tokens),
         advantage_mean=jnp.mean(advantages),
         advantage_std=jnp.std(advantages),
     )
