@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,15 @@ class GRPOConfig:
     """Constant normaliser of "seq-mean-token-sum-norm" (the generation budget)."""
     scale_by_std: bool = True
     """Divide advantages by the group's std (False: Dr. GRPO)."""
+    baseline: Literal["mean", "leave-one-out"] = "mean"
+    """What an episode's reward is compared with: its group's mean (GRPO), or the mean of the
+    other episodes of its group ("leave-one-out": RLOO, an unbiased baseline; the advantages
+    are the mean's times G / (G - 1)). learners.grpo.group_advantages."""
+    importance_ratio: Literal["token", "sequence"] = "token"
+    """The PPO ratio per token (GRPO), or per episode ("sequence": GSPO's length-normalised
+    sequence ratio, learners.grpo.sequence_log_ratio; set eps_low/eps_high to a few 1e-4 as the
+    paper does). Equal with one epoch (the ratio is 1); they differ with ppo_epochs > 1 or
+    pipelined rollouts."""
     tis_cap: float | None = None
     """Truncated importance sampling against sampler_logprobs, capped at this weight. None: off."""
     max_skipped_updates: int = 3
@@ -106,6 +115,13 @@ class GRPOConfig:
             raise ValueError(f"max_skipped_updates must be >= 1, got {self.max_skipped_updates}")
         if self.logprob_chunk < 1:
             raise ValueError(f"logprob_chunk must be >= 1, got {self.logprob_chunk}")
+        if self.baseline not in grpo.BASELINES:
+            raise ValueError(f"baseline must be one of {grpo.BASELINES}, got {self.baseline!r}")
+        if self.importance_ratio not in grpo.IMPORTANCE_RATIOS:
+            raise ValueError(
+                f"importance_ratio must be one of {grpo.IMPORTANCE_RATIOS}, got "
+                f"{self.importance_ratio!r}"
+            )
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
         if self.max_log_ratio <= 0:
@@ -308,6 +324,7 @@ def _loss(lora, state: TrainState, mb: MicroBatch, totals, cfg: GRPOConfig):
         n_tokens=n_tokens,
         n_seqs=n_seqs,
         max_log_ratio=cfg.max_log_ratio,
+        importance_ratio=cfg.importance_ratio,
     )
 
 
@@ -353,7 +370,10 @@ def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch],
     loss_mask = np.asarray(batch.loss_mask, np.float32)
     tokens = np.asarray(batch.tokens, np.int32)
     advantages = np.asarray(
-        grpo.group_advantages(batch.rewards, batch.group_ids, cfg.scale_by_std), np.float32
+        grpo.group_advantages(
+            batch.rewards, batch.group_ids, cfg.scale_by_std, baseline=cfg.baseline
+        ),
+        np.float32,
     )
     sampler = (
         None if batch.sampler_logprobs is None else np.asarray(batch.sampler_logprobs, np.float32)
