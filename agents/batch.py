@@ -40,6 +40,8 @@ class EpisodeStats:
     """The episode's final answer as the environment parsed it (None: none given)."""
     gold_answer: str | None = None
     """The problem's reference answer."""
+    void_turns: int = 0
+    """Turns that yielded neither a complete tool call nor a final answer (agents.shaping)."""
 
     def header(self) -> str:
         """One line for a transcript: problem, verdict, reward and its components, answers."""
@@ -164,6 +166,7 @@ def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:
         "truncated_turns": mean([e.truncated == "turns" for e in eps]),
         "truncated_context": mean([e.truncated == "context" for e in eps]),
         "crashed": mean([e.truncated == "crashed" for e in eps]),
+        "void_episodes": mean([e.void_turns > 0 for e in eps]),
         "sampled_tokens": mean([e.sampled_tokens for e in eps]),
         "total_tokens": mean([e.total_tokens for e in eps]),
     }

@@ -16,7 +16,9 @@ An episode whose tokens outgrow `max_total_tokens` ends as truncated ("context")
 never as a crash; a turn's budget is capped to the room its context has left. An episode whose
 sandbox server died under a tool call (the environment's info["crashed"]) ends as truncated
 ("crashed"), and its row carries no loss (its loss mask is zeroed: the fault was not the
-model's); the other episodes go on.
+model's); the other episodes go on. As RolloutConfig says, episodes with a void turn (SimpleTIR)
+or truncated ones (DAPO) lose their loss too, and the soft overlong penalty joins the reward
+(agents.shaping).
 
 Generation and tool calls overlap: episodes whose tool call is running sit out the next generation
 round while every other episode goes on, so a slow call does not stall the batch. A sampler or
@@ -29,12 +31,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from agents.batch import EpisodeStats, RolloutBatch
 from agents.sampler import SamplingParams
+from agents.shaping import TRUNCATION_MASKS, keeps_loss, overlong_penalty, void_turn
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,27 @@ class RolloutConfig:
     and so what they sample, does not depend on how long tool calls take: reproducible runs, at
     the price of waiting for the slowest call of each round."""
 
+    mask_void_turns: bool = False
+    """Drop from the loss every episode with a void turn (SimpleTIR, arXiv 2509.02479): a turn
+    that yields neither a complete tool call nor a final answer (cut by a token budget, an
+    unparseable call, an answer without \\boxed{}; agents.shaping.void_turn). The rewards still
+    count in the group's baseline. Off by default: it also removes the only negative signal
+    against such turns, which a small model makes often early on, and SimpleTIR's gain was
+    measured on long multi-turn budgets (7B and 32B models); turn it on where gradient-norm
+    spikes come with void turns (metric void_episodes)."""
+    mask_truncated: Literal["none", "context", "all"] = "none"
+    """Drop truncated episodes from the loss (DAPO's overlong filtering, arXiv 2503.14476):
+    "context" those cut by max_total_tokens, "all" also those the environment truncated at its
+    turn or length limit; "none" (default, as before) trains on them with their reward (0 for
+    the correctness part), which teaches to finish within the budget."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: the last this-many tokens of max_total_tokens are a zone
+    where the reward falls linearly, from 0 at its start to -overlong_penalty at the budget
+    (agents.shaping.overlong_penalty; the length is the episode's whole row, prompt and tool
+    output included, which is what the budget bounds). 0 (default): off. DAPO: 4096 of 20480."""
+    overlong_penalty: float = 1.0
+    """The penalty at the end of the budget (DAPO: 1, the size of the correctness reward)."""
+
     check_template: bool = False
     """Check at the end of every episode that its tokens decode to exactly the chat template's
     rendering of the environment's conversation (a RolloutError otherwise): the tests run with
@@ -82,6 +106,15 @@ class RolloutConfig:
             raise ValueError(
                 f"need temperature >= 0 (0: greedy), 0 < top_p <= 1, top_k >= 0 (0: off); got "
                 f"temperature {self.temperature}, top_p {self.top_p}, top_k {self.top_k}"
+            )
+        if self.mask_truncated not in TRUNCATION_MASKS:
+            raise ValueError(
+                f"mask_truncated must be one of {TRUNCATION_MASKS}, got {self.mask_truncated!r}"
+            )
+        if not 0 <= self.overlong_buffer <= self.max_total_tokens or self.overlong_penalty < 0:
+            raise ValueError(
+                f"need 0 <= overlong_buffer <= max_total_tokens ({self.max_total_tokens}) and "
+                f"overlong_penalty >= 0, got {self.overlong_buffer}, {self.overlong_penalty}"
             )
 
 
@@ -105,6 +138,10 @@ class _Episode:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     turns: int = 0
+    void_turns: int = 0
+    """Turns that yielded neither a complete tool call nor a final answer (agents.shaping)."""
+    cut: bool = False
+    """Whether the last turn's generation was cut by its token budget."""
     last_info: dict = field(default_factory=dict)
     stats: EpisodeStats | None = None
 
@@ -305,9 +342,11 @@ class Rollouts:
                     ep.append(sample.token_ids[:room], True, sample.logprobs[:room])
                     ep.versions.append(sample.adapter_version)
                     ep.turns += 1
+                    ep.cut = sample.finish_reason == "length" or len(sample.token_ids) > room
                     if len(sample.token_ids) > room or (
                         room == len(sample.token_ids) and sample.finish_reason == "length"
                     ):
+                        ep.void_turns += 1  # cut by the context: the turn is incomplete
                         self._end(ep, truncated="context")
                         continue
                     action = self._action_text(sample)
@@ -357,6 +396,12 @@ class Rollouts:
     def _observe(self, ep: _Episode, step_result, turn_ended: bool) -> bool:
         """Record an environment step; True when the episode goes on."""
         observation, reward, terminated, truncated, info = step_result
+        failures = lambda i: int(i.get("tool", {}).get("parse_failures", 0))
+        ep.void_turns += void_turn(
+            cut=ep.cut,
+            parse_failure=failures(info) > failures(ep.last_info),
+            final_without_answer=bool(terminated) and info.get("answer") is None,
+        )
         ep.last_info = info
         if info.get("crashed"):  # the transcript shows the tool-error output; no turn follows
             self._append_observation(ep, observation, turn_ended)
@@ -393,7 +438,16 @@ class Rollouts:
     def _end(self, ep: _Episode, reward: float = 0.0, truncated: str | None = None) -> None:
         info = ep.last_info
         tool = info.get("tool", {})
-        components = info.get("reward_components") if truncated != "context" else None
+        components = dict(
+            (info.get("reward_components") if truncated != "context" else None)
+            or {k: 0.0 for k in ("correctness", "format", "tool_use")}
+        )
+        if self.cfg.overlong_buffer:
+            cfg = self.cfg
+            components["overlong"] = overlong_penalty(
+                len(ep.tokens), cfg.max_total_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+            )
+            reward += components["overlong"]
         ep.stats = EpisodeStats(
             problem_id=str(info.get("problem_id", ep.index)),
             group=ep.group,
@@ -406,13 +460,12 @@ class Rollouts:
             correct=bool(info.get("correct", False)) and truncated != "context",
             truncated=truncated,
             reward=reward,
-            reward_components=dict(
-                components or {k: 0.0 for k in ("correctness", "format", "tool_use")}
-            ),
+            reward_components=components,
             sampled_tokens=int(sum(ep.mask)),
             total_tokens=len(ep.tokens),
             answer=None if info.get("answer") is None else str(info["answer"]),
             gold_answer=None if info.get("gold_answer") is None else str(info["gold_answer"]),
+            void_turns=ep.void_turns,
         )
         if truncated == "context":  # the environment is mid-episode: release what it holds
             self._drop_envs({id(ep.env)})
@@ -433,12 +486,18 @@ class Rollouts:
         tokens = np.full((b, t), self.tokenizer.pad_token_id or 0, np.int32)
         mask = np.zeros((b, t), np.int32)
         logprobs = np.zeros((b, t), np.float32)
+        # crashed episodes (an infrastructure fault: nothing to learn) and, as configured,
+        # those with a void turn or truncated carry no loss
+        keep = keeps_loss(
+            [ep.ended.truncated for ep in episodes],
+            [ep.ended.void_turns for ep in episodes],
+            self.cfg.mask_void_turns,
+            self.cfg.mask_truncated,
+        )
         for i, ep in enumerate(episodes):
             k = len(ep.tokens)
             tokens[i, :k], mask[i, :k], logprobs[i, :k] = ep.tokens, ep.mask, ep.logprobs
-            if (
-                ep.stats is not None and ep.stats.truncated == "crashed"
-            ):  # an infrastructure fault: nothing to learn
+            if not keep[i]:
                 mask[i], logprobs[i] = 0, 0.0
         return RolloutBatch(
             tokens=tokens,

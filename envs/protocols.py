@@ -67,6 +67,35 @@ def truncate_middle(text: str, limit: int) -> str:
     return text[:head] + marker + (text[-tail:] if tail else "")
 
 
+TRACEBACK_HEADER = "Traceback (most recent call last):"
+
+
+def cut_traceback(text: str, keep_lines: int) -> str:
+    """`text` (a failed call's output) with its error report cut to the header line and the
+    last `keep_lines` lines, the cut shown where it was:
+
+        <output before the traceback, unchanged>
+        Traceback (most recent call last):
+        [... N lines cut ...]
+        <the last keep_lines lines: the innermost frames and the exception>
+
+    N = (lines from the first traceback header to the end) - 1 - keep_lines; nothing changes
+    when N <= 0 or the text holds no traceback. Chained exceptions count as one report, from
+    the first header on. As ToRL (arXiv 2503.23383, "error message processing") keeps only an
+    error's last line: the frames deep inside a library are context the model cannot act
+    on."""
+    lines = text.split("\n")
+    start = next((i for i, line in enumerate(lines) if line == TRACEBACK_HEADER), None)
+    if start is None:
+        return text
+    report = lines[start + 1 :]
+    cut = len(report) - keep_lines
+    if cut <= 0:
+        return text
+    kept = report[cut:]
+    return "\n".join([*lines[: start + 1], f"[... {cut} lines cut ...]", *kept])
+
+
 class MarkdownProtocol:
     """```python blocks answered with ```output blocks in the same assistant turn."""
 

@@ -12,7 +12,14 @@ import gymnasium as gym
 
 from envs.answers import answers_match
 from envs.problems import ArithProblems, Problem, load_problems
-from envs.protocols import FinalAnswer, ParseFailure, ToolCall, get_protocol, truncate_middle
+from envs.protocols import (
+    FinalAnswer,
+    ParseFailure,
+    ToolCall,
+    cut_traceback,
+    get_protocol,
+    truncate_middle,
+)
 from envs.rewards import RewardWeights, ToolStats, reward_components
 from envs.sandbox import PythonSandbox, SandboxError, SandboxSession, shared_sandbox
 
@@ -83,6 +90,9 @@ class ToolMathEnv(gym.Env):
     * `protocol`: "markdown" (default) or "qwen". `max_turns` (4), `max_chars` (32000).
     * `tool_timeout_s` (10): per call. `max_output_chars` (2000): output shown to the model, head
       and tail kept. `reward_weights`: `envs.rewards.RewardWeights`.
+    * `traceback_lines` (20): a failed call's traceback is cut to its header and its last this
+      many lines, with "[... N lines cut ...]" where the cut is (`envs.protocols.cut_traceback`),
+      before `max_output_chars` applies; None: whole.
     * `sandbox`: a `PythonSandbox` (default: one shared by the process).
     * `system_prompt`: replaces the protocol's instructions (which explain the tool format).
 
@@ -108,6 +118,7 @@ class ToolMathEnv(gym.Env):
         sandbox: PythonSandbox | None = None,
         system_prompt: str | None = None,
         render_mode: str | None = None,
+        traceback_lines: int | None = 20,
     ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -116,6 +127,8 @@ class ToolMathEnv(gym.Env):
                 f"max_chars ({max_chars}) must be >= 100 and max_output_chars "
                 f"({max_output_chars}) >= 50"
             )
+        if traceback_lines is not None and traceback_lines < 1:
+            raise ValueError(f"traceback_lines must be >= 1 or None, got {traceback_lines}")
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         if problems == "arith":
@@ -136,6 +149,7 @@ class ToolMathEnv(gym.Env):
         self.stop_sequences = list(self.protocol.stop_sequences)
         self.max_turns, self.max_chars = max_turns, max_chars
         self.tool_timeout_s, self.max_output_chars = tool_timeout_s, max_output_chars
+        self.traceback_lines = traceback_lines
         self.reward_weights = reward_weights
         self.render_mode = render_mode
         self.system_prompt = system_prompt or self.protocol.system_prompt()
@@ -233,8 +247,10 @@ class ToolMathEnv(gym.Env):
             errors=int(result.status in ("error", "memory", "crashed")),
             timeouts=int(result.status == "timeout"),
         )
-        text = result.stdout + result.stderr
-        return truncate_middle(text.rstrip("\n"), self.max_output_chars)
+        text = (result.stdout + result.stderr).rstrip("\n")
+        if self.traceback_lines is not None and result.status in ("error", "memory"):
+            text = cut_traceback(text, self.traceback_lines)
+        return truncate_middle(text, self.max_output_chars)
 
     def _append(self, action: str, parsed, observation: str | None) -> None:
         """Record the turn in chat form (a call's arguments as a mapping, as templates take it)."""

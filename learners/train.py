@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,15 @@ class GRPOConfig:
     [B, T, V] logits of a micro-batch)."""
     ppo_epochs: int = 1
     """Optimisation passes over one rollout batch."""
+    target_kl: float | None = None
+    """Stop a step's PPO epochs early: a pass whose approx_kl (the k3 estimate of KL(old ||
+    current) over the batch's tokens, learners.grpo.approx_kl) exceeds this is not applied, and
+    the step ends (the first pass, at KL 0, always is). None: every epoch runs (as before).
+    Only matters with ppo_epochs > 1; 0.01 to 0.05 is usual (Stable-Baselines3, OpenAI's PPO)."""
+    max_log_ratio: float = grpo.MAX_LOG_RATIO
+    """Bound of |logp - logp_old| before exp in the ratio (learners.grpo.bounded_log_ratio): a
+    policy that drifted over several epochs gives a finite loss. 20 (as verl) changes nothing
+    short of a ratio of exp(20)."""
     eps_low: float = 0.2
     """Lower clip of the ratio (1 - eps_low)."""
     eps_high: float = 0.28
@@ -70,6 +79,15 @@ class GRPOConfig:
     """Constant normaliser of "seq-mean-token-sum-norm" (the generation budget)."""
     scale_by_std: bool = True
     """Divide advantages by the group's std (False: Dr. GRPO)."""
+    baseline: Literal["mean", "leave-one-out"] = "mean"
+    """What an episode's reward is compared with: its group's mean (GRPO), or the mean of the
+    other episodes of its group ("leave-one-out": RLOO, an unbiased baseline; the advantages
+    are the mean's times G / (G - 1)). learners.grpo.group_advantages."""
+    importance_ratio: Literal["token", "sequence"] = "token"
+    """The PPO ratio per token (GRPO), or per episode ("sequence": GSPO's length-normalised
+    sequence ratio, learners.grpo.sequence_log_ratio; set eps_low/eps_high to a few 1e-4 as the
+    paper does). Equal with one epoch (the ratio is 1); they differ with ppo_epochs > 1 or
+    pipelined rollouts."""
     tis_cap: float | None = None
     """Truncated importance sampling against sampler_logprobs, capped at this weight. None: off."""
     max_skipped_updates: int = 3
@@ -97,6 +115,17 @@ class GRPOConfig:
             raise ValueError(f"max_skipped_updates must be >= 1, got {self.max_skipped_updates}")
         if self.logprob_chunk < 1:
             raise ValueError(f"logprob_chunk must be >= 1, got {self.logprob_chunk}")
+        if self.baseline not in grpo.BASELINES:
+            raise ValueError(f"baseline must be one of {grpo.BASELINES}, got {self.baseline!r}")
+        if self.importance_ratio not in grpo.IMPORTANCE_RATIOS:
+            raise ValueError(
+                f"importance_ratio must be one of {grpo.IMPORTANCE_RATIOS}, got "
+                f"{self.importance_ratio!r}"
+            )
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+        if self.max_log_ratio <= 0:
+            raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(
                 f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}"
@@ -294,6 +323,8 @@ def _loss(lora, state: TrainState, mb: MicroBatch, totals, cfg: GRPOConfig):
         entropy=entropy,
         n_tokens=n_tokens,
         n_seqs=n_seqs,
+        max_log_ratio=cfg.max_log_ratio,
+        importance_ratio=cfg.importance_ratio,
     )
 
 
@@ -339,7 +370,10 @@ def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch],
     loss_mask = np.asarray(batch.loss_mask, np.float32)
     tokens = np.asarray(batch.tokens, np.int32)
     advantages = np.asarray(
-        grpo.group_advantages(batch.rewards, batch.group_ids, cfg.scale_by_std), np.float32
+        grpo.group_advantages(
+            batch.rewards, batch.group_ids, cfg.scale_by_std, baseline=cfg.baseline
+        ),
+        np.float32,
     )
     sampler = (
         None if batch.sampler_logprobs is None else np.asarray(batch.sampler_logprobs, np.float32)
@@ -374,7 +408,10 @@ def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch],
 
 def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None):
     """Advantages, old (and reference) log-probabilities, then `ppo_epochs` updates; returns the
-    new state (`updates` one higher) and the metrics of the last pass. An update whose loss,
+    new state (`updates` one higher) and the metrics of the last pass applied, with
+    "approx_kl_pass_k" (k >= 1, the drift from the old policy at the start of pass k) for each
+    later pass computed and "ppo_epochs_done". With `target_kl`, a pass whose approx_kl exceeds
+    it is not applied and ends the step. An update whose loss,
     gradient or result is not finite is skipped (`_apply`): the state keeps its parameters and
     optimizer state, and metrics["skipped_updates"] is 1 (else 0). With one epoch there is no
     separate old-log-probability pass: the update's own log-probabilities, held constant, are the
@@ -404,14 +441,18 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
             )
             for mb in mbs
         ]
-    metrics, before = [], state
-    for _ in range(cfg.ppo_epochs):
+    metrics, kls, before = [], {}, state
+    for epoch in range(cfg.ppo_epochs):
         acc = None
         for mb in mbs:
             (_, aux), grads = _grad_jit(state.lora, state, mb, totals, cfg)
             acc = (grads, aux) if acc is None else _add(acc, (grads, aux))
         assert acc is not None  # micro_batches cuts at least one
         grads, aux = acc
+        if epoch:
+            kls[f"approx_kl_pass_{epoch}"] = float(aux["approx_kl"])
+            if cfg.target_kl is not None and kls[f"approx_kl_pass_{epoch}"] > cfg.target_kl:
+                break  # the policy moved far enough from the one that sampled: stop here
         state, aux["grad_norm"], aux["skipped"] = _apply_jit(state, grads, aux["loss"], cfg)
         metrics.append(aux)
     # a pass that was not finite skips the whole update: the earlier passes' too
@@ -419,6 +460,8 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
     state = dataclasses.replace(before if skipped else state, updates=state.updates + 1)
     out = {k: float(v) for k, v in metrics[-1].items()}
     out["skipped_updates"] = float(skipped)
+    out["ppo_epochs_done"] = float(len(metrics))
+    out.update(kls)
     _, _, zero_var = grpo.group_stats(batch.rewards, batch.group_ids)
     out.update(
         stats,

@@ -93,12 +93,19 @@ class EnvConfig:
     """Wall-clock limit of one tool call."""
     max_output_chars: int = _ENV_DEFAULTS["max_output_chars"]
     """Tool output shown to the model (head and tail kept)."""
+    traceback_lines: int | None = _ENV_DEFAULTS["traceback_lines"]
+    """A failed tool call's traceback is cut to its header and its last this many lines, the
+    cut shown ("[... N lines cut ...]"); None: whole. 20 leaves an ordinary error in the
+    model's own code (its frames and the exception, a few lines) as it was and cuts the frames
+    deep inside a library (ToRL keeps only the last line)."""
     system_prompt: str | None = _ENV_DEFAULTS["system_prompt"]
     """Replaces the protocol's instructions (which explain the tool format)."""
     rewards: RewardWeights = field(default_factory=RewardWeights)
     """Weights of the reward components (correctness, format, tool use)."""
 
     def __post_init__(self):
+        if self.traceback_lines is not None and self.traceback_lines < 1:
+            raise ValueError(f"traceback_lines must be >= 1 or None, got {self.traceback_lines}")
         if self.max_turns < 1 or self.tool_timeout_s <= 0:
             raise ValueError(
                 f"max_turns must be >= 1 and tool_timeout_s > 0, got "
@@ -113,6 +120,7 @@ class EnvConfig:
             "max_chars": self.max_chars,
             "tool_timeout_s": self.tool_timeout_s,
             "max_output_chars": self.max_output_chars,
+            "traceback_lines": self.traceback_lines,
             "system_prompt": self.system_prompt,
             "reward_weights": self.rewards,
         }

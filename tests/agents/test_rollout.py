@@ -334,3 +334,72 @@ def test_a_sandbox_server_dying_mid_episode_crashes_its_callers_and_the_run_goes
             assert sandbox.pid != killed[0]
     finally:
         sandbox.close()
+
+
+def test_void_turns_are_counted_and_masked_as_configured(chat_tokenizer):
+    """p0 solves with the tool (no void turn); p1 answers without \\boxed{} (void); p2 writes an
+    empty python block (a parse failure: void) and then answers right. With mask_void_turns the
+    rows of p1 and p2 carry no loss, and their rewards are kept."""
+    tok = chat_tokenizer
+
+    def script(text, turn):
+        if "Compute 56 × 78" in text:
+            return "I think it is big.<|im_end|>"
+        if "Compute 91 × 23" in text:
+            return "```python\n\n```\n" if turn == 0 else "So \\boxed{2093}.<|im_end|>"
+        return solve_with_tool(text, turn)
+
+    batches = {}
+    for mask_void in (False, True):
+        cfg = RolloutConfig(group_size=2, mask_void_turns=mask_void)
+        with Rollouts(product_env, ScriptedSampler(tok, script), tok, cfg) as rollouts:
+            batches[mask_void] = rollouts.collect([0, 1, 2])
+    for batch in batches.values():
+        assert [e.void_turns for e in batch.episodes] == [0, 0, 1, 1, 1, 1]
+        assert [e.correct for e in batch.episodes] == [True, True, False, False, True, True]
+        assert batch.metrics()["void_episodes"] == pytest.approx(4 / 6)
+    np.testing.assert_array_equal(batches[True].rewards, batches[False].rewards)
+    assert batches[False].loss_mask.sum(1).min() > 0
+    assert batches[True].loss_mask[:2].sum() == batches[False].loss_mask[:2].sum() > 0
+    assert not batches[True].loss_mask[2:].any() and not batches[True].sampler_logprobs[2:].any()
+    # a turn cut by its token budget is one void turn (cut, and an answer without \boxed{})
+    cfg = RolloutConfig(group_size=1, max_turn_tokens=3)
+    with Rollouts(product_env, ScriptedSampler(tok, script), tok, cfg) as rollouts:
+        cut = rollouts.collect([0])
+    assert cut.episodes[0].void_turns == 1 and cut.episodes[0].truncated is None
+
+
+def test_truncated_episodes_masked_and_the_overlong_penalty(chat_tokenizer):
+    """A context budget 5 tokens past the prompt truncates every episode ("context"):
+    mask_truncated "context" drops their loss. With a budget that fits, overlong_buffer puts the
+    linear penalty ((max - buffer) - L) / buffer * factor on the reward of each episode of L
+    tokens past max - buffer (DAPO), and names it in the reward components."""
+    from agents.rollout import prompt_tokens
+
+    tok = chat_tokenizer
+    prompt = len(prompt_tokens(product_env(), tok, 0)[0])
+    for kind, expect_loss in (("none", True), ("context", False), ("all", False)):
+        cfg = RolloutConfig(group_size=2, max_total_tokens=prompt + 5, mask_truncated=kind)
+        sampler = ScriptedSampler(tok, solve_with_tool)
+        with Rollouts(product_env, sampler, tok, cfg) as rollouts:
+            batch = rollouts.collect([0])
+        assert [e.truncated for e in batch.episodes] == ["context"] * 2
+        assert bool(batch.loss_mask.any()) == expect_loss, kind
+    with Rollouts(
+        product_env, ScriptedSampler(tok, solve_with_tool), tok, RolloutConfig(group_size=2)
+    ) as rollouts:
+        plain = rollouts.collect([0])
+    length = int(plain.lengths[0])
+    max_total, buffer, factor = length + 10, 40, 0.5  # the episode ends 10 tokens short
+    cfg = RolloutConfig(
+        group_size=2, max_total_tokens=max_total, overlong_buffer=buffer, overlong_penalty=factor
+    )
+    with Rollouts(product_env, ScriptedSampler(tok, solve_with_tool), tok, cfg) as rollouts:
+        penalised = rollouts.collect([0])
+    expect = ((max_total - buffer) - length) / buffer * factor  # -(30 / 40) * 0.5
+    assert expect == pytest.approx(-0.375)
+    np.testing.assert_allclose(penalised.rewards, plain.rewards + expect, rtol=1e-6)
+    assert penalised.episodes[0].reward_components["overlong"] == pytest.approx(expect)
+    assert "overlong" not in plain.episodes[0].reward_components
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        RolloutConfig(max_total_tokens=100, overlong_buffer=101)

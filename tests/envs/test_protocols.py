@@ -8,6 +8,7 @@ from envs.protocols import (
     ParseFailure,
     QwenToolCallProtocol,
     ToolCall,
+    cut_traceback,
     get_protocol,
     truncate_middle,
 )
@@ -86,3 +87,18 @@ def test_truncate_middle_and_protocol_lookup():
     assert isinstance(get_protocol("qwen"), QwenToolCallProtocol)
     with pytest.raises(ValueError, match="markdown"):
         get_protocol("xml")
+
+
+def test_cut_traceback_by_hand():
+    frames = [f'  File "lib.py", line {i}, in f{i}\n    g{i}()' for i in range(10)]
+    report = "Traceback (most recent call last):\n" + "\n".join(frames) + "\nValueError: bad"
+    text = "printed before\n" + report
+    # 21 report lines after the header: keep the last 3, cut 18
+    cut = cut_traceback(text, 3)
+    assert cut == (
+        "printed before\nTraceback (most recent call last):\n[... 18 lines cut ...]\n"
+        '  File "lib.py", line 9, in f9\n    g9()\nValueError: bad'
+    )
+    assert cut_traceback(text, 21) == text  # nothing to cut
+    assert cut_traceback(text, 20) != text and "[... 1 lines cut ...]" in cut_traceback(text, 20)
+    assert cut_traceback("no error here\n", 1) == "no error here\n"

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 
 import gymnasium as gym
@@ -207,3 +208,26 @@ def test_bad_arguments_are_clear_errors():
     env.reset(seed=0)
     with pytest.raises(TypeError, match="text"):
         env.unwrapped.step(123)
+
+
+def test_a_long_traceback_is_cut_to_its_last_lines(aime_file):
+    """A failure 16 distinct calls deep: the model sees the header, the cut, the last
+    traceback_lines lines (the exception last); a short traceback (one frame) is left whole;
+    None: whole."""
+    deep = "\n".join(f"def f{i}():\n    return f{i + 1}()" for i in range(15))
+    deep += "\ndef f15():\n    return 1 / 0\nf0()"
+    env = make("ToolMath-AIME-v0", aime_file, max_turns=10, traceback_lines=4)
+    env.reset(options={"index": 1})
+    obs, *_ = env.step(code(deep))
+    body = obs.split("```output\n", 1)[1].rsplit("\n```", 1)[0].split("\n")
+    assert body[0] == "Traceback (most recent call last):" and len(body) == 6, obs
+    assert re.fullmatch(r"\[\.\.\. \d+ lines cut \.\.\.\]", body[1]), obs
+    assert body[-1] == "ZeroDivisionError: division by zero"
+    obs, *_ = env.step(code("1/0"))
+    assert "lines cut" not in obs and 'File "<cell 2>", line 1' in obs
+    whole = make("ToolMath-AIME-v0", aime_file, traceback_lines=None)
+    whole.reset(options={"index": 1})
+    obs, *_ = whole.step(code(deep))
+    assert "lines cut" not in obs and obs.count('File "<cell 1>"') == 17
+    with pytest.raises(ValueError, match="traceback_lines"):
+        make("ToolMath-AIME-v0", aime_file, traceback_lines=0)

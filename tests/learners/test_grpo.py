@@ -280,3 +280,130 @@ def test_a_non_finite_update_is_skipped_bit_for_bit():
     after, metrics = grpo_step(state, good, cfg)  # and the next finite update is taken
     assert metrics["skipped_updates"] == 0 and np.isfinite(metrics["loss"])
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after.lora))
+
+
+def test_a_forced_drift_with_a_negative_advantage_gives_a_finite_loss():
+    """logp - logp_old = 100 (a policy that drifted over epochs): exp(100) is inf in float32,
+    and with A = -1 the unclipped term -inf wins the min. The bounded log-ratio keeps the
+    loss at exp(20) * 1 and the gradient finite (zero where the bound holds)."""
+    mask = jnp.ones((1, 2))
+    old = jnp.log(jnp.array([[1e-30, 0.5]]))
+    logp = old + jnp.array([[100.0, 0.0]])
+    assert not np.isfinite(float(jnp.exp(logp - old)[0, 0]))  # what an unbounded ratio gives
+    lr = grpo.bounded_log_ratio(logp, old, mask)
+    np.testing.assert_allclose(np.asarray(lr), [[20.0, 0.0]], atol=1e-4)
+    loss_fn = lambda lp: grpo.policy_loss(
+        lp, old, jnp.array([-1.0]), mask, eps_low=0.2, eps_high=0.28, aggregation="token-mean"
+    )
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(logp)
+    # per token -min(r A, clip(r) A) with A = -1: r for both tokens; mean of e^20 and 1
+    assert float(loss) == pytest.approx((math.exp(20.0) + 1.0) / 2, rel=1e-4)
+    assert np.isfinite(np.asarray(grad)).all() and float(grad[0, 0]) == 0.0
+    assert np.isfinite(float(aux["approx_kl"]))
+
+
+def test_approx_kl_is_k3_by_hand():
+    """k3 = exp(d) - 1 - d per token, d = logp - logp_old, averaged over the mask."""
+    old = np.log(np.array([[0.5, 0.2, 0.9], [0.3, 0.3, 0.3]]))
+    new = np.log(np.array([[0.25, 0.4, 0.1], [0.6, 0.3, 0.3]]))
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    d = (new - old)[mask == 1]
+    expect = np.mean(np.exp(d) - 1 - d)
+    got = grpo.approx_kl(grpo.bounded_log_ratio(new, old, jnp.asarray(mask)), jnp.asarray(mask))
+    assert float(got) == pytest.approx(expect, rel=1e-5) and expect > 0
+    _, aux = grpo.policy_loss(
+        jnp.asarray(new, jnp.float32),
+        jnp.asarray(old, jnp.float32),
+        jnp.array([1.0, -1.0]),
+        jnp.asarray(mask),
+        eps_low=0.2,
+        eps_high=0.28,
+    )
+    assert float(aux["approx_kl"]) == pytest.approx(expect, rel=1e-5)
+    same = grpo.approx_kl(grpo.bounded_log_ratio(old, old, jnp.asarray(mask)), jnp.asarray(mask))
+    assert float(same) == 0.0
+
+
+def test_target_kl_stops_the_epochs_of_a_step():
+    """ppo_epochs 3 at a high learning rate: each later pass reports its approx_kl; with a
+    target_kl below the drift of pass 1, only the first pass is applied."""
+    tokens = jnp.array([[1, 2, 3, 10, 11, 12], [1, 2, 3, 20, 21, 22]], jnp.int32)
+    loss_mask = jnp.array([[0, 0, 0, 1, 1, 1]] * 2, jnp.float32)
+    batch = TrainBatch(
+        tokens, loss_mask, rewards=jnp.array([1.0, 0.0]), group_ids=jnp.array([0, 0])
+    )
+    base = GRPOConfig(learning_rate=3e-2, warmup_steps=1, schedule="constant", ppo_epochs=3)
+    # (the schedule's first step has learning rate 0: the warm-up starts at 0)
+    state, _ = grpo_step(init_state(tiny_model(), base), batch, base)
+    _, every = grpo_step(state, batch, base)
+    assert every["ppo_epochs_done"] == 3
+    assert every["approx_kl_pass_1"] > 0 and every["approx_kl_pass_2"] > 0
+    cfg = dataclasses.replace(base, target_kl=every["approx_kl_pass_1"] / 2)
+    after, stopped = grpo_step(state, batch, cfg)
+    assert stopped["ppo_epochs_done"] == 1 and "approx_kl_pass_2" not in stopped
+    assert stopped["approx_kl_pass_1"] == pytest.approx(every["approx_kl_pass_1"], rel=1e-4)
+    assert int(after.opt_state[1][0].count) == 4 and int(after.updates) == 2
+    with pytest.raises(ValueError, match="target_kl"):
+        GRPOConfig(target_kl=0.0)
+
+
+def test_leave_one_out_advantages_by_hand():
+    """RLOO: A_i = r_i - mean of the other episodes of the group; a group of one gets 0."""
+    rewards = np.array([0.0, 1.0, 1.0, 0.5, 3.0, 2.0, 4.0])
+    groups = np.array([4, 4, 4, 4, 1, 1, 9])
+    expect = []
+    for r, g in zip(rewards, groups):
+        others = [x for x, h in zip(rewards, groups) if h == g]
+        others.remove(r)
+        expect.append(r - np.mean(others) if others else 0.0)
+    np.testing.assert_allclose(expect[:4], [-5 / 6, 0.5, 0.5, -1 / 6])  # (the hand values)
+    got = grpo.group_advantages(rewards, groups, scale_by_std=False, baseline="leave-one-out")
+    np.testing.assert_allclose(np.asarray(got), expect, atol=1e-6)
+    scaled = grpo.group_advantages(rewards, groups, baseline="leave-one-out")
+    std = np.array(
+        [np.std(rewards[groups == g], ddof=1) if (groups == g).sum() > 1 else 0 for g in groups]
+    )
+    np.testing.assert_allclose(np.asarray(scaled), np.array(expect) / (std + 1e-6), rtol=1e-5)
+    from learners.train import micro_batches  # the train step's advantages take the setting
+
+    batch = TrainBatch(np.ones((7, 4), np.int32), np.ones((7, 4)), rewards, groups)
+    cfg = GRPOConfig(baseline="leave-one-out", scale_by_std=False, micro_batch_size=None)
+    (mb,), _, _ = micro_batches(batch, cfg)
+    np.testing.assert_allclose(np.asarray(mb.advantages), expect, atol=1e-6)
+    with pytest.raises(ValueError, match="baseline"):
+        grpo.group_advantages(rewards, groups, baseline="median")
+    with pytest.raises(ValueError, match="baseline"):
+        GRPOConfig(baseline="median")  # ty: ignore[invalid-argument-type] - deliberately bad
+
+
+def test_sequence_level_ratio_by_hand():
+    """GSPO: s_i = exp(mean over episode i's sampled tokens of logp - logp_old), the same for all
+    its tokens; loss = mean over episodes of -min(s_i A_i, clip(s_i) A_i); its gradient on
+    token t of episode i is -A_i s_i / |y_i| / n_episodes where the ratio is not clipped."""
+    old = np.log(np.array([[0.5, 0.4, 0.3, 0.9], [0.2, 0.2, 0.6, 0.6]]))
+    new = old + np.array([[0.02, -0.01, 0.05, 9.0], [0.1, 0.3, 0.0, 0.0]])
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adv = np.array([1.0, -1.0])
+    log_s = np.array([(0.02 - 0.01 + 0.05) / 3, (0.1 + 0.3) / 2])
+    s = np.exp(log_s)  # 1.0202 (inside 1 + 0.28) and 1.2214 (A < 0: unclipped term wins)
+    expect = np.mean(-np.minimum(s * adv, np.clip(s, 0.8, 1.28) * adv))
+    j = lambda x: jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(
+        np.asarray(grpo.sequence_log_ratio(j(new - old), j(mask))), log_s, rtol=1e-5
+    )
+    loss_fn = lambda lp, kind: grpo.policy_loss(
+        lp, j(old), j(adv), j(mask), eps_low=0.2, eps_high=0.28, importance_ratio=kind
+    )
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(j(new), "sequence")
+    assert float(loss) == pytest.approx(expect, rel=1e-5)
+    assert float(aux["ratio_mean"]) == pytest.approx((3 * s[0] + 2 * s[1]) / 5, rel=1e-5)
+    expect_grad = (-adv * s / mask.sum(-1) / 2)[:, None] * mask
+    np.testing.assert_allclose(np.asarray(grad), expect_grad, rtol=1e-4, atol=1e-7)
+    token_loss, _ = loss_fn(j(new), "token")
+    assert abs(float(token_loss) - expect) > 1e-3  # the token-level ratio is another loss
+    # with old == new (one epoch) both ratios are 1 and the gradients agree
+    g_seq = jax.grad(lambda lp: loss_fn(lp, "sequence")[0])(j(old))
+    g_tok = jax.grad(lambda lp: loss_fn(lp, "token")[0])(j(old))
+    np.testing.assert_allclose(np.asarray(g_seq), np.asarray(g_tok), atol=1e-6)
+    with pytest.raises(ValueError, match="importance_ratio"):
+        loss_fn(j(new), "episode")
