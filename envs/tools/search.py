@@ -19,6 +19,7 @@ served elsewhere (a dense Wikipedia index on a GPU machine) plugs in: POST {"que
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -101,12 +102,18 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "toolgrpo" / "search"
 
 
+@functools.cache
+def _stopwords() -> frozenset[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-cased words of two characters or more, English stop words left out (bm25s's
     default tokenization, without its per-call overhead)."""
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return [w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS_EN]
+    stop = _stopwords()
+    return [w for w in _TOKEN.findall(text.lower()) if w not in stop]
 
 
 class BM25Index:
@@ -119,9 +126,15 @@ class BM25Index:
     @classmethod
     def build(cls, passages: Sequence[Passage], k1: float = 1.5, b: float = 0.75) -> BM25Index:
         import bm25s
+        from bm25s.tokenization import Tokenized
 
+        vocab: dict[str, int] = {}  # word -> id, in order of first use
+        ids = [
+            [vocab.setdefault(w, len(vocab)) for w in tokenize(f"{p.title} {p.text}")]
+            for p in passages
+        ]
         engine = bm25s.BM25(k1=k1, b=b)
-        engine.index([tokenize(f"{p.title} {p.text}") for p in passages], show_progress=False)
+        engine.index(Tokenized(ids=ids, vocab=vocab), show_progress=False)
         return cls(passages, engine)
 
     @classmethod
