@@ -16,7 +16,8 @@
     messages += [turn.assistant_message(), *tool_messages(tools.run(turn.calls))]
 
 `tool` (Tool, ToolArgumentError): one tool; `calls`: the parser, the runner (Toolbox) and the
-messages that answer calls; `search`: the search tool over a BM25 index or a retrieval server.
+messages that answer calls; `search`: the search tool over a BM25 index or a retrieval server;
+`python`: the sandbox as a tool, one persistent session until close().
 Nothing here imports a model; bm25s is imported only when an index is built or loaded.
 """
 
@@ -29,8 +30,9 @@ from envs.tools.calls import (
     parse_tool_calls,
     tool_messages,
 )
+from envs.tools.python import python_tool
 from envs.tools.search import BM25Index, HTTPRetriever, Passage, load_corpus, search_tool
-from envs.tools.tool import Tool, ToolArgumentError
+from envs.tools.tool import Tool, ToolArgumentError, ToolFailure
 
 __all__ = [
     "BM25Index",
@@ -40,11 +42,13 @@ __all__ = [
     "Passage",
     "Tool",
     "ToolArgumentError",
+    "ToolFailure",
     "ToolCallRequest",
     "ToolOutcome",
     "Toolbox",
     "load_corpus",
     "parse_tool_calls",
+    "python_tool",
     "search_tool",
     "tool_messages",
 ]

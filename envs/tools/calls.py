@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from envs.protocols import truncate_middle
-from envs.tools.tool import Tool, ToolArgumentError
+from envs.tools.tool import Tool, ToolArgumentError, ToolFailure
 
 CALL_FORMAT = (
     '<tool_call>\n{"name": <tool name>, "arguments": {<argument>: <value>, ...}}\n</tool_call>'
@@ -112,7 +112,7 @@ Status = Literal["ok", "malformed", "unknown_tool", "bad_arguments", "error"]
 class ToolOutcome:
     """What one call did: `output` is the text the model sees (the tool's result, or what was
     wrong); `status` is "ok", "malformed" (not a call), "unknown_tool", "bad_arguments" or
-    "error" (the tool raised); `latency_s` the time the tool took (0 when it did not run)."""
+    "error" (the tool raised, or ran and failed: ToolFailure); `latency_s` the time the tool took (0 when it did not run)."""
 
     name: str | None
     arguments: dict[str, Any] | None
@@ -179,6 +179,8 @@ class Toolbox:
         start = time.perf_counter()
         try:
             output, status = tool(call.arguments), "ok"
+        except ToolFailure as exc:  # the tool ran and failed: its message is the observation
+            output, status = str(exc), "error"
         except ToolArgumentError as exc:
             output, status = f"Error: bad arguments for {call.name!r}: {exc}.", "bad_arguments"
         except Exception as exc:  # the tool's own failure is the model's observation

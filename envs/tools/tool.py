@@ -41,6 +41,11 @@ class ToolArgumentError(ValueError):
     message is written for the model, which sees it."""
 
 
+class ToolFailure(Exception):
+    """The tool ran and failed (code that raised, a call that timed out); the message is the
+    whole observation, shown to the model as it is."""
+
+
 def _check(value: Any, schema: Mapping[str, Any], where: str) -> None:
     """Raise ToolArgumentError where `value` does not fit `schema` (get_json_schema's subset)."""
     if value is None and schema.get("nullable"):
@@ -98,6 +103,8 @@ class Tool:
     description: str
     parameters: Mapping[str, Any]
     fn: Callable[..., Any] = field(repr=False, compare=False)
+    on_close: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    """What close() runs: a tool with state (a sandbox session) releases it there."""
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "a").replace("-", "a").isalnum():
@@ -110,7 +117,11 @@ class Tool:
 
     @classmethod
     def from_function(
-        cls, fn: Callable[..., Any], name: str | None = None, description: str | None = None
+        cls,
+        fn: Callable[..., Any],
+        name: str | None = None,
+        description: str | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> Tool:
         """A tool from a typed Python function whose docstring describes it and each argument
         (Google style, "Args:"), through transformers' own schema builder. `name` and
@@ -129,6 +140,7 @@ class Tool:
             description=description or schema.get("description", ""),
             parameters=schema["parameters"],
             fn=fn,
+            on_close=on_close,
         )
 
     def schema(self) -> dict[str, Any]:
@@ -156,3 +168,5 @@ class Tool:
 
     def close(self) -> None:
         """Release what the tool holds (a session, a connection); a function holds nothing."""
+        if self.on_close is not None:
+            self.on_close()
