@@ -125,7 +125,9 @@ class Tool:
     ) -> Tool:
         """A tool from a typed Python function whose docstring describes it and each argument
         (Google style, "Args:"), through transformers' own schema builder. `name` and
-        `description` replace the function's name and the docstring's first paragraph."""
+        `description` replace the function's name and the docstring's first paragraph. The first
+        call imports transformers (and torch where it is installed: transformers maps its tensor
+        type), a second or a few, once a process."""
         from transformers.utils import get_json_schema
 
         try:

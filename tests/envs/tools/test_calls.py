@@ -11,6 +11,7 @@ from envs.tools import (
     Tool,
     Toolbox,
     ToolCallRequest,
+    ToolFailure,
     parse_tool_calls,
     tool_messages,
 )
@@ -34,6 +35,8 @@ def shout(text: str) -> str:
     """
     if text == "boom":
         raise RuntimeError("the shout broke")
+    if text == "hoarse":
+        raise ToolFailure("Hoarse: no voice left")
     return text.upper()
 
 
@@ -104,6 +107,7 @@ def test_unknown_tools_bad_arguments_and_failing_tools_become_observations():
             call("add", {"a": 2}),
             call("add", {"a": "2", "b": 3}),
             call("shout", {"text": "boom"}),
+            call("shout", {"text": "hoarse"}),
             call("add", {"a": 2, "b": 3}),  # a good call after bad ones still runs
         ]
     )
@@ -113,6 +117,7 @@ def test_unknown_tools_bad_arguments_and_failing_tools_become_observations():
         "bad_arguments",
         "bad_arguments",
         "error",
+        "error",
         "ok",
     ]
     assert (
@@ -121,7 +126,8 @@ def test_unknown_tools_bad_arguments_and_failing_tools_become_observations():
     assert "missing required argument(s): b" in outcomes[1].output
     assert "argument 'a' must be of type integer, got str" in outcomes[2].output
     assert outcomes[3].output == "Error: 'shout' failed: RuntimeError: the shout broke"
-    assert outcomes[4].output == "5"
+    assert outcomes[4].output == "Hoarse: no voice left"  # a ToolFailure is shown as it is
+    assert outcomes[5].output == "5"
     assert outcomes[0].arguments == {"a": 2, "b": 3}  # what was asked, for the info dict
 
 
@@ -130,6 +136,15 @@ def test_long_output_keeps_head_and_tail():
     (outcome,) = box.run(parse_tool_calls(call("shout", {"text": "a" * 150 + "z" * 150})).calls)
     assert len(outcome.output) == 100 and outcome.output.startswith("AAA")
     assert outcome.output.endswith("ZZZ") and "characters omitted" in outcome.output
+
+
+def test_close_releases_what_tools_hold():
+    closed = []
+    box = Toolbox(
+        [Tool.from_function(add, on_close=lambda: closed.append("add")), TOOLBOX.tools[1]]
+    )
+    box.close()
+    assert closed == ["add"]
 
 
 def test_toolbox_needs_unique_names():
