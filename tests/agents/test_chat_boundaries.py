@@ -1,4 +1,4 @@
-"""Token in, token out with Qwen2.5's real vocabulary and chat format (tests/agents/qwen_vocab.py):
+"""Token in, token out with Qwen2.5's real vocabulary and chat format (tests/qwen_vocab.py):
 at every boundary the chat template draws (tool-call fences, an end of turn right after a call,
 newlines before <|im_end|>, tool responses), an episode's tokens decode to exactly the template's
 rendering of the environment's conversation (RolloutConfig.check_template)."""

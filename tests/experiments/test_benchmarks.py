@@ -339,3 +339,51 @@ def test_bench_pipeline_json():
     sync_step = report["sync_collect_s"] + report["sync_update_s"]
     assert report["sync_steps_per_s"] * sync_step <= 1 + 1e-6
     assert report["pipelined_steps_per_s"] * report["pipelined_update_s"] <= 1 + 1e-6
+
+
+SEARCH_KEYS = {
+    "passages",
+    "words_per_passage",
+    "vocabulary",
+    "k",
+    "cores",
+    "corpus_s",
+    "date",
+    "python",
+    "versions",
+    "bm25s",
+}
+SEARCH_ENGINE_KEYS = {
+    "build_s",
+    "load_s",
+    "queries",
+    "queries_found",
+    "p50_ms",
+    "p99_ms",
+    "queries_per_s",
+}
+
+
+def test_bench_search_json():
+    passages, queries = 2_000, 50
+    report, wall_s = run_json(
+        "bench_search.py",
+        "--passages",
+        str(passages),
+        "--queries",
+        str(queries),
+        "--vocabulary",
+        "3000",
+        timeout=300,
+    )
+    assert set(report) == SEARCH_KEYS, set(report) ^ SEARCH_KEYS
+    assert (report["passages"], report["k"], report["cores"]) == (passages, 3, 1)
+    assert report["vocabulary"] == 3000 and set(report["versions"]) == {"bm25s"}
+    bm25 = report["bm25s"]
+    assert set(bm25) == SEARCH_ENGINE_KEYS, set(bm25) ^ SEARCH_ENGINE_KEYS
+    # every query is words of a passage: each one finds something
+    assert bm25["queries"] == bm25["queries_found"] == queries
+    # the measurements lie within the run
+    assert 0 < bm25["build_s"] + bm25["load_s"] + report["corpus_s"] < wall_s
+    assert 0 < bm25["p50_ms"] <= bm25["p99_ms"] < wall_s * 1e3
+    assert bm25["queries_per_s"] > queries / wall_s
