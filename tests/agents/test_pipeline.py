@@ -210,6 +210,7 @@ class VersionedStub(StubRollouts):
         self.sampler, self.synced = Sampler(), []
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_resume_of_a_pipelined_run_lose_and_repeat_no_problem():
     """A Ctrl-C during step 2 ends the run after step 3, whose batch 4 was collected ahead; the
     checkpoint of step 3 records the position after batch 3, so the resumed run's steps 4 and 5

@@ -61,6 +61,7 @@ def kill_after_first_reply(sampler, server):
     return killed
 
 
+@pytest.mark.slow
 def test_a_launched_server_killed_mid_collection_is_restarted_and_the_collection_replayed(
     launched, chat_model, chat_tokenizer, tmp_path
 ):
@@ -92,6 +93,7 @@ def test_a_launched_server_killed_mid_collection_is_restarted_and_the_collection
     loop.collector.close()
 
 
+@pytest.mark.slow
 def test_a_server_given_by_url_that_stays_down_stops_the_run_after_the_last_checkpoint(
     launched, chat_model, chat_tokenizer, tmp_path
 ):

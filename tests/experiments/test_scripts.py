@@ -167,6 +167,7 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
     assert [d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()] == ["1"]
 
 
+@pytest.mark.slow
 def test_main_job_ctrl_c_saves_a_checkpoint_and_its_adapter(
     tiny_model_dir, problem_files, tmp_path
 ):
@@ -262,6 +263,7 @@ def test_main_job_offline_error_is_one_line(tmp_path):
     assert "make_tiny.py" in lines[0]
 
 
+@pytest.mark.slow
 def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, tmp_path):
     from flax import nnx
 
@@ -398,6 +400,7 @@ def _signal_during_save(proc, out, signum) -> None:
 
 
 @pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.slow
 def test_main_job_stop_signals_to_the_process_group_save_and_resume(
     tiny_model_dir, problem_files, tmp_path, signame, code
 ):
@@ -467,6 +470,7 @@ ls "$MNT/run/checkpoints" > "$LOGS/resumed.ls"
 """
 
 
+@pytest.mark.slow
 def test_main_job_on_a_full_disk_says_so_in_one_line_and_resumes(
     tiny_model_dir, problem_files, tmp_path
 ):
