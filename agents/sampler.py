@@ -203,6 +203,9 @@ class JaxSampler:
             raise ValueError("JaxSampler samples the model it was built with; pass that model")
         self.adapter_version = version
 
+    def recover(self) -> None:
+        """Nothing to bring back: the sampler runs in this process (agents.sampling.Sampler)."""
+
     def _programs(self, graphdef):
         """The jitted prefill and decode programs of the model's graph. The graph is bound by
         closure, not passed as a static argument: hashing it on every call cost more than a
