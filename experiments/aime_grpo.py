@@ -15,7 +15,7 @@ steps: pass@1 and pass@k on the test problems. Logs: the run directory (metrics.
 transcripts), Weights & Biases unless --log.no-wandb. Ctrl-C saves a checkpoint and exits; --resume
 continues from the latest one. A rollout server that dies is restarted (launched here) or waited
 for (--sampler.vllm-url, up to --sampler.recover-s) and the collection replayed; one that does not
-come back ends the run in one line, exit code 3, after the checkpoint of the last step trained. At the end the adapter is exported in PEFT format (and merged into
+come back ends the run in one line, exit code 5, after the checkpoint of the last step trained. At the end the adapter is exported in PEFT format (and merged into
 a Hugging Face model directory with --log.export-merged). Settings: agents/training/config.py
 (every one a flag; --help lists them).
 
@@ -29,12 +29,7 @@ from __future__ import annotations
 import sys
 
 from agents.training import Config, train
-from agents.training.cli import (
-    exit_cleanly_when_offline,
-    load_config,
-    one_line_errors,
-    one_line_faults,
-)
+from agents.training.cli import configure_logging, exit_codes, load_config, one_line_errors
 
 OFFLINE_HINT = (
     "offline? run with local files: python experiments/aime_grpo.py --model.name DIR "
@@ -45,10 +40,11 @@ OFFLINE_HINT = (
 
 
 def main(argv: list[str]) -> dict:
+    configure_logging()
     with one_line_errors(debug="--debug" in argv):
         cfg = load_config(argv, Config, description=__doc__.split("\n\n")[0])
-    with one_line_faults(debug=cfg.debug):
-        return exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
+    with exit_codes(debug=cfg.debug, offline_hint=OFFLINE_HINT):
+        return train(cfg)
 
 
 if __name__ == "__main__":

@@ -317,22 +317,23 @@ def main(cfg: Config) -> dict:
     from agents.rollout import RolloutConfig, Rollouts
     from agents.sampler import JaxSampler
     from agents.training import (
+        Evaluation,
         GRPOLoop,
         Interrupted,
         ProblemOrder,
         RunLog,
-        evaluate,
         fit,
         run_environment,
     )
-    from agents.training.cli import one_line_errors
-    from agents.training.run import prepare_run_directory
+    from agents.training.cli import configure_logging, one_line_errors
+    from agents.training.rundir import prepare_run_directory
     from envs.problems import ArithProblems
     from learners.lora import apply_lora
     from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
     from learners.tokenizer import train_chat_tokenizer
     from learners.train import GRPOConfig, init_state
 
+    configure_logging()
     cfg = cfg.shortened()
     t_start = time.perf_counter()
     with one_line_errors():
@@ -413,14 +414,7 @@ def main(cfg: Config) -> dict:
         tokenizer,
         dataclasses.replace(roll_cfg, group_size=cfg.eval_samples),
     )
-    eval_indices = list(range(cfg.eval_problems))
-
-    def held_out(step: int) -> dict:
-        metrics, transcripts = evaluate(evaluator, eval_indices, seed=10_000 + step)
-        log.transcripts(step, transcripts, tag="eval")
-        metrics = {f"eval/{k}": v for k, v in metrics.items()}
-        log.log(step, metrics)
-        return metrics
+    held_out = Evaluation(evaluator, range(cfg.eval_problems), log, seed=10_000)
 
     before = held_out(0)
     print(

@@ -126,8 +126,8 @@ def main(args: Args) -> dict:
     import envs
     from agents.rollout import Rollouts
     from agents.training import evaluate
+    from agents.training.checks import check_context_budget
     from agents.training.cli import one_line_errors
-    from agents.training.run import check_context_budget
     from envs.toolmath import unwrapped_toolmath
 
     kwargs: dict[str, Any] = {  # the environment's, of several types
@@ -168,11 +168,14 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    from agents.training.cli import exit_cleanly_when_offline, load_config, one_line_errors
+    from agents.training.cli import configure_logging, exit_codes, load_config, one_line_errors
 
+    configure_logging()
     with one_line_errors(debug="--debug" in sys.argv):
         arguments = load_config(sys.argv[1:], Args, description=__doc__.split("\n\n")[0])
-    exit_cleanly_when_offline(
-        lambda: main(arguments),
-        "offline? pass a local model directory (--model DIR) and problems file (--problems FILE)",
-    )
+    with exit_codes(
+        debug=arguments.debug,
+        offline_hint="offline? pass a local model directory (--model DIR) and problems file "
+        "(--problems FILE)",
+    ):
+        main(arguments)

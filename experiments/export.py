@@ -84,12 +84,12 @@ def export(args: Args) -> str:
 
 
 def main(args: Args) -> None:
-    from agents.training.cli import exit_cleanly_when_offline, one_line_errors
+    from agents.training.cli import configure_logging, exit_codes
 
+    configure_logging()
     hint = "offline? the run's --model.name must be a local directory"
-
-    with one_line_errors(debug=args.debug):
-        out = exit_cleanly_when_offline(lambda: export(args), hint)
+    with exit_codes(debug=args.debug, offline_hint=hint):
+        out = export(args)
     print(
         f"exported the adapter to {out}"
         + (f" and the merged model to {out}/merged" if args.merged else "")

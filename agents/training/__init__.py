@@ -4,16 +4,25 @@ logging, checkpoints, resume.
     from agents.training import Config, train
     train(Config(steps=50, out="runs/x"))                      # the main job, programmatically
 
-    from agents.training import GRPOLoop, ProblemOrder, RunLog, fit, evaluate
-    loop = GRPOLoop(model, state, grpo_cfg, rollouts, problems_per_step=8)
-    fit(loop, ProblemOrder(n), RunLog("runs/y", cfg), start=0, steps=20, seed=0)
+    from agents.training import Evaluation, GRPOLoop, ProblemOrder, RunLog, fit
+    loop = GRPOLoop(model=model, state=state, cfg=grpo_cfg, rollouts=rollouts, problems_per_step=8)
+    log = RunLog("runs/y", cfg)
+    fit(loop, ProblemOrder(n), log, start=0, steps=20, seed=0,
+        hooks=[Evaluation(evaluator, range(30), log).hook(every=5)])
 
-Modules: config (the settings tree), loop (one step), pipeline (rollouts ahead of the learner,
-within max_staleness), distributed (jax.distributed and the mesh of a multi-process learner),
-evaluation (pass@k), runlog (the run's record), run (a whole run: directory, checkpoints, Ctrl-C,
-resume), cli (flags and YAML, one-line errors).
+`train` and everything under it raise (errors: TrainingError and its kinds) and log (module
+loggers); only the entry points print and exit (cli).
+
+Modules: config (the settings tree), errors (what a run raises), loop (one step), pipeline
+(rollouts ahead of the learner, within max_staleness), fit (the steps), hooks (what runs between
+steps: checkpoints, evaluations, transcripts, your own), signals (SIGINT/SIGTERM as a stop after
+a checkpoint), distributed (jax.distributed and the mesh of a multi-process learner), evaluation
+(pass@k), runlog (the run's record), rundir (the run directory), checks (a run's inputs, checked
+before it loads), build (the learner and the rollout engine from a config), run (a whole run:
+checkpoints, Ctrl-C, resume), cli (flags and YAML, logging, one-line errors and exit codes).
 """
 
+from agents.training.build import build_learner
 from agents.training.config import (
     Config,
     EnvConfig,
@@ -23,23 +32,42 @@ from agents.training.config import (
     SamplerConfig,
     config_from_dict,
 )
+from agents.training.errors import (
+    ConfigError,
+    DiskFull,
+    HubUnreachable,
+    InputError,
+    Interrupted,
+    TrainingError,
+)
 from agents.training.evaluation import evaluate, pass_at_k
-from agents.training.loop import GRPOLoop, ProblemOrder, RolloutsDown
-from agents.training.run import Interrupted, build_learner, fit, train
+from agents.training.fit import fit
+from agents.training.hooks import Evaluation, Hook, StepDone, transcripts
+from agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
+from agents.training.run import train
 from agents.training.runlog import RunLog, run_environment
 
 __all__ = [
     "Config",
+    "ConfigError",
+    "DiskFull",
     "EnvConfig",
     "EvalConfig",
+    "Evaluation",
     "GRPOLoop",
+    "Hook",
+    "HubUnreachable",
+    "InputError",
     "Interrupted",
     "LogConfig",
     "ModelConfig",
+    "NonFiniteUpdates",
     "ProblemOrder",
     "RolloutsDown",
     "RunLog",
     "SamplerConfig",
+    "StepDone",
+    "TrainingError",
     "build_learner",
     "config_from_dict",
     "evaluate",
@@ -47,4 +75,5 @@ __all__ = [
     "pass_at_k",
     "run_environment",
     "train",
+    "transcripts",
 ]

@@ -1,6 +1,7 @@
 """Checks of what a run reads, made before anything loads, shared by the main job and
 experiments/evaluate.py. Each raises a ValueError or FileNotFoundError whose message names the
-input, what is wrong and the fix (`one_line_errors` prints it as one line):
+input, what is wrong and the fix; `bad_input()` turns them into the InputError that `train`
+raises (agents.training.errors), and an entry point prints its one line:
 
     check_finite(dataclasses.asdict(cfg))       # no NaN or inf in any setting
     config = check_model(directory)             # config.json and every safetensors header
@@ -8,18 +9,29 @@ input, what is wrong and the fix (`one_line_errors` prints it as one line):
     check_context_length(config, tokens)        # an episode's budget fits the model's positions
     check_sampler(urls, engine)                 # vLLM installed, or its URLs well-formed and up
     check_adapter(directory)                    # a PEFT LoRA adapter's files, whole
+    check_inputs(cfg, engine)                   # all of a run's inputs, the context budget too
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from agents.training.errors import HubUnreachable, InputError
+
+if TYPE_CHECKING:
+    from agents.rollout import RolloutConfig
+    from agents.training.config import Config
+
+logger = logging.getLogger(__name__)
 
 VOCAB_SLACK = 0.1
 """How much smaller than the model's embedding a tokenizer's vocabulary may be: checkpoints pad
@@ -172,3 +184,77 @@ def check_adapter(directory: str) -> None:
             f.keys()
     except SafetensorError as exc:
         raise ValueError(f"{path} is truncated or corrupt ({exc})") from None
+
+
+@contextlib.contextmanager
+def bad_input():
+    """The checks' ValueError, FileNotFoundError and NotImplementedError as an InputError of
+    their first line (the original its __cause__); a hub that cannot be reached as
+    HubUnreachable."""
+    from envs.problems import HubUnavailableError as DataOffline
+    from learners.params import HubUnavailableError as ModelOffline
+
+    try:
+        yield
+    except InputError:
+        raise
+    except (DataOffline, ModelOffline) as exc:
+        raise HubUnreachable(exc.reason) from exc
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        text = str(exc).strip()
+        raise InputError(text.splitlines()[0] if text else type(exc).__name__) from exc
+
+
+def check_context_budget(env, tokenizer, indices, rollout: RolloutConfig) -> None:
+    """A prompt that fills rollout.max_total_tokens leaves nothing to sample: refuse such a
+    budget (and warn when the first turn gets less than its max_turn_tokens)."""
+    from agents.rollout import longest_prompt
+
+    budget, turn = rollout.max_total_tokens, rollout.max_turn_tokens
+    tokens, problem_id = longest_prompt(env, tokenizer, indices)
+    if tokens >= budget:
+        raise ValueError(
+            f"--rollout.max-total-tokens {budget} leaves no room to answer: the prompt of "
+            f"{problem_id} is {tokens} tokens; raise it above {tokens} (to {tokens + turn} for "
+            "one full turn)"
+        )
+    if tokens + turn > budget:
+        logger.warning(
+            "the prompt of %s is %d tokens, so its first turn gets %d of "
+            "--rollout.max-turn-tokens %d",
+            problem_id,
+            tokens,
+            budget - tokens,
+            turn,
+        )
+
+
+def check_inputs(cfg: Config, engine: str):
+    """Everything a run reads, checked before the model loads (a ValueError or
+    FileNotFoundError otherwise): the model's config and weight files, the
+    tokenizer, the rollout engine, the environment and both problem sets, the context budget.
+    Returns (the tokenizer, training problems, evaluation problems)."""
+    import gymnasium as gym
+
+    import envs
+    from envs.toolmath import unwrapped_toolmath
+    from learners.params import resolve
+
+    model_config = check_model(resolve(cfg.model.name))
+    tokenizer = check_tokenizer(cfg.model.name, model_config)
+    check_context_length(model_config, cfg.rollout.max_total_tokens)
+    check_sampler(cfg.sampler.vllm_url, engine)
+    if cfg.env.env_id not in envs.ENV_IDS:
+        raise ValueError(f"--env.env-id {cfg.env.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
+    sizes = []
+    for split in ("train", "test"):
+        probe = gym.make(cfg.env.env_id, **cfg.env.env_kwargs(split))  # loads the problems now
+        sizes.append(len(unwrapped_toolmath(probe).problems))
+        check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg.rollout)
+        probe.close()
+    if cfg.problems_per_step > sizes[0]:
+        raise ValueError(
+            f"--problems-per-step {cfg.problems_per_step} is more than the {sizes[0]} training "
+            "problems"
+        )
+    return tokenizer, sizes[0], min(sizes[1], cfg.eval.limit or 10**9)

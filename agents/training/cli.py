@@ -1,31 +1,36 @@
 """The command-line layer of the experiments: settings from defaults, a YAML/JSON file and flags
-(tyro), and bad input as one line on stderr with exit code 2.
+(tyro); the library's reports as lines on stdout (logging); what the library raises as one line
+on stderr and an exit code. Only entry points use it: the library raises and logs.
 
-    cfg = load_config(sys.argv[1:], Config, description=__doc__)
-    with one_line_errors(debug=cfg.debug): ...
-    with one_line_faults(debug=cfg.debug):       # non-finite updates, a full disk: one line
-        exit_cleanly_when_offline(lambda: train(cfg), OFFLINE_HINT)
+    configure_logging()
+    with one_line_errors(debug="--debug" in argv):   # bad settings: one line, exit code 2
+        cfg = load_config(argv, Config, description=__doc__)
+    with exit_codes(debug=cfg.debug, offline_hint=HINT):   # agents.training.errors' codes
+        train(cfg)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agents.training.config import config_from_dict
+from agents.training.errors import (
+    ConfigError,
+    HubUnreachable,
+    Interrupted,
+    TrainingError,
+    disk_full_as_error,
+)
+from agents.training.signals import ignore_stop_signals
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
-
-
-def fail(message: str):
-    """End the program with `message` as one line on stderr and exit code 2 (bad input)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def load_config(
@@ -39,7 +44,7 @@ def load_config(
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            fail("--config needs a path to a YAML or JSON file")
+            raise ConfigError("--config needs a path to a YAML or JSON file")
         path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
         default = read_config_file(path, cls, cls() if default is None else default)
         if "config_file" in {f.name for f in dataclasses.fields(cls)}:
@@ -68,7 +73,7 @@ def _section_errors_raised():
 
     def raise_value_error(event) -> None:
         if type(event).__name__ == "InstantiationFailure":
-            raise ValueError(event.message)
+            raise ConfigError(event.message)
 
     return hook(raise_value_error)
 
@@ -79,23 +84,24 @@ def read_config_file(path: str, cls: type[DataclassInstance], default: Any) -> A
     import yaml
 
     if not os.path.exists(path):
-        fail(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
     except yaml.YAMLError as exc:
-        fail(f"{path} is not valid YAML/JSON: {str(exc).splitlines()[0]}")
+        raise ConfigError(f"{path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    merged = _merge(dataclasses.asdict(default), values, path)
     try:
-        return config_from_dict(_merge(dataclasses.asdict(default), values, path), cls)
+        return config_from_dict(merged, cls)
     except ValueError as exc:
-        fail(f"{path}: {exc}")
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _merge(base: dict, override: Any, path: str) -> dict:
     """`base` with the nested mapping `override` laid over it (the file may give a section in
     part)."""
     if not isinstance(override, dict):
-        fail(f"{path} must map setting names to values")
+        raise ConfigError(f"{path} must map setting names to values")
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -107,69 +113,99 @@ def _merge(base: dict, override: Any, path: str) -> dict:
 
 @contextlib.contextmanager
 def one_line_errors(debug: bool = False):
-    """Turn a bad input (ValueError, FileNotFoundError, NotImplementedError raised inside) into
-    one line on stderr and exit code 2; with `debug`, the exception propagates."""
+    """Bad input as one line on stderr and exit code 2: a ValueError, FileNotFoundError or
+    NotImplementedError raised inside (an InputError or ConfigError of the library, or a check
+    of the entry point's own). With `debug`, the exception propagates (the traceback)."""
     try:
         yield
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"{first} (--debug shows where)")
-
-
-EXIT_DIVERGED = 3
-"""The exit code of a run stopped by non-finite updates (agents.training.loop.NonFiniteUpdates)."""
-EXIT_DISK_FULL = 4
-"""The exit code of a run stopped by a full disk or quota (it resumes once there is space)."""
-EXIT_ROLLOUTS_DOWN = 5
-"""The exit code of a run stopped by rollout servers that failed and did not come back
-(agents.training.loop.RolloutsDown; it resumes once they answer)."""
+        print(f"error: {first_line(exc)} (--debug shows where)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @contextlib.contextmanager
-def one_line_faults(debug: bool = False):
-    """A run stopped by a fault ends in one line on stderr with what to do: non-finite updates
-    (EXIT_DIVERGED), a full disk (EXIT_DISK_FULL), rollout servers down (EXIT_ROLLOUTS_DOWN), a
-    stop signal or Ctrl-C before the first step
-    (128 + the signal). With `debug`, the exception propagates."""
-    import signal
-
-    from agents.training.loop import NonFiniteUpdates, RolloutsDown
-    from agents.training.run import StepAbandoned
-    from learners.checkpoint import CheckpointDiskFull, is_disk_full
-
-    try:
-        yield
-    except (StepAbandoned, KeyboardInterrupt) as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        print(
-            f"stopped by {signal.Signals(signum).name} before the first step: nothing to save",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + signum) from None
-    except (NonFiniteUpdates, RolloutsDown, CheckpointDiskFull, OSError) as exc:
-        if debug or (isinstance(exc, OSError) and not is_disk_full(exc)):
-            raise
-        if isinstance(exc, (NonFiniteUpdates, RolloutsDown)):
-            print(f"error: {exc}", file=sys.stderr)
-            code = EXIT_DIVERGED if isinstance(exc, NonFiniteUpdates) else EXIT_ROLLOUTS_DOWN
-            raise SystemExit(code) from None
-        if isinstance(exc, OSError):
-            where = f" writing {exc.filename}" if exc.filename else ""
-            exc = f"no space left on the disk{where}: free space, then continue with --resume"
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_DISK_FULL) from None
-
-
-def exit_cleanly_when_offline(run: Callable[[], Any], hint: str) -> Any:
-    """Run `run()`; a hub that cannot be reached ends the program in one line naming `hint`
-    (the program's own offline form) instead of the library's generic one."""
+def exit_codes(debug: bool = False, offline_hint: str = ""):
+    """What `train` (or any library call inside) raises, as the entry point's one line and
+    exit code (agents.training.errors): bad input 2 (a hub that cannot be reached: with
+    `offline_hint`, how to run with local files), non-finite updates 3, a full disk 4, rollout
+    servers down 5, a stop signal 128 + the signal (its line on stdout: where the checkpoint
+    is); Ctrl-C before the run could save anything 130. With `debug`, the exception propagates
+    (the traceback)."""
     from envs.problems import HubUnavailableError as DataOffline
     from learners.params import HubUnavailableError as ModelOffline
 
     try:
-        return run()
-    except (DataOffline, ModelOffline) as exc:
-        print(f"error: {exc.reason}; {hint}", file=sys.stderr)
+        with disk_full_as_error():
+            yield
+    except Interrupted as stop:
+        ignore_stop_signals()  # the process ends: a late repeat must not end it before
+        print(stop, flush=True)
+        raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:
+        print("stopped by SIGINT before the first step: nothing to save", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except (HubUnreachable, DataOffline, ModelOffline) as exc:
+        if debug:
+            raise
+        print(
+            f"error: {exc.reason}; {offline_hint}" if offline_hint else f"error: {exc}",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
+    except TrainingError as exc:
+        if debug:
+            raise
+        message = first_line(exc) + (" (--debug shows where)" if exc.exit_code == 2 else "")
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:  # the entry's own checks
+        if debug:
+            raise
+        print(f"error: {first_line(exc)} (--debug shows where)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _Stream(logging.Handler):
+    """A handler that writes to sys.stdout or sys.stderr as they are when a record comes (a
+    test's capture, a redirected stream), not as they were when logging was configured."""
+
+    def __init__(self, name: str, level: int, prefix: str = ""):
+        super().__init__(level)
+        self.stream_name, self.prefix = name, prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = getattr(sys, self.stream_name)
+            stream.write(f"{self.prefix}{self.format(record)}\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+LIBRARY_LOGGERS = ("agents", "envs", "learners")
+"""The loggers of this project's packages: what the library reports (logging.getLogger
+(__name__) in each module)."""
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The entry points' logging: the library's reports (INFO) as plain lines on stdout, its
+    warnings and errors on stderr prefixed "warning: "; with `verbose`, DEBUG too. Other
+    libraries' loggers are left as they are. Calling it again replaces its handlers."""
+    for name in LIBRARY_LOGGERS:
+        log = logging.getLogger(name)
+        for handler in [h for h in log.handlers if isinstance(h, _Stream)]:
+            log.removeHandler(handler)
+        out = _Stream("stdout", logging.DEBUG)
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        log.addHandler(out)
+        log.addHandler(_Stream("stderr", logging.WARNING, prefix="warning: "))
+        log.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log.propagate = False

@@ -29,6 +29,7 @@ from flax import nnx
 
 from agents.batch import RolloutBatch
 from agents.rollout import Rollouts
+from agents.training.errors import TrainingError
 from agents.vllm_client import ServerError, recoverable
 from learners.train import GRPOConfig, TrainState, grpo_step
 
@@ -53,9 +54,11 @@ class Collected:
     """Seconds the collection took."""
 
 
-class NonFiniteUpdates(RuntimeError):
+class NonFiniteUpdates(TrainingError, RuntimeError):
     """The updates of `count` steps in a row, up to `step`, had a non-finite loss or gradient
     (each was skipped, so the state holds none of them): the run stops rather than go on."""
+
+    exit_code = 3  # rerunning does not help
 
     def __init__(self, step: int, count: int, checkpoint: int | None = None):
         self.step, self.count, self.checkpoint = step, count, checkpoint
@@ -74,9 +77,11 @@ class NonFiniteUpdates(RuntimeError):
         )
 
 
-class RolloutsDown(RuntimeError):
+class RolloutsDown(TrainingError, RuntimeError):
     """The rollout servers failed and did not come back: the run stops. `step` is the last
     step trained (fit sets it, once that step's checkpoint is saved)."""
+
+    exit_code = 5  # resume once they answer
 
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)

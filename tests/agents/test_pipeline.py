@@ -17,7 +17,7 @@ from test_loop import StubRollouts
 import envs  # noqa: F401 - registers the environments
 from agents.rollout import RolloutConfig, Rollouts
 from agents.sampler import JaxSampler
-from agents.training import GRPOLoop, Interrupted, ProblemOrder, evaluate, fit
+from agents.training import GRPOLoop, Hook, Interrupted, ProblemOrder, evaluate, fit
 from agents.training.loop import PIPELINED_TIS_CAP, sampler_copy
 from learners.grpo import token_logprobs
 from learners.train import GRPOConfig, grpo_step, init_state
@@ -111,8 +111,12 @@ def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model,
             start=0,
             steps=STEPS,
             seed=SEED,
-            evaluate_at=lambda step: evals.append(evaluate(held_out, range(2), seed=step)[0]),
-            eval_every=1,
+            hooks=[
+                Hook(
+                    lambda step, done: evals.append(evaluate(held_out, range(2), seed=step)[0]),
+                    samples=True,
+                )
+            ],
         )
     assert loop.cfg == CFG  # no importance weights added to a synchronous loop
     for a, b in zip(ref_tokens, tokens, strict=True):
@@ -157,14 +161,14 @@ def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(
         # the LoRA parameters of each version: the arrays (init_state's holds the variables)
         params = {0: jax.tree.map(lambda x: x, loop.state.lora)}
 
-        def checkpoint(step, force):
+        def checkpoint(step, done):
             batches[step] = log_batch[-1]
             params[step] = loop.state.lora
 
         log_batch = []
         loop_update = loop.update
         loop.update = lambda batch: log_batch.append(batch) or loop_update(batch)
-        fit(loop, ProblemOrder(50), log, start=0, steps=4, seed=SEED, checkpoint=checkpoint)
+        fit(loop, ProblemOrder(50), log, start=0, steps=4, seed=SEED, hooks=[Hook(checkpoint)])
     assert [log.metrics[s]["train/staleness"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
     assert [set(batches[s].adapter_version) for s in (1, 2, 3, 4)] == [{0}, {0}, {1}, {2}]
     assert "train/tis_weight_mean" in log.metrics[2]
@@ -239,7 +243,7 @@ def test_ctrl_c_and_resume_of_a_pipelined_run_lose_and_repeat_no_problem():
             trained.append([int(e.problem_id) for e in batch.episodes[::2]]) or loop_update(batch)
         )
 
-        def checkpoint(step, force):
+        def checkpoint(step, done):
             saved[step] = loop.data_position
             if step == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -252,7 +256,7 @@ def test_ctrl_c_and_resume_of_a_pipelined_run_lose_and_repeat_no_problem():
                 start=start,
                 steps=steps,
                 seed=0,
-                checkpoint=checkpoint,
+                hooks=[Hook(checkpoint, at_exit=True)],
             )
         except Interrupted as stop:
             return trained, saved, stop.step, rollouts.asked

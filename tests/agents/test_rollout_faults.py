@@ -18,7 +18,7 @@ from test_serve import _without_lora
 
 import envs  # noqa: F401 - registers the environments
 from agents.rollout import RolloutConfig, Rollouts
-from agents.training import GRPOLoop, ProblemOrder, RolloutsDown, fit
+from agents.training import GRPOLoop, Hook, ProblemOrder, RolloutsDown, fit
 from agents.vllm_client import VLLMSampler, VLLMServer, python_serve_command
 from learners.params import save_pretrained
 from learners.train import GRPOConfig, init_state
@@ -112,8 +112,8 @@ def test_a_server_given_by_url_that_stays_down_stops_the_run_after_the_last_chec
     loop = loop_over(sampler, model, chat_tokenizer)
     saved, armed = [], []
 
-    def checkpoint(step, force):
-        saved.append((step, force, loop.adapter_version))
+    def checkpoint(step, done):
+        saved.append((step, done.exiting, loop.adapter_version))
         if step == 1:  # step 2's collection starts after this (max_staleness 0)
             armed.append(kill_after_first_reply(sampler, launched))
 
@@ -125,7 +125,15 @@ def test_a_server_given_by_url_that_stays_down_stops_the_run_after_the_last_chec
             pass
 
     with pytest.raises(RolloutsDown, match="did not answer again within 2 s") as stop:
-        fit(loop, ProblemOrder(None), Log(), start=0, steps=3, seed=0, checkpoint=checkpoint)
+        fit(
+            loop,
+            ProblemOrder(None),
+            Log(),
+            start=0,
+            steps=3,
+            seed=0,
+            hooks=[Hook(checkpoint, at_exit=True)],
+        )
     assert armed[0] and stop.value.step == 1
     assert saved == [(1, False, 1), (1, True, 1)]  # the forced checkpoint of the last step
     assert loop.adapter_version == 1 and loop.data_position == 2  # step 2 never trained

@@ -138,7 +138,7 @@ def test_config_from_dict_checks_every_value_and_names_its_path():
 
 
 def test_a_resume_may_change_only_the_resumable_settings():
-    from agents.training.run import config_changes
+    from agents.training.rundir import config_changes
 
     saved = json.loads(json.dumps(dataclasses.asdict(Config()), default=str))
     allowed = dataclasses.replace(
@@ -218,7 +218,7 @@ def test_a_fault_ends_the_main_job_in_one_line_with_its_own_exit_code(fault, cod
     import errno
 
     from agents.training import RolloutsDown
-    from agents.training.cli import one_line_faults
+    from agents.training.cli import exit_codes
     from agents.training.loop import NonFiniteUpdates
 
     raised = {
@@ -226,9 +226,9 @@ def test_a_fault_ends_the_main_job_in_one_line_with_its_own_exit_code(fault, cod
         "disk": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl"),
         "rollouts": RolloutsDown("the rollout server is down: refused", step=4),
     }[fault]
-    with pytest.raises(SystemExit) as stopped, one_line_faults():
+    with pytest.raises(SystemExit) as stopped, exit_codes():
         raise raised
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == code and len(err) == 1 and words in err[0], err
-    with pytest.raises(type(raised)), one_line_faults(debug=True):  # --debug: the traceback
+    with pytest.raises(type(raised)), exit_codes(debug=True):  # --debug: the traceback
         raise raised
