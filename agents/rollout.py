@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agents.batch import EpisodeStats, RolloutBatch
-from agents.sampler import SamplingParams
+from agents.sampling import Sampler, SamplingParams
 from agents.shaping import TRUNCATION_MASKS, keeps_loss, overlong_penalty, void_turn
 
 
@@ -212,7 +212,9 @@ class Rollouts:
     `info["messages"]` (chat form) and `info["stop"]` at reset, like `envs.ToolMathEnv`.
     """
 
-    def __init__(self, make_env: Callable[[], Any], sampler, tokenizer, cfg: RolloutConfig):
+    def __init__(
+        self, make_env: Callable[[], Any], sampler: Sampler, tokenizer, cfg: RolloutConfig
+    ):
         self.make_env, self.sampler, self.tokenizer, self.cfg = make_env, sampler, tokenizer, cfg
         self._envs: list = []
         self._pool = cf.ThreadPoolExecutor(cfg.tool_workers, thread_name_prefix="rollout-env")
