@@ -4,21 +4,22 @@
     batch = rollouts.collect(problem_indices=[3, 8], seed=0)   # G episodes for each problem
     state, metrics = grpo_step(state, batch, cfg)
 
-Each episode: the chat template renders the environment's first messages into prompt tokens; the
-sampler generates until a tool-call stop sequence, end of sequence or the turn budget; the text of
-the turn goes to `env.step`; the observation is tokenized once, here, with the chat template's exact
-boundaries and appended with loss mask 0; the episode goes on until the environment ends it.
+Each episode (agents.episode.Episode): the chat template renders the environment's first
+messages into prompt tokens; the sampler generates until a tool-call stop sequence, end of
+sequence or the turn budget; the text of the turn goes to `env.step`; the observation is
+tokenized once, here, with the chat template's exact boundaries (agents.chat) and appended with
+loss mask 0; the episode goes on until the environment ends it, or `truncation` does.
 
 Token in, token out: the batch holds exactly the tokens the sampler produced (model text is never
 re-tokenized); those tokens decode to the chat template's rendering of the environment's
-conversation (`RolloutConfig.check_template` verifies it). Each episode samples with its own seed.
-An episode whose tokens outgrow `max_total_tokens` ends as truncated ("context"), with reward 0,
-never as a crash; a turn's budget is capped to the room its context has left. An episode whose
-sandbox server died under a tool call (the environment's info["crashed"]) ends as truncated
-("crashed"), and its row carries no loss (its loss mask is zeroed: the fault was not the
-model's); the other episodes go on. As RolloutConfig says, episodes with a void turn (SimpleTIR)
-or truncated ones (DAPO) lose their loss too, and the soft overlong penalty joins the reward
-(agents.shaping).
+conversation (`RolloutConfig.check_template` verifies it; agents.chat, "End of turn", says what
+becomes of the end-of-turn token). Each episode samples with its own seed. A turn's budget is
+capped to the room its context has left; an episode cut by `max_total_tokens` ends as truncated
+("context"), with reward 0, never as a crash. An episode whose sandbox server died under a tool
+call (the environment's info["crashed"]) ends as truncated ("crashed"), and its row carries no
+loss (the fault was not the model's); the other episodes go on. As RolloutConfig says, episodes
+with a void turn (SimpleTIR) or truncated ones (DAPO) lose their loss too, and the soft overlong
+penalty joins the reward (agents.shaping).
 
 Generation and tool calls overlap: episodes whose tool call is running sit out the next generation
 round while every other episode goes on, so a slow call does not stall the batch. A sampler or
@@ -29,14 +30,14 @@ training loop replays a collection whose sampler failed: agents.training.loop).
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
-from agents.batch import EpisodeStats, RolloutBatch
-from agents.sampler import SamplingParams
+from agents.batch import RolloutBatch
+from agents.chat import action_text, template_mismatch, tool_message_text, tool_turn_text
+from agents.episode import Episode, batch_of
+from agents.sampling import Sample, Sampler, SamplingParams
 from agents.shaping import TRUNCATION_MASKS, keeps_loss, overlong_penalty, void_turn
 
 
@@ -122,86 +123,39 @@ class RolloutError(RuntimeError):
     """A rollout could not be completed (the sampler or an environment failed)."""
 
 
-@dataclass
-class _Episode:
-    group: int
-    index: int
-    env: Any
-    tokens: list[int]
-    prompt_len: int
-    observation_role: str
-    member: int = 0
-    """The episode's place in its group (0..group_size-1): part of its sampling seed."""
-    tools: Any = None
-    """The tool schemas the prompt was rendered with (reset's info["tools"])."""
-    mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    turns: int = 0
-    void_turns: int = 0
-    """Turns that yielded neither a complete tool call nor a final answer (agents.shaping)."""
-    cut: bool = False
-    """Whether the last turn's generation was cut by its token budget."""
-    last_info: dict = field(default_factory=dict)
-    stats: EpisodeStats | None = None
+def truncation(
+    room: int,
+    model_writes_next: bool,
+    *,
+    terminated: bool = False,
+    env_truncated: bool = False,
+    crashed: bool = False,
+) -> str | None:
+    """Why an episode ends truncated now, or None: the one rule of EpisodeStats.truncated. The
+    episode ends when this is not None or its environment terminated it.
 
-    def __post_init__(self):
-        self.mask = [0] * len(self.tokens)
-        self.logprobs = [0.0] * len(self.tokens)
+    Asked after each turn (`model_writes_next`: the turn was cut by a token budget, so what it
+    began is incomplete) and after each environment step (`model_writes_next` True: the
+    observation was appended for the model to answer), with the `room` its context has left
+    then. In this order:
 
-    def append(
-        self, tokens: Sequence[int], sampled: bool, logprobs: Sequence[float] | None = None
-    ) -> None:
-        """Tokens are only ever appended (or a sampled end-of-turn token taken back, `pop`):
-        what the model saw stays exactly what it sees next. Sampled tokens come with their
-        log-probabilities."""
-        if not sampled:
-            logprobs = [0.0] * len(tokens)
-        elif logprobs is None:
-            raise ValueError("sampled tokens need their log-probabilities")
-        self.tokens += list(tokens)
-        self.mask += [int(sampled)] * len(tokens)
-        self.logprobs += list(logprobs)
-
-    def pop(self) -> None:
-        del self.tokens[-1], self.mask[-1], self.logprobs[-1]
-
-    @property
-    def ended(self) -> EpisodeStats:
-        """The stats of an episode that has ended (`Rollouts._end` set them)."""
-        assert self.stats is not None, "the episode has not ended"
-        return self.stats
-
-    def seed(self, step_seed: int) -> int:
-        """The sampling seed of this episode's next turn: distinct for every (step seed, group,
-        problem, member, turn), so the G episodes of a group are independent draws wherever
-        the sampler seeds each request (vLLM) and reproducible wherever it runs."""
-        return hash((step_seed, self.group, self.index, self.member, self.turns)) % 2**31
-
-
-def render(tokenizer, messages, tools=None, generation_prompt: bool = False) -> str:
-    """The chat template's text for a conversation (and its tool schemas)."""
-    return tokenizer.apply_chat_template(
-        messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt
-    )
-
-
-def prompt_tokens(env, tokenizer, index: int) -> tuple[list[int], dict]:
-    """The token ids an episode of problem `index` starts from (the chat template's rendering of
-    the environment's first messages, with the generation prompt), and the reset's info."""
-    _, info = env.reset(options={"index": int(index)})
-    text = render(tokenizer, info["messages"], info.get("tools"), generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False), info
-
-
-def longest_prompt(env, tokenizer, indices: Iterable[int]) -> tuple[int, str]:
-    """(tokens, problem id) of the longest prompt among problems `indices`: a context budget
-    must leave room after it."""
-    longest = (0, "")
-    for index in indices:
-        tokens, info = prompt_tokens(env, tokenizer, index)
-        longest = max(longest, (len(tokens), str(info.get("problem_id", index))))
-    return longest
+    "crashed"  the sandbox server died under the tool call (info["crashed"]): the row carries no
+               loss, the fault was not the model's (even if the step also terminated);
+    None       the environment `terminated` the episode: it ends, not truncated;
+    "turns"    the environment truncated it (`env_truncated`: its turn or length limit);
+    "context"  the model writes next and no room is left (room <= 0) under max_total_tokens;
+    None       otherwise: the episode goes on (a complete turn that fills the context still goes
+               to its environment, which may end the episode).
+    """
+    if crashed:
+        return "crashed"
+    if terminated:
+        return None
+    if env_truncated:
+        return "turns"
+    if model_writes_next and room <= 0:
+        return "context"
+    return None
 
 
 class Rollouts:
@@ -212,7 +166,9 @@ class Rollouts:
     `info["messages"]` (chat form) and `info["stop"]` at reset, like `envs.ToolMathEnv`.
     """
 
-    def __init__(self, make_env: Callable[[], Any], sampler, tokenizer, cfg: RolloutConfig):
+    def __init__(
+        self, make_env: Callable[[], Any], sampler: Sampler, tokenizer, cfg: RolloutConfig
+    ):
         self.make_env, self.sampler, self.tokenizer, self.cfg = make_env, sampler, tokenizer, cfg
         self._envs: list = []
         self._pool = cf.ThreadPoolExecutor(cfg.tool_workers, thread_name_prefix="rollout-env")
@@ -230,171 +186,136 @@ class Rollouts:
     def __exit__(self, *exc):
         self.close()
 
-    # -- the chat template's boundaries ----------------------------------------------------------
-    def _render(self, messages, tools=None, generation_prompt=False) -> str:
-        return render(self.tokenizer, messages, tools, generation_prompt)
-
-    def _tool_turn(self) -> tuple[str, str]:
-        """The text the chat template puts (before, after) a tool message's content when it
-        follows an assistant turn: before = end of that turn + start of the tool message,
-        after = end of the tool message + the next assistant turn's opening. Read off the
-        template itself by rendering a conversation with and without a tool message."""
-        if self._tool_boundary is None:
-            base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-            head = self._render(base, generation_prompt=True)
-            turn = self._render(base + [{"role": "assistant", "content": "A"}])
-            full = self._render(
-                base
-                + [
-                    {"role": "assistant", "content": "A"},
-                    {"role": "tool", "content": "\x00TOOL\x00"},
-                ],
-                generation_prompt=True,
-            )
-            if not (turn.startswith(head + "A") and full.startswith(turn)):
-                raise RolloutError(
-                    "the chat template does not render a conversation as a prefix "
-                    "of its continuation; tool observations cannot be appended "
-                    "exactly"
-                )
-            before, _, after = full[len(turn) :].partition("\x00TOOL\x00")
-            self._tool_boundary = (turn[len(head) + 1 :] + before, after)
-        return self._tool_boundary
-
-    def _observation_tokens(self, ep: _Episode, observation: str, turn_ended: bool) -> list[int]:
-        if ep.observation_role == "assistant":  # the output continues the assistant's turn
-            text = observation
-        else:
-            before, after = self._tool_turn()
-            eos = self.tokenizer.eos_token or ""
-            if turn_ended and eos and before.startswith(eos):
-                before = before[len(eos) :]  # the model closed its turn itself
-            text = before + observation + after
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     # -- collection -------------------------------------------------------------------------------
-    def _start(self, env, group: int, index: int, member: int) -> _Episode:
-        tokens, info = prompt_tokens(env, self.tokenizer, index)
-        role = "tool" if info.get("protocol") == "qwen" else "assistant"
-        return _Episode(
-            group,
-            int(index),
-            env,
-            tokens,
-            len(tokens),
-            role,
-            member,
-            info.get("tools"),
-            last_info=info,
-        )
-
     def collect(
         self, problem_indices: Sequence[int], seed: int = 0, adapter_version: int | None = None
     ) -> RolloutBatch:
-        """G episodes (cfg.group_size) for each problem index; group i is problem_indices[i]."""
-        cfg = self.cfg
-        n = len(problem_indices) * cfg.group_size
-        if n == 0:
-            raise ValueError("collect needs at least one problem index")
-        while len(self._envs) < n:
-            self._envs.append(self.make_env())
-        episodes = [
-            self._start(self._envs[g * cfg.group_size + k], g, idx, k)
-            for g, idx in enumerate(problem_indices)
-            for k in range(cfg.group_size)
-        ]
+        """G episodes (cfg.group_size) for each problem index; group i is problem_indices[i].
+
+        Every episode that goes on is in one of two places: `writing` (the model writes its next
+        turn) or `stepping` (its environment runs the last turn, a tool call, in a worker
+        thread). Each round:
+        1. take in the environment steps that have finished (`_observe`): the episode ends, or
+           its observation is appended and it joins `writing`;
+        2. sample one turn for every `writing` episode, in one sampler call (`_sample_turns`);
+        3. append each turn (`_take_turn`) and hand it to its environment, unless it ended the
+           episode (cut by the context).
+        The collection ends when every episode has ended; `truncation` says how each ended.
+        """
+        episodes = self._start_episodes(problem_indices)
         stop = tuple(episodes[0].last_info.get("stop", ()))
-        ready, pending, rounds = list(episodes), {}, 0
+        writing: list[Episode] = list(episodes)
+        stepping: dict[cf.Future, Episode] = {}
+        rounds = 0
         try:
-            while ready or pending:
-                if pending and cfg.sync_rounds:
-                    cf.wait(pending)
-                elif pending:  # let tool calls that are about to finish join this round
-                    cf.wait(
-                        pending,
-                        timeout=cfg.batch_wait_s if ready else None,
-                        return_when=cf.ALL_COMPLETED if ready else cf.FIRST_COMPLETED,
-                    )
-                for fut in [f for f in pending if f.done()]:
-                    ep, turn_ended = pending.pop(fut)
-                    if self._observe(ep, fut.result(), turn_ended):
-                        ready.append(ep)
-                if not ready:
+            while writing or stepping:
+                # 1. observations: the steps that have finished, waited for as cfg says
+                for done in self._wait_for_steps(stepping, others_write=bool(writing)):
+                    ep = stepping.pop(done)
+                    if self._observe(ep, done.result()):
+                        writing.append(ep)
+                if not writing:
                     continue
-                params = SamplingParams(
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k,
-                    max_new_tokens=cfg.max_turn_tokens,
-                    stop=stop,
-                    seed=hash((seed, rounds)) % 2**31,
-                )
+                # 2. generation: one turn for each episode whose turn it is
+                groups = self._sample_turns(writing, seed, rounds, adapter_version, stop)
                 rounds += 1
-                rooms = [cfg.max_total_tokens - len(ep.tokens) for ep in ready]
-                samples = self.sampler.generate(
-                    [ep.tokens for ep in ready],
-                    params,
-                    adapter_version=adapter_version,
-                    seeds=[ep.seed(seed) for ep in ready],
-                    max_new_tokens=[min(room, cfg.max_turn_tokens) for room in rooms],
-                )
-                for ep, room, (sample,) in zip(ready, rooms, samples):
-                    ep.append(sample.token_ids[:room], True, sample.logprobs[:room])
-                    ep.versions.append(sample.adapter_version)
-                    ep.turns += 1
-                    ep.cut = sample.finish_reason == "length" or len(sample.token_ids) > room
-                    if len(sample.token_ids) > room or (
-                        room == len(sample.token_ids) and sample.finish_reason == "length"
-                    ):
-                        ep.void_turns += 1  # cut by the context: the turn is incomplete
-                        self._end(ep, truncated="context")
-                        continue
-                    action = self._action_text(sample)
-                    pending[self._pool.submit(ep.env.step, action)] = (
-                        ep,
-                        sample.finish_reason == "eos",
-                    )
-                ready = []
+                # 3. actions: each complete turn goes to its environment
+                for ep, (sample,) in zip(writing, groups):
+                    if self._take_turn(ep, sample):
+                        action = action_text(self.tokenizer, sample.token_ids, sample.finish_reason)
+                        stepping[self._pool.submit(ep.env.step, action)] = ep
+                writing = []
         except BaseException as exc:
-            for fut in pending:
+            for fut in stepping:
                 fut.cancel()
-            cf.wait(pending)  # a running tool call finishes before its environment is closed
+            cf.wait(stepping)  # a running tool call finishes before its environment is closed
             self._drop_envs({id(ep.env) for ep in episodes if ep.stats is None})
             if isinstance(exc, Exception) and not isinstance(exc, (RolloutError, AssertionError)):
                 raise RolloutError(f"rollout failed, no batch was made: {exc}") from exc
             raise
         return self._batch(episodes)
 
-    def _action_text(self, sample) -> str:
-        """The turn's text as the environment records it: every sampled token but a final
-        end-of-turn one, special tokens included, so that the chat template's rendering of the
-        environment's messages is the episode's tokens."""
-        ids = list(sample.token_ids)
-        if sample.finish_reason == "eos" and ids and ids[-1] in self.tokenizer.all_special_ids:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    def _start_episodes(self, problem_indices: Sequence[int]) -> list[Episode]:
+        """Reset one pooled environment an episode (more are made as needed): G episodes of
+        each problem, in group order."""
+        g = self.cfg.group_size
+        n = len(problem_indices) * g
+        if n == 0:
+            raise ValueError("collect needs at least one problem index")
+        while len(self._envs) < n:
+            self._envs.append(self.make_env())
+        return [
+            Episode.start(self._envs[group * g + member], self.tokenizer, group, index, member)
+            for group, index in enumerate(problem_indices)
+            for member in range(g)
+        ]
 
-    def _check_template(self, ep: _Episode) -> None:
-        """RolloutConfig.check_template: the episode's tokens decode to the chat template's
-        rendering of the environment's conversation, up to its closing end-of-turn (which a
-        last turn cut by its token budget never sampled)."""
-        info = ep.last_info
-        rendered = self._render(info.get("messages", []), ep.tools)
-        text = self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
-        closing = ("", "\n", f"{self.tokenizer.eos_token or ''}\n")  # a turn cut by its budget
-        if not (rendered.startswith(text) and rendered[len(text) :] in closing):
-            at = next(
-                (i for i, (a, b) in enumerate(zip(text, rendered)) if a != b),
-                min(len(text), len(rendered)),
+    def _wait_for_steps(
+        self, stepping: dict[cf.Future, Episode], others_write: bool
+    ) -> list[cf.Future]:
+        """Wait for running environment steps, then return those that have finished (in the
+        order they started). With cfg.sync_rounds: for all of them. Otherwise, when other
+        episodes are ready to write (`others_write`), up to cfg.batch_wait_s for the steps about
+        to finish to join this round; when none are, for the first to finish."""
+        if stepping and self.cfg.sync_rounds:
+            cf.wait(stepping)
+        elif stepping:
+            cf.wait(
+                stepping,
+                timeout=self.cfg.batch_wait_s if others_write else None,
+                return_when=cf.ALL_COMPLETED if others_write else cf.FIRST_COMPLETED,
             )
-            raise RolloutError(
-                f"episode {ep.group}.{ep.member}: its tokens are not the chat template's "
-                f"rendering of its conversation; from character {at}: tokens "
-                f"{text[at : at + 60]!r}, template {rendered[at : at + 60]!r}"
-            )
+        return [fut for fut in stepping if fut.done()]
 
-    def _observe(self, ep: _Episode, step_result, turn_ended: bool) -> bool:
-        """Record an environment step; True when the episode goes on."""
+    def _sample_turns(
+        self,
+        episodes: list[Episode],
+        seed: int,
+        round_: int,
+        adapter_version: int | None,
+        stop: tuple[str, ...],
+    ) -> list[list[Sample]]:
+        """One sample for each episode (a group of one), in one sampler call: each with its own
+        seed, and a budget of cfg.max_turn_tokens capped to the room its context has left."""
+        cfg = self.cfg
+        params = SamplingParams(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=cfg.max_turn_tokens,
+            stop=stop,
+            seed=hash((seed, round_)) % 2**31,
+        )
+        return self.sampler.generate(
+            [ep.tokens for ep in episodes],
+            params,
+            adapter_version=adapter_version,
+            seeds=[ep.seed(seed) for ep in episodes],
+            max_new_tokens=[
+                min(ep.room(cfg.max_total_tokens), cfg.max_turn_tokens) for ep in episodes
+            ],
+        )
+
+    def _take_turn(self, ep: Episode, sample: Sample) -> bool:
+        """Append a sampled turn (loss mask 1), cut to the room its context had left; True when
+        it goes to the environment, False when it ended the episode (`truncation`)."""
+        room = ep.room(self.cfg.max_total_tokens)
+        ep.append(sample.token_ids[:room], True, sample.logprobs[:room])
+        ep.versions.append(sample.adapter_version)
+        ep.turns += 1
+        ep.cut = sample.finish_reason == "length" or len(sample.token_ids) > room
+        ep.closed_turn = sample.finish_reason == "eos"
+        why = truncation(ep.room(self.cfg.max_total_tokens), model_writes_next=ep.cut)
+        if why is None:
+            return True
+        ep.void_turns += 1  # cut: whatever the turn began is incomplete (agents.shaping)
+        self._end(ep, truncated=why)
+        return False
+
+    def _observe(self, ep: Episode, step_result) -> bool:
+        """Record an environment step: count a void turn, append the observation where the model
+        reads it next (or a crashed call's error output, for the transcript), then end the
+        episode as `truncation` says; True when it goes on."""
         observation, reward, terminated, truncated, info = step_result
         failures = lambda i: int(i.get("tool", {}).get("parse_failures", 0))
         ep.void_turns += void_turn(
@@ -403,70 +324,43 @@ class Rollouts:
             final_without_answer=bool(terminated) and info.get("answer") is None,
         )
         ep.last_info = info
-        if info.get("crashed"):  # the transcript shows the tool-error output; no turn follows
-            self._append_observation(ep, observation, turn_ended)
-            self._end(ep, reward=float(reward), truncated="crashed")
-            return False
-        if terminated or truncated:
-            self._end(ep, reward=float(reward), truncated=None if terminated else "turns")
-            if self.cfg.check_template:
-                self._check_template(ep)
-            return False
-        if not self._append_observation(ep, observation, turn_ended):  # no room left to answer
-            self._end(ep, truncated="context")
-            return False
-        return True
-
-    def _append_observation(self, ep: _Episode, observation: str, turn_ended: bool) -> bool:
-        """Append an observation's tokens (loss mask 0), cut to the room left; True when room
-        to answer is left after it."""
-        if (
-            turn_ended
-            and ep.observation_role == "assistant"
-            and ep.mask[-1]
-            and ep.tokens[-1] in self.tokenizer.all_special_ids
-        ):
-            # the model ended its turn right after a tool call: the output continues the same
-            # assistant message (the chat template has no end of turn there), so the sampled
-            # end-of-turn token is taken back
-            ep.pop()
-        room = self.cfg.max_total_tokens - len(ep.tokens)
-        tokens = self._observation_tokens(ep, observation, turn_ended)
-        ep.append(tokens[: max(room, 0)], False)
-        return len(tokens) < room
-
-    def _end(self, ep: _Episode, reward: float = 0.0, truncated: str | None = None) -> None:
-        info = ep.last_info
-        tool = info.get("tool", {})
-        components = dict(
-            (info.get("reward_components") if truncated != "context" else None)
-            or {k: 0.0 for k in ("correctness", "format", "tool_use")}
+        crashed = bool(info.get("crashed"))
+        if crashed or not (terminated or truncated):
+            self._append_observation(ep, observation)
+        why = truncation(
+            ep.room(self.cfg.max_total_tokens),
+            model_writes_next=True,
+            terminated=bool(terminated),
+            env_truncated=bool(truncated),
+            crashed=crashed,
         )
-        if self.cfg.overlong_buffer:
-            cfg = self.cfg
-            components["overlong"] = overlong_penalty(
+        if why is None and not terminated:
+            return True
+        self._end(ep, reward=0.0 if why == "context" else float(reward), truncated=why)
+        return False
+
+    def _append_observation(self, ep: Episode, observation: str) -> None:
+        """Append an observation's tokens (loss mask 0), cut to the room its context has left
+        (`truncation` then ends the episode)."""
+        if ep.closed_turn and ep.observation_role == "assistant":
+            # the output continues the assistant's message, where the chat template has no end
+            # of turn: the one the model sampled is taken back (agents.chat, "End of turn")
+            ep.take_back_end_of_turn(self.tokenizer.all_special_ids)
+        tokens = self._observation_tokens(ep, observation, ep.closed_turn)
+        ep.append(tokens[: max(ep.room(self.cfg.max_total_tokens), 0)], False)
+
+    def _end(self, ep: Episode, reward: float = 0.0, truncated: str | None = None) -> None:
+        """End the episode (its stats); with cfg.check_template, check the tokens of one that
+        its environment ended; release the environment of one cut mid-episode by the context."""
+        cfg = self.cfg
+        overlong = None
+        if cfg.overlong_buffer:
+            overlong = overlong_penalty(
                 len(ep.tokens), cfg.max_total_tokens, cfg.overlong_buffer, cfg.overlong_penalty
             )
-            reward += components["overlong"]
-        ep.stats = EpisodeStats(
-            problem_id=str(info.get("problem_id", ep.index)),
-            group=ep.group,
-            turns=ep.turns,
-            tool_calls=int(tool.get("calls", 0)),
-            tool_errors=int(tool.get("errors", 0)),
-            tool_timeouts=int(tool.get("timeouts", 0)),
-            parse_failures=int(tool.get("parse_failures", 0)),
-            answer_found=info.get("answer") is not None and truncated != "context",
-            correct=bool(info.get("correct", False)) and truncated != "context",
-            truncated=truncated,
-            reward=reward,
-            reward_components=components,
-            sampled_tokens=int(sum(ep.mask)),
-            total_tokens=len(ep.tokens),
-            answer=None if info.get("answer") is None else str(info["answer"]),
-            gold_answer=None if info.get("gold_answer") is None else str(info["gold_answer"]),
-            void_turns=ep.void_turns,
-        )
+        ep.finish(reward, truncated, overlong)
+        if truncated in (None, "turns") and cfg.check_template:
+            self._check_template(ep)
         if truncated == "context":  # the environment is mid-episode: release what it holds
             self._drop_envs({id(ep.env)})
 
@@ -479,39 +373,48 @@ class Rollouts:
                 keep.append(env)
         self._envs = keep
 
-    def _batch(self, episodes: list[_Episode]) -> RolloutBatch:
-        pad = self.cfg.pad_to
-        t = -(-max(len(ep.tokens) for ep in episodes) // pad) * pad
-        b = len(episodes)
-        tokens = np.full((b, t), self.tokenizer.pad_token_id or 0, np.int32)
-        mask = np.zeros((b, t), np.int32)
-        logprobs = np.zeros((b, t), np.float32)
-        # crashed episodes (an infrastructure fault: nothing to learn) and, as configured,
-        # those with a void turn or truncated carry no loss
+    # -- the chat template's boundaries (agents.chat) -------------------------------------------
+    def _tool_turn(self) -> tuple[str, str]:
+        """The template's text around a tool message (agents.chat.tool_turn_text), read once."""
+        if self._tool_boundary is None:
+            boundary = tool_turn_text(self.tokenizer)
+            if boundary is None:
+                raise RolloutError(
+                    "the chat template does not render a conversation as a prefix "
+                    "of its continuation; tool observations cannot be appended "
+                    "exactly"
+                )
+            self._tool_boundary = boundary
+        return self._tool_boundary
+
+    def _observation_tokens(self, ep: Episode, observation: str, closed_turn: bool) -> list[int]:
+        """The tokens an observation appends: the output alone where it continues the
+        assistant's message, else the output as a tool message (agents.chat, "End of turn")."""
+        if ep.observation_role == "assistant":
+            text = observation
+        else:
+            text = tool_message_text(self.tokenizer, self._tool_turn(), observation, closed_turn)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_template(self, ep: Episode) -> None:
+        """RolloutConfig.check_template: the episode's tokens decode to the chat template's
+        rendering of the environment's conversation (agents.chat.template_mismatch)."""
+        where = template_mismatch(
+            self.tokenizer, ep.tokens, ep.last_info.get("messages", []), ep.tools
+        )
+        if where is not None:
+            raise RolloutError(
+                f"episode {ep.group}.{ep.member}: its tokens are not the chat template's "
+                f"rendering of its conversation; {where}"
+            )
+
+    def _batch(self, episodes: list[Episode]) -> RolloutBatch:
+        """The batch of the ended episodes. Crashed ones (an infrastructure fault: nothing to
+        learn) and, as configured, those with a void turn or truncated carry no loss."""
         keep = keeps_loss(
             [ep.ended.truncated for ep in episodes],
             [ep.ended.void_turns for ep in episodes],
             self.cfg.mask_void_turns,
             self.cfg.mask_truncated,
         )
-        for i, ep in enumerate(episodes):
-            k = len(ep.tokens)
-            tokens[i, :k], mask[i, :k], logprobs[i, :k] = ep.tokens, ep.mask, ep.logprobs
-            if not keep[i]:
-                mask[i], logprobs[i] = 0, 0.0
-        return RolloutBatch(
-            tokens=tokens,
-            loss_mask=mask,
-            sampler_logprobs=logprobs,
-            rewards=np.asarray([ep.ended.reward for ep in episodes], np.float32),
-            group_ids=np.asarray([ep.group for ep in episodes], np.int32),
-            adapter_version=np.asarray([min(ep.versions, default=0) for ep in episodes], np.int32),
-            lengths=np.asarray([len(ep.tokens) for ep in episodes], np.int32),
-            episodes=[ep.ended for ep in episodes],
-            transcripts=[
-                ep.ended.header()
-                + "\n\n"
-                + self.tokenizer.decode(ep.tokens, skip_special_tokens=False)
-                for ep in episodes
-            ],
-        )
+        return batch_of(episodes, keep, self.cfg.pad_to, self.tokenizer)

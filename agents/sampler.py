@@ -1,4 +1,5 @@
-"""Samplers: token prompts in, token ids + log-probabilities + text + finish reason out.
+"""JaxSampler (an agents.sampling.Sampler): token prompts in, token ids + log-probabilities +
+text + finish reason out.
 
 `JaxSampler` runs the learner's own Qwen2 (+ LoRA) in-process with the KV cache: no server, no
 copy of the parameters (it reads the model's current state at every call). Shapes are bucketed
@@ -18,69 +19,13 @@ import functools
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample."""
-
-    n: int = 1
-    """Samples per prompt."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0: all)."""
-    max_new_tokens: int = 256
-    """Generation budget per sample."""
-    stop: tuple[str, ...] = ()
-    """Stop sequences: generation ends once the text contains one (it stays in the output)."""
-    seed: int = 0
-    """Seed of the sampling randomness."""
-
-    def __post_init__(self):
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(
-                f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1"
-            )
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(
-                f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                f"{self.temperature}, {self.top_p}, {self.top_k}"
-            )
-
-
-@dataclass(frozen=True)
-class Sample:
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: Literal["stop", "eos", "length"]
-    adapter_version: int = 0
-    prompt_len: int = field(default=0, compare=False)
-
-
-def check_per_prompt(prompts, params: SamplingParams, seeds, max_new_tokens) -> list[int]:
-    """Each prompt's generation budget; the per-prompt lists must match the prompts."""
-    for name, values in (("seeds", seeds), ("max_new_tokens", max_new_tokens)):
-        if values is not None and len(values) != len(prompts):
-            raise ValueError(f"{len(values)} {name} for {len(prompts)} prompts")
-    if max_new_tokens is None:
-        return [params.max_new_tokens] * len(prompts)
-    if any(not 1 <= b <= params.max_new_tokens for b in max_new_tokens):
-        raise ValueError(
-            f"every max_new_tokens must be in 1..{params.max_new_tokens} "
-            f"(params.max_new_tokens), got {list(max_new_tokens)}"
-        )
-    return [int(b) for b in max_new_tokens]
+from agents.sampling import Sample, SamplingParams, check_per_prompt
 
 
 def _round_up(x: int, m: int) -> int:

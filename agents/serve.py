@@ -4,7 +4,7 @@
 
 Any OpenAI-compatible client can query a (trained) model locally through it, and the VLLMSampler's
 tests run against it with no GPU. It takes `vllm serve`'s flags (those it does not need are
-accepted and ignored) so that `agents.vllm_client.VLLMServer` launches either.
+accepted and ignored) so that `agents.vllm_server.VLLMServer` launches either.
 
 Endpoints (as vLLM answers them):
 * GET /health, GET /v1/models (the base model and every loaded adapter, with "parent")
@@ -31,7 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from flax import nnx
 
-from agents.sampler import JaxSampler, SamplingParams
+from agents.sampler import JaxSampler
+from agents.sampling import SamplingParams
 
 
 class APIError(Exception):

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from agents.sampler import Sample, SamplingParams, check_per_prompt
+from agents.sampling import Sample, SamplingParams, check_per_prompt
 from agents.vllm_client import StaleAdapterError, VLLMSampler
 
 

@@ -75,6 +75,9 @@ class LatencyEngine:
     def sync_adapter(self, model, version: int) -> None:
         self.adapter_version = version
 
+    def recover(self) -> None:
+        """Nothing to bring back: it runs in this process (agents.sampling.Sampler)."""
+
     def generate(self, prompts, params, adapter_version=None, *, seeds=None, max_new_tokens=None):
         import re
 
@@ -268,7 +271,8 @@ def main(args: Args) -> dict:
     runs = {0: [], 1: []}
     with contextlib.ExitStack() as stack:
         if args.engine == "vllm":
-            from agents.vllm_client import VLLMSampler, VLLMServer, vllm_command
+            from agents.vllm_client import VLLMSampler
+            from agents.vllm_server import VLLMServer, vllm_command
             from learners.params import save_pretrained
 
             directory = stack.enter_context(tempfile.TemporaryDirectory())

@@ -151,7 +151,7 @@ def main(args: Args) -> dict:
         if python:
             from concurrent.futures import ThreadPoolExecutor
 
-            from agents.vllm_client import VLLMServer, vllm_command
+            from agents.vllm_server import VLLMServer, vllm_command
 
             server = stack.enter_context(
                 VLLMServer(

@@ -62,8 +62,9 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer) -> Generator[Sample
     or the in-process JAX sampler."""
     with contextlib.ExitStack() as stack:
         if engine == "vllm":
-            from agents.vllm_client import VLLMSampler, VLLMServer
+            from agents.vllm_client import VLLMSampler
             from agents.vllm_pool import VLLMPool
+            from agents.vllm_server import VLLMServer
 
             server = None
             urls = tuple(cfg.sampler.vllm_url)

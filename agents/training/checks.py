@@ -208,7 +208,7 @@ def bad_input():
 def check_context_budget(env, tokenizer, indices, rollout: RolloutConfig) -> None:
     """A prompt that fills rollout.max_total_tokens leaves nothing to sample: refuse such a
     budget (and warn when the first turn gets less than its max_turn_tokens)."""
-    from agents.rollout import longest_prompt
+    from agents.chat import longest_prompt
 
     budget, turn = rollout.max_total_tokens, rollout.max_turn_tokens
     tokens, problem_id = longest_prompt(env, tokenizer, indices)

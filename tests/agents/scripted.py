@@ -1,6 +1,6 @@
 """A sampler that writes scripted turns: drives the rollout's tool path without a trained model."""
 
-from agents.sampler import Sample
+from agents.sampling import Sample
 
 
 class ScriptedSampler:
@@ -10,6 +10,13 @@ class ScriptedSampler:
     def __init__(self, tokenizer, script, adapter_version: int = 0):
         self.tokenizer, self.script, self.adapter_version = tokenizer, script, adapter_version
         self.calls = 0
+
+    def sync_adapter(self, model, version: int) -> None:
+        """Tag the next samples `version` (there are no weights to load)."""
+        self.adapter_version = version
+
+    def recover(self) -> None:
+        """Nothing to bring back: it runs in this process (agents.sampling.Sampler)."""
 
     def generate(self, prompts, params, adapter_version=None, seeds=None, max_new_tokens=None):
         self.calls += 1

@@ -374,7 +374,7 @@ def test_truncated_episodes_masked_and_the_overlong_penalty(chat_tokenizer):
     mask_truncated "context" drops their loss. With a budget that fits, overlong_buffer puts the
     linear penalty ((max - buffer) - L) / buffer * factor on the reward of each episode of L
     tokens past max - buffer (DAPO), and names it in the reward components."""
-    from agents.rollout import prompt_tokens
+    from agents.chat import prompt_tokens
 
     tok = chat_tokenizer
     prompt = len(prompt_tokens(product_env(), tok, 0)[0])

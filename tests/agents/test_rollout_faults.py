@@ -19,7 +19,8 @@ from test_serve import _without_lora
 import envs  # noqa: F401 - registers the environments
 from agents.rollout import RolloutConfig, Rollouts
 from agents.training import GRPOLoop, Hook, ProblemOrder, RolloutsDown, fit
-from agents.vllm_client import VLLMSampler, VLLMServer, python_serve_command
+from agents.vllm_client import VLLMSampler
+from agents.vllm_server import VLLMServer, python_serve_command
 from learners.params import save_pretrained
 from learners.train import GRPOConfig, init_state
 

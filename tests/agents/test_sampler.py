@@ -7,7 +7,8 @@ from tiny import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from agents.sampler import JaxSampler, SamplingParams
+from agents.sampler import JaxSampler
+from agents.sampling import SamplingParams
 from learners.grpo import token_logprobs
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -17,15 +17,10 @@ from scripted import force_two_rounds
 
 import envs  # noqa: F401
 from agents.rollout import RolloutConfig, RolloutError, Rollouts
-from agents.sampler import SamplingParams
+from agents.sampling import SamplingParams
 from agents.serve import CompletionService, serve
-from agents.vllm_client import (
-    ServerError,
-    StaleAdapterError,
-    VLLMSampler,
-    VLLMServer,
-    python_serve_command,
-)
+from agents.vllm_client import ServerError, StaleAdapterError, VLLMSampler
+from agents.vllm_server import VLLMServer, python_serve_command
 from learners.grpo import token_logprobs
 from learners.lora import lora_disabled, merge_lora
 from learners.params import save_pretrained
@@ -166,7 +161,7 @@ def test_adapter_rank_above_the_limit_and_servers_without_lora(
 
 
 def test_unreachable_server_is_a_clear_error(chat_tokenizer):
-    from agents.vllm_client import free_port
+    from agents.vllm_server import free_port
 
     with pytest.raises(ServerError, match="unreachable.*vllm.entrypoints.openai.api_server"):
         VLLMSampler(f"http://127.0.0.1:{free_port()}", chat_tokenizer, retries=1, backoff_s=0.01)

@@ -27,9 +27,10 @@ from tiny import tiny_base_model
 
 import envs  # noqa: F401
 from agents.rollout import RolloutConfig, RolloutError, Rollouts
-from agents.sampler import SamplingParams
+from agents.sampling import SamplingParams
 from agents.training import GRPOLoop, ProblemOrder
-from agents.vllm_client import ServerError, VLLMSampler, VLLMServer, vllm_command, vllm_lora_rank
+from agents.vllm_client import ServerError, VLLMSampler
+from agents.vllm_server import VLLMServer, vllm_command, vllm_lora_rank
 from learners.grpo import token_logprobs
 from learners.lora import apply_lora
 from learners.params import save_pretrained
