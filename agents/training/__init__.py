@@ -5,7 +5,7 @@ logging, checkpoints, resume.
     train(Config(steps=50, out="runs/x"))                      # the main job, programmatically
 
     from agents.training import GRPOLoop, ProblemOrder, RunLog, fit, evaluate
-    loop = GRPOLoop(model, state, grpo_cfg, rollouts, problems_per_step=8)
+    loop = GRPOLoop(model=model, state=state, cfg=grpo_cfg, rollouts=rollouts, problems_per_step=8)
     fit(loop, ProblemOrder(n), RunLog("runs/y", cfg), start=0, steps=20, seed=0)
 
 Modules: config (the settings tree), loop (one step), pipeline (rollouts ahead of the learner,

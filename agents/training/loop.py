@@ -1,7 +1,8 @@
 """One GRPO step: collect a batch, optionally refill zero-variance groups (DAPO's dynamic
 sampling), update the adapter, push it to the sampler.
 
-    loop = GRPOLoop(model, state, grpo_cfg, rollouts, problems_per_step=8, dynamic_sampling=True)
+    loop = GRPOLoop(model=model, state=state, cfg=grpo_cfg, rollouts=rollouts,
+                    problems_per_step=8, dynamic_sampling=True)
     metrics, batch = loop.step(ProblemOrder(len(problems), seed=0), seed=1)   # synchronous
 
 `agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
@@ -22,15 +23,19 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flax import nnx
 
 from agents.batch import RolloutBatch
 from agents.rollout import Rollouts
+from agents.sampling import Sampler
 from agents.vllm_client import ServerError, recoverable
 from learners.train import GRPOConfig, TrainState, grpo_step
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +96,12 @@ def sampler_copy(model):
     return nnx.clone(model)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GRPOLoop:
     """The state of a run between steps: the model the learner updates, the learner's
     TrainState, the rollouts that play the training problems."""
 
-    model: Any
+    model: nnx.Module
     state: TrainState
     cfg: GRPOConfig
     rollouts: Rollouts | None
@@ -109,22 +114,22 @@ class GRPOLoop:
     synchronous loop). Above 0 the sampler needs a model of its own (`sampler_model`) and the
     update weights tokens by truncated importance sampling (cfg.tis_cap, PIPELINED_TIS_CAP
     unless set)."""
-    sampler_model: Any = None
+    sampler_model: nnx.Module | None = None
     """The model the sampler reads (the JAX sampler's; the one whose adapter goes to vLLM):
     None means `model` itself, which only a synchronous loop may share."""
     data_position: int = 0
     """ProblemOrder.position after the last batch trained on (checkpoints record it)."""
-    mesh: Any = None
-    """A jax.sharding.Mesh the state is sharded over (learners.sharding.shard_state): each
-    update's micro-batches are placed over it too. None: one device."""
-    local_lora: Any = None
+    mesh: Mesh | None = None
+    """The mesh the state is sharded over (learners.sharding.shard_state): each update's
+    micro-batches are placed over it too. None: one device."""
+    max_replays: int = 3
+    """Replays of one collection whose rollout server failed (each after the sampler's
+    recover()) before RolloutsDown stops the run."""
+    local_lora: nnx.State = field(init=False, repr=False)
     """The adapter's LoRA parameters as the model holds them (whole in this process: gathered
     from the mesh when it spans several processes)."""
     skipped_in_a_row: int = field(default=0, init=False)
     """Updates skipped in a row, up to the last one (non-finite: learners.train._apply)."""
-    max_replays: int = 3
-    """Replays of one collection whose rollout server failed (each after the sampler's
-    recover()) before RolloutsDown stops the run."""
     _synced: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -140,9 +145,8 @@ class GRPOLoop:
             )
         if self.max_staleness and self.cfg is not None and self.cfg.tis_cap is None:
             self.cfg = dataclasses.replace(self.cfg, tis_cap=PIPELINED_TIS_CAP)
-        self._synced = None if self.rollouts is None else self.rollouts.sampler.adapter_version
-        if self.local_lora is None:
-            self.local_lora = self.state.lora
+        self._synced = None if self.rollouts is None else self.sampler.adapter_version
+        self.local_lora = self.state.lora
 
     @property
     def collector(self) -> Rollouts:
@@ -152,11 +156,16 @@ class GRPOLoop:
         return self.rollouts
 
     @property
+    def sampler(self) -> Sampler:
+        """The sampler of `rollouts` (process 0's): the one whose adapter sync_sampler sets."""
+        return self.collector.sampler
+
+    @property
     def adapter_version(self) -> int:
         """The updates the adapter has had: the version that tags the samples it makes."""
         return int(self.state.updates)
 
-    def sync_sampler(self, version: int | None = None, lora: Any = None) -> None:
+    def sync_sampler(self, version: int | None = None, lora: nnx.State | None = None) -> None:
         """Give the sampler adapter `version` with LoRA parameters `lora` (default: the
         learner's latest), unless it holds that version already."""
         if version is None:
@@ -165,11 +174,15 @@ class GRPOLoop:
             return
         if self.sampler_model is not self.model:
             nnx.update(self.sampler_model, lora)
-        self.rollouts.sampler.sync_adapter(self.sampler_model, version)
+        self.sampler.sync_adapter(self.sampler_model, version)
         self._synced = version
 
     def collect_batch(
-        self, problems: ProblemOrder, seed: int, version: int | None = None, lora: Any = None
+        self,
+        problems: ProblemOrder,
+        seed: int,
+        version: int | None = None,
+        lora: nnx.State | None = None,
     ) -> Collected:
         """One step's batch by adapter `version` with LoRA parameters `lora` (default: the
         learner's latest): sync the sampler, collect. A collection whose server failed is
@@ -186,7 +199,7 @@ class GRPOLoop:
                 return Collected(batch, stats, problems.position, version, time.perf_counter() - t0)
             except Exception as exc:
                 fault = recoverable(exc)
-                if fault is None or not hasattr(self.collector.sampler, "recover"):
+                if fault is None or not hasattr(self.sampler, "recover"):
                     raise
                 if replay == self.max_replays:
                     raise RolloutsDown(
@@ -201,7 +214,7 @@ class GRPOLoop:
                 first_line(fault),
             )
             try:
-                self.collector.sampler.recover()
+                self.sampler.recover()
             except ServerError as down:
                 raise RolloutsDown(f"the rollout server is down: {first_line(down)}") from down
         raise AssertionError("unreachable")
@@ -282,7 +295,8 @@ class GRPOLoop:
         through sync_sampler)."""
         from learners.sharding import gather, place_batch
 
-        place = None if self.mesh is None else (lambda mb: place_batch(mb, self.mesh))
+        mesh = self.mesh
+        place = None if mesh is None else (lambda mb: place_batch(mb, mesh))
         self.state, metrics = grpo_step(self.state, batch, self.cfg, place=place)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if metrics["skipped_updates"] else 0
         # whole in this process (across processes a collective that every process joins), so

@@ -559,15 +559,15 @@ def train(cfg: Config) -> dict:
                 )
             )
         loop = GRPOLoop(
-            model,
-            state,
-            grpo_cfg,
-            train_rollouts,
-            cfg.problems_per_step,
-            cfg.dynamic_sampling,
-            cfg.max_refills,
-            cfg.max_staleness,
-            sampler_model,
+            model=model,
+            state=state,
+            cfg=grpo_cfg,
+            rollouts=train_rollouts,
+            problems_per_step=cfg.problems_per_step,
+            dynamic_sampling=cfg.dynamic_sampling,
+            max_refills=cfg.max_refills,
+            max_staleness=cfg.max_staleness,
+            sampler_model=sampler_model,
             mesh=mesh if several else None,
             max_replays=cfg.sampler.max_replays,
         )

@@ -75,7 +75,7 @@ class StubRollouts:
 
 def loop_of(rollouts, problems_per_step=4, max_refills=2) -> GRPOLoop:
     return GRPOLoop(
-        model=None,
+        model=None,  # ty: ignore[invalid-argument-type] - collect never updates
         state=SimpleNamespace(updates=0, lora=None),  # ty: ignore[invalid-argument-type] - a stub
         cfg=None,  # ty: ignore[invalid-argument-type] - collect never updates
         rollouts=rollouts,
