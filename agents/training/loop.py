@@ -4,6 +4,7 @@ sampling), update the adapter, push it to the sampler.
     loop = GRPOLoop(model=model, state=state, cfg=grpo_cfg, rollouts=rollouts,
                     problems_per_step=8, dynamic_sampling=True)
     metrics, batch = loop.step(ProblemOrder(len(problems), seed=0), seed=1)   # synchronous
+    loop.restore(state, data_position=position)              # continue from a checkpoint
 
 `agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
 learns (`max_staleness` > 0); `fit` runs every step through it.
@@ -176,6 +177,20 @@ class GRPOLoop:
             nnx.update(self.sampler_model, lora)
         self.sampler.sync_adapter(self.sampler_model, version)
         self._synced = version
+
+    def restore(self, state: TrainState, data_position: int) -> None:
+        """Continue from `state` (as learners.checkpoint restored it) at problem position
+        `data_position` (what the checkpoint of its step recorded): the learner's state and
+        model take its adapter (gathered whole from the mesh when the state is sharded), and
+        the sampler gets it. Every process of a multi-process learner calls it (the gather is
+        a collective)."""
+        from learners.sharding import gather
+
+        self.state = state
+        self.local_lora = state.lora if self.mesh is None else gather(state.lora)
+        nnx.update(self.model, self.local_lora)
+        self.data_position = data_position
+        self.sync_sampler()
 
     def collect_batch(
         self,

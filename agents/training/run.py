@@ -500,7 +500,7 @@ def train(cfg: Config) -> dict:
     from learners.devices import enable_compilation_cache, unused_accelerator
     from learners.lora import merge_lora, save_peft_adapter
     from learners.params import save_pretrained
-    from learners.sharding import gather, shard_state
+    from learners.sharding import shard_state
 
     with one_line_errors(debug=cfg.debug):
         mesh = initialize(cfg.dist)  # before jax is used for anything else
@@ -579,12 +579,9 @@ def train(cfg: Config) -> dict:
         start, position = 0, 0
         if cfg.resume and ckpt.latest_step is not None:
             start = ckpt.latest_step
-            loop.state, meta, _ = ckpt.restore(loop.state)
-            loop.local_lora = gather(loop.state.lora) if several else loop.state.lora
-            nnx.update(model, loop.local_lora)
+            state, meta, _ = ckpt.restore(loop.state)
             position = int(meta.get("data_position", 0))
-            loop.data_position = position
-            loop.sync_sampler()
+            loop.restore(state, data_position=position)
             print(f"resumed from step {start} in {ckpt.directory}", flush=True)
         elif cfg.resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting a new run", flush=True)
