@@ -7,7 +7,8 @@ sampling), update the adapter, push it to the sampler.
     loop.restore(state, data_position=position)              # continue from a checkpoint
 
 `agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
-learns (`max_staleness` > 0); `fit` runs every step through it.
+learns (`max_staleness` > 0, within the staleness bound RolloutPipeline.oldest_adapter states
+and enforces); `fit` runs every step through it.
 
 A collection whose rollout server failed (it died, stopped answering or lost its adapter) is
 discarded whole: the sampler recovers (a server this job launched is restarted, one given by URL
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 PIPELINED_TIS_CAP = 2.0
 """The truncated importance weight cap a pipelined run uses when its GRPOConfig sets none: its
-samples come from an adapter up to max_staleness updates old."""
+samples come from an older adapter (the staleness bound: RolloutPipeline.oldest_adapter)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ def sampler_copy(model):
 @dataclass(kw_only=True)
 class GRPOLoop:
     """The state of a run between steps: the model the learner updates, the learner's
-    TrainState, the rollouts that play the training problems."""
+    TrainState, the rollouts that play the training problems. Its fields are the learner
+    thread's; the one exception is the sampler's adapter (`sync_sampler`), which a
+    RolloutPipeline's producer thread syncs too."""
 
     model: nnx.Module
     state: TrainState
@@ -112,9 +116,9 @@ class GRPOLoop:
     max_refills: int = 2
     max_staleness: int = 0
     """Updates the adapter that samples a step's batch may lag the one it trains (0: the
-    synchronous loop). Above 0 the sampler needs a model of its own (`sampler_model`) and the
-    update weights tokens by truncated importance sampling (cfg.tis_cap, PIPELINED_TIS_CAP
-    unless set)."""
+    synchronous loop; the bound: RolloutPipeline.oldest_adapter). Above 0 the sampler needs a
+    model of its own (`sampler_model`) and the update weights tokens by truncated importance
+    sampling (cfg.tis_cap, PIPELINED_TIS_CAP unless set)."""
     sampler_model: nnx.Module | None = None
     """The model the sampler reads (the JAX sampler's; the one whose adapter goes to vLLM):
     None means `model` itself, which only a synchronous loop may share."""
@@ -132,6 +136,11 @@ class GRPOLoop:
     skipped_in_a_row: int = field(default=0, init=False)
     """Updates skipped in a row, up to the last one (non-finite: learners.train._apply)."""
     _synced: int | None = field(default=None, init=False, repr=False)
+    """The adapter version the sampler holds: written by sync_sampler only, under
+    _sampler_lock."""
+    _sampler_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if self.max_staleness < 0:
@@ -168,15 +177,23 @@ class GRPOLoop:
 
     def sync_sampler(self, version: int | None = None, lora: nnx.State | None = None) -> None:
         """Give the sampler adapter `version` with LoRA parameters `lora` (default: the
-        learner's latest), unless it holds that version already."""
+        learner's latest, for the learner's thread), unless it holds that version already.
+
+        Any thread may call it: the version the sampler holds (`_synced`) and the sampler
+        model's LoRA are written here only, under `_sampler_lock`. A RolloutPipeline's producer
+        thread syncs each collection's adapter through collect_batch; the learner's thread its
+        latest one (the pipeline's pause keeps the two from touching the sampler at once)."""
         if version is None:
             version, lora = self.adapter_version, self.local_lora
-        if version == self._synced or self.rollouts is None:
+        if self.rollouts is None:
             return
-        if self.sampler_model is not self.model:
-            nnx.update(self.sampler_model, lora)
-        self.sampler.sync_adapter(self.sampler_model, version)
-        self._synced = version
+        with self._sampler_lock:
+            if version == self._synced:
+                return
+            if self.sampler_model is not self.model:
+                nnx.update(self.sampler_model, lora)
+            self.sampler.sync_adapter(self.sampler_model, version)
+            self._synced = version
 
     def restore(self, state: TrainState, data_position: int) -> None:
         """Continue from `state` (as learners.checkpoint restored it) at problem position
@@ -323,7 +340,8 @@ class GRPOLoop:
     def learn(self, collected: Collected, waited_s: float) -> tuple[dict, RolloutBatch]:
         """The update on a collected batch: ("train/..." and "time/..." metrics, the batch).
         train/staleness is the mean over episodes of (learner version - sampler version); a
-        batch older than max_staleness is refused (RolloutPipeline never makes one)."""
+        batch that breaks the staleness bound (RolloutPipeline.oldest_adapter, which never
+        makes one) is refused."""
         batch, stats = collected.batch, collected.stats
         staleness = self.adapter_version - batch.adapter_version
         if staleness.max(initial=0) > self.max_staleness:
