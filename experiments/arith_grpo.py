@@ -422,7 +422,13 @@ def main(cfg: Config) -> dict:
         f"{before['eval/tool_use_rate']:.3f}",
         flush=True,
     )
-    loop = GRPOLoop(model, init_state(model, grpo_cfg), grpo_cfg, train, cfg.problems_per_step)
+    loop = GRPOLoop(
+        model=model,
+        state=init_state(model, grpo_cfg),
+        cfg=grpo_cfg,
+        rollouts=train,
+        problems_per_step=cfg.problems_per_step,
+    )
     problems = ProblemOrder(None, position=cfg.sft_examples)  # never seen in the warm start
     try:
         fit(loop, problems, log, start=0, steps=cfg.grpo_steps, seed=cfg.seed)

@@ -14,8 +14,9 @@ median of a few timed updates): the case where overlap pays most, an ideal speed
 A side's steps a second are (steps - 1) over the wall time from its first logged step to its
 last (the first step compiles); the sides run `repeats` times, alternating, and each figure is
 the median of its runs; `speedup` is the median over the pairs of runs (run back to back, so
-under about the same load) of pipelined / synchronous steps a second. `mean_staleness` is the pipelined side's mean of train/staleness over every
-step (the first step's batch is fresh, every later one one update old: (steps - 1) / steps).
+under about the same load) of pipelined / synchronous steps a second. `mean_staleness` is the
+pipelined side's mean of train/staleness over every step (the first step's batch is fresh,
+every later one one update old: (steps - 1) / steps).
 """
 
 from __future__ import annotations
@@ -198,11 +199,11 @@ def run_side(
     clock = StepClock()
     with Rollouts(make_env, engine, tokenizer, roll) as rollouts:
         loop = GRPOLoop(
-            model,
-            init_state(model, cfg),
-            cfg,
-            rollouts,
-            args.problems_per_step,
+            model=model,
+            state=init_state(model, cfg),
+            cfg=cfg,
+            rollouts=rollouts,
+            problems_per_step=args.problems_per_step,
             max_staleness=max_staleness,
             sampler_model=sampler_model if max_staleness else None,
         )

@@ -15,6 +15,10 @@ back (learners.checkpoint).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class DistConfig:
         return self.multihost or self.coordinator is not None
 
 
-def initialize(cfg: DistConfig):
+def initialize(cfg: DistConfig) -> Mesh:
     """jax.distributed as `cfg` says (nothing for a single process), then the mesh over every
     process's devices: data x fsdp."""
     import jax

@@ -1,11 +1,14 @@
 """One GRPO step: collect a batch, optionally refill zero-variance groups (DAPO's dynamic
 sampling), update the adapter, push it to the sampler.
 
-    loop = GRPOLoop(model, state, grpo_cfg, rollouts, problems_per_step=8, dynamic_sampling=True)
+    loop = GRPOLoop(model=model, state=state, cfg=grpo_cfg, rollouts=rollouts,
+                    problems_per_step=8, dynamic_sampling=True)
     metrics, batch = loop.step(ProblemOrder(len(problems), seed=0), seed=1)   # synchronous
+    loop.restore(state, data_position=position)              # continue from a checkpoint
 
 `agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
-learns (`max_staleness` > 0); `fit` runs every step through it.
+learns (`max_staleness` > 0, within the staleness bound RolloutPipeline.oldest_adapter states
+and enforces); `fit` runs every step through it.
 
 A collection whose rollout server failed (it died, stopped answering or lost its adapter) is
 discarded whole: the sampler recovers (a server this job launched is restarted, one given by URL
@@ -19,25 +22,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flax import nnx
 
 from agents.batch import RolloutBatch
 from agents.rollout import Rollouts
+from agents.sampling import Sampler
 from agents.training.errors import TrainingError
 from agents.vllm_client import ServerError, recoverable
 from learners.train import GRPOConfig, TrainState, grpo_step
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 logger = logging.getLogger(__name__)
 
 PIPELINED_TIS_CAP = 2.0
 """The truncated importance weight cap a pipelined run uses when its GRPOConfig sets none: its
-samples come from an adapter up to max_staleness updates old."""
+samples come from an older adapter (the staleness bound: RolloutPipeline.oldest_adapter)."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +104,14 @@ def sampler_copy(model):
     return nnx.clone(model)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GRPOLoop:
     """The state of a run between steps: the model the learner updates, the learner's
-    TrainState, the rollouts that play the training problems."""
+    TrainState, the rollouts that play the training problems. Its fields are the learner
+    thread's; the one exception is the sampler's adapter (`sync_sampler`), which a
+    RolloutPipeline's producer thread syncs too."""
 
-    model: Any
+    model: nnx.Module
     state: TrainState
     cfg: GRPOConfig
     rollouts: Rollouts | None
@@ -111,26 +121,31 @@ class GRPOLoop:
     max_refills: int = 2
     max_staleness: int = 0
     """Updates the adapter that samples a step's batch may lag the one it trains (0: the
-    synchronous loop). Above 0 the sampler needs a model of its own (`sampler_model`) and the
-    update weights tokens by truncated importance sampling (cfg.tis_cap, PIPELINED_TIS_CAP
-    unless set)."""
-    sampler_model: Any = None
+    synchronous loop; the bound: RolloutPipeline.oldest_adapter). Above 0 the sampler needs a
+    model of its own (`sampler_model`) and the update weights tokens by truncated importance
+    sampling (cfg.tis_cap, PIPELINED_TIS_CAP unless set)."""
+    sampler_model: nnx.Module | None = None
     """The model the sampler reads (the JAX sampler's; the one whose adapter goes to vLLM):
     None means `model` itself, which only a synchronous loop may share."""
     data_position: int = 0
     """ProblemOrder.position after the last batch trained on (checkpoints record it)."""
-    mesh: Any = None
-    """A jax.sharding.Mesh the state is sharded over (learners.sharding.shard_state): each
-    update's micro-batches are placed over it too. None: one device."""
-    local_lora: Any = None
+    mesh: Mesh | None = None
+    """The mesh the state is sharded over (learners.sharding.shard_state): each update's
+    micro-batches are placed over it too. None: one device."""
+    max_replays: int = 3
+    """Replays of one collection whose rollout server failed (each after the sampler's
+    recover()) before RolloutsDown stops the run."""
+    local_lora: nnx.State = field(init=False, repr=False)
     """The adapter's LoRA parameters as the model holds them (whole in this process: gathered
     from the mesh when it spans several processes)."""
     skipped_in_a_row: int = field(default=0, init=False)
     """Updates skipped in a row, up to the last one (non-finite: learners.train._apply)."""
-    max_replays: int = 3
-    """Replays of one collection whose rollout server failed (each after the sampler's
-    recover()) before RolloutsDown stops the run."""
     _synced: int | None = field(default=None, init=False, repr=False)
+    """The adapter version the sampler holds: written by sync_sampler only, under
+    _sampler_lock."""
+    _sampler_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if self.max_staleness < 0:
@@ -145,9 +160,8 @@ class GRPOLoop:
             )
         if self.max_staleness and self.cfg is not None and self.cfg.tis_cap is None:
             self.cfg = dataclasses.replace(self.cfg, tis_cap=PIPELINED_TIS_CAP)
-        self._synced = None if self.rollouts is None else self.rollouts.sampler.adapter_version
-        if self.local_lora is None:
-            self.local_lora = self.state.lora
+        self._synced = None if self.rollouts is None else self.sampler.adapter_version
+        self.local_lora = self.state.lora
 
     @property
     def collector(self) -> Rollouts:
@@ -157,24 +171,55 @@ class GRPOLoop:
         return self.rollouts
 
     @property
+    def sampler(self) -> Sampler:
+        """The sampler of `rollouts` (process 0's): the one whose adapter sync_sampler sets."""
+        return self.collector.sampler
+
+    @property
     def adapter_version(self) -> int:
         """The updates the adapter has had: the version that tags the samples it makes."""
         return int(self.state.updates)
 
-    def sync_sampler(self, version: int | None = None, lora: Any = None) -> None:
+    def sync_sampler(self, version: int | None = None, lora: nnx.State | None = None) -> None:
         """Give the sampler adapter `version` with LoRA parameters `lora` (default: the
-        learner's latest), unless it holds that version already."""
+        learner's latest, for the learner's thread), unless it holds that version already.
+
+        Any thread may call it: the version the sampler holds (`_synced`) and the sampler
+        model's LoRA are written here only, under `_sampler_lock`. A RolloutPipeline's producer
+        thread syncs each collection's adapter through collect_batch; the learner's thread its
+        latest one (the pipeline's pause keeps the two from touching the sampler at once)."""
         if version is None:
             version, lora = self.adapter_version, self.local_lora
-        if version == self._synced or self.rollouts is None:
+        if self.rollouts is None:
             return
-        if self.sampler_model is not self.model:
-            nnx.update(self.sampler_model, lora)
-        self.rollouts.sampler.sync_adapter(self.sampler_model, version)
-        self._synced = version
+        with self._sampler_lock:
+            if version == self._synced:
+                return
+            if self.sampler_model is not self.model:
+                nnx.update(self.sampler_model, lora)
+            self.sampler.sync_adapter(self.sampler_model, version)
+            self._synced = version
+
+    def restore(self, state: TrainState, data_position: int) -> None:
+        """Continue from `state` (as learners.checkpoint restored it) at problem position
+        `data_position` (what the checkpoint of its step recorded): the learner's state and
+        model take its adapter (gathered whole from the mesh when the state is sharded), and
+        the sampler gets it. Every process of a multi-process learner calls it (the gather is
+        a collective)."""
+        from learners.sharding import gather
+
+        self.state = state
+        self.local_lora = state.lora if self.mesh is None else gather(state.lora)
+        nnx.update(self.model, self.local_lora)
+        self.data_position = data_position
+        self.sync_sampler()
 
     def collect_batch(
-        self, problems: ProblemOrder, seed: int, version: int | None = None, lora: Any = None
+        self,
+        problems: ProblemOrder,
+        seed: int,
+        version: int | None = None,
+        lora: nnx.State | None = None,
     ) -> Collected:
         """One step's batch by adapter `version` with LoRA parameters `lora` (default: the
         learner's latest): sync the sampler, collect. A collection whose server failed is
@@ -191,7 +236,7 @@ class GRPOLoop:
                 return Collected(batch, stats, problems.position, version, time.perf_counter() - t0)
             except Exception as exc:
                 fault = recoverable(exc)
-                if fault is None or not hasattr(self.collector.sampler, "recover"):
+                if fault is None or not hasattr(self.sampler, "recover"):
                     raise
                 if replay == self.max_replays:
                     raise RolloutsDown(
@@ -206,7 +251,7 @@ class GRPOLoop:
                 first_line(fault),
             )
             try:
-                self.collector.sampler.recover()
+                self.sampler.recover()
             except ServerError as down:
                 raise RolloutsDown(f"the rollout server is down: {first_line(down)}") from down
         raise AssertionError("unreachable")
@@ -287,7 +332,8 @@ class GRPOLoop:
         through sync_sampler)."""
         from learners.sharding import gather, place_batch
 
-        place = None if self.mesh is None else (lambda mb: place_batch(mb, self.mesh))
+        mesh = self.mesh
+        place = None if mesh is None else (lambda mb: place_batch(mb, mesh))
         self.state, metrics = grpo_step(self.state, batch, self.cfg, place=place)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if metrics["skipped_updates"] else 0
         # whole in this process (across processes a collective that every process joins), so
@@ -299,7 +345,8 @@ class GRPOLoop:
     def learn(self, collected: Collected, waited_s: float) -> tuple[dict, RolloutBatch]:
         """The update on a collected batch: ("train/..." and "time/..." metrics, the batch).
         train/staleness is the mean over episodes of (learner version - sampler version); a
-        batch older than max_staleness is refused (RolloutPipeline never makes one)."""
+        batch that breaks the staleness bound (RolloutPipeline.oldest_adapter, which never
+        makes one) is refused."""
         batch, stats = collected.batch, collected.stats
         staleness = self.adapter_version - batch.adapter_version
         if staleness.max(initial=0) > self.max_staleness:

@@ -178,15 +178,15 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
                 )
             )
         loop = GRPOLoop(
-            model,
-            state,
-            grpo_cfg,
-            train_rollouts,
-            cfg.problems_per_step,
-            cfg.dynamic_sampling,
-            cfg.max_refills,
-            cfg.max_staleness,
-            sampler_model,
+            model=model,
+            state=state,
+            cfg=grpo_cfg,
+            rollouts=train_rollouts,
+            problems_per_step=cfg.problems_per_step,
+            dynamic_sampling=cfg.dynamic_sampling,
+            max_refills=cfg.max_refills,
+            max_staleness=cfg.max_staleness,
+            sampler_model=sampler_model,
             mesh=mesh if several else None,
             max_replays=cfg.sampler.max_replays,
         )
@@ -197,15 +197,10 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
         )
         start, position = 0, 0
         if cfg.resume and ckpt.latest_step is not None:
-            from learners.sharding import gather
-
             start = ckpt.latest_step
-            loop.state, meta, _ = ckpt.restore(loop.state)
-            loop.local_lora = gather(loop.state.lora) if several else loop.state.lora
-            nnx.update(model, loop.local_lora)
+            state, meta, _ = ckpt.restore(loop.state)
             position = int(meta.get("data_position", 0))
-            loop.data_position = position
-            loop.sync_sampler()
+            loop.restore(state, data_position=position)
             logger.info("resumed from step %d in %s", start, ckpt.directory)
         elif cfg.resume:
             logger.info("--resume: no checkpoint in %s; starting a new run", ckpt.directory)

@@ -1,5 +1,6 @@
 """GRPOLoop.collect: dynamic sampling gives one batch shape, problems_per_step x group_size rows,
-whatever the rewards (trimmed, or completed with filler that adds nothing to the loss)."""
+whatever the rewards (trimmed, or completed with filler that adds nothing to the loss).
+GRPOLoop.restore: a loop restored from a checkpoint continues as the one that wrote it."""
 
 from types import SimpleNamespace
 
@@ -33,15 +34,24 @@ def episode(problem: int, group: int, reward: float) -> EpisodeStats:
 class StubRollouts:
     """Rollouts whose rewards are set by the problem id: a group is informative (rewards 0 and
     1 alternating) when its problem is in `varied`, uniform (all 1) otherwise. Tokens are random
-    ids of the tiny model's vocabulary; the last `sampled` tokens of a row are the sampled ones."""
+    ids of the tiny model's vocabulary; the last `sampled` tokens of a row are the sampled ones.
+    `sampler` is its sampler (default: one that takes any adapter and stays at version 0)."""
 
     def __init__(
-        self, varied, group_size: int = 2, length: int = 8, sampled: int = 4, vocab: int = 32
+        self,
+        varied,
+        group_size: int = 2,
+        length: int = 8,
+        sampled: int = 4,
+        vocab: int = 32,
+        sampler=None,
     ):
         self.varied, self.length, self.sampled, self.vocab = set(varied), length, sampled, vocab
         self.cfg = RolloutConfig(group_size=group_size)
         self.tokenizer = SimpleNamespace(pad_token_id=0)
-        self.sampler = SimpleNamespace(sync_adapter=lambda model, version: None, adapter_version=0)
+        self.sampler = sampler or SimpleNamespace(
+            sync_adapter=lambda model, version: None, adapter_version=0
+        )
         self.asked: list[list[int]] = []
 
     def collect(self, problem_ids, seed=0, adapter_version=None) -> RolloutBatch:
@@ -73,9 +83,20 @@ class StubRollouts:
         )
 
 
+class VersionedSampler:
+    """A sampler stub that records the adapter versions it is given."""
+
+    def __init__(self):
+        self.adapter_version, self.synced = 0, []
+
+    def sync_adapter(self, model, version):
+        self.synced.append(version)
+        self.adapter_version = version
+
+
 def loop_of(rollouts, problems_per_step=4, max_refills=2) -> GRPOLoop:
     return GRPOLoop(
-        model=None,
+        model=None,  # ty: ignore[invalid-argument-type] - collect never updates
         state=SimpleNamespace(updates=0, lora=None),  # ty: ignore[invalid-argument-type] - a stub
         cfg=None,  # ty: ignore[invalid-argument-type] - collect never updates
         rollouts=rollouts,
@@ -151,3 +172,59 @@ def test_every_step_has_the_same_batch_shape_and_filler_adds_nothing_to_the_upda
         # the same rows' float32 sums plus exact zeros: rounding apart (~1e-7), equal
         assert with_filler[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-9), key
     assert alone["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_a_loop_restored_from_a_checkpoint_continues_as_the_one_that_wrote_it(tmp_path):
+    """Two steps, a checkpoint (a real Checkpointer round trip), a third step. A new loop
+    restored from the checkpoint holds what the original held after step 2 (its adapter in the
+    state and the model, its problem position, the sampler synced to version 2); its step 3
+    trains on the original's problems to the original's parameters, bit for bit."""
+    import jax
+    from flax import nnx
+    from tiny import tiny_model
+
+    from learners.checkpoint import Checkpointer
+    from learners.train import GRPOConfig, init_state
+
+    cfg = GRPOConfig(learning_rate=1e-3, schedule="constant", micro_batch_size=2)
+
+    def new_loop() -> tuple[GRPOLoop, StubRollouts, VersionedSampler]:
+        sampler = VersionedSampler()
+        rollouts = StubRollouts(varied=set(range(0, 40, 3)), sampler=sampler)
+        model = tiny_model(lora_seed=1)
+        loop = GRPOLoop(
+            model=model,
+            state=init_state(model, cfg),
+            cfg=cfg,
+            rollouts=rollouts,  # ty: ignore[invalid-argument-type] - a stub of Rollouts
+            problems_per_step=4,
+        )
+        return loop, rollouts, sampler
+
+    def arrays(loop: GRPOLoop) -> list[np.ndarray]:
+        trees = (loop.state.lora, loop.state.opt_state, nnx.state(loop.model, nnx.LoRAParam))
+        return [np.asarray(x) for x in jax.tree.leaves(trees)]
+
+    original, played, _ = new_loop()
+    order = ProblemOrder(40, seed=3)
+    for step in (1, 2):
+        original.step(order, seed=step)
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    ckpt.save(2, original.state, {"data_position": original.data_position})
+    after_2 = arrays(original)
+    original.step(order, seed=3)
+
+    loop, rollouts, sampler = new_loop()
+    state, meta, _ = ckpt.restore(loop.state)
+    loop.restore(state, data_position=int(meta["data_position"]))
+    assert (loop.adapter_version, loop.data_position) == (2, 8)
+    assert (sampler.adapter_version, sampler.synced) == (2, [2])
+    for a, b in zip(arrays(loop), after_2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    loop.step(ProblemOrder(40, seed=3, position=loop.data_position), seed=3)
+    assert rollouts.asked == played.asked[2:]  # step 3's problems
+    assert (loop.data_position, sampler.adapter_version) == (12, 3)
+    assert any((a != b).any() for a, b in zip(arrays(loop), after_2, strict=True))  # it learned
+    for a, b in zip(arrays(loop), arrays(original), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -101,7 +101,14 @@ def test_max_staleness_0_reproduces_the_synchronous_loop_bit_for_bit(chat_model,
         arith_rollouts(sampler, chat_tokenizer) as train,
         arith_rollouts(sampler, chat_tokenizer, group_size=2) as held_out,
     ):
-        loop = GRPOLoop(model, init_state(model, CFG), CFG, train, PROBLEMS, max_staleness=0)
+        loop = GRPOLoop(
+            model=model,
+            state=init_state(model, CFG),
+            cfg=CFG,
+            rollouts=train,
+            problems_per_step=PROBLEMS,
+            max_staleness=0,
+        )
         loop_update = loop.update
         loop.update = lambda batch: tokens.append(batch.tokens) or loop_update(batch)
         fit(
@@ -147,13 +154,20 @@ def test_max_staleness_1_trains_each_batch_one_version_after_its_sampler(
     log, batches = Record(), {}
     with arith_rollouts(sampler, chat_tokenizer) as train:
         with pytest.raises(ValueError, match="needs a sampler_model"):
-            GRPOLoop(model, init_state(model, CFG), CFG, train, PROBLEMS, max_staleness=1)
+            GRPOLoop(
+                model=model,
+                state=init_state(model, CFG),
+                cfg=CFG,
+                rollouts=train,
+                problems_per_step=PROBLEMS,
+                max_staleness=1,
+            )
         loop = GRPOLoop(
-            model,
-            init_state(model, CFG),
-            CFG,
-            train,
-            PROBLEMS,
+            model=model,
+            state=init_state(model, CFG),
+            cfg=CFG,
+            rollouts=train,
+            problems_per_step=PROBLEMS,
             max_staleness=1,
             sampler_model=behind,
         )
@@ -227,10 +241,10 @@ def test_ctrl_c_and_resume_of_a_pipelined_run_lose_and_repeat_no_problem():
         rollouts = VersionedStub(varied=set(range(0, 100, 3)))
         model = tiny_model(lora_seed=1)
         loop = GRPOLoop(
-            model,
-            init_state(model, cfg),
-            cfg,
-            rollouts,  # ty: ignore[invalid-argument-type] - a stub of Rollouts' collect and sampler
+            model=model,
+            state=init_state(model, cfg),
+            cfg=cfg,
+            rollouts=rollouts,  # ty: ignore[invalid-argument-type] - a stub of Rollouts
             problems_per_step=4,
             max_staleness=1,
             sampler_model=sampler_copy(model),

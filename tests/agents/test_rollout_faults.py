@@ -43,7 +43,9 @@ def launched(chat_model, chat_tokenizer, tmp_path):
 
 def loop_over(sampler, model, tokenizer) -> GRPOLoop:
     rollouts = Rollouts(lambda: gym.make("ToolMath-Arith-v0"), sampler, tokenizer, ROLL)
-    return GRPOLoop(model, init_state(model, CFG), CFG, rollouts, problems_per_step=2)
+    return GRPOLoop(
+        model=model, state=init_state(model, CFG), cfg=CFG, rollouts=rollouts, problems_per_step=2
+    )
 
 
 def kill_after_first_reply(sampler, server):

@@ -293,7 +293,9 @@ def test_a_killed_server_is_restarted_with_its_adapter_and_the_collection_replay
         chat_tokenizer,
         RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=1024),
     )
-    loop = GRPOLoop(model, init_state(model, cfg), cfg, rollouts, problems_per_step=2)
+    loop = GRPOLoop(
+        model=model, state=init_state(model, cfg), cfg=cfg, rollouts=rollouts, problems_per_step=2
+    )
     generate, rounds, killed = sampler.generate, [], []
 
     def kill_before_round_two(*args, **kwargs):
