@@ -46,3 +46,21 @@ def installed_python(tmp_path_factory):
     python = str(venv / "bin" / "python")
     subprocess.run([uv, "pip", "install", "-q", "-p", python, str(ROOT)], check=True, timeout=900)
     return python
+
+
+@pytest.fixture(autouse=True)
+def library_logging_restored():
+    """An entry point run in-process (`main([...])`) calls configure_logging, which gives the
+    library's loggers stream handlers and stops their propagation; restore each logger's
+    handlers, level and propagation afterwards so that no test sees another's logging."""
+    import logging
+
+    from agents.training.cli import LIBRARY_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved = [(log.handlers[:], log.level, log.propagate) for log in loggers]
+    yield
+    for log, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
