@@ -85,6 +85,8 @@ imports them).
   framing.py     a message on a socket: header, payload and descriptors, size limits, deadlines
   server.py      the server process: private filesystem, preloads, session pool; the entry point
   supervisor.py  P, one session's supervisor: a call from order to reply, keeping or discarding
+  hold.py        P's hold on its state S (S's phases and the moves between them) and on the
+                 next call's cell: forking and checking it, rollback, ending every process
   checks.py      what P checks against the kernel before it believes a cell or a state
   output.py      a cell's output as P keeps it: head and tail, the rest counted
   jail.py        a session's own namespaces, filesystems and memory cgroup

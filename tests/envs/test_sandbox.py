@@ -761,6 +761,7 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
         "sandbox.checks",
         "sandbox.jail",
         "sandbox.output",
+        "sandbox.hold",
         "sandbox.supervisor",
         "sandbox.server",
     }
