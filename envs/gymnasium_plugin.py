@@ -59,7 +59,14 @@ def _register() -> None:
         __import__("envs")
     # a broken install must not break every program that uses Gymnasium
     except Exception as exc:  # noqa: BLE001 - reported below, whatever it is
-        print(f"toolgrpo: its Gymnasium environments are not registered: {exc!r}", file=sys.stderr)
+        # This runs when the program imports Gymnasium, in its logging setup or in none: then
+        # logging's last-resort handler writes a warning to stderr. `logging` is imported here,
+        # so that the start-up hook imports nothing into every interpreter.
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "toolgrpo: its Gymnasium environments are not registered: %r", exc
+        )
 
 
 def install() -> None:

@@ -76,15 +76,19 @@ the keyring filter need root (or a writable cgroup) and a known CPU architecture
 `PythonSandbox.protections` lists them, and the first sandbox of a process warns once, naming the
 ones that are off.
 
-Modules, one concern each. The caller imports only client.py, protocol.py and framing.py; the
-server imports every module but client.py (and not this file: server.py's docstring says how it
-imports them).
-  client.py      PythonSandbox, SandboxSession, SandboxConfig, ExecutionResult, SandboxError,
-                 shared_sandbox: the caller's side, which starts the server and talks to it
+Modules, one concern each. The caller imports only client.py, config.py, launch.py, protocol.py
+and framing.py; the server imports every module but the first three (and not this file:
+server.py's docstring says how it imports them).
+  client.py      PythonSandbox, SandboxSession, ExecutionResult, shared_sandbox: the caller's
+                 side, which talks to the server and to each session's supervisor
+  config.py      SandboxConfig, DEFAULT_PRELOAD, SandboxError
+  launch.py      starting the server (unshare, its environment, its readiness) and stopping it
   protocol.py    the typed messages both sides exchange, on framing.py
   framing.py     a message on a socket: header, payload and descriptors, size limits, deadlines
   server.py      the server process: private filesystem, preloads, session pool; the entry point
   supervisor.py  P, one session's supervisor: a call from order to reply, keeping or discarding
+  hold.py        P's hold on its state S (S's phases and the moves between them) and on the
+                 next call's cell: forking and checking it, rollback, ending every process
   checks.py      what P checks against the kernel before it believes a cell or a state
   output.py      a cell's output as P keeps it: head and tail, the rest counted
   jail.py        a session's own namespaces, filesystems and memory cgroup
@@ -97,18 +101,9 @@ The package imports nothing outside the standard library at module level, and no
 this project.
 """
 
-from .client import (
-    DEFAULT_PRELOAD,
-    ENV_ALLOWLIST,
-    FIXED_ENV,
-    ExecutionResult,
-    PythonSandbox,
-    SandboxConfig,
-    SandboxError,
-    SandboxSession,
-    Status,
-    shared_sandbox,
-)
+from .client import ExecutionResult, PythonSandbox, SandboxSession, Status, shared_sandbox
+from .config import DEFAULT_PRELOAD, SandboxConfig, SandboxError
+from .launch import ENV_ALLOWLIST, FIXED_ENV
 
 __all__ = [
     "DEFAULT_PRELOAD",

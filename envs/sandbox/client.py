@@ -1,134 +1,28 @@
-"""The client side: PythonSandbox, its sessions and its configuration, in the caller's process.
+"""The client side: PythonSandbox and its sessions, in the caller's process.
 
-A PythonSandbox starts the server (server.py) as a fresh interpreter and talks to it, and to each
-session's supervisor, over sockets in the messages of protocol.py. The threat model is in the
-package's docstring (__init__.py).
+A PythonSandbox starts the server (server.py) as a fresh interpreter (launch.py) and talks to it,
+and to each session's supervisor, over sockets in the messages of protocol.py. Its configuration
+and its error are in config.py. The threat model is in the package's docstring (__init__.py).
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
-import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Literal, Self
 
-from .protocol import Open, ProtocolError, Result, Run, ServerReady, recv, send
+from .config import SandboxConfig, SandboxError
+from .launch import start_server, stop_server
+from .protocol import Open, ProtocolError, Result, Run, recv, send
 
 Status = Literal["ok", "error", "timeout", "memory", "crashed"]
-
-DEFAULT_PRELOAD = (
-    "math",
-    "cmath",
-    "fractions",
-    "decimal",
-    "itertools",
-    "functools",
-    "collections",
-    "heapq",
-    "bisect",
-    "statistics",
-    "random",
-    "re",
-    "string",
-    "json",
-    "numpy",
-    "sympy",
-)
-SERVER_BOOTSTRAP = f"""\
-import sys, types
-from importlib.machinery import ModuleSpec
-package = sys.modules["sandbox"] = types.ModuleType("sandbox")
-package.__spec__ = ModuleSpec("sandbox", None, is_package=True)
-package.__path__ = package.__spec__.submodule_search_locations = [{os.path.dirname(os.path.abspath(__file__))!r}]
-from sandbox.server import main
-main()
-"""
-"""What `python -I -c` runs to start the server: this package's directory as the package `sandbox`,
-without its __init__.py (server.py's docstring says why)."""
-ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-FIXED_ENV = {
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "PYTHONIOENCODING": "utf-8",
-    "MPLBACKEND": "Agg",
-    "USER": "sandbox",
-    "LOGNAME": "sandbox",
-}
-
-
-@dataclass(frozen=True)
-class SandboxConfig:
-    """Limits and start-up settings of a PythonSandbox."""
-
-    timeout_s: float = 10.0
-    """Default wall-clock limit of one call, in seconds (a call may ask for another)."""
-    max_timeout_s: float = 120.0
-    """Largest wall-clock limit a call may ask for; also bounds each process's CPU time."""
-    memory_mb: int = 1024
-    """Address-space limit of every sandboxed process, in MiB (the warm server takes ~220)."""
-    max_processes: int = 64
-    """Processes plus threads a session may have at once (RLIMIT_NPROC on the session's uid)."""
-    max_file_mb: int = 64
-    """Largest file the code may write, in MiB."""
-    scratch_mb: int = 512
-    """Size of the private tmpfs that holds every session's scratch directory, in MiB."""
-    max_output_bytes: int = 64 * 1024
-    """Kept bytes of stdout and of stderr each (half head, half tail) before truncation."""
-    max_open_files: int = 256
-    """Open file descriptors per process."""
-    pool_size: int = 2
-    """Sessions kept ready in advance, so that opening one costs no fork on the caller's path."""
-    isolation: Literal["auto", "namespaces", "none"] = "auto"
-    """"auto": Linux namespaces when the machine allows, else what remains (with a warning);
-    "namespaces": fail unless they are available; "none": rlimits and uid separation only."""
-    preload: tuple[str, ...] = DEFAULT_PRELOAD
-    """Modules imported once by the server, before any fork."""
-    start_timeout_s: float = 120.0
-    """How long to wait for the server to import its modules and report ready."""
-
-    def __post_init__(self):
-        for name in (
-            "timeout_s",
-            "max_timeout_s",
-            "memory_mb",
-            "max_processes",
-            "max_file_mb",
-            "scratch_mb",
-            "max_open_files",
-            "start_timeout_s",
-        ):
-            if not getattr(self, name) > 0:
-                raise ValueError(
-                    f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}"
-                )
-        if self.timeout_s > self.max_timeout_s:
-            raise ValueError(
-                f"SandboxConfig.timeout_s={self.timeout_s} exceeds "
-                f"max_timeout_s={self.max_timeout_s}"
-            )
-        if self.memory_mb < 256:
-            raise ValueError(
-                f"SandboxConfig.memory_mb={self.memory_mb} is below the ~220 MiB the "
-                "warm interpreter itself maps; use at least 256"
-            )
-        if self.pool_size < 0 or self.max_output_bytes < 0:
-            raise ValueError("SandboxConfig.pool_size and max_output_bytes must be >= 0")
-        if self.isolation not in ("auto", "namespaces", "none"):
-            raise ValueError(
-                f"SandboxConfig.isolation must be auto, namespaces or none, got {self.isolation!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -151,30 +45,6 @@ class ExecutionResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself failed (could not start, or its server died); never the code's fault."""
-
-
-@functools.cache
-def _namespaces_work(user: bool) -> bool:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return False
-    flags = ["--user", "--map-root-user"] if user else []
-    try:
-        return (
-            subprocess.run(
-                [unshare, *flags, "--mount", "--net", "--pid", "--fork", "--mount-proc", "true"],
-                capture_output=True,
-                timeout=10,
-                check=False,
-            ).returncode
-            == 0
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
 
 
 _warned = False
@@ -227,98 +97,9 @@ class PythonSandbox:
         return None if self._proc is None else self._proc.pid
 
     def _start_locked(self) -> None:
-        cfg = self.config
-        root = os.geteuid() == 0
-        prefix: list[str] = []
-        namespaces = False
-        if cfg.isolation != "none":
-            unshare = shutil.which("unshare")  # without it, namespaces do not work
-            if root and unshare and _namespaces_work(user=False):
-                prefix, namespaces = [unshare], True
-            elif not root and unshare and _namespaces_work(user=True):
-                prefix, namespaces = [unshare, "--user", "--map-root-user"], True
-            elif cfg.isolation == "namespaces":
-                raise SandboxError(
-                    "SandboxConfig.isolation='namespaces' but this machine cannot "
-                    "create Linux namespaces with util-linux `unshare`; use "
-                    "isolation='auto' to run with reduced containment"
-                )
-        if namespaces:
-            prefix += [
-                "--mount",
-                "--net",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount-proc",
-                "--propagation",
-                "private",
-            ]
-        settings = {
-            "private_fs": namespaces,
-            "pid_namespace": namespaces,
-            "separate_uid": root,
-            "uid_base": 1 << 20,
-            "scratch_root": "/tmp",
-            "preload": list(cfg.preload),
-            "memory_mb": cfg.memory_mb,
-            "max_processes": cfg.max_processes,
-            "max_file_mb": cfg.max_file_mb,
-            "scratch_mb": cfg.scratch_mb,
-            "max_output_bytes": cfg.max_output_bytes,
-            "max_open_files": cfg.max_open_files,
-            "max_timeout_s": cfg.max_timeout_s,
-            "pool_size": cfg.pool_size,
-        }
-        env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
-        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env.update(FIXED_ENV)
-        mine, theirs = socket.socketpair()
-        cmd = [
-            *prefix,
-            sys.executable,
-            "-I",
-            "-c",
-            SERVER_BOOTSTRAP,
-            str(theirs.fileno()),
-            json.dumps(settings),
-        ]
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                pass_fds=[theirs.fileno()],
-                env=env,
-                cwd="/",
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
-        try:
-            ready, _, _ = recv(mine, ServerReady, timeout_s=cfg.start_timeout_s)
-        except ProtocolError as exc:
-            proc.kill()
-            proc.wait()
-            mine.close()
-            shown = [*cmd[:-4], "-c", f"<SERVER_BOOTSTRAP of {os.path.dirname(__file__)}>", cmd[-2]]
-            raise SandboxError(
-                f"the sandbox server did not start ({exc}); its error output is "
-                f"above. Command: {' '.join(shown)} ..."
-            ) from exc
-        self._proc, self._control = proc, mine
-        uid = ready.separate_uid
-        self._protections = {
-            "network_isolated": namespaces,
-            "pid_namespace": namespaces,
-            "separate_uid": uid,
-            "process_cap": uid,
-            "daemon_cleanup": namespaces or uid,
-            "resource_limits": True,
-            "clean_environment": True,
-            "no_new_privileges": True,
-            **{name: bool(on) for name, on in ready.protections.items()},
-        }
-        self._finalizer = weakref.finalize(self, _stop, proc, mine)
+        proc, control, self._protections = start_server(self.config)
+        self._proc, self._control = proc, control
+        self._finalizer = weakref.finalize(self, stop_server, proc, control)
         self._warn_once()
 
     def _warn_once(self) -> None:
@@ -409,15 +190,6 @@ class PythonSandbox:
             finally:
                 theirs.close()
         raise AssertionError("unreachable")
-
-
-def _stop(proc: subprocess.Popen, control: socket.socket) -> None:
-    control.close()  # the server exits when its control channel closes
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _check_code(code: str) -> None:

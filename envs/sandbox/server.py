@@ -1,6 +1,6 @@
 """The sandbox server: a pre-warmed interpreter that forks contained Python sessions.
 
-`PythonSandbox` (client.py) starts the server as a fresh interpreter (never a fork of the caller,
+`PythonSandbox` (client.py, launch.py) starts the server as a fresh interpreter (never a fork of the caller,
 so none of the caller's memory or secrets is copied), inside new mount, network and pid
 namespaces where the machine allows. It imports the scientific stack once, then serves sessions:
 
@@ -34,14 +34,14 @@ How the server imports its modules. It runs as `python -I` (isolated: no PYTHONP
 site-packages, no script directory on sys.path), so that nothing of the caller's environment
 decides what it imports. The package is therefore not importable by name, and importing it as
 `envs.sandbox` would run `envs/__init__.py`, which imports Gymnasium. Instead the client starts
-`python -I -c <SERVER_BOOTSTRAP>` (client.py), which registers this directory as a package of its
+`python -I -c <SERVER_BOOTSTRAP>` (launch.py), which registers this directory as a package of its
 own under the top-level name `sandbox`, without running its `__init__.py` (whose re-exports of
 the client are not needed here), and calls `sandbox.server.main`. The modules import each other
 relatively, and none imports anything outside the standard library at module level, so the
 server imports the same standard modules it did as one file before it preloads (`preload`). No
 directory is added to sys.path, so the other modules of `envs/` are not importable by the code
 either. This works wherever the package's files are, a source tree or an installed wheel alike:
-the client passes the directory of its own file.
+the client passes the directory of launch.py.
 """
 
 from __future__ import annotations

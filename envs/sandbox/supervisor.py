@@ -3,8 +3,8 @@
 P is forked from the server (pid 1 of the session's own pid namespace where the machine allows;
 root) and enters the session's jail (jail.py: namespaces, filesystems and a memory cgroup of its
 own) and an empty session keyring. It forks the state process S (`state.py`), which forks each
-call's cell process C (`cell.py`). P keeps the next call's C forked and announced
-(`Session.prepare`), so that a call (`Session.run`) is a few steps: send the waiting C its code
+call's cell process C (`cell.py`); P's handles on them, and S's phases, are in hold.py. P keeps
+the next call's C forked and announced (`StateHold.prepare`), so that a call (`Session.run`) is a few steps: send the waiting C its code
 (`_order`), drain C's output while waiting for its status (`_wait`), keep C as the new state or
 discard it (`_keep_or_discard`), and answer (`_reply`). What can wait until the caller has its
 answer (a deferred rollback, a stateless call's fresh filesystems, the next fork) happens in
@@ -13,7 +13,7 @@ answer (a deferred rollback, a stateless call's fresh filesystems, the next fork
 S and C run code, so P believes nothing they say without checking it: every read has a deadline
 and a size limit (protocol.py), and each claim (an announced cell, a promotion, a rollback) is
 checked against the kernel (checks.py). A state that has run code is stopped (SIGSTOP) except
-while it forks, so threads that the code left in it do not run between calls.
+while it forks or rolls back, so threads that the code left in it do not run between calls.
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ import signal
 import socket
 import time
 
-from .checks import (
-    ReadyCell,
-    StateAttributes,
-    announced_cell,
-    cell_was_alone,
-    promotion_holds,
-    rollback_holds,
-)
+from .checks import ReadyCell
+from .hold import StateHold
 from .jail import SessionJail, isolate_session
 from .linux import (
     PR_SET_CHILD_SUBREAPER,
@@ -41,178 +35,62 @@ from .linux import (
     set_name,
 )
 from .output import OutputBuffer, drain
-from .processes import describe, kill_as, own_proc_pid, pid_of_pidfd, pidfd_signal, reap_children
+from .processes import describe, pidfd_signal, reap_children
 from .protocol import (
     Attach,
     BadMessage,
     CellDone,
-    CellReady,
-    Fork,
-    ForkFailed,
     Promote,
     Promoted,
     ProtocolError,
     Result,
-    Rollback,
-    RolledBack,
     Run,
     RunCell,
     recv,
     send,
 )
-from .state import state_process
 
 PROMOTION_MARGIN_S = 0.05  # a cell promotes itself only this long before its deadline or earlier
 PROMOTE_GRACE_S = 0.25  # a cell asked to promote itself after its deadline answers within this
-READY_S = 10.0  # a state forks and its cell announces itself within this
-ROLLBACK_S = 2.0  # a state rolls back within this
 
 
 class Session:
-    """Runs in P: owns the session's state process and answers the caller's orders."""
+    """Runs in P: holds the session's processes (`hold`) and answers the caller's orders.
+
+    Between calls the session is ready: its state S has forked the next call's cell C, which
+    waits, announced and checked (`StateHold.prepare`). A call (`run`) takes that cell, runs the
+    code in it and keeps it as the new state or discards it; the reply goes out; then `finish`
+    does what was left for after it and prepares the next cell. `close` ends every process.
+
+    The state S is in one of four phases (`hold.Phase`): NONE (no state process), PRISTINE (a
+    fresh state, no code run in it), KEPT (a promoted cell, awake) and STOPPED (a promoted cell,
+    stopped between calls). These moves, all made by `StateHold`, are all there are:
+      NONE -> PRISTINE        `spawn`: `prepare` forks a state where there is none (the first,
+                              or the one after a reset);
+      PRISTINE, KEPT or       `promote`: a successful cell of a stateful call whose promotion
+        STOPPED -> STOPPED    holds replaces S (it is stopped by the check);
+      STOPPED -> KEPT         `wake`: S is to fork the next cell or to roll back;
+      KEPT -> STOPPED         `stop`: S has forked the next cell;
+      any -> NONE             `kill_all`: S did not answer or could not fork, what it said did
+                              not hold (its cell, its rollback) or its attributes could not be
+                              read, a cell's promotion did not hold, or the session closes.
+    A discarded cell (an error, a timeout, a crash, or any cell of a stateless call) does not
+    change what S is: S rolls it back (woken for that), at once or after the reply
+    (`StateHold.rollback_due`), or S is reset (`kill_all`).
+    """
 
     def __init__(self, settings: dict, uid: int | None, scoped: bool):
-        self.uid, self.scoped = uid, scoped
-        self.is_init = settings["pid_namespace"] and os.getpid() == 1
+        is_init = settings["pid_namespace"] and os.getpid() == 1
         self.jail = SessionJail(settings, uid)
         self.settings = self.jail.settings  # with the memory cgroup that the state joins
-        self.state: socket.socket | None = None
-        self.state_pidfd: int | None = None
-        self.state_proc_pid: int | None = None  # pids as /proc names them
-        self.state_ran_code = False  # a promoted cell: its threads are the code's
-        self.state_stopped = False
-        self.state_attributes: StateAttributes | None = None  # a kept state's, once read
-        self.cell: ReadyCell | None = None
-        self.lost: str | None = None  # why the state was last reset, for the next call's notes
-        self.rollback_due = False  # a discarded cell's rollback, left for after the reply
-        self.own_proc_pid = own_proc_pid()
+        self.hold = StateHold(self.settings, uid, scoped, is_init, self.jail.scratch)
         self.cells = 0
         signal.signal(signal.SIGCHLD, self._on_child)  # P reaps everything (it is the init)
-        self.prepare()
+        self.hold.prepare()
 
     @staticmethod
     def _on_child(*_):
         reap_children()
-
-    # -- the session's processes ------------------------------------------------------------------
-    def spawn_state(self) -> None:
-        mine, theirs = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                mine.close()
-                state_process(theirs, self.settings, self.uid, self.jail.scratch, self.scoped)
-            finally:
-                os._exit(1)
-        theirs.close()
-        pidfd = os.pidfd_open(pid)
-        self.set_state(mine, pidfd, pid_of_pidfd(pidfd), ran_code=False)
-
-    def set_state(
-        self, chan: socket.socket, pidfd: int, proc_pid: int | None, ran_code: bool
-    ) -> None:
-        if self.state is not None:
-            self.state.close()
-        if self.state_pidfd is not None:
-            os.close(self.state_pidfd)
-        self.state, self.state_pidfd, self.state_proc_pid = chan, pidfd, proc_pid
-        self.state_ran_code, self.state_stopped = ran_code, False
-        self.state_attributes = None
-
-    def state_channel(self) -> socket.socket:
-        """The state's channel, where the caller knows there is a state."""
-        assert self.state is not None, "the session has no state process"
-        return self.state
-
-    def state_trusted(self) -> bool:
-        """Whether no code can have touched the state: the pristine state, of another uid than
-        the code's."""
-        return not self.state_ran_code and self.uid is not None
-
-    def wake_state(self) -> None:
-        if self.state_stopped:
-            pidfd_signal(self.state_pidfd, signal.SIGCONT)
-            self.state_stopped = False
-
-    def stop_state(self) -> None:
-        """Stop a state that has run code, so that its threads do not run until it is needed."""
-        if self.state_ran_code and not self.state_stopped:
-            self.state_stopped = pidfd_signal(self.state_pidfd, signal.SIGSTOP)
-
-    def prepare(self, reap: bool = False, warm: bool = True) -> None:
-        """Have a cell process forked, announced and checked for the next call (a state first, if
-        there is none), warmed up if `warm`; then stop the state. A state that cannot fork (at
-        its process limit for longer than the patience of `processes.fork_when_possible`), or whose
-        announcement does not hold, is replaced by a fresh one, once; `lost` says why, for the
-        next call's notes."""
-        for _ in range(2):
-            if self.cell is not None:
-                return
-            if self.state is None:
-                self.spawn_state()
-            self.wake_state()
-            mine, theirs = socket.socketpair()
-            try:
-                send(self.state_channel(), Fork(reap, warm), fds=[theirs.fileno()])
-                theirs.close()
-                ready, _, fds = recv(
-                    mine, CellReady, ForkFailed, deadline=time.monotonic() + READY_S
-                )
-            except (ProtocolError, OSError):
-                theirs.close()
-                mine.close()
-                self.lost = "the session's state process was gone; state was reset"
-                self.kill_all()
-                continue
-            finally:
-                reap = False  # a fresh state has no cell to forget
-            if isinstance(ready, ForkFailed):
-                mine.close()
-                self.lost = f"{ready.error}; state was reset"
-                self.kill_all()
-                continue
-            self.cell = announced_cell(mine, fds, self.state_proc_pid)
-            if self.cell is None:
-                self.lost = "the session's state announced a cell that is not one; state was reset"
-                self.kill_all()
-                continue
-            self.stop_state()
-
-    def kill_all(self) -> None:
-        """SIGKILL every process of the session but this supervisor; no state survives."""
-        if self.cell is not None:
-            pidfd_signal(self.cell.pidfd, signal.SIGKILL)
-            self.cell.close()
-            self.cell = None
-        pidfd_signal(self.state_pidfd, signal.SIGKILL)  # the pristine state may be of another uid
-        if self.state is not None:
-            self.state.close()
-            self.state = None
-        if self.state_pidfd is not None:
-            os.close(self.state_pidfd)
-        self.state_pidfd = self.state_proc_pid = None
-        self.state_ran_code = self.state_stopped = self.rollback_due = False
-        self.state_attributes = None
-        if self.is_init:  # pid 1 of the session's own namespace: kill(-1) reaches only it
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        elif self.scoped:  # a helper with the session's uid does it
-            assert self.uid is not None  # scoped, yet not the init of a pid namespace: by uid
-            kill_as(self.uid)
-
-    def ready_cell(self, notes: list[str], keep: bool) -> ReadyCell | None:
-        """The waiting cell process (normally forked and announced long before this call); None,
-        with a note saying why, if there is none to be had."""
-        if self.cell is None:
-            self.prepare()
-        if self.lost is not None:
-            notes.append(self.lost)
-            if keep:
-                notes.append("the previous state was lost; this cell ran in a fresh session")
-            self.lost = None
-        return self.cell
 
     # -- one call ---------------------------------------------------------------------------------
     def run(self, code: bytes, timeout_s: float, keep: bool) -> tuple[Result, bytes]:
@@ -223,11 +101,10 @@ class Session:
         self.cells += keep
         limit = int(self.settings["max_output_bytes"])
         out, err = OutputBuffer(limit), OutputBuffer(limit)
-        cell = self.ready_cell(notes, keep)
+        cell = self.hold.ready_cell(notes, keep)  # used up by this call, whatever happens
         t0 = time.monotonic()  # the wall time counts from the order to the cell
         if cell is None:  # nothing ran
             return self._reply(cell_number, "crashed", time.monotonic() - t0, None, out, err, notes)
-        self.cell = None  # used up by this call, whatever happens
         deadline = t0 + timeout_s
         streams = {cell.out_r: out, cell.err_r: err}
         self._order(cell, code, cell_number, int(timeout_s) + 1, keep, deadline)
@@ -305,73 +182,45 @@ class Session:
         """Make a successful cell of a stateful call the new state, if its promotion holds; roll
         the state back from any other. Returns the status ("crashed" if the cell could not be
         kept) and the cell's wait status, where the rollback learnt it."""
+        hold = self.hold
         wait_status = None
         if status == "ok" and keep:
             if not promoted:
-                try:
-                    send(cell.channel(), Promote())
-                    recv(
-                        cell.channel(),
-                        Promoted,
-                        deadline=max(deadline, time.monotonic()) + PROMOTE_GRACE_S,
-                    )
-                    promoted = True
-                except (ProtocolError, OSError):
-                    pass
-            if promoted and promotion_holds(
-                cell, self.state_pidfd, self.state_proc_pid, self.own_proc_pid
-            ):  # its channel is the state's
-                self.set_state(cell.channel(), cell.pidfd, cell.proc_pid, ran_code=True)
-                self.state_stopped = True
-                cell.chan, cell.pidfd = None, -1
-            else:
+                promoted = self._ask_to_promote(cell, deadline)
+            if not (promoted and hold.promote(cell)):  # its channel is the state's
                 status = "crashed"
                 notes.append(
                     "the cell could not be kept as the new state"
                     + (" (other processes of it were still running)" if promoted else "")
                     + "; state was reset"
                 )
-                self.kill_all()
-        elif (
-            self.state is not None
-            and status != "crashed"
-            and cell_was_alone(cell, self.state_proc_pid, self.own_proc_pid)
-        ):
-            self.rollback_due = True  # nothing of the code is left: it can wait for the reply
-        elif self.state is not None:
+                hold.kill_all()
+        elif hold.held and status != "crashed" and hold.cell_was_alone(cell):
+            hold.rollback_due = True  # nothing of the code is left: it can wait for the reply
+        elif hold.held:
             pidfd_signal(cell.pidfd, signal.SIGKILL)
-            wait_status = self.rollback(cell.proc_pid)
-            if self.state is None and keep:
-                notes.append(self.lost or "the session's state did not roll back; state was reset")
-                self.lost = None
+            wait_status = hold.rollback(cell.proc_pid)
+            if not hold.held and keep:
+                notes.append(hold.lost or "the session's state did not roll back; state was reset")
+                hold.lost = None
         else:
-            self.kill_all()
+            hold.kill_all()
         return status, wait_status
 
-    def rollback(self, cell_proc_pid: int | None) -> int | None:
-        """Have the state kill the discarded cell and all it started, and check that it did (a
-        state that has run code may not); on any failure, end every process of the session.
-        Returns the cell's wait status as the state reports it, if plausible."""
-        self.wake_state()
+    @staticmethod
+    def _ask_to_promote(cell: ReadyCell, deadline: float) -> bool:
+        """Ask a successful cell of a stateful call that did not promote itself (it finished
+        within PROMOTION_MARGIN_S of its deadline) to do so; whether it says it has."""
         try:
-            send(self.state_channel(), Rollback())
-            ack, _, _ = recv(
-                self.state_channel(), RolledBack, deadline=time.monotonic() + ROLLBACK_S
+            send(cell.channel(), Promote())
+            recv(
+                cell.channel(),
+                Promoted,
+                deadline=max(deadline, time.monotonic()) + PROMOTE_GRACE_S,
             )
         except (ProtocolError, OSError):
-            self.kill_all()
-            return None
-        if not rollback_holds(cell_proc_pid, self.state_proc_pid, self.own_proc_pid):
-            self.kill_all()
-            return None
-        if self.state_attributes is not None and not self.state_attributes.restored():
-            self.kill_all()
-            self.lost = (
-                "the discarded cell changed its state's scheduling or limits; state was reset"
-            )
-            return None
-        ws = ack.wait_status
-        return ws if type(ws) is int and 0 <= ws < 1 << 16 else None
+            return False
+        return True
 
     @staticmethod
     def _reply(
@@ -397,23 +246,13 @@ class Session:
     def finish(self, keep: bool, warm: bool = True) -> None:
         """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
         next call's cell process, forked, announced and checked (and warmed up if `warm`)."""
-        reap = False
-        if self.state_ran_code and self.state_attributes is None:  # before its first cell runs
-            self.state_attributes = StateAttributes.read(self.state_pidfd, self.state_proc_pid)
-            if self.state_attributes is None:
-                self.kill_all()
-                self.lost = "the session's state could not be read; state was reset"
-        if self.rollback_due:  # the discarded cell was alone: only the state's bookkeeping is left
-            self.rollback_due = False
-            reap = self.state_trusted()  # then the next Fork does it
-            if not reap:
-                self.rollback(None)
+        reap = self.hold.settle()
         if not keep:
             self.jail.fresh_files()
-        self.prepare(reap, warm)
+        self.hold.prepare(reap, warm)
 
     def close(self) -> None:
-        self.kill_all()
+        self.hold.kill_all()
         self.jail.close()
 
 

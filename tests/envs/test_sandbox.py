@@ -671,10 +671,11 @@ def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
     """No namespaces and no uid of its own (a non-root caller without user namespaces): a cell
     cannot be promoted by killing its whole scope, so it ends the previous state alone."""
     import envs.sandbox.client
+    import envs.sandbox.launch
 
     monkeypatch.setattr(envs.sandbox.client, "_warned", True)
     # the caller looks unprivileged
-    monkeypatch.setattr(envs.sandbox.client.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(envs.sandbox.launch.os, "geteuid", lambda: 1000)
     with PythonSandbox(FAST, isolation="none", pool_size=0) as sb:
         assert not sb.protections["separate_uid"] and not sb.protections["daemon_cleanup"]
         with sb.session() as s:
@@ -732,7 +733,7 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
     import subprocess
     import sys
 
-    from envs.sandbox.client import SERVER_BOOTSTRAP
+    from envs.sandbox.launch import SERVER_BOOTSTRAP
 
     assert SERVER_BOOTSTRAP.endswith("\nmain()\n")
     probe = (
@@ -761,6 +762,7 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
         "sandbox.checks",
         "sandbox.jail",
         "sandbox.output",
+        "sandbox.hold",
         "sandbox.supervisor",
         "sandbox.server",
     }
