@@ -227,8 +227,9 @@ def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
     if cfg.schedule == "cosine":
         if cfg.total_steps is None:
             raise ValueError(
-                "the cosine schedule needs GRPOConfig.total_steps (the run's steps x "
-                "ppo_epochs); GRPOLoop sets it"
+                "the cosine schedule needs its horizon: GRPOConfig(total_steps=...), the "
+                "optimizer steps of the whole run (a run's --steps x ppo_epochs), or "
+                'schedule="constant"'
             )
         lr = optax.warmup_cosine_decay_schedule(
             0.0,
@@ -358,7 +359,13 @@ def _apply(state: TrainState, grads, loss, cfg: GRPOConfig):
     )
 
 
-_grad_jit = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnames="cfg")
+def _loss_and_grad(state: TrainState, mb: MicroBatch, totals, cfg: GRPOConfig):
+    """((this micro-batch's share of the loss, its metrics), the gradient with respect to the
+    LoRA parameters, state.lora)."""
+    return jax.value_and_grad(_loss, has_aux=True)(state.lora, state, mb, totals, cfg)
+
+
+_grad_jit = jax.jit(_loss_and_grad, static_argnames="cfg")
 _apply_jit = jax.jit(_apply, static_argnames="cfg")
 _logprobs_jit = jax.jit(sequence_logprobs, static_argnames=("adapters", "chunk"))
 
@@ -445,7 +452,7 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
     for epoch in range(cfg.ppo_epochs):
         acc = None
         for mb in mbs:
-            (_, aux), grads = _grad_jit(state.lora, state, mb, totals, cfg)
+            (_, aux), grads = _grad_jit(state, mb, totals, cfg)
             acc = (grads, aux) if acc is None else _add(acc, (grads, aux))
         assert acc is not None  # micro_batches cuts at least one
         grads, aux = acc
@@ -492,7 +499,7 @@ def lower_passes(
     )
     totals = (spec((), jnp.float32), spec((), jnp.float32))
     programs = {
-        "update": _grad_jit.lower(state.lora, state, mb, totals, cfg),
+        "update": _grad_jit.lower(state, mb, totals, cfg),
         "apply": _apply_jit.lower(state, state.lora, spec((), jnp.float32), cfg),
     }
     if cfg.ppo_epochs > 1:
