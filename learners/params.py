@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from learners.qwen2 import Qwen2ForCausalLM
+from learners.qwen2_config import Qwen2Config
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 

@@ -12,7 +12,7 @@ from tiny import tiny_base_model
 from tiny_qwen import random_batch, torch_logits
 
 from learners.params import HubUnavailableError, from_pretrained, read_model_config, save_pretrained
-from learners.qwen2 import PRESETS, Qwen2Config
+from learners.qwen2_config import PRESETS, Qwen2Config
 
 
 @pytest.mark.parametrize("pad", [False, True])
