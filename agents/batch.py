@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from learners.train import TrainBatch
+from learners.batch import TrainBatch
 
 
 @dataclass(frozen=True)

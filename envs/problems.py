@@ -42,21 +42,24 @@ ID_COLUMNS = ("id", "ID", "problem_id", "unique_id")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class HubUnavailableError(RuntimeError):
-    """A data set could not be had from the Hugging Face Hub (offline, and not in the cache).
+class HubUnavailableError(ConnectionError):
+    """A data set that the Hugging Face Hub cannot give: a hub id that is not in the local cache
+    and could not be loaded from the Hub.
 
     `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
-    when offline; str(exc) is both, "{reason}. {offline_hint}". learners.params has a class of the
-    same name and shape for models: envs and learners never import each other, so a caller that
-    handles both catches the two classes and reads the same fields.
+    when offline; str(exc) is both, "{reason}. {offline_hint}". A ConnectionError, as `datasets`
+    raises for a Hub it cannot reach. learners.params.HubUnavailableError is the same error for
+    models (the same base and fields; envs and learners never import each other): a caller that
+    handles both catches the two classes and reads the same fields (`except ConnectionError`
+    takes them too, among other connection errors that have no such fields).
     """
 
     def __init__(self, reason: str, offline_hint: str):
-        super().__init__(reason, offline_hint)
+        super().__init__(f"{reason}. {offline_hint}")
         self.reason, self.offline_hint = reason, offline_hint
 
-    def __str__(self) -> str:
-        return f"{self.reason}. {self.offline_hint}"
+    def __reduce__(self):
+        return type(self), (self.reason, self.offline_hint)
 
 
 def _load_table(source: str, split: str):

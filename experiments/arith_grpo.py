@@ -329,7 +329,8 @@ def main(cfg: Config) -> dict:
     from agents.training.rundir import prepare_run_directory
     from envs.problems import ArithProblems
     from learners.lora import apply_lora
-    from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from learners.qwen2 import Qwen2ForCausalLM
+    from learners.qwen2_config import Qwen2Config
     from learners.tokenizer import train_chat_tokenizer
     from learners.train import GRPOConfig, init_state
 

@@ -138,7 +138,8 @@ def build(args: Args):
     from envs.problems import Problem
     from envs.toolmath import ToolMathEnv
     from learners.lora import apply_lora
-    from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from learners.qwen2 import Qwen2ForCausalLM
+    from learners.qwen2_config import Qwen2Config
     from learners.tokenizer import train_chat_tokenizer
 
     rng = random.Random(0)

@@ -100,7 +100,8 @@ def main(args: Args) -> dict:
 
     from agents.sampler import JaxSampler, SamplingParams
     from learners.params import save_pretrained
-    from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from learners.qwen2 import Qwen2ForCausalLM
+    from learners.qwen2_config import Qwen2Config
 
     cfg = Qwen2Config(
         vocab_size=1024,

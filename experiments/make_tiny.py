@@ -43,7 +43,8 @@ def make_model(directory: str, seed: int = 0) -> str:
     from flax import nnx
 
     from learners.params import save_pretrained
-    from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from learners.qwen2 import Qwen2ForCausalLM
+    from learners.qwen2_config import Qwen2Config
     from learners.tokenizer import train_chat_tokenizer
 
     tokenizer = train_chat_tokenizer(

@@ -52,6 +52,13 @@ def approx_kl(log_ratio, mask, n_tokens=None):
     return jnp.sum(k3 * mask) / n
 
 
+def k3_to_reference(logprobs, ref_logprobs, mask):
+    """Per-token k3 estimate of KL(pi || pi_ref), [B, T] (0 off the mask): with
+    d = logp_ref - logp, exp(d) - d - 1 >= 0 (the penalty of DeepSeekMath's GRPO)."""
+    d = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)
+    return jnp.exp(d) - d - 1.0
+
+
 def _group_index(group_ids):
     """Dense group indices 0..G-1 (G <= B) for arbitrary integer ids; jit-compatible."""
     b = group_ids.shape[0]
@@ -220,7 +227,7 @@ def policy_loss(
 
         ratio = exp(clip(logp - logp_old, -max_log_ratio, max_log_ratio))   (bounded_log_ratio)
         l_t = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
-        KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1                 (k3, >= 0)
+        KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1                 (k3_to_reference)
 
     importance_ratio="sequence" (GSPO, arXiv 2507.18071) uses one ratio per episode instead,
     s_i = exp(sequence_log_ratio), for every token of episode i: with "seq-mean-token-mean" the
@@ -258,11 +265,10 @@ def policy_loss(
         aux["tis_weight_mean"] = jnp.sum(weight * mask) / (
             jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens
         )
+    kl = None if ref_logprobs is None else k3_to_reference(logprobs, ref_logprobs, mask)
     if beta:
-        if ref_logprobs is None:
+        if kl is None:
             raise ValueError("beta > 0 needs ref_logprobs (the base model's, adapters off)")
-        d = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)
-        kl = jnp.exp(d) - d - 1.0
         per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation, max_tokens, n_tokens=n_tokens, n_seqs=n_seqs)
     n = jnp.maximum(mask.sum(), 1.0) if n_tokens is None else n_tokens
@@ -276,9 +282,8 @@ def policy_loss(
         advantage_mean=jnp.mean(advantages),
         advantage_std=jnp.std(advantages),
     )
-    if ref_logprobs is not None:
-        d = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)
-        aux["kl"] = token_mean(jnp.exp(d) - d - 1.0)
+    if kl is not None:
+        aux["kl"] = token_mean(kl)
     if sampler_logprobs is not None:
         aux["sampler_learner_gap"] = token_mean(jnp.abs(old_logprobs - sampler_logprobs))
     if entropy is not None:

@@ -19,26 +19,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from learners.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from learners.qwen2 import Qwen2ForCausalLM
+from learners.qwen2_config import Qwen2Config
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
-class HubUnavailableError(RuntimeError):
-    """The model is not on disk and the Hugging Face Hub cannot be reached.
+class HubUnavailableError(ConnectionError):
+    """A model that the Hugging Face Hub cannot give: a hub id whose snapshot is not in the local
+    cache and could not be downloaded.
 
     `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
-    when offline; str(exc) is both, "{reason}. {offline_hint}". envs.problems has a class of the
-    same name and shape for data sets: envs and learners never import each other, so a caller
-    that handles both catches the two classes and reads the same fields.
+    when offline; str(exc) is both, "{reason}. {offline_hint}". A ConnectionError, as `datasets`
+    raises for a Hub it cannot reach. envs.problems.HubUnavailableError is the same error for data
+    sets (the same base and fields; envs and learners never import each other): a caller that
+    handles both catches the two classes and reads the same fields (`except ConnectionError`
+    takes them too, among other connection errors that have no such fields).
     """
 
     def __init__(self, reason: str, offline_hint: str):
-        super().__init__(reason, offline_hint)
+        super().__init__(f"{reason}. {offline_hint}")
         self.reason, self.offline_hint = reason, offline_hint
 
-    def __str__(self) -> str:
-        return f"{self.reason}. {self.offline_hint}"
+    def __reduce__(self):
+        return type(self), (self.reason, self.offline_hint)
 
 
 def resolve(path_or_id: str) -> str:

@@ -2,11 +2,11 @@
 micro-batches, several optimisation passes (PPO epochs) over one rollout batch.
 
     state = init_state(model, cfg)                 # LoRA params, frozen base, optimizer state
-    state, metrics = grpo_step(state, batch, cfg)  # batch: a TrainBatch (DESIGN.md's contract)
+    state, metrics = grpo_step(state, batch, cfg)  # batch: a learners.batch.TrainBatch
     programs = lower_passes(abstract_state, cfg, rows=8, length=4096)   # a memory plan
 
 Memory scales with the work, not with the batch: episodes are sorted by length and cut into
-micro-batches padded to one of a few lengths (`plan_micro_batches`); each adds its exact share of
+micro-batches padded to one of a few lengths (learners.batch); each adds its exact share of
 the batch's loss and gradient; log-probabilities come from the hidden states a chunk of positions
 at a time (never the [B, T, V] logits); with one pass there is no separate old-log-probability
 pass, with several the old log-probabilities are computed once, before the first, so the ratio
@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from learners import grpo
+from learners.batch import MicroBatch, TrainBatch, micro_batches
 from learners.lora import lora_disabled
 
 
@@ -132,103 +132,13 @@ class GRPOConfig:
             )
 
 
-@dataclass(frozen=True)
-class TrainBatch:
-    """What a GRPO update trains on (DESIGN.md's rollout contract): one row per episode,
-    right-padded. agents.batch.RolloutBatch is one, with the episodes' stats besides.
-
-    tokens            int32 [B, T]   prompt, assistant turns and tool observations
-    loss_mask         int32 [B, T]   1 exactly on the tokens the policy sampled
-    rewards           float32 [B]
-    group_ids         int32 [B]      episodes of one problem share an id
-    sampler_logprobs  float32 [B, T] the sampler's log-probabilities (0 off the mask), or None
-    """
-
-    tokens: np.ndarray | jax.Array
-    loss_mask: np.ndarray | jax.Array
-    rewards: np.ndarray | jax.Array
-    group_ids: np.ndarray | jax.Array
-    sampler_logprobs: np.ndarray | jax.Array | None = dataclasses.field(default=None, kw_only=True)
-
-
-jax.tree_util.register_dataclass(
-    TrainBatch, data_fields=[f.name for f in dataclasses.fields(TrainBatch)], meta_fields=[]
-)
-
-
-MicroArray = np.ndarray | jax.Array | jax.ShapeDtypeStruct
-"""A MicroBatch's arrays: numpy as `micro_batches` cuts them, jax.Arrays once on the devices,
-shapes alone where `lower_passes` lowers the programs."""
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class MicroBatch:
-    """One forward/backward's rows of a TrainBatch, the longest first, cut to a padded length
-    from LENGTHS (so that a run compiles a few shapes, not one per batch), plus the advantages
-    [R] and the log-probabilities a pass compares with (None where not used). Rows past the
-    batch's episodes are filler: all-zero loss mask."""
-
-    tokens: MicroArray  # int32 [R, L]
-    loss_mask: MicroArray  # float32 [R, L]
-    advantages: MicroArray  # float32 [R]
-    sampler_logprobs: MicroArray | None = None
-    old_logprobs: MicroArray | None = None
-    ref_logprobs: MicroArray | None = None
-
-
-LENGTHS = tuple(sorted({m * 2**k for k in range(4, 20) for m in (2, 3)}))
-"""Padded lengths of micro-batches: 32, 48, 64, 96, ...: two a doubling, so that padding is at
-most a third of a row and a run meets at most two new shapes per doubling of its episodes."""
-
-
-def padded_length(n: int) -> int:
-    return next(x for x in LENGTHS if x >= n)
-
-
-def plan_micro_batches(lengths, cfg: GRPOConfig) -> list[tuple[np.ndarray, int, int]]:
-    """How a batch whose episodes need `lengths` [B] tokens (up to their last sampled one) is cut
-    into micro-batches: [(episode indices, rows, padded length)], longest episodes first.
-    Episodes without a sampled token are left out (they carry no loss). Rows are
-    micro_batch_size (the batch's size at most), or with micro_batch_tokens as many as the
-    budget allows at that length; a micro-batch with fewer episodes than rows is filled."""
-    lengths = np.asarray(lengths)
-    b = len(lengths)
-    order = [int(i) for i in np.argsort(-lengths, kind="stable") if lengths[i] > 0]
-    plan = []
-    while order:
-        length = padded_length(int(lengths[order[0]]))
-        if cfg.micro_batch_tokens is not None:
-            rows = max(1, min(cfg.micro_batch_tokens // length, b))
-        else:
-            rows = min(cfg.micro_batch_size or b, b)
-        plan.append((np.array(order[:rows]), rows, length))
-        order = order[rows:]
-    return plan
-
-
-def needed_lengths(loss_mask) -> np.ndarray:
-    """Tokens each row needs: up to and including its last sampled one (0 for none); what
-    follows cannot change the log-probability of a sampled token."""
-    mask = np.asarray(loss_mask) > 0
-    last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
-    return np.where(mask.any(1), last, 0)
-
-
-def _rows(x: np.ndarray, index: np.ndarray, rows: int, length: int) -> np.ndarray:
-    """x[index, :length], zero-padded to [rows, length]."""
-    out = np.zeros((rows, length) + x.shape[2:], x.dtype)
-    width = min(length, x.shape[1])
-    out[: len(index), :width] = x[index, :width]
-    return out
-
-
 def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
     if cfg.schedule == "cosine":
         if cfg.total_steps is None:
             raise ValueError(
-                "the cosine schedule needs GRPOConfig.total_steps (the run's steps x "
-                "ppo_epochs); GRPOLoop sets it"
+                "the cosine schedule needs its horizon: GRPOConfig(total_steps=...), the "
+                "optimizer steps of the whole run (a run's --steps x ppo_epochs), or "
+                'schedule="constant"'
             )
         lr = optax.warmup_cosine_decay_schedule(
             0.0,
@@ -358,52 +268,15 @@ def _apply(state: TrainState, grads, loss, cfg: GRPOConfig):
     )
 
 
-_grad_jit = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnames="cfg")
+def _loss_and_grad(state: TrainState, mb: MicroBatch, totals, cfg: GRPOConfig):
+    """((this micro-batch's share of the loss, its metrics), the gradient with respect to the
+    LoRA parameters, state.lora)."""
+    return jax.value_and_grad(_loss, has_aux=True)(state.lora, state, mb, totals, cfg)
+
+
+_grad_jit = jax.jit(_loss_and_grad, static_argnames="cfg")
 _apply_jit = jax.jit(_apply, static_argnames="cfg")
 _logprobs_jit = jax.jit(sequence_logprobs, static_argnames=("adapters", "chunk"))
-
-
-def micro_batches(batch: TrainBatch, cfg: GRPOConfig) -> tuple[list[MicroBatch], tuple, dict]:
-    """The batch cut as `plan_micro_batches` says (numpy, on the host), the batch's totals
-    (masked tokens, rows with any), and statistics: what the cut costs in padding, and the
-    advantages' mean and standard deviation."""
-    loss_mask = np.asarray(batch.loss_mask, np.float32)
-    tokens = np.asarray(batch.tokens, np.int32)
-    advantages = np.asarray(
-        grpo.group_advantages(
-            batch.rewards, batch.group_ids, cfg.scale_by_std, baseline=cfg.baseline
-        ),
-        np.float32,
-    )
-    sampler = (
-        None if batch.sampler_logprobs is None else np.asarray(batch.sampler_logprobs, np.float32)
-    )
-    lengths = needed_lengths(loss_mask)
-    plan = plan_micro_batches(lengths, cfg) or [(np.zeros(0, int), 1, LENGTHS[0])]
-    out = []
-    for index, rows, length in plan:
-        adv = np.zeros(rows, np.float32)
-        adv[: len(index)] = advantages[index]
-        out.append(
-            MicroBatch(
-                _rows(tokens, index, rows, length),
-                _rows(loss_mask, index, rows, length),
-                adv,
-                None if sampler is None else _rows(sampler, index, rows, length),
-            )
-        )
-    totals = (
-        np.float32(max(loss_mask.sum(), 1.0)),
-        np.float32(max((loss_mask.sum(-1) > 0).sum(), 1)),
-    )
-    computed = sum(rows * length for _, rows, length in plan)
-    stats = {
-        "micro_batches": len(plan),
-        "padding_frac": 1.0 - float(lengths.sum()) / computed if computed else 0.0,
-        "advantage_mean": float(advantages.mean()),
-        "advantage_std": float(advantages.std()),
-    }
-    return out, totals, stats
 
 
 def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None):
@@ -445,7 +318,7 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
     for epoch in range(cfg.ppo_epochs):
         acc = None
         for mb in mbs:
-            (_, aux), grads = _grad_jit(state.lora, state, mb, totals, cfg)
+            (_, aux), grads = _grad_jit(state, mb, totals, cfg)
             acc = (grads, aux) if acc is None else _add(acc, (grads, aux))
         assert acc is not None  # micro_batches cuts at least one
         grads, aux = acc
@@ -492,7 +365,7 @@ def lower_passes(
     )
     totals = (spec((), jnp.float32), spec((), jnp.float32))
     programs = {
-        "update": _grad_jit.lower(state.lora, state, mb, totals, cfg),
+        "update": _grad_jit.lower(state, mb, totals, cfg),
         "apply": _apply_jit.lower(state, state.lora, spec((), jnp.float32), cfg),
     }
     if cfg.ppo_epochs > 1:

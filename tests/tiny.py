@@ -76,7 +76,7 @@ def tiny_fields(variant: str | None = None, **overrides) -> dict:
 
 def tiny_config(variant: str | None = None, **overrides):
     """A learners.qwen2.Qwen2Config of `tiny_fields(variant, **overrides)`."""
-    from learners.qwen2 import Qwen2Config
+    from learners.qwen2_config import Qwen2Config
 
     return Qwen2Config(**tiny_fields(variant, **overrides))
 

@@ -14,16 +14,9 @@ from tiny import tiny_config, tiny_model
 
 from learners import grpo
 from learners.attention import causal_attention
+from learners.batch import LENGTHS, TrainBatch, needed_lengths, plan_micro_batches
 from learners.qwen2 import Qwen2ForCausalLM
-from learners.train import (
-    LENGTHS,
-    GRPOConfig,
-    TrainBatch,
-    grpo_step,
-    init_state,
-    needed_lengths,
-    plan_micro_batches,
-)
+from learners.train import GRPOConfig, grpo_step, init_state
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 

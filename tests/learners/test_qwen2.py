@@ -1,5 +1,6 @@
 """The Flax Qwen2 against Hugging Face transformers' torch Qwen2ForCausalLM."""
 
+import copy
 import json
 import os
 
@@ -12,7 +13,7 @@ from tiny import tiny_base_model
 from tiny_qwen import random_batch, torch_logits
 
 from learners.params import HubUnavailableError, from_pretrained, read_model_config, save_pretrained
-from learners.qwen2 import PRESETS, Qwen2Config
+from learners.qwen2_config import PRESETS, Qwen2Config
 
 
 @pytest.mark.parametrize("pad", [False, True])
@@ -83,8 +84,8 @@ def test_save_pretrained_round_trips_into_transformers(hf_model_dir, tmp_path):
 
 def test_sharded_bf16_checkpoint_and_separate_compute_dtype(hf_model_dir, tmp_path):
     _, _directory, hf = hf_model_dir
-    hf.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
-    hf.to(torch.float32)
+    # a copy: the session's shared model keeps its float32 weights for the tests after this one
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     bf16 = from_pretrained(str(tmp_path), dtype=jnp.bfloat16)
     assert bf16.embed_tokens.embedding.get_value().dtype == jnp.bfloat16

@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent("""
     from learners import grpo
     from tiny import tiny_model
     from learners.sharding import make_mesh, shard_batch, shard_state
-    from learners.train import GRPOConfig, TrainBatch, grpo_step, init_state, sequence_logprobs
+    from learners.batch import TrainBatch
+    from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
     GRAD_RTOL = 1e-5
     assert len(jax.devices()) == 8
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant", ppo_epochs=2,
