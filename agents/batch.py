@@ -1,6 +1,6 @@
 """The batch the GRPO learner trains on, and per-episode stats.
 
-The contract between rollout and learner is one typed batch, learners.train.TrainBatch (README,
+The contract between rollout and learner is one typed batch, learners.batch.TrainBatch (README,
 "How the parts fit"): one right-padded row per episode, whose tokens are exactly those the
 sampler produced with the environment's observations between them (the model's text is never
 re-tokenized); loss_mask is 1 exactly on the sampled tokens (0 in every row that keeps no
@@ -9,7 +9,7 @@ each (0 off the mask); one reward a row; the rows of one problem share a group i
 RolloutBatch is a TrainBatch with what the rollout knows besides.
 
 batch = rollouts.collect([3, 8], seed=0)     # agents.rollout.Rollouts
-state, metrics = grpo_step(state, batch, cfg)  # a RolloutBatch is a learners.train.TrainBatch
+state, metrics = grpo_step(state, batch, cfg)  # a RolloutBatch is a learners.batch.TrainBatch
 batch.metrics(), batch.distinct_completions(), batch.episodes[0].header()
 batch.select(batch.informative_rows()), RolloutBatch.concat([a, b], pad_id=0)
 """
