@@ -18,7 +18,7 @@
    transition after a plateau whose length depends on the seed, so phase a ends on the measured
    criterion, not after a fixed count (docs/results.md has the measurements behind this design).
 3. GRPO with LoRA on ToolMath-Arith-v0 through the JAX sampler and the sandbox: the same library
-   code (agents.rollout, learners.train, agents.training) as the main job.
+   code (toolgrpo.agents.rollout, toolgrpo.learners.train, toolgrpo.agents.training) as the main job.
 Held-out accuracy (pass@1 at temperature 1) and the tool-use rate are measured before and after,
 on problems the model never trained on. Writes DIR/summary.json, DIR/metrics.jsonl and
 DIR/arith_grpo.png.
@@ -31,11 +31,9 @@ How this departs from textbook GRPO (DeepSeekMath): no KL penalty (beta 0), clip
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from typing import Literal
 
 import numpy as np
 import tyro
+from arith_demonstrations import TokenRows, demonstration_probabilities, demonstrations, token_rows
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class Config:
     difficulty: int = 1
     """ToolMath-Arith difficulty (1-10)."""
     kinds: tuple[str, ...] = ("product",)
-    """Problem kinds (envs.problems.ArithProblems.KINDS). Products of two 3-digit numbers: a
+    """Problem kinds (toolgrpo.envs.problems.ArithProblems.KINDS). Products of two 3-digit numbers: a
     guess is almost never right, and the code only has to copy the two factors, which a tiny
     model learns within the budget (modpow/factorial_digits need a longer warm start)."""
     tool_fraction: float = 0.5
@@ -147,109 +146,6 @@ SYSTEM_PROMPT = "Run python in a ```python block if you need to; answer in \\box
 """Short instructions: a tiny model's context is better spent on the problem."""
 
 
-def solution_code(question: str, kind: str) -> str:
-    """The python a tool-using demonstration writes for an Arith problem."""
-    n = [int(x) for x in re.findall(r"\d+", question)]
-    if kind == "product":
-        return f"print({n[0]} * {n[1]})"
-    if kind == "modpow":
-        return f"print(pow({n[0]}, {n[1]}, {n[2]}))"
-    if kind == "factorial_digits":
-        return f"import math\nprint(sum(map(int, str(math.factorial({n[0]})))))"
-    raise ValueError(f"no demonstration for arith kind {kind!r}")
-
-
-def demonstration(problem, use_tool: bool, rng: random.Random) -> list[tuple[str, bool]]:
-    """The assistant's side of an episode as (text, learn) segments, split exactly where the
-    rollout splits the model's text from the tool's output (formatted by the protocol). A
-    guess teaches when to answer directly and the answer's format, not its digits: learning
-    random digits where a tool demonstration copies the factors unlearns the copy."""
-    from envs.protocols import MarkdownProtocol
-
-    answer = problem.answer
-    if not use_tool:  # a guess with as many digits as the answer: almost always wrong
-        guess = str(
-            rng.randrange(10 ** (len(answer) - 1) if len(answer) > 1 else 0, 10 ** len(answer))
-        )
-        return [("\\boxed{", True), (guess, False), ("}<|im_end|>", True)]
-    call = f"```python\n{solution_code(problem.question, problem.meta['kind'])}\n```\n"
-    return [
-        (call, True),
-        (MarkdownProtocol().format_output(answer, call), False),
-        (f"\\boxed{{{answer}}}<|im_end|>", True),
-    ]
-
-
-def demonstrations(make_env, problems, indices, rng: random.Random):
-    """(messages, segments) of a tool demonstration and of a guess for each problem index."""
-    env = make_env()
-    tool, guess = [], []
-    for i in indices:
-        _, info = env.reset(options={"index": i})
-        tool.append((info["messages"], demonstration(problems[i], True, rng)))
-        guess.append((info["messages"], demonstration(problems[i], False, rng)))
-    env.close()
-    return tool, guess
-
-
-@dataclass(frozen=True)
-class TokenRows:
-    """Demonstrations as right-padded token rows: tokens [N, T] int32, loss_mask [N, T] (1 on the
-    model's own text), start [N] (the first token the model writes)."""
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    start: np.ndarray
-
-    def sample(self, rng, batch: int) -> dict:
-        idx = rng.integers(0, len(self.tokens), batch)
-        return {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx]}
-
-
-def token_rows(tokenizer, demos, multiple: int = 32) -> TokenRows:
-    """Token rows of (messages, segments) demonstrations, encoded segment by segment as the
-    rollout encodes an episode (the prompt by the chat template)."""
-    rows = []
-    for messages, segments in demos:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        start, mask = len(ids), [0] * len(ids)
-        for text, learn in segments:
-            seg = tokenizer.encode(text, add_special_tokens=False)
-            ids, mask = ids + seg, mask + [int(learn)] * len(seg)
-        rows.append((ids, mask, start))
-    t = -(-max(len(r[0]) for r in rows) // multiple) * multiple
-    tokens = np.full((len(rows), t), tokenizer.pad_token_id, np.int32)
-    loss_mask = np.zeros((len(rows), t), np.int32)
-    for i, (ids, mask, _) in enumerate(rows):
-        tokens[i, : len(ids)], loss_mask[i, : len(ids)] = ids, mask
-    return TokenRows(tokens, loss_mask, np.array([r[2] for r in rows], np.int32))
-
-
-@functools.cache
-def _teacher_forced_logprobs():
-    from flax import nnx
-
-    from learners.grpo import token_logprobs
-
-    return nnx.jit(lambda model, tokens: token_logprobs(model(tokens), tokens))
-
-
-def demonstration_probabilities(model, rows: TokenRows) -> dict:
-    """Mean probabilities, teacher-forced, that the model writes each demonstration's own text
-    after its first token (which picks tool or guess): "code", its first segment (for a tool
-    demonstration the code), and "demonstration", all of it; "tool", the first token's."""
-    logprobs = np.asarray(_teacher_forced_logprobs()(model, rows.tokens))
-    mask = rows.loss_mask.astype(bool)
-    first = np.zeros_like(mask)
-    first[np.arange(len(mask)), rows.start] = True
-    # the first segment: the run of the model's own tokens that starts at `start`
-    segment = np.cumprod(np.where(np.arange(mask.shape[1]) >= rows.start[:, None], mask, 1), 1)
-    segment = segment.astype(bool) & (np.arange(mask.shape[1]) > rows.start[:, None])
-    prob = lambda m: float(np.mean(np.exp((logprobs * m).sum(1))))
-    return {"code": prob(segment), "demonstration": prob(mask & ~first), "tool": prob(first)}
-
-
 def warm_start(
     model, cfg: Config, tool_rows: TokenRows, mixed_rows: TokenRows, check_rows: TokenRows, log
 ) -> dict:
@@ -257,7 +153,7 @@ def warm_start(
     they measured."""
     from tqdm import tqdm
 
-    from learners.sft import SFTStep
+    from toolgrpo.learners.sft import SFTStep
 
     sft = SFTStep(model, learning_rate=cfg.sft_learning_rate, warmup_steps=30)
     order = np.random.default_rng(cfg.seed)
@@ -313,10 +209,10 @@ def main(cfg: Config) -> dict:
     import gymnasium as gym
     from flax import nnx
 
-    import envs  # noqa: F401 - registers the environments
-    from agents.rollout import RolloutConfig, Rollouts
-    from agents.sampler import JaxSampler
-    from agents.training import (
+    import toolgrpo.envs  # noqa: F401 - registers the environments
+    from toolgrpo.agents.rollout import RolloutConfig, Rollouts
+    from toolgrpo.agents.sampler import JaxSampler
+    from toolgrpo.agents.training import (
         Evaluation,
         GRPOLoop,
         Interrupted,
@@ -325,14 +221,14 @@ def main(cfg: Config) -> dict:
         fit,
         run_environment,
     )
-    from agents.training.cli import configure_logging, one_line_errors
-    from agents.training.rundir import prepare_run_directory
-    from envs.problems import ArithProblems
-    from learners.lora import apply_lora
-    from learners.qwen2 import Qwen2ForCausalLM
-    from learners.qwen2_config import Qwen2Config
-    from learners.tokenizer import train_chat_tokenizer
-    from learners.train import GRPOConfig, init_state
+    from toolgrpo.agents.training.cli import configure_logging, one_line_errors
+    from toolgrpo.agents.training.rundir import prepare_run_directory
+    from toolgrpo.envs.problems import ArithProblems
+    from toolgrpo.learners.lora import apply_lora
+    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.qwen2_config import Qwen2Config
+    from toolgrpo.learners.tokenizer import train_chat_tokenizer
+    from toolgrpo.learners.train import GRPOConfig, init_state
 
     configure_logging()
     cfg = cfg.shortened()
