@@ -1,15 +1,15 @@
 """The batch the GRPO learner trains on, and per-episode stats.
 
-The contract between rollout and learner is one typed batch, learners.batch.TrainBatch (README,
+The contract between rollout and learner is one typed batch, toolgrpo.learners.batch.TrainBatch (README,
 "How the parts fit"): one right-padded row per episode, whose tokens are exactly those the
 sampler produced with the environment's observations between them (the model's text is never
 re-tokenized); loss_mask is 1 exactly on the sampled tokens (0 in every row that keeps no
-loss: agents.shaping.keeps_loss), and sampler_logprobs holds the sampler's log-probability of
+loss: toolgrpo.agents.shaping.keeps_loss), and sampler_logprobs holds the sampler's log-probability of
 each (0 off the mask); one reward a row; the rows of one problem share a group id. A
 RolloutBatch is a TrainBatch with what the rollout knows besides.
 
-batch = rollouts.collect([3, 8], seed=0)     # agents.rollout.Rollouts
-state, metrics = grpo_step(state, batch, cfg)  # a RolloutBatch is a learners.batch.TrainBatch
+batch = rollouts.collect([3, 8], seed=0)     # toolgrpo.agents.rollout.Rollouts
+state, metrics = grpo_step(state, batch, cfg)  # a RolloutBatch is a toolgrpo.learners.batch.TrainBatch
 batch.metrics(), batch.distinct_completions(), batch.episodes[0].header()
 batch.select(batch.informative_rows()), RolloutBatch.concat([a, b], pad_id=0)
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from learners.batch import TrainBatch
+from toolgrpo.learners.batch import TrainBatch
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class EpisodeStats:
     gold_answer: str | None = None
     """The problem's reference answer."""
     void_turns: int = 0
-    """Turns that yielded neither a complete tool call nor a final answer (agents.shaping)."""
+    """Turns that yielded neither a complete tool call nor a final answer (toolgrpo.agents.shaping)."""
 
     def header(self) -> str:
         """One line for a transcript: problem, verdict, reward and its components, answers."""

@@ -2,7 +2,7 @@
 text the template puts around a tool's output, a turn's text as the environment records it, and
 where an episode's tokens part from the template's rendering of its conversation.
 
-Token in, token out: a rollout (agents.rollout) appends the model's own tokens and tokenizes only
+Token in, token out: a rollout (toolgrpo.agents.rollout) appends the model's own tokens and tokenizes only
 what the environment adds, with the template's exact boundaries, so that an episode's tokens
 decode to the template's rendering of the environment's conversation.
 
@@ -14,7 +14,7 @@ follows depends on where the template puts a tool's output:
   (`tool_turn_text`'s "before") loses its own copy (`tool_message_text`);
 * inside the assistant's message (the "markdown" protocol: ```output fences): the template has
   no end of turn there, so the sampled token is taken back before the output is appended
-  (agents.episode.Episode.take_back_end_of_turn).
+  (toolgrpo.agents.episode.Episode.take_back_end_of_turn).
 A turn that ends the episode keeps its end of turn; a last turn cut by its budget never sampled
 one (`template_mismatch` allows for that).
 """

@@ -1,4 +1,4 @@
-"""One episode as agents.rollout plays it: its tokens so far (prompt, turns, observations), a
+"""One episode as toolgrpo.agents.rollout plays it: its tokens so far (prompt, turns, observations), a
 loss-mask bit and a log-probability for each, what it has counted, and, once it has ended, its
 EpisodeStats.
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.batch import EpisodeStats, RolloutBatch
-from agents.chat import prompt_tokens
+from toolgrpo.agents.batch import EpisodeStats, RolloutBatch
+from toolgrpo.agents.chat import prompt_tokens
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Episode:
     group: int
     index: int
     env: Any
-    """The environment it plays in (pooled by agents.rollout.Rollouts)."""
+    """The environment it plays in (pooled by toolgrpo.agents.rollout.Rollouts)."""
     tokens: list[int]
     """Its tokens so far; at first the prompt."""
     prompt_len: int
@@ -44,7 +44,7 @@ class Episode:
     """The adapter version of each turn's sample."""
     turns: int = 0
     void_turns: int = 0
-    """Turns that yielded neither a complete tool call nor a final answer (agents.shaping)."""
+    """Turns that yielded neither a complete tool call nor a final answer (toolgrpo.agents.shaping)."""
     cut: bool = False
     """Whether the last turn's generation was cut by its token budget."""
     closed_turn: bool = False
@@ -61,7 +61,7 @@ class Episode:
     @classmethod
     def start(cls, env, tokenizer, group: int, index: int, member: int) -> Episode:
         """An episode of problem `index` in `env`, reset: its prompt is the chat template's
-        rendering of the environment's first messages (agents.chat.prompt_tokens)."""
+        rendering of the environment's first messages (toolgrpo.agents.chat.prompt_tokens)."""
         tokens, info = prompt_tokens(env, tokenizer, index)
         role = "tool" if info.get("protocol") == "qwen" else "assistant"
         return cls(
@@ -95,7 +95,7 @@ class Episode:
     def take_back_end_of_turn(self, special_ids: Collection[int]) -> None:
         """Remove the last token if the model sampled it and it is a special token: the end of
         turn the model closed its turn with, where the chat template has none (a tool's output
-        that continues the assistant's message: agents.rollout, "End of turn")."""
+        that continues the assistant's message: toolgrpo.agents.rollout, "End of turn")."""
         if self.mask[-1] and self.tokens[-1] in special_ids:
             del self.tokens[-1], self.mask[-1], self.logprobs[-1]
 

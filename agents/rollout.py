@@ -4,27 +4,27 @@
     batch = rollouts.collect(problem_indices=[3, 8], seed=0)   # G episodes for each problem
     state, metrics = grpo_step(state, batch, cfg)
 
-Each episode (agents.episode.Episode): the chat template renders the environment's first
+Each episode (toolgrpo.agents.episode.Episode): the chat template renders the environment's first
 messages into prompt tokens; the sampler generates until a tool-call stop sequence, end of
 sequence or the turn budget; the text of the turn goes to `env.step`; the observation is
-tokenized once, here, with the chat template's exact boundaries (agents.chat) and appended with
+tokenized once, here, with the chat template's exact boundaries (toolgrpo.agents.chat) and appended with
 loss mask 0; the episode goes on until the environment ends it, or `truncation` does.
 
 Token in, token out: the batch holds exactly the tokens the sampler produced (model text is never
 re-tokenized); those tokens decode to the chat template's rendering of the environment's
-conversation (`RolloutConfig.check_template` verifies it; agents.chat, "End of turn", says what
+conversation (`RolloutConfig.check_template` verifies it; toolgrpo.agents.chat, "End of turn", says what
 becomes of the end-of-turn token). Each episode samples with its own seed. A turn's budget is
 capped to the room its context has left; an episode cut by `max_total_tokens` ends as truncated
 ("context"), with reward 0, never as a crash. An episode whose sandbox server died under a tool
 call (the environment's info["crashed"]) ends as truncated ("crashed"), and its row carries no
 loss (the fault was not the model's); the other episodes go on. As RolloutConfig says, episodes
 with a void turn (SimpleTIR) or truncated ones (DAPO) lose their loss too, and the soft overlong
-penalty joins the reward (agents.shaping).
+penalty joins the reward (toolgrpo.agents.shaping).
 
 Generation and tool calls overlap: episodes whose tool call is running sit out the next generation
 round while every other episode goes on, so a slow call does not stall the batch. A sampler or
 environment error ends the whole collection with that error: there is no partial batch (the
-training loop replays a collection whose sampler failed: agents.training.loop).
+training loop replays a collection whose sampler failed: toolgrpo.agents.training.loop).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agents.batch import RolloutBatch
-from agents.chat import action_text, template_mismatch, tool_message_text, tool_turn_text
-from agents.episode import Episode, batch_of
-from agents.sampling import Sample, Sampler, SamplingParams
-from agents.shaping import TRUNCATION_MASKS, keeps_loss, overlong_penalty, void_turn
+from toolgrpo.agents.batch import RolloutBatch
+from toolgrpo.agents.chat import action_text, template_mismatch, tool_message_text, tool_turn_text
+from toolgrpo.agents.episode import Episode, batch_of
+from toolgrpo.agents.sampling import Sample, Sampler, SamplingParams
+from toolgrpo.agents.shaping import TRUNCATION_MASKS, keeps_loss, overlong_penalty, void_turn
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class RolloutConfig:
     mask_void_turns: bool = False
     """Drop from the loss every episode with a void turn (SimpleTIR, arXiv 2509.02479): a turn
     that yields neither a complete tool call nor a final answer (cut by a token budget, an
-    unparseable call, an answer without \\boxed{}; agents.shaping.void_turn). The rewards still
+    unparseable call, an answer without \\boxed{}; toolgrpo.agents.shaping.void_turn). The rewards still
     count in the group's baseline. Off by default: it also removes the only negative signal
     against such turns, which a small model makes often early on, and SimpleTIR's gain was
     measured on long multi-turn budgets (7B and 32B models); turn it on where gradient-norm
@@ -84,7 +84,7 @@ class RolloutConfig:
     overlong_buffer: int = 0
     """DAPO's soft overlong punishment: the last this-many tokens of max_total_tokens are a zone
     where the reward falls linearly, from 0 at its start to -overlong_penalty at the budget
-    (agents.shaping.overlong_penalty; the length is the episode's whole row, prompt and tool
+    (toolgrpo.agents.shaping.overlong_penalty; the length is the episode's whole row, prompt and tool
     output included, which is what the budget bounds). 0 (default): off. DAPO: 4096 of 20480."""
     overlong_penalty: float = 1.0
     """The penalty at the end of the budget (DAPO: 1, the size of the correctness reward)."""
@@ -163,7 +163,7 @@ class Rollouts:
 
     `make_env()` builds one environment (for example `lambda: gym.make("ToolMath-AIME-v0")`);
     environments are pooled and reused across `collect` calls. The environment must give
-    `info["messages"]` (chat form) and `info["stop"]` at reset, like `envs.ToolMathEnv`.
+    `info["messages"]` (chat form) and `info["stop"]` at reset, like `toolgrpo.envs.ToolMathEnv`.
     """
 
     def __init__(
@@ -308,7 +308,7 @@ class Rollouts:
         why = truncation(ep.room(self.cfg.max_total_tokens), model_writes_next=ep.cut)
         if why is None:
             return True
-        ep.void_turns += 1  # cut: whatever the turn began is incomplete (agents.shaping)
+        ep.void_turns += 1  # cut: whatever the turn began is incomplete (toolgrpo.agents.shaping)
         self._end(ep, truncated=why)
         return False
 
@@ -344,7 +344,7 @@ class Rollouts:
         (`truncation` then ends the episode)."""
         if ep.closed_turn and ep.observation_role == "assistant":
             # the output continues the assistant's message, where the chat template has no end
-            # of turn: the one the model sampled is taken back (agents.chat, "End of turn")
+            # of turn: the one the model sampled is taken back (toolgrpo.agents.chat, "End of turn")
             ep.take_back_end_of_turn(self.tokenizer.all_special_ids)
         tokens = self._observation_tokens(ep, observation, ep.closed_turn)
         ep.append(tokens[: max(ep.room(self.cfg.max_total_tokens), 0)], False)
@@ -373,9 +373,9 @@ class Rollouts:
                 keep.append(env)
         self._envs = keep
 
-    # -- the chat template's boundaries (agents.chat) -------------------------------------------
+    # -- the chat template's boundaries (toolgrpo.agents.chat) -------------------------------------------
     def _tool_turn(self) -> tuple[str, str]:
-        """The template's text around a tool message (agents.chat.tool_turn_text), read once."""
+        """The template's text around a tool message (toolgrpo.agents.chat.tool_turn_text), read once."""
         if self._tool_boundary is None:
             boundary = tool_turn_text(self.tokenizer)
             if boundary is None:
@@ -389,7 +389,7 @@ class Rollouts:
 
     def _observation_tokens(self, ep: Episode, observation: str, closed_turn: bool) -> list[int]:
         """The tokens an observation appends: the output alone where it continues the
-        assistant's message, else the output as a tool message (agents.chat, "End of turn")."""
+        assistant's message, else the output as a tool message (toolgrpo.agents.chat, "End of turn")."""
         if ep.observation_role == "assistant":
             text = observation
         else:
@@ -398,7 +398,7 @@ class Rollouts:
 
     def _check_template(self, ep: Episode) -> None:
         """RolloutConfig.check_template: the episode's tokens decode to the chat template's
-        rendering of the environment's conversation (agents.chat.template_mismatch)."""
+        rendering of the environment's conversation (toolgrpo.agents.chat.template_mismatch)."""
         where = template_mismatch(
             self.tokenizer, ep.tokens, ep.last_info.get("messages", []), ep.tools
         )

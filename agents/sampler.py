@@ -1,4 +1,4 @@
-"""JaxSampler (an agents.sampling.Sampler): token prompts in, token ids + log-probabilities +
+"""JaxSampler (an toolgrpo.agents.sampling.Sampler): token prompts in, token ids + log-probabilities +
 text + finish reason out.
 
 `JaxSampler` runs the learner's own Qwen2 (+ LoRA) in-process with the KV cache: no server, no
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agents.sampling import Sample, SamplingParams, check_per_prompt
+from toolgrpo.agents.sampling import Sample, SamplingParams, check_per_prompt
 
 
 def _round_up(x: int, m: int) -> int:
@@ -149,7 +149,7 @@ class JaxSampler:
         self.adapter_version = version
 
     def recover(self) -> None:
-        """Nothing to bring back: the sampler runs in this process (agents.sampling.Sampler)."""
+        """Nothing to bring back: the sampler runs in this process (toolgrpo.agents.sampling.Sampler)."""
 
     def _programs(self, graphdef):
         """The jitted prefill and decode programs of the model's graph. The graph is bound by

@@ -6,8 +6,8 @@ LoRA adapter).
     groups = sampler.generate(prompts, SamplingParams(n=8), adapter_version=3)
     sampler.sync_adapter(model, version=4)              # the learner updated the adapter
 
-The three samplers of this package (agents.sampler.JaxSampler, agents.vllm_client.VLLMSampler,
-agents.vllm_pool.VLLMPool) satisfy it; Rollouts, GRPOLoop and the rollout pipeline take any
+The three samplers of this package (toolgrpo.agents.sampler.JaxSampler, toolgrpo.agents.vllm_client.VLLMSampler,
+toolgrpo.agents.vllm_pool.VLLMPool) satisfy it; Rollouts, GRPOLoop and the rollout pipeline take any
 object that does (a structural type: no base class to inherit). This module imports no model
 code (no jax), so that a client of a server needs none.
 """
@@ -111,5 +111,5 @@ class Sampler(Protocol):
 
     def recover(self) -> None:
         """After a failed `generate`: bring the engine back with the adapter it holds (a
-        restarted or reloaded server), or raise agents.vllm_client.ServerDown."""
+        restarted or reloaded server), or raise toolgrpo.agents.vllm_client.ServerDown."""
         ...

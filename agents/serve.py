@@ -1,10 +1,10 @@
 """The JAX sampler behind the subset of vLLM's OpenAI-compatible HTTP API that ToolGRPO uses.
 
-    python -m agents.serve MODEL_DIR --port 8000 --enable-lora --max-lora-rank 128
+    python -m toolgrpo.agents.serve MODEL_DIR --port 8000 --enable-lora --max-lora-rank 128
 
 Any OpenAI-compatible client can query a (trained) model locally through it, and the VLLMSampler's
 tests run against it with no GPU. It takes `vllm serve`'s flags (those it does not need are
-accepted and ignored) so that `agents.vllm_server.VLLMServer` launches either.
+accepted and ignored) so that `toolgrpo.agents.vllm_server.VLLMServer` launches either.
 
 Endpoints (as vLLM answers them):
 * GET /health, GET /v1/models (the base model and every loaded adapter, with "parent")
@@ -31,8 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from flax import nnx
 
-from agents.sampler import JaxSampler
-from agents.sampling import SamplingParams
+from toolgrpo.agents.sampler import JaxSampler
+from toolgrpo.agents.sampling import SamplingParams
 
 
 class APIError(Exception):
@@ -89,7 +89,7 @@ class CompletionService:
         return {"object": "list", "data": data}
 
     def load_adapter(self, body: dict) -> str:
-        from learners.lora import load_peft_adapter
+        from toolgrpo.learners.lora import load_peft_adapter
 
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path:
@@ -326,8 +326,8 @@ def main(argv=None) -> None:
         parser.error("give the model (positional or --model)")
     import jax.numpy as jnp
 
-    from learners.params import from_pretrained
-    from learners.tokenizer import load_tokenizer
+    from toolgrpo.learners.params import from_pretrained
+    from toolgrpo.learners.tokenizer import load_tokenizer
 
     model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
     tokenizer = load_tokenizer(args.tokenizer or args.model)

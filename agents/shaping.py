@@ -1,6 +1,6 @@
 """What the rollout does to finished episodes before the learner sees them: which rows keep their
 loss (void turns, truncation, crashes) and the soft overlong penalty. Pure functions; the
-rollout (agents.rollout) applies them as RolloutConfig says.
+rollout (toolgrpo.agents.rollout) applies them as RolloutConfig says.
 
 Sources:
 * Void turns: Xue et al. 2025, SimpleTIR, arXiv 2509.02479: a turn that yields neither a

@@ -1,7 +1,7 @@
 """VLLMSampler: samples through a vLLM server's OpenAI-compatible API; the errors it raises.
 
     with VLLMServer("Qwen/Qwen2.5-0.5B-Instruct", max_lora_rank=128) as server:
-        sampler = VLLMSampler(server.url, tokenizer, server=server)  # server: agents.vllm_server
+        sampler = VLLMSampler(server.url, tokenizer, server=server)  # server: toolgrpo.agents.vllm_server
         sampler.sync_adapter(model, version=1)           # PEFT files -> /v1/load_lora_adapter
         groups = sampler.generate(prompts, SamplingParams(n=8, stop=("</tool_call>",)))
 
@@ -18,7 +18,7 @@ backoff; then ServerError (ServerUnreachable when nothing answered) says which s
 and how to start one. After such a failure `recover()` brings the server back: it restarts the
 server this job launched (`server`), or waits, with backoff up to `recover_s`, for one given by
 URL, and reloads the adapter the sampler held (ServerDown when it does not come back); the
-training loop then replays the failed collection (agents.training.loop).
+training loop then replays the failed collection (toolgrpo.agents.training.loop).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from agents.sampling import Sample, SamplingParams, check_per_prompt
+from toolgrpo.agents.sampling import Sample, SamplingParams, check_per_prompt
 
 if TYPE_CHECKING:
-    from agents.vllm_server import VLLMServer
+    from toolgrpo.agents.vllm_server import VLLMServer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def recoverable(exc: BaseException) -> ServerError | None:
 
 
 class VLLMSampler:
-    """A client of vLLM's OpenAI-compatible server (or agents.serve), with versioned adapters."""
+    """A client of vLLM's OpenAI-compatible server (or toolgrpo.agents.serve), with versioned adapters."""
 
     def __init__(
         self,
@@ -159,7 +159,7 @@ class VLLMSampler:
         raise ServerUnreachable(
             f"the vLLM server at {self.url} is unreachable ({path}, {self.retries + 1} tries): "
             f"{last}. Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL "
-            "--enable-lora --max-lora-rank R` (agents.vllm_server.VLLMServer does), or use the "
+            "--enable-lora --max-lora-rank R` (toolgrpo.agents.vllm_server.VLLMServer does), or use the "
             "JAX sampler."
         )
 
@@ -201,7 +201,7 @@ class VLLMSampler:
 
     def sync_adapter(self, model, version: int) -> str:
         """Write the model's LoRA adapter in PEFT format and load it as `version`."""
-        from learners.lora import save_peft_adapter
+        from toolgrpo.learners.lora import save_peft_adapter
 
         path = os.path.join(self.adapter_dir, f"v{version}")
         save_peft_adapter(model, path)

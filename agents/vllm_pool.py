@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from agents.sampling import Sample, SamplingParams, check_per_prompt
-from agents.vllm_client import StaleAdapterError, VLLMSampler
+from toolgrpo.agents.sampling import Sample, SamplingParams, check_per_prompt
+from toolgrpo.agents.vllm_client import StaleAdapterError, VLLMSampler
 
 
 class VLLMPool:
@@ -49,7 +49,7 @@ class VLLMPool:
     def sync_adapter(self, model, version: int) -> None:
         """Write the model's LoRA adapter once (PEFT), load it on every server, and only then
         tag samples with `version`."""
-        from learners.lora import save_peft_adapter
+        from toolgrpo.learners.lora import save_peft_adapter
 
         path = os.path.join(self.adapter_dir, f"v{version}")
         save_peft_adapter(model, path)

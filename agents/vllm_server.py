@@ -1,9 +1,9 @@
-"""VLLMServer: launches vLLM's OpenAI-compatible server (or agents.serve, which takes the same
+"""VLLMServer: launches vLLM's OpenAI-compatible server (or toolgrpo.agents.serve, which takes the same
 flags) as a subprocess with LoRA enabled, waits until it is healthy, restarts it, and stops its
 whole process group.
 
     with VLLMServer("Qwen/Qwen2.5-0.5B-Instruct", max_lora_rank=128) as server:
-        sampler = VLLMSampler(server.url, tokenizer, server=server)   # agents.vllm_client
+        sampler = VLLMSampler(server.url, tokenizer, server=server)   # toolgrpo.agents.vllm_client
 
 Given as `server=`, the sampler's `recover()` restarts it when it dies.
 """
@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Self
 
-from agents.vllm_client import ServerError
+from toolgrpo.agents.vllm_client import ServerError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class VLLMServer:
     it is healthy, and stops it on exit.
 
     The command is `vllm_command()` (vLLM's API server module) unless `command` replaces it
-    (`python_serve_command()` runs agents.serve, which takes the same flags). The server gets
+    (`python_serve_command()` runs toolgrpo.agents.serve, which takes the same flags). The server gets
     `--generation-config vllm` (`generation_config`), so it never applies the model's
     generation_config.json to a request (the client sends every sampling field too),
     `--max-lora-rank` rounded up to a rank vLLM accepts, and `--max-loras 2` (the adapter in use
@@ -198,5 +198,5 @@ class VLLMServer:
 
 
 def python_serve_command() -> list[str]:
-    """The command that runs agents.serve with this interpreter (for VLLMServer(command=...))."""
-    return [sys.executable, "-m", "agents.serve"]
+    """The command that runs toolgrpo.agents.serve with this interpreter (for VLLMServer(command=...))."""
+    return [sys.executable, "-m", "toolgrpo.agents.serve"]

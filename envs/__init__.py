@@ -20,4 +20,4 @@ _KWARGS = {
 
 for _id in ENV_IDS:
     if _id not in registry:
-        register(id=_id, entry_point="envs.toolmath:ToolMathEnv", kwargs=_KWARGS[_id])
+        register(id=_id, entry_point="toolgrpo.envs.toolmath:ToolMathEnv", kwargs=_KWARGS[_id])

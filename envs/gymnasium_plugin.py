@@ -1,11 +1,11 @@
 """Registers ToolGRPO's environments the moment Gymnasium is imported, in any program.
 
 Gymnasium 1.x discovers no plugins (0.x read the `gymnasium.envs` entry points; 1.0 dropped them),
-so `gym.make("ToolMath-AIME-v0")` would fail in another project until something imported `envs`.
+so `gym.make("ToolMath-AIME-v0")` would fail in another project until something imported `toolgrpo.envs`.
 The installed package therefore ships `toolgrpo_gymnasium.pth`, a one-line start-up file that
 imports this module, which the wheel places at the top level as `_toolgrpo_gymnasium`. It uses
 the standard library only and imports nothing at start-up: it puts a finder in front of
-`sys.meta_path` that, once Gymnasium's `gymnasium.envs` has loaded, imports `envs`, whose import
+`sys.meta_path` that, once Gymnasium's `gymnasium.envs` has loaded, imports `toolgrpo.envs`, whose import
 registers the ids (with string entry points: the environments' code loads at `gym.make`).
 
 An editable install holds a copy of this file: after editing it, run
@@ -20,7 +20,7 @@ _TRIGGER = "gymnasium.envs"
 
 
 class _RegisterAfterLoad:
-    """Gymnasium's own loader for `gymnasium.envs`, followed by `import envs`."""
+    """Gymnasium's own loader for `gymnasium.envs`, followed by `import toolgrpo.envs`."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -56,7 +56,7 @@ class _GymnasiumFinder:
 
 def _register() -> None:
     try:
-        __import__("envs")
+        __import__("toolgrpo.envs")
     # a broken install must not break every program that uses Gymnasium
     except Exception as exc:  # noqa: BLE001 - reported below, whatever it is
         # This runs when the program imports Gymnasium, in its logging setup or in none: then

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from envs.answers import last_boxed, parse_integer
+from toolgrpo.envs.answers import last_boxed, parse_integer
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Problem:
     answer: str
     """The reference answer, as text (an integer for AIME and Arith)."""
     answer_kind: str = "auto"
-    """"integer", "math" (math-verify) or "auto"; see envs.answers.answers_match."""
+    """"integer", "math" (math-verify) or "auto"; see toolgrpo.envs.answers.answers_match."""
     meta: dict = field(default_factory=dict, compare=False)
 
 
@@ -48,7 +48,7 @@ class HubUnavailableError(ConnectionError):
 
     `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
     when offline; str(exc) is both, "{reason}. {offline_hint}". A ConnectionError, as `datasets`
-    raises for a Hub it cannot reach. learners.params.HubUnavailableError is the same error for
+    raises for a Hub it cannot reach. toolgrpo.learners.params.HubUnavailableError is the same error for
     models (the same base and fields; envs and learners never import each other): a caller that
     handles both catches the two classes and reads the same fields (`except ConnectionError`
     takes them too, among other connection errors that have no such fields).

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from envs.answers import last_boxed
+from toolgrpo.envs.answers import last_boxed
 
 PYTHON_TOOL: dict[str, Any] = {  # a JSON schema: values of every JSON type
     "type": "function",

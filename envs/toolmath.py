@@ -10,9 +10,9 @@ from typing import Any
 
 import gymnasium as gym
 
-from envs.answers import answers_match
-from envs.problems import ArithProblems, Problem, load_problems
-from envs.protocols import (
+from toolgrpo.envs.answers import answers_match
+from toolgrpo.envs.problems import ArithProblems, Problem, load_problems
+from toolgrpo.envs.protocols import (
     FinalAnswer,
     ParseFailure,
     ToolCall,
@@ -20,8 +20,8 @@ from envs.protocols import (
     get_protocol,
     truncate_middle,
 )
-from envs.rewards import RewardWeights, ToolStats, reward_components
-from envs.sandbox import PythonSandbox, SandboxError, SandboxSession, shared_sandbox
+from toolgrpo.envs.rewards import RewardWeights, ToolStats, reward_components
+from toolgrpo.envs.sandbox import PythonSandbox, SandboxError, SandboxSession, shared_sandbox
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ class ToolMathEnv(gym.Env):
     * `split`: data set split ("train"/"test"). `difficulty`, `data_seed`: for "arith".
     * `protocol`: "markdown" (default) or "qwen". `max_turns` (4), `max_chars` (32000).
     * `tool_timeout_s` (10): per call. `max_output_chars` (2000): output shown to the model, head
-      and tail kept. `reward_weights`: `envs.rewards.RewardWeights`.
+      and tail kept. `reward_weights`: `toolgrpo.envs.rewards.RewardWeights`.
     * `traceback_lines` (20): a failed call's traceback is cut to its header and its last this
-      many lines, with "[... N lines cut ...]" where the cut is (`envs.protocols.cut_traceback`),
+      many lines, with "[... N lines cut ...]" where the cut is (`toolgrpo.envs.protocols.cut_traceback`),
       before `max_output_chars` applies; None: whole.
     * `sandbox`: a `PythonSandbox` (default: one shared by the process).
     * `system_prompt`: replaces the protocol's instructions (which explain the tool format).

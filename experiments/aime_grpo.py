@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import sys
 
-from agents.training import Config, train
-from agents.training.cli import configure_logging, exit_codes, load_config, one_line_errors
+from toolgrpo.agents.training import Config, train
+from toolgrpo.agents.training.cli import configure_logging, exit_codes, load_config, one_line_errors
 
 OFFLINE_HINT = (
     "offline? run with local files: python experiments/aime_grpo.py --model.name DIR "

@@ -129,9 +129,9 @@ def jax_side(shape: dict, steps: int, seed: int, dtype_name: str | None = None) 
     import optax
     from flax import nnx
 
-    from learners.lora import apply_lora
-    from learners.qwen2 import Qwen2ForCausalLM
-    from learners.qwen2_config import Qwen2Config
+    from toolgrpo.learners.lora import apply_lora
+    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.qwen2_config import Qwen2Config
 
     gpu = jax.default_backend() == "gpu"
     dtype = getattr(jnp, dtype_name) if dtype_name else (jnp.bfloat16 if gpu else jnp.float32)
@@ -222,10 +222,10 @@ def memory_plan(args: Args, name: str) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from learners.lora import apply_lora
-    from learners.qwen2 import Qwen2ForCausalLM
-    from learners.qwen2_config import Qwen2Config
-    from learners.train import GRPOConfig, init_state, lower_passes
+    from toolgrpo.learners.lora import apply_lora
+    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.qwen2_config import Qwen2Config
+    from toolgrpo.learners.train import GRPOConfig, init_state, lower_passes
 
     shape = shape_of(args, name)
     dtype = getattr(jnp, args.dtype or "bfloat16")

@@ -1,4 +1,4 @@
-"""Benchmark pipelined GRPO steps against synchronous ones: the same loop (agents.training.fit,
+"""Benchmark pipelined GRPO steps against synchronous ones: the same loop (toolgrpo.agents.training.fit,
 Rollouts, the environment, the JAX learner) run with max_staleness 0 and then 1, in one run.
 
     uv run python experiments/bench_pipeline.py            # a table
@@ -64,7 +64,7 @@ class Args:
 
 
 class LatencyEngine:
-    """A sampler (agents.sampler's interface) that sleeps `per_token_s` a token of a round's
+    """A sampler (toolgrpo.agents.sampler's interface) that sleeps `per_token_s` a token of a round's
     longest sample. Each sample is "<the product or a wrong number>" boxed, padded with words to
     `new_tokens` tokens; log-probabilities are a constant."""
 
@@ -77,12 +77,12 @@ class LatencyEngine:
         self.adapter_version = version
 
     def recover(self) -> None:
-        """Nothing to bring back: it runs in this process (agents.sampling.Sampler)."""
+        """Nothing to bring back: it runs in this process (toolgrpo.agents.sampling.Sampler)."""
 
     def generate(self, prompts, params, adapter_version=None, *, seeds=None, max_new_tokens=None):
         import re
 
-        from agents.sampler import Sample
+        from toolgrpo.agents.sampler import Sample
 
         version = self.adapter_version if adapter_version is None else adapter_version
         out, longest = [], 0
@@ -135,12 +135,12 @@ def build(args: Args):
     """(tokenizer, a fresh learner factory, make_env) for the benchmark."""
     from flax import nnx
 
-    from envs.problems import Problem
-    from envs.toolmath import ToolMathEnv
-    from learners.lora import apply_lora
-    from learners.qwen2 import Qwen2ForCausalLM
-    from learners.qwen2_config import Qwen2Config
-    from learners.tokenizer import train_chat_tokenizer
+    from toolgrpo.envs.problems import Problem
+    from toolgrpo.envs.toolmath import ToolMathEnv
+    from toolgrpo.learners.lora import apply_lora
+    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.qwen2_config import Qwen2Config
+    from toolgrpo.learners.tokenizer import train_chat_tokenizer
 
     rng = random.Random(0)
     pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(512)]
@@ -181,10 +181,10 @@ def run_side(
 ) -> dict:
     """fit over args.steps steps with `max_staleness`: steps a second after the first step,
     the mean staleness, the mean collection and update times."""
-    from agents.rollout import RolloutConfig, Rollouts
-    from agents.training import GRPOLoop, ProblemOrder, fit
-    from agents.training.loop import sampler_copy
-    from learners.train import GRPOConfig, init_state
+    from toolgrpo.agents.rollout import RolloutConfig, Rollouts
+    from toolgrpo.agents.training import GRPOLoop, ProblemOrder, fit
+    from toolgrpo.agents.training.loop import sampler_copy
+    from toolgrpo.learners.train import GRPOConfig, init_state
 
     model = learner()
     sampler_model = sampler_copy(model) if max_staleness else model
@@ -224,8 +224,8 @@ def calibrate(args: Args, tokenizer, learner, make_env, n_problems: int) -> tupl
     a step's generation take that long)."""
     import jax
 
-    from agents.rollout import RolloutConfig, Rollouts
-    from learners.train import GRPOConfig, grpo_step, init_state
+    from toolgrpo.agents.rollout import RolloutConfig, Rollouts
+    from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state
 
     engine = LatencyEngine(tokenizer, args.new_tokens, 0.0)
     roll = RolloutConfig(
@@ -264,7 +264,7 @@ def main(args: Args) -> dict:
 
     import jax
 
-    import envs  # noqa: F401 - registers the environments
+    import toolgrpo.envs  # noqa: F401 - registers the environments
 
     tokenizer, learner, make_env, n = build(args)
     update_s, per_token_s = calibrate(args, tokenizer, learner, make_env, n)
@@ -273,9 +273,9 @@ def main(args: Args) -> dict:
     runs = {0: [], 1: []}
     with contextlib.ExitStack() as stack:
         if args.engine == "vllm":
-            from agents.vllm_client import VLLMSampler
-            from agents.vllm_server import VLLMServer, vllm_command
-            from learners.params import save_pretrained
+            from toolgrpo.agents.vllm_client import VLLMSampler
+            from toolgrpo.agents.vllm_server import VLLMServer, vllm_command
+            from toolgrpo.learners.params import save_pretrained
 
             directory = stack.enter_context(tempfile.TemporaryDirectory())
             save_pretrained(learner(), directory)

@@ -98,10 +98,10 @@ def main(args: Args) -> dict:
     from transformers import PreTrainedTokenizerFast
     from transformers import Qwen2ForCausalLM as HFQwen2
 
-    from agents.sampler import JaxSampler, SamplingParams
-    from learners.params import save_pretrained
-    from learners.qwen2 import Qwen2ForCausalLM
-    from learners.qwen2_config import Qwen2Config
+    from toolgrpo.agents.sampler import JaxSampler, SamplingParams
+    from toolgrpo.learners.params import save_pretrained
+    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.qwen2_config import Qwen2Config
 
     cfg = Qwen2Config(
         vocab_size=1024,
@@ -152,7 +152,7 @@ def main(args: Args) -> dict:
         if python:
             from concurrent.futures import ThreadPoolExecutor
 
-            from agents.vllm_server import VLLMServer, vllm_command
+            from toolgrpo.agents.vllm_server import VLLMServer, vllm_command
 
             server = stack.enter_context(
                 VLLMServer(

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import tyro
 
-from envs.sandbox import DEFAULT_PRELOAD, FIXED_ENV, PythonSandbox
+from toolgrpo.envs.sandbox import DEFAULT_PRELOAD, FIXED_ENV, PythonSandbox
 
 TRIVIAL = "print(1+1)"
 SYMPY = "import sympy as sp\nx = sp.Symbol('x')\nprint(sp.factor(x**4 - 1), sp.isprime(2**61 - 1))"

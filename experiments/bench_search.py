@@ -12,7 +12,7 @@ posting lists. The process is pinned to one core (and its math libraries to one 
 anything is measured.
 
 Figures, per engine: `build_s` (tokenize and index the corpus: what the first run on a corpus
-pays; bm25s's figure includes the cache write that `envs.tools.search.BM25Index.from_corpus`
+pays; bm25s's figure includes the cache write that `toolgrpo.envs.tools.search.BM25Index.from_corpus`
 does), `load_s` (open the cached index: what later runs pay), and query latency (p50, p99) and
 `queries_per_s` over `--queries` single-query calls, one after another, the way a rollout's
 search calls arrive (top `--k` passages each); `queries_found` counts those that returned a
@@ -39,7 +39,7 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
-from envs.tools.search import BM25Index, Passage  # noqa: E402
+from toolgrpo.envs.tools.search import BM25Index, Passage  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
 
 A model (hub id or local directory, optionally with a PEFT adapter) runs in-process with the JAX
 sampler; an endpoint is any server with vLLM's OpenAI-compatible completions API (vLLM itself, or
-`python -m agents.serve`). Prints a table (or --json), and writes --report PATH as JSON.
+`python -m toolgrpo.agents.serve`). Prints a table (or --json), and writes --report PATH as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from agents.rollout import RolloutConfig
+from toolgrpo.agents.rollout import RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Args:
     tokenizer: str | None = None
     """Tokenizer (default: --model's); required with --endpoint."""
     env_id: str = "ToolMath-AIME-v0"
-    """A registered environment (envs.ENV_IDS)."""
+    """A registered environment (toolgrpo.envs.ENV_IDS)."""
     problems: str | None = None
     """Problem source override: hub id or local JSON/JSONL/CSV/Parquet file."""
     split: str = "test"
@@ -75,17 +75,17 @@ class Args:
 
 
 def check_tokenizer_of(args: Args):
-    """The tokenizer, after the main job's checks (agents.training.checks) of every input but
+    """The tokenizer, after the main job's checks (toolgrpo.agents.training.checks) of every input but
     the problems: the model's files, the adapter's, the endpoint's answer."""
-    from agents.training.checks import (
+    from toolgrpo.agents.training.checks import (
         check_adapter,
         check_context_length,
         check_model,
         check_server,
         check_tokenizer,
     )
-    from learners.params import resolve
-    from learners.tokenizer import load_tokenizer
+    from toolgrpo.learners.params import resolve
+    from toolgrpo.learners.tokenizer import load_tokenizer
 
     if args.endpoint:
         assert args.tokenizer is not None  # Args: --endpoint needs --tokenizer
@@ -103,13 +103,13 @@ def check_tokenizer_of(args: Args):
 def open_sampler(args: Args, tokenizer):
     """(the sampler, the evaluated model's name)."""
     if args.endpoint:
-        from agents.vllm_client import VLLMSampler
+        from toolgrpo.agents.vllm_client import VLLMSampler
 
         sampler = VLLMSampler(args.endpoint, tokenizer, model=args.endpoint_model)
         return sampler, f"{args.endpoint} ({sampler.model})"
-    from agents.sampler import JaxSampler
-    from learners.lora import load_peft_adapter
-    from learners.params import from_pretrained
+    from toolgrpo.agents.sampler import JaxSampler
+    from toolgrpo.learners.lora import load_peft_adapter
+    from toolgrpo.learners.params import from_pretrained
 
     assert args.model is not None  # Args: exactly one of --model and --endpoint
     model = from_pretrained(args.model)
@@ -123,12 +123,12 @@ def open_sampler(args: Args, tokenizer):
 def main(args: Args) -> dict:
     import gymnasium as gym
 
-    import envs
-    from agents.rollout import Rollouts
-    from agents.training import evaluate
-    from agents.training.checks import check_context_budget
-    from agents.training.cli import one_line_errors
-    from envs.toolmath import unwrapped_toolmath
+    import toolgrpo.envs
+    from toolgrpo.agents.rollout import Rollouts
+    from toolgrpo.agents.training import evaluate
+    from toolgrpo.agents.training.checks import check_context_budget
+    from toolgrpo.agents.training.cli import one_line_errors
+    from toolgrpo.envs.toolmath import unwrapped_toolmath
 
     kwargs: dict[str, Any] = {  # the environment's, of several types
         "protocol": args.protocol,
@@ -137,8 +137,10 @@ def main(args: Args) -> dict:
         **({"problems": args.problems} if args.problems else {}),
     }
     with one_line_errors(debug=args.debug):  # every input checked before the model loads
-        if args.env_id not in envs.ENV_IDS:
-            raise ValueError(f"--env-id {args.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
+        if args.env_id not in toolgrpo.envs.ENV_IDS:
+            raise ValueError(
+                f"--env-id {args.env_id!r} is not one of {', '.join(toolgrpo.envs.ENV_IDS)}"
+            )
         tokenizer = check_tokenizer_of(args)
         env = gym.make(args.env_id, **kwargs)
         available = len(unwrapped_toolmath(env).problems)
@@ -168,7 +170,12 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    from agents.training.cli import configure_logging, exit_codes, load_config, one_line_errors
+    from toolgrpo.agents.training.cli import (
+        configure_logging,
+        exit_codes,
+        load_config,
+        one_line_errors,
+    )
 
     configure_logging()
     with one_line_errors(debug="--debug" in sys.argv):

@@ -38,7 +38,7 @@ class Args:
 
 def run_config(run: str):
     """The main job's Config a run was started with (its config.json)."""
-    from agents.training import config_from_dict
+    from toolgrpo.agents.training import config_from_dict
 
     path = os.path.join(run, "config.json")
     if not os.path.exists(path):
@@ -55,11 +55,11 @@ def run_config(run: str):
 def export(args: Args) -> str:
     from flax import nnx
 
-    from agents.training import build_learner
-    from learners.checkpoint import Checkpointer
-    from learners.lora import merge_lora, save_peft_adapter
-    from learners.params import save_pretrained
-    from learners.tokenizer import load_tokenizer
+    from toolgrpo.agents.training import build_learner
+    from toolgrpo.learners.checkpoint import Checkpointer
+    from toolgrpo.learners.lora import merge_lora, save_peft_adapter
+    from toolgrpo.learners.params import save_pretrained
+    from toolgrpo.learners.tokenizer import load_tokenizer
 
     cfg = run_config(args.run)
     directory = os.path.join(args.run, "checkpoints")
@@ -84,7 +84,7 @@ def export(args: Args) -> str:
 
 
 def main(args: Args) -> None:
-    from agents.training.cli import configure_logging, exit_codes
+    from toolgrpo.agents.training.cli import configure_logging, exit_codes
 
     configure_logging()
     hint = "offline? the run's --model.name must be a local directory"

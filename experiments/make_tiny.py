@@ -42,10 +42,10 @@ class Args:
 def make_model(directory: str, seed: int = 0) -> str:
     from flax import nnx
 
-    from learners.params import save_pretrained
-    from learners.qwen2 import Qwen2ForCausalLM
-    from learners.qwen2_config import Qwen2Config
-    from learners.tokenizer import train_chat_tokenizer
+    from toolgrpo.learners.params import save_pretrained
+    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.qwen2_config import Qwen2Config
+    from toolgrpo.learners.tokenizer import train_chat_tokenizer
 
     tokenizer = train_chat_tokenizer(
         [q for q, _ in PROBLEMS] * 5

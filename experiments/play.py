@@ -16,7 +16,7 @@ from typing import Any
 import gymnasium as gym
 import tyro
 
-import envs  # noqa: F401 - registers the environments
+import toolgrpo.envs  # noqa: F401 - registers the environments
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Args:
     """Interactive episode settings."""
 
     env_id: str = "ToolMath-Arith-v0"
-    """A registered id (envs.ENV_IDS)."""
+    """A registered id (toolgrpo.envs.ENV_IDS)."""
     problems: str | None = None
     """Problem source override: a hub id or a local JSON/JSONL/CSV/Parquet file."""
     protocol: str = "markdown"

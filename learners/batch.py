@@ -5,7 +5,7 @@
 Episodes are sorted by length and cut into micro-batches (`plan_micro_batches`) padded to one of
 a few lengths (`LENGTHS`), so that memory follows the work rather than the longest episode and a
 run compiles a few shapes; `totals` are the whole batch's counts that make each micro-batch's
-loss its exact share of the batch's. learners.train.grpo_step runs them.
+loss its exact share of the batch's. toolgrpo.learners.train.grpo_step runs them.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from learners import grpo
+from toolgrpo.learners import grpo
 
 if TYPE_CHECKING:
-    from learners.train import GRPOConfig
+    from toolgrpo.learners.grpo_config import GRPOConfig
 
 
 @dataclass(frozen=True)
 class TrainBatch:
     """What a GRPO update trains on: one row per episode, right-padded to a common length T.
-    agents.batch.RolloutBatch is one, with the episodes' stats besides.
+    toolgrpo.agents.batch.RolloutBatch is one, with the episodes' stats besides.
 
     tokens            int32 [B, T]   the whole episode as the policy saw it: prompt, assistant
                                      turns and tool observations, then padding
@@ -34,7 +34,7 @@ class TrainBatch:
                                      0 on the prompt, tool observations and padding
     rewards           float32 [B]    one scalar reward per episode
     group_ids         int32 [B]      episodes of one problem share an id: advantages are relative
-                                     to the group (learners.grpo.group_advantages)
+                                     to the group (toolgrpo.learners.grpo.group_advantages)
     sampler_logprobs  float32 [B, T] the sampler's log-probability of each sampled token at its
                                      position (0 off the mask), or None
 

@@ -1,6 +1,6 @@
 """Hugging Face <-> NNX: tensor names, safetensors files (sharded or not), hub downloads.
 
-    from learners.params import from_pretrained, save_pretrained
+    from toolgrpo.learners.params import from_pretrained, save_pretrained
 
     model = from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", dtype=jnp.bfloat16)  # or a directory
     save_pretrained(model, "out/model")      # config.json + model.safetensors
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from learners.qwen2 import Qwen2ForCausalLM
-from learners.qwen2_config import Qwen2Config
+from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+from toolgrpo.learners.qwen2_config import Qwen2Config
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
@@ -31,7 +31,7 @@ class HubUnavailableError(ConnectionError):
 
     `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
     when offline; str(exc) is both, "{reason}. {offline_hint}". A ConnectionError, as `datasets`
-    raises for a Hub it cannot reach. envs.problems.HubUnavailableError is the same error for data
+    raises for a Hub it cannot reach. toolgrpo.envs.problems.HubUnavailableError is the same error for data
     sets (the same base and fields; envs and learners never import each other): a caller that
     handles both catches the two classes and reads the same fields (`except ConnectionError`
     takes them too, among other connection errors that have no such fields).

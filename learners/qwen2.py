@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5 causal language model in Flax NNX, with a KV cache for sampling.
 
-    from learners.params import from_pretrained, save_pretrained
+    from toolgrpo.learners.params import from_pretrained, save_pretrained
 
     model = from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", dtype=jnp.bfloat16)
     logits = model(input_ids, attention_mask)                      # [B, T, V]
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from learners.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from learners.attention import causal_attention
-from learners.qwen2_config import Qwen2Config
+from toolgrpo.learners.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from toolgrpo.learners.attention import causal_attention
+from toolgrpo.learners.qwen2_config import Qwen2Config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ class Qwen2ForCausalLM(nnx.Module):
     scan_layers     run the layers of a whole-sequence forward under `jax.lax.scan`, so that one
                     layer is compiled whatever the depth (their parameters are stacked per call)
     attention       whole-sequence attention: "auto", "blockwise" or "dot_product" (see
-                    learners.attention); decoding against the cache has its own kernel
+                    toolgrpo.learners.attention); decoding against the cache has its own kernel
     attention_block positions per block of the blockwise attention
     """
 

@@ -2,7 +2,7 @@
 with `from_hf_config`, written with `to_hf_config`), and the Qwen2.5 sizes as presets.
 
     cfg = PRESETS["qwen2p5_1p5b"]()                      # or Qwen2Config.from_hf_config(json)
-    model = learners.qwen2.Qwen2ForCausalLM(cfg)
+    model = toolgrpo.learners.qwen2.Qwen2ForCausalLM(cfg)
 
 Plain data: this module imports neither JAX nor the model (learners/qwen2.py, which builds one).
 """

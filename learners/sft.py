@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from learners.grpo import token_logprobs
+from toolgrpo.learners.grpo import token_logprobs
 
 
 def sft_loss(model, tokens, loss_mask):

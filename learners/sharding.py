@@ -24,8 +24,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from learners.batch import TrainBatch
-from learners.train import TrainState
+from toolgrpo.learners.batch import TrainBatch
+from toolgrpo.learners.train import TrainState
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:

@@ -55,7 +55,7 @@ def library_logging_restored():
     handlers, level and propagation afterwards so that no test sees another's logging."""
     import logging
 
-    from agents.training.cli import LIBRARY_LOGGERS
+    from toolgrpo.agents.training.cli import LIBRARY_LOGGERS
 
     loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
     saved = [(log.handlers[:], log.level, log.propagate) for log in loggers]
@@ -64,3 +64,33 @@ def library_logging_restored():
         log.handlers[:] = handlers
         log.setLevel(level)
         log.propagate = propagate
+
+
+# -- the packages' one name: no module of envs/, agents/, learners/ loaded outside toolgrpo.* --
+def _modules_under_other_names() -> list[str]:
+    import sys
+
+    import toolgrpo
+
+    tree = os.path.dirname(os.path.dirname(os.path.realpath(toolgrpo.__file__)))
+    roots = tuple(os.path.join(tree, n) + os.sep for n in ("envs", "agents", "learners"))
+    found = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        outside = path and name.split(".")[0] != "toolgrpo"
+        if outside and os.path.realpath(path).startswith(roots):
+            found.append(name)
+    return sorted(found)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the session when a test imported `envs` (or `agents`, `learners`): the editable
+    install's root on sys.path allows it, and such a module runs a second time beside its
+    toolgrpo.* copy (tests/test_package_names.py)."""
+    import sys
+
+    twice = _modules_under_other_names()
+    if twice:
+        print(f"\nerror: loaded outside toolgrpo.*: {', '.join(twice)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

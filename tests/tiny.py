@@ -75,8 +75,8 @@ def tiny_fields(variant: str | None = None, **overrides) -> dict:
 
 
 def tiny_config(variant: str | None = None, **overrides):
-    """A learners.qwen2.Qwen2Config of `tiny_fields(variant, **overrides)`."""
-    from learners.qwen2_config import Qwen2Config
+    """A toolgrpo.learners.qwen2.Qwen2Config of `tiny_fields(variant, **overrides)`."""
+    from toolgrpo.learners.qwen2_config import Qwen2Config
 
     return Qwen2Config(**tiny_fields(variant, **overrides))
 
@@ -95,7 +95,7 @@ def tiny_base_model(
     import jax.numpy as jnp
     from flax import nnx
 
-    from learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
 
     return Qwen2ForCausalLM(
         tiny_config(variant, **overrides),
@@ -119,7 +119,7 @@ def tiny_model(
     default when None), B zero, so that it computes what the base model does."""
     from flax import nnx
 
-    from learners.lora import apply_lora
+    from toolgrpo.learners.lora import apply_lora
 
     rngs = None if lora_seed is None else nnx.Rngs(lora_seed)
     return apply_lora(

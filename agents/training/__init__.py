@@ -1,10 +1,10 @@
 """The GRPO loop as a library: collect, dynamic sampling, update, adapter sync, evaluation,
 logging, checkpoints, resume.
 
-    from agents.training import Config, train
+    from toolgrpo.agents.training import Config, train
     train(Config(steps=50, out="runs/x"))                      # the main job, programmatically
 
-    from agents.training import Evaluation, GRPOLoop, ProblemOrder, RunLog, fit
+    from toolgrpo.agents.training import Evaluation, GRPOLoop, ProblemOrder, RunLog, fit
     loop = GRPOLoop(model=model, state=state, cfg=grpo_cfg, rollouts=rollouts, problems_per_step=8)
     log = RunLog("runs/y", cfg)
     fit(loop, ProblemOrder(n), log, start=0, steps=20, seed=0,
@@ -22,8 +22,8 @@ before it loads), build (the learner and the rollout engine from a config), run 
 checkpoints, Ctrl-C, resume), cli (flags and YAML, logging, one-line errors and exit codes).
 """
 
-from agents.training.build import build_learner
-from agents.training.config import (
+from toolgrpo.agents.training.build import build_learner
+from toolgrpo.agents.training.config import (
     Config,
     EnvConfig,
     EvalConfig,
@@ -32,7 +32,7 @@ from agents.training.config import (
     SamplerConfig,
     config_from_dict,
 )
-from agents.training.errors import (
+from toolgrpo.agents.training.errors import (
     ConfigError,
     DiskFull,
     HubUnreachable,
@@ -40,12 +40,12 @@ from agents.training.errors import (
     Interrupted,
     TrainingError,
 )
-from agents.training.evaluation import evaluate, pass_at_k
-from agents.training.fit import fit
-from agents.training.hooks import Evaluation, Hook, StepDone, transcripts
-from agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
-from agents.training.run import train
-from agents.training.runlog import RunLog, run_environment
+from toolgrpo.agents.training.evaluation import evaluate, pass_at_k
+from toolgrpo.agents.training.fit import fit
+from toolgrpo.agents.training.hooks import Evaluation, Hook, StepDone, transcripts
+from toolgrpo.agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
+from toolgrpo.agents.training.run import train
+from toolgrpo.agents.training.runlog import RunLog, run_environment
 
 __all__ = [
     "Config",

@@ -8,8 +8,8 @@ import logging
 import os
 from collections.abc import Generator
 
-from agents.sampling import Sampler
-from agents.training.config import Config
+from toolgrpo.agents.sampling import Sampler
+from toolgrpo.agents.training.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def build_learner(cfg: Config):
     import jax.numpy as jnp
     from flax import nnx
 
-    from learners.lora import apply_lora
-    from learners.params import from_pretrained
-    from learners.train import init_state
+    from toolgrpo.learners.lora import apply_lora
+    from toolgrpo.learners.params import from_pretrained
+    from toolgrpo.learners.train import init_state
 
     dtype = getattr(jnp, cfg.model.compute_dtype(jax.default_backend()))
     model = from_pretrained(
@@ -62,9 +62,9 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer) -> Generator[Sample
     or the in-process JAX sampler."""
     with contextlib.ExitStack() as stack:
         if engine == "vllm":
-            from agents.vllm_client import VLLMSampler
-            from agents.vllm_pool import VLLMPool
-            from agents.vllm_server import VLLMServer
+            from toolgrpo.agents.vllm_client import VLLMSampler
+            from toolgrpo.agents.vllm_pool import VLLMPool
+            from toolgrpo.agents.vllm_server import VLLMServer
 
             server = None
             urls = tuple(cfg.sampler.vllm_url)
@@ -96,7 +96,7 @@ def open_sampler(cfg: Config, engine: str, model, tokenizer) -> Generator[Sample
         else:
             import jax
 
-            from agents.sampler import JaxSampler
+            from toolgrpo.agents.sampler import JaxSampler
 
             eos = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
             logger.info(

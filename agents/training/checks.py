@@ -1,7 +1,7 @@
 """Checks of what a run reads, made before anything loads, shared by the main job and
 experiments/evaluate.py. Each raises a ValueError or FileNotFoundError whose message names the
 input, what is wrong and the fix; `bad_input()` turns them into the InputError that `train`
-raises (agents.training.errors), and an entry point prints its one line:
+raises (toolgrpo.agents.training.errors), and an entry point prints its one line:
 
     check_finite(dataclasses.asdict(cfg))       # no NaN or inf in any setting
     config = check_model(directory)             # config.json and every safetensors header
@@ -25,11 +25,11 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
-from agents.training.errors import HubUnreachable, InputError
+from toolgrpo.agents.training.errors import HubUnreachable, InputError
 
 if TYPE_CHECKING:
-    from agents.rollout import RolloutConfig
-    from agents.training.config import Config
+    from toolgrpo.agents.rollout import RolloutConfig
+    from toolgrpo.agents.training.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,12 @@ def check_finite(settings: dict[str, Any], prefix: str = "") -> None:
 
 
 def check_model(directory: str) -> dict:
-    """A model directory's config.json (learners.params.read_model_config's checks) and the
+    """A model directory's config.json (toolgrpo.learners.params.read_model_config's checks) and the
     header of every safetensors file: a truncated or corrupt file is named before the weights
     load. Returns the config."""
     from safetensors import SafetensorError, safe_open
 
-    from learners.params import read_model_config
+    from toolgrpo.learners.params import read_model_config
 
     config = read_model_config(directory)
     for name in sorted(os.listdir(directory)):
@@ -79,8 +79,8 @@ def check_tokenizer(name_or_dir: str, model_config: dict):
     slow tokenizer's vocab.json and merges.txt) would give a tokenizer of special tokens only,
     which trains on empty prompts; the chat template must be present, and the vocabulary must
     fit the embedding (no id beyond it, at most VOCAB_SLACK fewer tokens)."""
-    from learners.params import resolve
-    from learners.tokenizer import load_tokenizer
+    from toolgrpo.learners.params import resolve
+    from toolgrpo.learners.tokenizer import load_tokenizer
 
     directory = resolve(name_or_dir)
     files = set(os.listdir(directory))
@@ -162,7 +162,7 @@ def check_sampler(vllm_urls: tuple[str, ...], engine: str) -> None:
 
 def check_adapter(directory: str) -> None:
     """A PEFT LoRA adapter directory whose files are present and whole
-    (learners.lora.load_peft_adapter checks the rest against the model: its kind, its shapes and
+    (toolgrpo.learners.lora.load_peft_adapter checks the rest against the model: its kind, its shapes and
     that its values are finite)."""
     from safetensors import SafetensorError, safe_open
 
@@ -191,8 +191,8 @@ def bad_input():
     """The checks' ValueError, FileNotFoundError and NotImplementedError as an InputError of
     their first line (the original its __cause__); a hub that cannot be reached as
     HubUnreachable."""
-    from envs.problems import HubUnavailableError as DataOffline
-    from learners.params import HubUnavailableError as ModelOffline
+    from toolgrpo.envs.problems import HubUnavailableError as DataOffline
+    from toolgrpo.learners.params import HubUnavailableError as ModelOffline
 
     try:
         yield
@@ -208,7 +208,7 @@ def bad_input():
 def check_context_budget(env, tokenizer, indices, rollout: RolloutConfig) -> None:
     """A prompt that fills rollout.max_total_tokens leaves nothing to sample: refuse such a
     budget (and warn when the first turn gets less than its max_turn_tokens)."""
-    from agents.chat import longest_prompt
+    from toolgrpo.agents.chat import longest_prompt
 
     budget, turn = rollout.max_total_tokens, rollout.max_turn_tokens
     tokens, problem_id = longest_prompt(env, tokenizer, indices)
@@ -236,16 +236,18 @@ def check_inputs(cfg: Config, engine: str):
     Returns (the tokenizer, training problems, evaluation problems)."""
     import gymnasium as gym
 
-    import envs
-    from envs.toolmath import unwrapped_toolmath
-    from learners.params import resolve
+    import toolgrpo.envs
+    from toolgrpo.envs.toolmath import unwrapped_toolmath
+    from toolgrpo.learners.params import resolve
 
     model_config = check_model(resolve(cfg.model.name))
     tokenizer = check_tokenizer(cfg.model.name, model_config)
     check_context_length(model_config, cfg.rollout.max_total_tokens)
     check_sampler(cfg.sampler.vllm_url, engine)
-    if cfg.env.env_id not in envs.ENV_IDS:
-        raise ValueError(f"--env.env-id {cfg.env.env_id!r} is not one of {', '.join(envs.ENV_IDS)}")
+    if cfg.env.env_id not in toolgrpo.envs.ENV_IDS:
+        raise ValueError(
+            f"--env.env-id {cfg.env.env_id!r} is not one of {', '.join(toolgrpo.envs.ENV_IDS)}"
+        )
     sizes = []
     for split in ("train", "test"):
         probe = gym.make(cfg.env.env_id, **cfg.env.env_kwargs(split))  # loads the problems now

@@ -5,7 +5,7 @@ on stderr and an exit code. Only entry points use it: the library raises and log
     configure_logging()
     with one_line_errors(debug="--debug" in argv):   # bad settings: one line, exit code 2
         cfg = load_config(argv, Config, description=__doc__)
-    with exit_codes(debug=cfg.debug, offline_hint=HINT):   # agents.training.errors' codes
+    with exit_codes(debug=cfg.debug, offline_hint=HINT):   # toolgrpo.agents.training.errors' codes
         train(cfg)
 """
 
@@ -19,15 +19,15 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from agents.training.config import config_from_dict
-from agents.training.errors import (
+from toolgrpo.agents.training.config import config_from_dict
+from toolgrpo.agents.training.errors import (
     ConfigError,
     HubUnreachable,
     Interrupted,
     TrainingError,
     disk_full_as_error,
 )
-from agents.training.signals import ignore_stop_signals
+from toolgrpo.agents.training.signals import ignore_stop_signals
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -128,13 +128,13 @@ def one_line_errors(debug: bool = False):
 @contextlib.contextmanager
 def exit_codes(debug: bool = False, offline_hint: str = ""):
     """What `train` (or any library call inside) raises, as the entry point's one line and
-    exit code (agents.training.errors): bad input 2 (a hub that cannot be reached: with
+    exit code (toolgrpo.agents.training.errors): bad input 2 (a hub that cannot be reached: with
     `offline_hint`, how to run with local files), non-finite updates 3, a full disk 4, rollout
     servers down 5, a stop signal 128 + the signal (its line on stdout: where the checkpoint
     is); Ctrl-C before the run could save anything 130. With `debug`, the exception propagates
     (the traceback)."""
-    from envs.problems import HubUnavailableError as DataOffline
-    from learners.params import HubUnavailableError as ModelOffline
+    from toolgrpo.envs.problems import HubUnavailableError as DataOffline
+    from toolgrpo.learners.params import HubUnavailableError as ModelOffline
 
     try:
         with disk_full_as_error():
@@ -190,7 +190,7 @@ class _Stream(logging.Handler):
             self.handleError(record)
 
 
-LIBRARY_LOGGERS = ("agents", "envs", "learners")
+LIBRARY_LOGGERS = ("toolgrpo.agents", "toolgrpo.envs", "toolgrpo.learners")
 """The loggers of this project's packages: what the library reports (logging.getLogger
 (__name__) in each module)."""
 

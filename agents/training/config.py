@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import tyro
 
-from agents.rollout import RolloutConfig
-from agents.training.checks import check_finite
-from agents.training.distributed import DistConfig
-from agents.training.loop import PIPELINED_TIS_CAP
-from envs.rewards import RewardWeights
-from envs.toolmath import ToolMathEnv
-from learners.train import GRPOConfig
+from toolgrpo.agents.rollout import RolloutConfig
+from toolgrpo.agents.training.checks import check_finite
+from toolgrpo.agents.training.distributed import DistConfig
+from toolgrpo.agents.training.loop import PIPELINED_TIS_CAP
+from toolgrpo.envs.rewards import RewardWeights
+from toolgrpo.envs.toolmath import ToolMathEnv
+from toolgrpo.learners.train import GRPOConfig
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -48,7 +48,7 @@ class ModelConfig:
     remat: bool = True
     """Recompute activations in the backward pass (less memory)."""
     attention: Literal["auto", "blockwise", "dot_product"] = "auto"
-    """Attention of whole sequences (learners.attention): "auto" is cuDNN's fused kernel on a
+    """Attention of whole sequences (toolgrpo.learners.attention): "auto" is cuDNN's fused kernel on a
     GPU in bf16 (dot_product), the blockwise (flash) formulation elsewhere."""
     attention_block: int = 512
     """Positions per block of the blockwise attention."""
@@ -75,10 +75,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """Where problems come from and how episodes are scored (envs.ToolMathEnv)."""
+    """Where problems come from and how episodes are scored (toolgrpo.envs.ToolMathEnv)."""
 
     env_id: str = "ToolMath-AIME-v0"
-    """Training environment (envs.ENV_IDS); evaluation uses its test split."""
+    """Training environment (toolgrpo.envs.ENV_IDS); evaluation uses its test split."""
     problems: str | None = None
     """Training problems override: a hub id or a local JSON/JSONL/CSV/Parquet file."""
     eval_problems: str | None = None
@@ -335,7 +335,7 @@ def config_from_dict(values: dict, cls: type[DataclassInstance] = Config, where:
     if unknown:
         raise ValueError(
             f"unknown settings {[where + k for k in unknown]} (spell them as the "
-            "fields of agents.training.config, with underscores)"
+            "fields of toolgrpo.agents.training.config, with underscores)"
         )
     kwargs = {}
     for key, value in values.items():

@@ -4,12 +4,12 @@ every process's devices, and which process writes.
     cfg = DistConfig(multihost=True)             # TPU pod slice, SLURM, Open MPI: from the env
     cfg = DistConfig(coordinator="10.0.0.1:1234", num_processes=2, process_id=0)   # explicit
     mesh = initialize(cfg)                       # jax.distributed, then make_mesh(data, fsdp)
-    state = shard_state(state, mesh)             # learners.sharding: parameters, optimizer state
+    state = shard_state(state, mesh)             # toolgrpo.learners.sharding: parameters, optimizer state
     if is_main(): log.log(...)                   # logs, transcripts and exports: process 0 only
 
 Every process runs the same program (SPMD): the same steps, the same jitted update on arrays
 sharded over the global mesh; orbax writes each process's shards of a checkpoint and reads them
-back (learners.checkpoint).
+back (toolgrpo.learners.checkpoint).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def initialize(cfg: DistConfig) -> Mesh:
     process's devices: data x fsdp."""
     import jax
 
-    from learners.sharding import make_mesh
+    from toolgrpo.learners.sharding import make_mesh
 
     if cfg.enabled and not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)

@@ -1,6 +1,6 @@
 """What `train` raises when a run cannot start or cannot go on: one small hierarchy, so that a
 program that embeds the library catches `TrainingError` (or one kind of it) and goes on, while
-the entry points (experiments/*.py, through agents.training.cli) turn each into one line on
+the entry points (experiments/*.py, through toolgrpo.agents.training.cli) turn each into one line on
 stderr and its exit code.
 
     TrainingError                 exit_code
@@ -8,7 +8,7 @@ stderr and its exit code.
     │   ├── ConfigError           2   a setting, or settings that do not go together
     │   └── HubUnreachable        2   the Hugging Face Hub cannot be reached for a model or data
     ├── Interrupted               128 + signal   a stop signal ended the run after a checkpoint
-    ├── NonFiniteUpdates          3   updates diverged (agents.training.loop)
+    ├── NonFiniteUpdates          3   updates diverged (toolgrpo.agents.training.loop)
     ├── RolloutsDown              5   the rollout servers failed and did not come back (loop)
     └── DiskFull (OSError)        4   the disk or quota filled up; resume once there is space
 
@@ -69,7 +69,7 @@ class DiskFull(TrainingError, OSError):
 def disk_full_as_error():
     """A full disk or quota, wherever it is met (a checkpoint, the logs, an adapter), as
     DiskFull: the run resumes once there is space."""
-    from learners.checkpoint import CheckpointDiskFull, is_disk_full
+    from toolgrpo.learners.checkpoint import CheckpointDiskFull, is_disk_full
 
     try:
         yield

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agents.batch import episode_metrics
-from agents.rollout import Rollouts
+from toolgrpo.agents.batch import episode_metrics
+from toolgrpo.agents.rollout import Rollouts
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -1,5 +1,5 @@
 """The steps of a run: collect (from the rollout pipeline), update, log, and the hooks between
-steps (agents.training.hooks), until the last step, a stop signal or a fault.
+steps (toolgrpo.agents.training.hooks), until the last step, a stop signal or a fault.
 
     fit(loop, ProblemOrder(n), RunLog("runs/y", cfg), start=0, steps=20, seed=0, hooks=[...])
 """
@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agents.training.errors import Interrupted
-from agents.training.hooks import Hook, StepDone
-from agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
-from agents.training.runlog import StepLog
-from agents.training.signals import StepAbandoned, StopSignals
+from toolgrpo.agents.training.errors import Interrupted
+from toolgrpo.agents.training.hooks import Hook, StepDone
+from toolgrpo.agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
+from toolgrpo.agents.training.runlog import StepLog
+from toolgrpo.agents.training.signals import StepAbandoned, StopSignals
 
 
 def fit(
@@ -32,7 +32,7 @@ def fit(
     signals: StopSignals | None = None,
     progress: bool = True,
 ) -> dict:
-    """Steps start+1 .. steps of `loop`, each logged, then its due `hooks` (agents.training.hooks
+    """Steps start+1 .. steps of `loop`, each logged, then its due `hooks` (toolgrpo.agents.training.hooks
     says when each runs). Step t samples with seed `seed * 1_000_003 + t`. Batches come from a
     RolloutPipeline, up to loop.max_staleness steps ahead (0: the synchronous loop); a hook
     that samples pauses it. `progress`: a progress bar on stderr. Returns the last step's
@@ -48,7 +48,7 @@ def fit(
     import jax
     from tqdm import tqdm
 
-    from agents.training.pipeline import RolloutPipeline
+    from toolgrpo.agents.training.pipeline import RolloutPipeline
 
     metrics: dict = {}
     bar = tqdm(

@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 
-from agents.training.evaluation import evaluate
+from toolgrpo.agents.training.evaluation import evaluate
 
 if TYPE_CHECKING:
-    from agents.batch import RolloutBatch
-    from agents.rollout import Rollouts
-    from agents.training.loop import GRPOLoop
-    from agents.training.runlog import StepLog
+    from toolgrpo.agents.batch import RolloutBatch
+    from toolgrpo.agents.rollout import Rollouts
+    from toolgrpo.agents.training.loop import GRPOLoop
+    from toolgrpo.agents.training.runlog import StepLog
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ sampling), update the adapter, push it to the sampler.
     metrics, batch = loop.step(ProblemOrder(len(problems), seed=0), seed=1)   # synchronous
     loop.restore(state, data_position=position)              # continue from a checkpoint
 
-`agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
+`toolgrpo.agents.training.pipeline.RolloutPipeline` collects the next steps' batches while this one
 learns (`max_staleness` > 0, within the staleness bound RolloutPipeline.oldest_adapter states
 and enforces); `fit` runs every step through it.
 
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flax import nnx
 
-from agents.batch import RolloutBatch
-from agents.rollout import Rollouts
-from agents.sampling import Sampler
-from agents.training.errors import TrainingError
-from agents.vllm_client import ServerError, recoverable
-from learners.train import GRPOConfig, TrainState, grpo_step
+from toolgrpo.agents.batch import RolloutBatch
+from toolgrpo.agents.rollout import Rollouts
+from toolgrpo.agents.sampling import Sampler
+from toolgrpo.agents.training.errors import TrainingError
+from toolgrpo.agents.vllm_client import ServerError, recoverable
+from toolgrpo.learners.train import GRPOConfig, TrainState, grpo_step
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -130,7 +130,7 @@ class GRPOLoop:
     data_position: int = 0
     """ProblemOrder.position after the last batch trained on (checkpoints record it)."""
     mesh: Mesh | None = None
-    """The mesh the state is sharded over (learners.sharding.shard_state): each update's
+    """The mesh the state is sharded over (toolgrpo.learners.sharding.shard_state): each update's
     micro-batches are placed over it too. None: one device."""
     max_replays: int = 3
     """Replays of one collection whose rollout server failed (each after the sampler's
@@ -139,7 +139,7 @@ class GRPOLoop:
     """The adapter's LoRA parameters as the model holds them (whole in this process: gathered
     from the mesh when it spans several processes)."""
     skipped_in_a_row: int = field(default=0, init=False)
-    """Updates skipped in a row, up to the last one (non-finite: learners.train._apply)."""
+    """Updates skipped in a row, up to the last one (non-finite: toolgrpo.learners.train._apply)."""
     _synced: int | None = field(default=None, init=False, repr=False)
     """The adapter version the sampler holds: written by sync_sampler only, under
     _sampler_lock."""
@@ -155,7 +155,7 @@ class GRPOLoop:
         if self.max_staleness and self.sampler_model is self.model:
             raise ValueError(
                 "max_staleness > 0 needs a sampler_model apart from the learner's "
-                "model (agents.training.loop.sampler_copy(model)), which the "
+                "model (toolgrpo.agents.training.loop.sampler_copy(model)), which the "
                 "sampler must read"
             )
         if self.max_staleness and self.cfg is not None and self.cfg.tis_cap is None:
@@ -201,12 +201,12 @@ class GRPOLoop:
             self._synced = version
 
     def restore(self, state: TrainState, data_position: int) -> None:
-        """Continue from `state` (as learners.checkpoint restored it) at problem position
+        """Continue from `state` (as toolgrpo.learners.checkpoint restored it) at problem position
         `data_position` (what the checkpoint of its step recorded): the learner's state and
         model take its adapter (gathered whole from the mesh when the state is sharded), and
         the sampler gets it. Every process of a multi-process learner calls it (the gather is
         a collective)."""
-        from learners.sharding import gather
+        from toolgrpo.learners.sharding import gather
 
         self.state = state
         self.local_lora = state.lora if self.mesh is None else gather(state.lora)
@@ -330,7 +330,7 @@ class GRPOLoop:
     def update(self, batch: RolloutBatch) -> dict:
         """One GRPO update of the adapter (the learner's model gets it; the sampler's does
         through sync_sampler)."""
-        from learners.sharding import gather, place_batch
+        from toolgrpo.learners.sharding import gather, place_batch
 
         mesh = self.mesh
         place = None if mesh is None else (lambda mb: place_batch(mb, mesh))

@@ -37,8 +37,8 @@ from typing import Self
 import numpy as np
 from flax import nnx
 
-from agents.batch import RolloutBatch
-from agents.training.loop import Collected, GRPOLoop, ProblemOrder
+from toolgrpo.agents.batch import RolloutBatch
+from toolgrpo.agents.training.loop import Collected, GRPOLoop, ProblemOrder
 
 
 class _Handoff:

@@ -3,9 +3,9 @@ evaluation and the exported adapter.
 
     summary = train(Config(steps=50, out="runs/x"))   # what experiments/aime_grpo.py calls
 
-A run directory holds one run (agents.training.rundir): config.json, metrics.jsonl, the plots,
+A run directory holds one run (toolgrpo.agents.training.rundir): config.json, metrics.jsonl, the plots,
 transcripts/, checkpoints/ (orbax) with checkpoint_adapters/STEP (PEFT) beside, adapter/ (the
-final one, PEFT), summary.json. `train` raises, never exits (agents.training.errors): bad input
+final one, PEFT), summary.json. `train` raises, never exits (toolgrpo.agents.training.errors): bad input
 (InputError) before anything is written; SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop)
 finishes the update in flight (a wait for a batch or an evaluation is cut short), saves a
 checkpoint and its adapter and raises Interrupted; grpo.max_skipped_updates non-finite updates
@@ -27,20 +27,20 @@ import logging
 import os
 import shutil
 
-from agents.training.build import build_learner, choose_engine, open_sampler
-from agents.training.checks import bad_input, check_inputs
-from agents.training.config import Config
-from agents.training.errors import ConfigError, Interrupted, disk_full_as_error
-from agents.training.fit import agree, fit
-from agents.training.hooks import Evaluation, Hook, StepDone, transcripts
-from agents.training.loop import (
+from toolgrpo.agents.training.build import build_learner, choose_engine, open_sampler
+from toolgrpo.agents.training.checks import bad_input, check_inputs
+from toolgrpo.agents.training.config import Config
+from toolgrpo.agents.training.errors import ConfigError, Interrupted, disk_full_as_error
+from toolgrpo.agents.training.fit import agree, fit
+from toolgrpo.agents.training.hooks import Evaluation, Hook, StepDone, transcripts
+from toolgrpo.agents.training.loop import (
     GRPOLoop,
     NonFiniteUpdates,
     ProblemOrder,
     RolloutsDown,
     sampler_copy,
 )
-from agents.training.rundir import (
+from toolgrpo.agents.training.rundir import (
     check_same_problems,
     finished_summary,
     prepare_run_directory,
@@ -48,15 +48,15 @@ from agents.training.rundir import (
     results_line,
     run_inputs,
 )
-from agents.training.runlog import RunLog, run_environment, truncate_metrics
-from agents.training.signals import StepAbandoned, StopSignals
+from toolgrpo.agents.training.runlog import RunLog, run_environment, truncate_metrics
+from toolgrpo.agents.training.signals import StepAbandoned, StopSignals
 
 logger = logging.getLogger(__name__)
 
 
 def train(cfg: Config) -> dict:
     """The whole run of `cfg` (module docstring); returns the summary it writes to
-    OUT/summary.json. Raises agents.training.errors' exceptions: bad input (InputError,
+    OUT/summary.json. Raises toolgrpo.agents.training.errors' exceptions: bad input (InputError,
     ConfigError, HubUnreachable) before the model loads and before anything is written.
 
     Across processes (cfg.dist: jax.distributed), every process runs this with the same config
@@ -68,9 +68,9 @@ def train(cfg: Config) -> dict:
         os.environ.setdefault(
             "XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.92 - cfg.sampler.vllm_gpu_memory:.2f}"
         )
-    from agents.training.distributed import initialize, is_main
-    from learners.devices import enable_compilation_cache, unused_accelerator
-    from learners.sharding import shard_state
+    from toolgrpo.agents.training.distributed import initialize, is_main
+    from toolgrpo.learners.devices import enable_compilation_cache, unused_accelerator
+    from toolgrpo.learners.sharding import shard_state
 
     # 1. every input checked, then the run directory: nothing is written before
     with bad_input():
@@ -138,11 +138,11 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
     import gymnasium as gym
     from flax import nnx
 
-    from agents.rollout import Rollouts
-    from agents.training.distributed import is_main
-    from learners.checkpoint import Checkpointer
-    from learners.lora import merge_lora, save_peft_adapter
-    from learners.params import save_pretrained
+    from toolgrpo.agents.rollout import Rollouts
+    from toolgrpo.agents.training.distributed import is_main
+    from toolgrpo.learners.checkpoint import Checkpointer
+    from toolgrpo.learners.lora import merge_lora, save_peft_adapter
+    from toolgrpo.learners.params import save_pretrained
 
     main, several = is_main(), mesh.devices.size > 1
     adapter_dir = os.path.join(cfg.out, "adapter")
@@ -304,7 +304,7 @@ def checkpoint_hook(cfg: Config, ckpt, loop: GRPOLoop, model, main: bool) -> Hoo
     process, each its shards) and, from process 0, its PEFT adapter in
     OUT/checkpoint_adapters/STEP (evaluate.py --adapter loads it); the adapters of checkpoints
     no longer kept are removed."""
-    from learners.lora import save_peft_adapter
+    from toolgrpo.learners.lora import save_peft_adapter
 
     adapters = os.path.join(cfg.out, "checkpoint_adapters")
 

@@ -14,8 +14,8 @@ import json
 import os
 import shutil
 
-from agents.training.config import RESUMABLE_CHANGES, Config, flatten
-from agents.training.errors import ConfigError
+from toolgrpo.agents.training.config import RESUMABLE_CHANGES, Config, flatten
+from toolgrpo.agents.training.errors import ConfigError
 
 
 def config_changes(saved: dict, config: dict, allowed=RESUMABLE_CHANGES) -> list[str]:

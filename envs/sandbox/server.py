@@ -33,7 +33,7 @@ time goes and why the design is as it is.
 How the server imports its modules. It runs as `python -I` (isolated: no PYTHONPATH, no user
 site-packages, no script directory on sys.path), so that nothing of the caller's environment
 decides what it imports. The package is therefore not importable by name, and importing it as
-`envs.sandbox` would run `envs/__init__.py`, which imports Gymnasium. Instead the client starts
+`toolgrpo.envs.sandbox` would run `envs/__init__.py`, which imports Gymnasium. Instead the client starts
 `python -I -c <SERVER_BOOTSTRAP>` (launch.py), which registers this directory as a package of its
 own under the top-level name `sandbox`, without running its `__init__.py` (whose re-exports of
 the client are not needed here), and calls `sandbox.server.main`. The modules import each other

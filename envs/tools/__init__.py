@@ -1,6 +1,6 @@
 """Tools a model calls in Qwen2.5's function-calling format, and the built-in ones.
 
-    from envs.tools import Tool, Toolbox, parse_tool_calls, tool_messages
+    from toolgrpo.envs.tools import Tool, Toolbox, parse_tool_calls, tool_messages
 
     def lookup_price(item: str) -> str:
         '''The price of an item in the shop.
@@ -21,7 +21,7 @@ messages that answer calls; `search`: the search tool over a BM25 index or a ret
 Nothing here imports a model; bm25s is imported only when an index is built or loaded.
 """
 
-from envs.tools.calls import (
+from toolgrpo.envs.tools.calls import (
     MalformedCall,
     ParsedTurn,
     Toolbox,
@@ -30,9 +30,9 @@ from envs.tools.calls import (
     parse_tool_calls,
     tool_messages,
 )
-from envs.tools.python import python_tool
-from envs.tools.search import BM25Index, HTTPRetriever, Passage, load_corpus, search_tool
-from envs.tools.tool import Tool, ToolArgumentError, ToolFailure
+from toolgrpo.envs.tools.python import python_tool
+from toolgrpo.envs.tools.search import BM25Index, HTTPRetriever, Passage, load_corpus, search_tool
+from toolgrpo.envs.tools.tool import Tool, ToolArgumentError, ToolFailure
 
 __all__ = [
     "BM25Index",

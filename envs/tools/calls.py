@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from envs.protocols import truncate_middle
-from envs.tools.tool import Tool, ToolArgumentError, ToolFailure
+from toolgrpo.envs.protocols import truncate_middle
+from toolgrpo.envs.tools.tool import Tool, ToolArgumentError, ToolFailure
 
 CALL_FORMAT = (
     '<tool_call>\n{"name": <tool name>, "arguments": {<argument>: <value>, ...}}\n</tool_call>'

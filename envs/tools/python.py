@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import threading
 
-from envs.protocols import PYTHON_TOOL, truncate_middle
-from envs.sandbox import PythonSandbox, SandboxError, SandboxSession, shared_sandbox
-from envs.tools.tool import Tool, ToolArgumentError, ToolFailure
+from toolgrpo.envs.protocols import PYTHON_TOOL, truncate_middle
+from toolgrpo.envs.sandbox import PythonSandbox, SandboxError, SandboxSession, shared_sandbox
+from toolgrpo.envs.tools.tool import Tool, ToolArgumentError, ToolFailure
 
 
 class _EpisodeSession:

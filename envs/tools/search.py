@@ -35,7 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
-from envs.tools.tool import Tool, ToolArgumentError
+from toolgrpo.envs.tools.tool import Tool, ToolArgumentError
 
 INDEX_VERSION = 1
 """Part of the cache key: raise it when the tokenization or the index layout changes."""

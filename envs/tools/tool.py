@@ -158,7 +158,7 @@ class Tool:
 
     def __call__(self, arguments: Mapping[str, Any]) -> str:
         """Check `arguments` (ToolArgumentError when they do not fit), call, return text.
-        Whatever else the function raises propagates: `envs.tools.calls.run_calls` turns it
+        Whatever else the function raises propagates: `toolgrpo.envs.tools.calls.run_calls` turns it
         into an observation."""
         if not isinstance(arguments, Mapping):
             raise ToolArgumentError(

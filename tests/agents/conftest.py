@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 from tiny import tiny_model
 
-from envs.problems import ArithProblems
-from envs.protocols import get_protocol
-from learners.tokenizer import train_chat_tokenizer
+from toolgrpo.envs.problems import ArithProblems
+from toolgrpo.envs.protocols import get_protocol
+from toolgrpo.learners.tokenizer import train_chat_tokenizer
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

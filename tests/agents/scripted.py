@@ -1,6 +1,6 @@
 """A sampler that writes scripted turns: drives the rollout's tool path without a trained model."""
 
-from agents.sampling import Sample
+from toolgrpo.agents.sampling import Sample
 
 
 class ScriptedSampler:
@@ -16,7 +16,7 @@ class ScriptedSampler:
         self.adapter_version = version
 
     def recover(self) -> None:
-        """Nothing to bring back: it runs in this process (agents.sampling.Sampler)."""
+        """Nothing to bring back: it runs in this process (toolgrpo.agents.sampling.Sampler)."""
 
     def generate(self, prompts, params, adapter_version=None, seeds=None, max_new_tokens=None):
         self.calls += 1

@@ -9,9 +9,9 @@ import pytest
 from qwen_vocab import qwen25_tokenizer
 from scripted import ScriptedSampler
 
-from agents.rollout import RolloutConfig, RolloutError, Rollouts
-from envs.problems import Problem
-from envs.toolmath import ToolMathEnv
+from toolgrpo.agents.rollout import RolloutConfig, RolloutError, Rollouts
+from toolgrpo.envs.problems import Problem
+from toolgrpo.envs.toolmath import ToolMathEnv
 
 FENCE = "```"
 

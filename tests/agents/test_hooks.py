@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from test_loop import StubRollouts, loop_of
 
-from agents.training import Hook, Interrupted, ProblemOrder, fit, transcripts
+from toolgrpo.agents.training import Hook, Interrupted, ProblemOrder, fit, transcripts
 
 
 class Log:

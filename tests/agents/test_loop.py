@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from agents.batch import EpisodeStats, RolloutBatch
-from agents.rollout import RolloutConfig
-from agents.training.loop import GRPOLoop, ProblemOrder
+from toolgrpo.agents.batch import EpisodeStats, RolloutBatch
+from toolgrpo.agents.rollout import RolloutConfig
+from toolgrpo.agents.training.loop import GRPOLoop, ProblemOrder
 
 
 def episode(problem: int, group: int, reward: float) -> EpisodeStats:
@@ -149,7 +149,7 @@ def test_every_step_has_the_same_batch_shape_and_filler_adds_nothing_to_the_upda
     filler row that counted would scale the loss by informative/all rows, 2/8 here)."""
     from tiny import tiny_model
 
-    from learners.train import GRPOConfig, grpo_step, init_state
+    from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state
 
     cfg = GRPOConfig(learning_rate=1e-3, schedule="constant", micro_batch_size=2)
     model = tiny_model(lora_seed=1)
@@ -184,8 +184,8 @@ def test_a_loop_restored_from_a_checkpoint_continues_as_the_one_that_wrote_it(tm
     from flax import nnx
     from tiny import tiny_model
 
-    from learners.checkpoint import Checkpointer
-    from learners.train import GRPOConfig, init_state
+    from toolgrpo.learners.checkpoint import Checkpointer
+    from toolgrpo.learners.train import GRPOConfig, init_state
 
     cfg = GRPOConfig(learning_rate=1e-3, schedule="constant", micro_batch_size=2)
 

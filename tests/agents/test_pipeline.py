@@ -1,4 +1,4 @@
-"""Pipelined rollouts (agents.training.pipeline): max_staleness 0 is the synchronous loop bit for
+"""Pipelined rollouts (toolgrpo.agents.training.pipeline): max_staleness 0 is the synchronous loop bit for
 bit; max_staleness 1 trains each batch one adapter version after the one that sampled it (the
 sampler reading its own copy of the adapter); Ctrl-C and resume lose and repeat no problem."""
 
@@ -14,13 +14,13 @@ import pytest
 from flax import nnx
 from test_loop import StubRollouts
 
-import envs  # noqa: F401 - registers the environments
-from agents.rollout import RolloutConfig, Rollouts
-from agents.sampler import JaxSampler
-from agents.training import GRPOLoop, Hook, Interrupted, ProblemOrder, evaluate, fit
-from agents.training.loop import PIPELINED_TIS_CAP, sampler_copy
-from learners.grpo import token_logprobs
-from learners.train import GRPOConfig, grpo_step, init_state
+import toolgrpo.envs  # noqa: F401 - registers the environments
+from toolgrpo.agents.rollout import RolloutConfig, Rollouts
+from toolgrpo.agents.sampler import JaxSampler
+from toolgrpo.agents.training import GRPOLoop, Hook, Interrupted, ProblemOrder, evaluate, fit
+from toolgrpo.agents.training.loop import PIPELINED_TIS_CAP, sampler_copy
+from toolgrpo.learners.grpo import token_logprobs
+from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state
 
 STEPS, PROBLEMS, SEED = 3, 2, 5
 CFG = GRPOConfig(learning_rate=5e-2, warmup_steps=1, schedule="constant", micro_batch_size=2)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from scripted import ScriptedSampler
 
-import envs  # noqa: F401 - registers the environments
-from agents.rollout import RolloutConfig, RolloutError, Rollouts
-from agents.sampler import JaxSampler
-from envs.problems import Problem
-from envs.sandbox import PythonSandbox
-from envs.toolmath import ToolMathEnv
-from learners.grpo import token_logprobs
+import toolgrpo.envs  # noqa: F401 - registers the environments
+from toolgrpo.agents.rollout import RolloutConfig, RolloutError, Rollouts
+from toolgrpo.agents.sampler import JaxSampler
+from toolgrpo.envs.problems import Problem
+from toolgrpo.envs.sandbox import PythonSandbox
+from toolgrpo.envs.toolmath import ToolMathEnv
+from toolgrpo.learners.grpo import token_logprobs
 
 
 def solve_with_tool(text: str, turn: int) -> str:
@@ -374,7 +374,7 @@ def test_truncated_episodes_masked_and_the_overlong_penalty(chat_tokenizer):
     mask_truncated "context" drops their loss. With a budget that fits, overlong_buffer puts the
     linear penalty ((max - buffer) - L) / buffer * factor on the reward of each episode of L
     tokens past max - buffer (DAPO), and names it in the reward components."""
-    from agents.chat import prompt_tokens
+    from toolgrpo.agents.chat import prompt_tokens
 
     tok = chat_tokenizer
     prompt = len(prompt_tokens(product_env(), tok, 0)[0])

@@ -3,7 +3,7 @@ a rollout server this job launched is restarted, its adapter reloaded and the co
 whole (the same problems and seeds: the batch an unbroken collection makes); one given by URL that
 does not come back stops the run with RolloutsDown after the last step's checkpoint.
 
-The server is agents.serve (vLLM's flags and API, launched by VLLMServer); test_vllm_server.py
+The server is toolgrpo.agents.serve (vLLM's flags and API, launched by VLLMServer); test_vllm_server.py
 kills a real vLLM server the same way."""
 
 import os
@@ -16,13 +16,13 @@ import pytest
 from flax import nnx
 from test_serve import _without_lora
 
-import envs  # noqa: F401 - registers the environments
-from agents.rollout import RolloutConfig, Rollouts
-from agents.training import GRPOLoop, Hook, ProblemOrder, RolloutsDown, fit
-from agents.vllm_client import VLLMSampler
-from agents.vllm_server import VLLMServer, python_serve_command
-from learners.params import save_pretrained
-from learners.train import GRPOConfig, init_state
+import toolgrpo.envs  # noqa: F401 - registers the environments
+from toolgrpo.agents.rollout import RolloutConfig, Rollouts
+from toolgrpo.agents.training import GRPOLoop, Hook, ProblemOrder, RolloutsDown, fit
+from toolgrpo.agents.vllm_client import VLLMSampler
+from toolgrpo.agents.vllm_server import VLLMServer, python_serve_command
+from toolgrpo.learners.params import save_pretrained
+from toolgrpo.learners.train import GRPOConfig, init_state
 
 CFG = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant", micro_batch_size=4)
 ROLL = RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=512, sync_rounds=True)
@@ -30,7 +30,7 @@ ROLL = RolloutConfig(group_size=2, max_turn_tokens=8, max_total_tokens=512, sync
 
 @pytest.fixture
 def launched(chat_model, chat_tokenizer, tmp_path):
-    """A VLLMServer running agents.serve on the tiny model (its process group is this test's)."""
+    """A VLLMServer running toolgrpo.agents.serve on the tiny model (its process group is this test's)."""
     directory = tmp_path / "model"
     save_pretrained(_without_lora(chat_model), str(directory))
     chat_tokenizer.save_pretrained(str(directory))

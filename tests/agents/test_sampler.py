@@ -7,9 +7,9 @@ from tiny import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from agents.sampler import JaxSampler
-from agents.sampling import SamplingParams
-from learners.grpo import token_logprobs
+from toolgrpo.agents.sampler import JaxSampler
+from toolgrpo.agents.sampling import SamplingParams
+from toolgrpo.learners.grpo import token_logprobs
 
 jax.config.update("jax_default_matmul_precision", "highest")
 VOCAB = 48
@@ -97,7 +97,7 @@ def test_bad_requests(sampler):
 
 
 def test_inverse_cdf_draws_follow_the_distribution():
-    from agents.sampler import _inverse_cdf
+    from toolgrpo.agents.sampler import _inverse_cdf
 
     rng = np.random.default_rng(0)
     probs = rng.random(70) ** 3  # 70 entries: not a multiple of the 32-entry blocks

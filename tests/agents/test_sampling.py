@@ -1,20 +1,20 @@
-"""agents.sampling.Sampler: the three samplers of the package satisfy it, at run time
+"""toolgrpo.agents.sampling.Sampler: the three samplers of the package satisfy it, at run time
 (isinstance) and for ty (the typed assignments below are checked by `ty check`), and they speak
 its data contract alike: the same greedy samples of the same base model."""
 
 import pytest
 from test_serve import _without_lora
 
-from agents.sampler import JaxSampler
-from agents.sampling import Sample, Sampler, SamplingParams
-from agents.serve import CompletionService, serve
-from agents.vllm_client import VLLMSampler
-from agents.vllm_pool import VLLMPool
+from toolgrpo.agents.sampler import JaxSampler
+from toolgrpo.agents.sampling import Sample, Sampler, SamplingParams
+from toolgrpo.agents.serve import CompletionService, serve
+from toolgrpo.agents.vllm_client import VLLMSampler
+from toolgrpo.agents.vllm_pool import VLLMPool
 
 
 @pytest.fixture(scope="module")
 def base_and_url(chat_model, chat_tokenizer):
-    """The tiny chat model without its adapter, and an agents.serve server of it."""
+    """The tiny chat model without its adapter, and an toolgrpo.agents.serve server of it."""
     base = _without_lora(chat_model)
     httpd = serve(CompletionService(base, chat_tokenizer, "tiny-qwen", max_lora_rank=8), port=0)
     yield base, f"http://127.0.0.1:{httpd.server_port}"
@@ -23,7 +23,10 @@ def base_and_url(chat_model, chat_tokenizer):
 
 def test_the_three_samplers_are_samplers_and_sample_alike(base_and_url, chat_tokenizer, tmp_path):
     base, url = base_and_url
-    eos = [chat_tokenizer.eos_token_id, chat_tokenizer.pad_token_id]  # what agents.serve stops on
+    eos = [
+        chat_tokenizer.eos_token_id,
+        chat_tokenizer.pad_token_id,
+    ]  # what toolgrpo.agents.serve stops on
     jax_sampler: Sampler = JaxSampler(base, chat_tokenizer, eos_token_ids=eos)
     vllm_sampler: Sampler = VLLMSampler(url, chat_tokenizer, adapter_dir=str(tmp_path / "one"))
     pool: Sampler = VLLMPool([VLLMSampler(url, chat_tokenizer)], adapter_dir=str(tmp_path / "pool"))

@@ -1,4 +1,4 @@
-"""agents.serve, the JAX-native server of the completions API, with the VLLMSampler as its client;
+"""toolgrpo.agents.serve, the JAX-native server of the completions API, with the VLLMSampler as its client;
 and the client's own failure paths (unreachable server, a server dying mid-rollout).
 
 The vLLM path itself is tested against a real vLLM in test_vllm_server.py."""
@@ -15,15 +15,15 @@ import pytest
 from flax import nnx
 from scripted import force_two_rounds
 
-import envs  # noqa: F401
-from agents.rollout import RolloutConfig, RolloutError, Rollouts
-from agents.sampling import SamplingParams
-from agents.serve import CompletionService, serve
-from agents.vllm_client import ServerError, StaleAdapterError, VLLMSampler
-from agents.vllm_server import VLLMServer, python_serve_command
-from learners.grpo import token_logprobs
-from learners.lora import lora_disabled, merge_lora
-from learners.params import save_pretrained
+import toolgrpo.envs  # noqa: F401
+from toolgrpo.agents.rollout import RolloutConfig, RolloutError, Rollouts
+from toolgrpo.agents.sampling import SamplingParams
+from toolgrpo.agents.serve import CompletionService, serve
+from toolgrpo.agents.vllm_client import ServerError, StaleAdapterError, VLLMSampler
+from toolgrpo.agents.vllm_server import VLLMServer, python_serve_command
+from toolgrpo.learners.grpo import token_logprobs
+from toolgrpo.learners.lora import lora_disabled, merge_lora
+from toolgrpo.learners.params import save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_adapter_rank_above_the_limit_and_servers_without_lora(
 
 
 def test_unreachable_server_is_a_clear_error(chat_tokenizer):
-    from agents.vllm_server import free_port
+    from toolgrpo.agents.vllm_server import free_port
 
     with pytest.raises(ServerError, match="unreachable.*vllm.entrypoints.openai.api_server"):
         VLLMSampler(f"http://127.0.0.1:{free_port()}", chat_tokenizer, retries=1, backoff_s=0.01)
@@ -169,7 +169,7 @@ def test_unreachable_server_is_a_clear_error(chat_tokenizer):
 
 @pytest.mark.slow
 def test_launcher_and_a_server_dying_mid_rollout(chat_model, chat_tokenizer, tmp_path):
-    """VLLMServer starts `python -m agents.serve` (vllm serve's flags); killing it mid-rollout
+    """VLLMServer starts `python -m toolgrpo.agents.serve` (vllm serve's flags); killing it mid-rollout
     ends the collection with a clear error and no batch."""
     model_dir = tmp_path / "model"
     save_pretrained(_without_lora(chat_model), str(model_dir))

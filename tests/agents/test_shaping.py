@@ -1,9 +1,9 @@
-"""The rollout's shaping of finished episodes (agents.shaping) against hand-computed values."""
+"""The rollout's shaping of finished episodes (toolgrpo.agents.shaping) against hand-computed values."""
 
 import numpy as np
 import pytest
 
-from agents.shaping import keeps_loss, overlong_penalty, void_turn
+from toolgrpo.agents.shaping import keeps_loss, overlong_penalty, void_turn
 
 
 def test_void_turn_is_neither_a_complete_call_nor_an_answer():

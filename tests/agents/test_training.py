@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from agents.training import (
+from toolgrpo.agents.training import (
     Config,
     EvalConfig,
     LogConfig,
@@ -48,9 +48,9 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
 def test_every_setting_of_every_part_is_a_flag_and_a_yaml_key(tmp_path):
     """The tree is the library's own configs: a flag or a file key reaches RolloutConfig and
     GRPOConfig fields the main job never named, and defaults live in one place."""
-    from agents.rollout import RolloutConfig
-    from agents.training.cli import load_config
-    from learners.train import GRPOConfig
+    from toolgrpo.agents.rollout import RolloutConfig
+    from toolgrpo.agents.training.cli import load_config
+    from toolgrpo.learners.train import GRPOConfig
 
     assert Config().rollout == RolloutConfig() and Config().grpo == GRPOConfig()
     cfg = load_config(
@@ -95,7 +95,7 @@ def test_every_setting_of_every_part_is_a_flag_and_a_yaml_key(tmp_path):
 
 
 def test_the_model_computes_in_bf16_on_accelerators_and_fp32_on_the_cpu():
-    from agents.training.cli import load_config
+    from toolgrpo.agents.training.cli import load_config
 
     auto = ModelConfig()
     assert [auto.compute_dtype(b) for b in ("cpu", "gpu", "tpu")] == [
@@ -138,7 +138,7 @@ def test_config_from_dict_checks_every_value_and_names_its_path():
 
 
 def test_a_resume_may_change_only_the_resumable_settings():
-    from agents.training.rundir import config_changes
+    from toolgrpo.agents.training.rundir import config_changes
 
     saved = json.loads(json.dumps(dataclasses.asdict(Config()), default=str))
     allowed = dataclasses.replace(
@@ -171,9 +171,9 @@ def test_the_installed_package_runs_the_loop_from_another_program(installed_pyth
     train, test = make_problems(str(tmp_path / "problems"))
     script = f"""
 import sys
-from agents.rollout import RolloutConfig
-from agents.training import Config, EnvConfig, EvalConfig, LogConfig, ModelConfig, SamplerConfig, train
-from learners.train import GRPOConfig
+from toolgrpo.agents.rollout import RolloutConfig
+from toolgrpo.agents.training import Config, EnvConfig, EvalConfig, LogConfig, ModelConfig, SamplerConfig, train
+from toolgrpo.learners.train import GRPOConfig
 cfg = Config(out={str(tmp_path / "run")!r}, steps=2, problems_per_step=2,
              model=ModelConfig(name={model!r}, lora_rank=4),
              env=EnvConfig(problems={train!r}, eval_problems={test!r}),
@@ -182,8 +182,8 @@ cfg = Config(out={str(tmp_path / "run")!r}, steps=2, problems_per_step=2,
              grpo=GRPOConfig(micro_batch_size=2), eval=EvalConfig(samples=2, limit=1),
              log=LogConfig(wandb=False))
 summary = train(cfg)
-import agents.training
-print("LOOP", agents.training.__file__, summary["step"], summary["eval/pass@1"])
+import toolgrpo.agents.training
+print("LOOP", toolgrpo.agents.training.__file__, summary["step"], summary["eval/pass@1"])
 """
     outside = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     done = subprocess.run(
@@ -217,9 +217,9 @@ def test_a_fault_ends_the_main_job_in_one_line_with_its_own_exit_code(fault, cod
     a full disk and rollout servers that stay down (resume once they are mended)."""
     import errno
 
-    from agents.training import RolloutsDown
-    from agents.training.cli import exit_codes
-    from agents.training.loop import NonFiniteUpdates
+    from toolgrpo.agents.training import RolloutsDown
+    from toolgrpo.agents.training.cli import exit_codes
+    from toolgrpo.agents.training.loop import NonFiniteUpdates
 
     raised = {
         "diverged": NonFiniteUpdates(step=5, count=3, checkpoint=2),

@@ -1,4 +1,4 @@
-"""VLLMPool: rollouts over two servers of the completions API (agents.serve, the JAX server
+"""VLLMPool: rollouts over two servers of the completions API (toolgrpo.agents.serve, the JAX server
 that the VLLMSampler's tests run against; the real vLLM takes the same requests): the prompts of
 a call are spread over both, every new adapter is on both before a sample carries its version,
 and a server that refuses an adapter stops the sync with the pool still on the old version."""
@@ -13,12 +13,12 @@ import pytest
 from scripted import count_prompts
 from test_serve import _without_lora
 
-import envs  # noqa: F401
-from agents.rollout import RolloutConfig, Rollouts
-from agents.serve import CompletionService, serve
-from agents.vllm_client import ServerError, VLLMSampler
-from agents.vllm_pool import VLLMPool
-from learners.grpo import token_logprobs
+import toolgrpo.envs  # noqa: F401
+from toolgrpo.agents.rollout import RolloutConfig, Rollouts
+from toolgrpo.agents.serve import CompletionService, serve
+from toolgrpo.agents.vllm_client import ServerError, VLLMSampler
+from toolgrpo.agents.vllm_pool import VLLMPool
+from toolgrpo.learners.grpo import token_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,16 @@ from flax import nnx
 from scripted import count_prompts, force_two_rounds
 from tiny import tiny_base_model
 
-import envs  # noqa: F401
-from agents.rollout import RolloutConfig, RolloutError, Rollouts
-from agents.sampling import SamplingParams
-from agents.training import GRPOLoop, ProblemOrder
-from agents.vllm_client import ServerError, VLLMSampler
-from agents.vllm_server import VLLMServer, vllm_command, vllm_lora_rank
-from learners.grpo import token_logprobs
-from learners.lora import apply_lora
-from learners.params import save_pretrained
-from learners.train import GRPOConfig, init_state
+import toolgrpo.envs  # noqa: F401
+from toolgrpo.agents.rollout import RolloutConfig, RolloutError, Rollouts
+from toolgrpo.agents.sampling import SamplingParams
+from toolgrpo.agents.training import GRPOLoop, ProblemOrder
+from toolgrpo.agents.vllm_client import ServerError, VLLMSampler
+from toolgrpo.agents.vllm_server import VLLMServer, vllm_command, vllm_lora_rank
+from toolgrpo.learners.grpo import token_logprobs
+from toolgrpo.learners.lora import apply_lora
+from toolgrpo.learners.params import save_pretrained
+from toolgrpo.learners.train import GRPOConfig, init_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -140,7 +140,7 @@ def test_two_real_servers_share_the_rollouts_and_hold_every_adapter(
     """VLLMPool over two vLLM processes: each new adapter is loaded on both before samples carry
     its version, a call's prompts are spread over both, and every sample is the adapted policy's
     (its log-probabilities are the learner's, whichever server made it)."""
-    from agents.vllm_pool import VLLMPool
+    from toolgrpo.agents.vllm_pool import VLLMPool
 
     _, base = tiny
     clients = [VLLMSampler(s.url, chat_tokenizer) for s in (server, second_server)]

@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from envs.answers import answers_match, last_boxed, parse_integer
+from toolgrpo.envs.answers import answers_match, last_boxed, parse_integer
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from envs.problems import ArithProblems, HubUnavailableError, Problem, load_problems
+from toolgrpo.envs.problems import ArithProblems, HubUnavailableError, Problem, load_problems
 
 
 def write_jsonl(path, rows):
@@ -85,7 +85,7 @@ def test_unreadable_csv_names_the_file(tmp_path):
 def test_unreachable_hub_says_so_and_names_the_offline_alternative(tmp_path):
     code = (
         "import json\n"
-        "from envs.problems import load_problems, HubUnavailableError\n"
+        "from toolgrpo.envs.problems import load_problems, HubUnavailableError\n"
         "try:\n    load_problems('aime', 'train')\n"
         "except HubUnavailableError as e:\n    print('ERR', e)\n"
         "    print(json.dumps([e.reason, e.offline_hint]))\n"
@@ -135,7 +135,7 @@ def test_a_plainly_unreachable_hub_fails_at_once_without_retries(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = (
-        "from envs.problems import load_problems, HubUnavailableError\n"
+        "from toolgrpo.envs.problems import load_problems, HubUnavailableError\n"
         "try:\n    load_problems('aime', 'train')\n"
         "except HubUnavailableError as e:\n    print('ERR', e)\n"
     )

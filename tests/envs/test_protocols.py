@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from envs.protocols import (
+from toolgrpo.envs.protocols import (
     FinalAnswer,
     MarkdownProtocol,
     ParseFailure,

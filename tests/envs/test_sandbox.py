@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from envs.sandbox import ExecutionResult, PythonSandbox, SandboxConfig, SandboxError
+from toolgrpo.envs.sandbox import ExecutionResult, PythonSandbox, SandboxConfig, SandboxError
 
 FAST = SandboxConfig(timeout_s=5.0, max_timeout_s=60.0)
 
@@ -655,9 +655,9 @@ def test_close_leaves_no_process_behind():
 
 
 def test_reduced_isolation_still_contains_time_and_memory(monkeypatch):
-    import envs.sandbox.client
+    import toolgrpo.envs.sandbox.client
 
-    monkeypatch.setattr(envs.sandbox.client, "_warned", False)
+    monkeypatch.setattr(toolgrpo.envs.sandbox.client, "_warned", False)
     with pytest.warns(UserWarning, match="Off: network_isolated, pid_namespace"):
         sb = PythonSandbox(FAST, isolation="none", pool_size=0).start()
     with sb:
@@ -670,12 +670,12 @@ def test_reduced_isolation_still_contains_time_and_memory(monkeypatch):
 def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
     """No namespaces and no uid of its own (a non-root caller without user namespaces): a cell
     cannot be promoted by killing its whole scope, so it ends the previous state alone."""
-    import envs.sandbox.client
-    import envs.sandbox.launch
+    import toolgrpo.envs.sandbox.client
+    import toolgrpo.envs.sandbox.launch
 
-    monkeypatch.setattr(envs.sandbox.client, "_warned", True)
+    monkeypatch.setattr(toolgrpo.envs.sandbox.client, "_warned", True)
     # the caller looks unprivileged
-    monkeypatch.setattr(envs.sandbox.launch.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(toolgrpo.envs.sandbox.launch.os, "geteuid", lambda: 1000)
     with PythonSandbox(FAST, isolation="none", pool_size=0) as sb:
         assert not sb.protections["separate_uid"] and not sb.protections["daemon_cleanup"]
         with sb.session() as s:
@@ -689,7 +689,7 @@ def test_sessions_keep_state_without_a_kill_scope(monkeypatch):
 
 def test_children_lists_live_children_of_every_thread_and_skips_zombies():
     """The kernel facts the rollback shortcut rests on, checked on a tree made here."""
-    from envs.sandbox.processes import children, dead, pid_of_pidfd
+    from toolgrpo.envs.sandbox.processes import children, dead, pid_of_pidfd
 
     def listed(pid: int, expected=frozenset()) -> set[int]:  # None while a thread of pytest's
         found: list[set[int] | None] = []  # own ends mid-read: read again
@@ -733,7 +733,7 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
     import subprocess
     import sys
 
-    from envs.sandbox.launch import SERVER_BOOTSTRAP
+    from toolgrpo.envs.sandbox.launch import SERVER_BOOTSTRAP
 
     assert SERVER_BOOTSTRAP.endswith("\nmain()\n")
     probe = (
@@ -766,13 +766,19 @@ def test_the_server_imports_its_own_modules_and_the_standard_library_only():
         "sandbox.supervisor",
         "sandbox.server",
     }
-    assert not {m.split(".")[0] for m in modules} & {"envs", "gymnasium", "numpy", "sympy"}
+    assert not {m.split(".")[0] for m in modules} & {
+        "envs",
+        "toolgrpo",
+        "gymnasium",
+        "numpy",
+        "sympy",
+    }
 
 
 def test_kill_of_every_process_refuses_as_root_outside_a_sandbox_pid_namespace(monkeypatch):
     """kill(-1) by root outside a pid namespace of the sandbox would reach every process of the
     machine: `kill_all_but_self` refuses (os.kill is replaced here, so nothing is sent)."""
-    from envs.sandbox import processes
+    from toolgrpo.envs.sandbox import processes
 
     if processes.in_nested_pid_namespace():
         pytest.skip("this test process is itself in a nested pid namespace")

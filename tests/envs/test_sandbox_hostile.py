@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from envs.sandbox import PythonSandbox, SandboxConfig
+from toolgrpo.envs.sandbox import PythonSandbox, SandboxConfig
 
 HOSTILE = SandboxConfig(timeout_s=5.0, max_timeout_s=20.0, memory_mb=256, scratch_mb=8)
 

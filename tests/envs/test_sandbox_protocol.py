@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from envs.sandbox import framing
-from envs.sandbox import protocol as p
+from toolgrpo.envs.sandbox import framing
+from toolgrpo.envs.sandbox import protocol as p
 
 SAMPLES = [  # one of each kind, with the descriptors it carries
     p.ServerReady(

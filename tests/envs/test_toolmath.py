@@ -7,9 +7,9 @@ import gymnasium as gym
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import envs
-from envs.problems import Problem
-from envs.rewards import RewardWeights
+import toolgrpo.envs
+from toolgrpo.envs.problems import Problem
+from toolgrpo.envs.rewards import RewardWeights
 
 FENCE = "```"
 
@@ -35,7 +35,7 @@ def make(env_id, aime_file, **kwargs):
     return gym.make(env_id, **kwargs)
 
 
-@pytest.mark.parametrize("env_id", envs.ENV_IDS)
+@pytest.mark.parametrize("env_id", toolgrpo.envs.ENV_IDS)
 def test_check_env_on_every_registered_id(env_id, aime_file):
     env = make(env_id, aime_file)
     check_env(env.unwrapped, skip_render_check=False)
@@ -60,7 +60,7 @@ def test_an_installed_package_registers_its_ids_in_any_program(
         f"env = gym.make('ToolMath-AIME-v0', problems={aime_file!r})\n"
         "obs, info = env.reset(seed=0)\nprint(info['problem_id'])\n"
         "env = gym.make('ToolMath-Arith-v0')\nobs, info = env.reset(seed=0)\n"
-        "print(type(env.unwrapped).__module__, sys.modules['envs'].__file__)"
+        "print(type(env.unwrapped).__module__, sys.modules['toolgrpo.envs'].__file__)"
     )
     out = subprocess.run(
         [python, "-c", script],
@@ -76,7 +76,7 @@ def test_an_installed_package_registers_its_ids_in_any_program(
     assert lines[0] == "False"
     assert "aime.jsonl#" in lines[1]
     module, origin = lines[2].split()
-    assert module == "envs.toolmath" and origin.startswith(str(venv)), lines[2]
+    assert module == "toolgrpo.envs.toolmath" and origin.startswith(str(venv)), lines[2]
 
 
 def test_an_episode_with_a_tool_call_and_a_right_answer(aime_file):

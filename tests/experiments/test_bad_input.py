@@ -257,8 +257,8 @@ def test_evaluate_runs_the_main_jobs_checks(tiny_model_dir, problem_files, tmp_p
     from flax import nnx
     from safetensors.numpy import load_file, save_file
 
-    from learners.lora import apply_lora, save_peft_adapter
-    from learners.params import from_pretrained
+    from toolgrpo.learners.lora import apply_lora, save_peft_adapter
+    from toolgrpo.learners.params import from_pretrained
 
     base = ["--model", tiny_model_dir, "--problems", problem_files[1], "--k", "1"]
     budget = ["--rollout.max-total-tokens", "512", "--rollout.max-turn-tokens", "12"]
@@ -291,7 +291,7 @@ def test_evaluate_runs_the_main_jobs_checks(tiny_model_dir, problem_files, tmp_p
 
 
 def test_check_finite_names_every_non_finite_float():
-    from agents.training.checks import check_finite
+    from toolgrpo.agents.training.checks import check_finite
 
     check_finite({"a": 1.0, "b": {"c": 0.0, "d": "nan", "e": None, "f": 3}})
     for value in (math.nan, math.inf, -math.inf):

@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from agents.rollout import RolloutConfig
-from agents.training import (
+from toolgrpo.agents.rollout import RolloutConfig
+from toolgrpo.agents.training import (
     Config,
     ConfigError,
     EnvConfig,
@@ -22,7 +22,7 @@ from agents.training import (
     TrainingError,
     train,
 )
-from learners.train import GRPOConfig
+from toolgrpo.learners.train import GRPOConfig
 
 
 def tiny_config(model: str, train_file: str, test_file: str, out: str, **changes) -> Config:
@@ -71,7 +71,7 @@ def test_a_stop_signal_raises_interrupted_after_a_checkpoint_and_the_caller_goes
     """SIGINT (to this process, as Ctrl-C would send it) during step 1's update: the update is
     finished, its checkpoint and the adapter are saved, and `train` raises Interrupted; the
     reports go to the library's loggers, nothing to stdout."""
-    from agents.training import loop as loop_module
+    from toolgrpo.agents.training import loop as loop_module
 
     real = loop_module.grpo_step
 
@@ -82,7 +82,10 @@ def test_a_stop_signal_raises_interrupted_after_a_checkpoint_and_the_caller_goes
     monkeypatch.setattr(loop_module, "grpo_step", update_then_signal)
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)
-    with caplog.at_level(logging.INFO, logger="agents"), pytest.raises(Interrupted) as stop:
+    with (
+        caplog.at_level(logging.INFO, logger="toolgrpo.agents"),
+        pytest.raises(Interrupted) as stop,
+    ):
         train(tiny_config(tiny_model_dir, *problem_files, str(out)))
     assert isinstance(stop.value, TrainingError)
     assert stop.value.step == 1 and stop.value.exit_code == 130

@@ -267,8 +267,8 @@ def test_main_job_offline_error_is_one_line(tmp_path):
 def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, tmp_path):
     from flax import nnx
 
-    from learners.lora import apply_lora, save_peft_adapter
-    from learners.params import from_pretrained
+    from toolgrpo.learners.lora import apply_lora, save_peft_adapter
+    from toolgrpo.learners.params import from_pretrained
 
     model = apply_lora(from_pretrained(tiny_model_dir), rank=4, alpha=8, rngs=nnx.Rngs(1))
     save_peft_adapter(model, str(tmp_path / "adapter"))
@@ -351,7 +351,7 @@ def test_main_job_stops_on_non_finite_updates_without_saving_them(
     import aime_grpo
     import numpy as np
 
-    import agents.training.loop as loop_module
+    import toolgrpo.agents.training.loop as loop_module
 
     real, calls = loop_module.grpo_step, []
 

@@ -15,11 +15,11 @@ import optax
 from flax import nnx
 from tiny import tiny_model  # tests/ is on PYTHONPATH (test_multihost.py's subprocess_env)
 
-from agents.training.distributed import DistConfig, initialize, is_main
-from learners.batch import TrainBatch
-from learners.checkpoint import Checkpointer
-from learners.sharding import gather, shard_batch, shard_state
-from learners.train import GRPOConfig, grpo_step, init_state
+from toolgrpo.agents.training.distributed import DistConfig, initialize, is_main
+from toolgrpo.learners.batch import TrainBatch
+from toolgrpo.learners.checkpoint import Checkpointer
+from toolgrpo.learners.sharding import gather, shard_batch, shard_state
+from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state
 
 directory, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if len(sys.argv) > 4:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from tiny import tiny_model  # tests/ is on PYTHONPATH: test_checkpoint.py's subprocess_env
 
-from learners.batch import TrainBatch
-from learners.checkpoint import Checkpointer
-from learners.train import GRPOConfig, grpo_step, init_state
+from toolgrpo.learners.batch import TrainBatch
+from toolgrpo.learners.checkpoint import Checkpointer
+from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state
 
 directory, total, kill_after, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = GRPOConfig(

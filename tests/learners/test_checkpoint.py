@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tiny import subprocess_env, tiny_model
 
-from learners.checkpoint import Checkpointer, CheckpointError
-from learners.train import GRPOConfig, init_state
+from toolgrpo.learners.checkpoint import Checkpointer, CheckpointError
+from toolgrpo.learners.train import GRPOConfig, init_state
 
 WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
 

@@ -1,4 +1,4 @@
-from learners.devices import unused_accelerator
+from toolgrpo.learners.devices import unused_accelerator
 
 
 def test_a_cpu_only_jax_on_an_accelerator_machine_is_named_with_its_fix():
@@ -19,7 +19,7 @@ def test_the_compilation_cache_keeps_a_program_for_the_next_process(tmp_path):
 
     script = (
         "import jax, jax.numpy as jnp\n"
-        "from learners.devices import enable_compilation_cache\n"
+        "from toolgrpo.learners.devices import enable_compilation_cache\n"
         f"enable_compilation_cache({str(tmp_path)!r}, min_compile_time_s=0)\n"
         "events = []\n"
         "jax.monitoring.register_event_listener(lambda e, **kw: events.append(e))\n"

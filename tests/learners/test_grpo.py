@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tiny import tiny_base_model, tiny_model
 
-from learners import grpo
-from learners.batch import TrainBatch
-from learners.lora import apply_lora
-from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
+from toolgrpo.learners import grpo
+from toolgrpo.learners.batch import TrainBatch
+from toolgrpo.learners.lora import apply_lora
+from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
 
 S3 = math.sqrt(3) / 2  # (1 - 0.5) / sqrt(1/3): rewards [0, 1, 1, 0] in one group
 
@@ -225,8 +225,8 @@ def test_bf16_compute_keeps_lora_and_optimizer_state_fp32():
 def test_one_epoch_needs_no_old_logprob_pass():
     """With ppo_epochs 1 the loss takes the update's own log-probabilities, held constant, as the
     old ones: the same loss and gradient as with a separate pass over the same parameters."""
-    from learners.batch import MicroBatch
-    from learners.train import _loss  # the loss of one pass, tested as such
+    from toolgrpo.learners.batch import MicroBatch
+    from toolgrpo.learners.train import _loss  # the loss of one pass, tested as such
 
     tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, 32)
     cfg = GRPOConfig(learning_rate=1e-3, warmup_steps=1, schedule="constant")
@@ -366,7 +366,9 @@ def test_leave_one_out_advantages_by_hand():
         [np.std(rewards[groups == g], ddof=1) if (groups == g).sum() > 1 else 0 for g in groups]
     )
     np.testing.assert_allclose(np.asarray(scaled), np.array(expect) / (std + 1e-6), rtol=1e-5)
-    from learners.batch import micro_batches  # the train step's advantages take the setting
+    from toolgrpo.learners.batch import (
+        micro_batches,  # the train step's advantages take the setting
+    )
 
     batch = TrainBatch(np.ones((7, 4), np.int32), np.ones((7, 4)), rewards, groups)
     cfg = GRPOConfig(baseline="leave-one-out", scale_by_std=False, micro_batch_size=None)

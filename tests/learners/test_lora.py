@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 from tiny_qwen import build_hf_model, random_batch, torch_logits
 
-from learners.lora import (
+from toolgrpo.learners.lora import (
     ALL_TARGETS,
     apply_lora,
     load_peft_adapter,
@@ -19,7 +19,7 @@ from learners.lora import (
     merge_lora,
     save_peft_adapter,
 )
-from learners.params import from_pretrained, save_pretrained
+from toolgrpo.learners.params import from_pretrained, save_pretrained
 
 
 def randomize_lora(model, seed=0):

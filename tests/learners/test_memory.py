@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 from tiny import tiny_config, tiny_model
 
-from learners import grpo
-from learners.attention import causal_attention
-from learners.batch import LENGTHS, TrainBatch, needed_lengths, plan_micro_batches
-from learners.qwen2 import Qwen2ForCausalLM
-from learners.train import GRPOConfig, grpo_step, init_state
+from toolgrpo.learners import grpo
+from toolgrpo.learners.attention import causal_attention
+from toolgrpo.learners.batch import LENGTHS, TrainBatch, needed_lengths, plan_micro_batches
+from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 
@@ -265,7 +265,7 @@ def test_memory_plan_of_a_small_model():
     """`lower_passes` compiles every program of a step for abstract shapes: the update's
     temporaries grow with the micro-batch (but far slower than its [R, L, V] logits would),
     the optional passes appear when the config asks for them."""
-    from learners.train import lower_passes
+    from toolgrpo.learners.train import lower_passes
 
     def build(cfg):
         model = tiny_model(vocab_size=4096)

@@ -12,8 +12,13 @@ import torch
 from tiny import tiny_base_model
 from tiny_qwen import random_batch, torch_logits
 
-from learners.params import HubUnavailableError, from_pretrained, read_model_config, save_pretrained
-from learners.qwen2_config import PRESETS, Qwen2Config
+from toolgrpo.learners.params import (
+    HubUnavailableError,
+    from_pretrained,
+    read_model_config,
+    save_pretrained,
+)
+from toolgrpo.learners.qwen2_config import PRESETS, Qwen2Config
 
 
 @pytest.mark.parametrize("pad", [False, True])
@@ -162,17 +167,17 @@ def test_a_config_json_without_head_dim_loads(tmp_path):
 
 
 def test_the_model_module_does_not_import_the_loaders():
-    """learners.params depends on learners.qwen2, never the other way round."""
+    """toolgrpo.learners.params depends on toolgrpo.learners.qwen2, never the other way round."""
     import subprocess
     import sys
 
     code = (
-        "import sys, learners.qwen2\n"
-        "assert 'learners.params' not in sys.modules, 'qwen2 imported params'\n"
-        "import learners.params\n"
-        "assert learners.params.Qwen2ForCausalLM is learners.qwen2.Qwen2ForCausalLM\n"
-        "assert not hasattr(learners.qwen2.Qwen2ForCausalLM, 'from_pretrained')\n"
-        "assert not hasattr(learners.qwen2.Qwen2Config, 'dim')\n"
+        "import sys, toolgrpo.learners.qwen2\n"
+        "assert 'toolgrpo.learners.params' not in sys.modules, 'qwen2 imported params'\n"
+        "import toolgrpo.learners.params\n"
+        "assert toolgrpo.learners.params.Qwen2ForCausalLM is toolgrpo.learners.qwen2.Qwen2ForCausalLM\n"
+        "assert not hasattr(toolgrpo.learners.qwen2.Qwen2ForCausalLM, 'from_pretrained')\n"
+        "assert not hasattr(toolgrpo.learners.qwen2.Qwen2Config, 'dim')\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False

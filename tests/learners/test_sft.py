@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from tiny import VARIANTS, tiny_base_model
 
-from learners.sft import SFTStep, sft_loss
+from toolgrpo.learners.sft import SFTStep, sft_loss
 
 
 def _model():

@@ -22,11 +22,11 @@ SCRIPT = textwrap.dedent("""
     import dataclasses
     import jax, jax.numpy as jnp, numpy as np, optax
     from flax import nnx
-    from learners import grpo
+    from toolgrpo.learners import grpo
     from tiny import tiny_model
-    from learners.sharding import make_mesh, shard_batch, shard_state
-    from learners.batch import TrainBatch
-    from learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
+    from toolgrpo.learners.sharding import make_mesh, shard_batch, shard_state
+    from toolgrpo.learners.batch import TrainBatch
+    from toolgrpo.learners.train import GRPOConfig, grpo_step, init_state, sequence_logprobs
     GRAD_RTOL = 1e-5
     assert len(jax.devices()) == 8
     cfg = GRPOConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant", ppo_epochs=2,

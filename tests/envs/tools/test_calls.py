@@ -6,7 +6,7 @@ import json
 import pytest
 from qwen_vocab import qwen25_tokenizer
 
-from envs.tools import (
+from toolgrpo.envs.tools import (
     MalformedCall,
     Tool,
     Toolbox,

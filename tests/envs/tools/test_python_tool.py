@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from envs.sandbox import PythonSandbox, SandboxConfig
-from envs.tools import Toolbox, parse_tool_calls
-from envs.tools.python import python_tool
-from envs.tools.tool import ToolFailure
+from toolgrpo.envs.sandbox import PythonSandbox, SandboxConfig
+from toolgrpo.envs.tools import Toolbox, parse_tool_calls
+from toolgrpo.envs.tools.python import python_tool
+from toolgrpo.envs.tools.tool import ToolFailure
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,15 @@ import threading
 
 import pytest
 
-from envs.tools import BM25Index, HTTPRetriever, Passage, Toolbox, parse_tool_calls, search_tool
-from envs.tools.search import CorpusError, RetrieverError, format_passages, load_corpus
+from toolgrpo.envs.tools import (
+    BM25Index,
+    HTTPRetriever,
+    Passage,
+    Toolbox,
+    parse_tool_calls,
+    search_tool,
+)
+from toolgrpo.envs.tools.search import CorpusError, RetrieverError, format_passages, load_corpus
 
 SYLLABLES = ["ka", "lo", "mi", "ru", "te", "vo", "zu", "ne", "pa", "si"]
 

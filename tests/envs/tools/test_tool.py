@@ -4,7 +4,7 @@ their arguments against it."""
 import pytest
 from transformers.utils import get_json_schema
 
-from envs.tools import Tool, ToolArgumentError
+from toolgrpo.envs.tools import Tool, ToolArgumentError
 
 
 def add(a: int, b: int = 0) -> int:
