@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from toolgrpo.envs.answers import last_boxed, parse_integer
+from toolgrpo.hub import HubUnavailableError
 
 
 @dataclass(frozen=True)
@@ -40,26 +41,6 @@ QUESTION_COLUMNS = ("problem", "question", "Question", "Problem", "prompt")
 ANSWER_COLUMNS = ("answer", "Answer", "final_answer", "solution", "Solution")
 ID_COLUMNS = ("id", "ID", "problem_id", "unique_id")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class HubUnavailableError(ConnectionError):
-    """A data set that the Hugging Face Hub cannot give: a hub id that is not in the local cache
-    and could not be loaded from the Hub.
-
-    `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
-    when offline; str(exc) is both, "{reason}. {offline_hint}". A ConnectionError, as `datasets`
-    raises for a Hub it cannot reach. toolgrpo.learners.params.HubUnavailableError is the same error for
-    models (the same base and fields; envs and learners never import each other): a caller that
-    handles both catches the two classes and reads the same fields (`except ConnectionError`
-    takes them too, among other connection errors that have no such fields).
-    """
-
-    def __init__(self, reason: str, offline_hint: str):
-        super().__init__(f"{reason}. {offline_hint}")
-        self.reason, self.offline_hint = reason, offline_hint
-
-    def __reduce__(self):
-        return type(self), (self.reason, self.offline_hint)
 
 
 def _load_table(source: str, split: str):

@@ -19,30 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from toolgrpo.hub import HubUnavailableError
 from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
 from toolgrpo.learners.qwen2_config import Qwen2Config
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-
-
-class HubUnavailableError(ConnectionError):
-    """A model that the Hugging Face Hub cannot give: a hub id whose snapshot is not in the local
-    cache and could not be downloaded.
-
-    `reason` is one line saying what could not be had; `offline_hint` says what to pass instead
-    when offline; str(exc) is both, "{reason}. {offline_hint}". A ConnectionError, as `datasets`
-    raises for a Hub it cannot reach. toolgrpo.envs.problems.HubUnavailableError is the same error for data
-    sets (the same base and fields; envs and learners never import each other): a caller that
-    handles both catches the two classes and reads the same fields (`except ConnectionError`
-    takes them too, among other connection errors that have no such fields).
-    """
-
-    def __init__(self, reason: str, offline_hint: str):
-        super().__init__(f"{reason}. {offline_hint}")
-        self.reason, self.offline_hint = reason, offline_hint
-
-    def __reduce__(self):
-        return type(self), (self.reason, self.offline_hint)
 
 
 def resolve(path_or_id: str) -> str:

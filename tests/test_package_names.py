@@ -83,3 +83,14 @@ def test_the_installed_package_sits_beside_openai_agents(tmp_path):
         "['_toolgrpo_gymnasium.py', 'toolgrpo', 'toolgrpo_gymnasium.pth']",
         "agents agents toolgrpo.agents.rollout",
     ], out.stdout
+
+
+def test_data_and_models_raise_the_one_hub_error_and_a_caller_catches_it_once():
+    from toolgrpo import hub
+    from toolgrpo.envs import problems
+    from toolgrpo.learners import params
+
+    assert problems.HubUnavailableError is params.HubUnavailableError is hub.HubUnavailableError
+    with pytest.raises(params.HubUnavailableError) as err:
+        problems.load_problems("no-such-owner/no-such-set")
+    assert isinstance(err.value, ConnectionError) and "could not load" in err.value.reason

@@ -191,14 +191,13 @@ def bad_input():
     """The checks' ValueError, FileNotFoundError and NotImplementedError as an InputError of
     their first line (the original its __cause__); a hub that cannot be reached as
     HubUnreachable."""
-    from toolgrpo.envs.problems import HubUnavailableError as DataOffline
-    from toolgrpo.learners.params import HubUnavailableError as ModelOffline
+    from toolgrpo.hub import HubUnavailableError
 
     try:
         yield
     except InputError:
         raise
-    except (DataOffline, ModelOffline) as exc:
+    except HubUnavailableError as exc:
         raise HubUnreachable(exc.reason) from exc
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         text = str(exc).strip()

@@ -133,8 +133,7 @@ def exit_codes(debug: bool = False, offline_hint: str = ""):
     servers down 5, a stop signal 128 + the signal (its line on stdout: where the checkpoint
     is); Ctrl-C before the run could save anything 130. With `debug`, the exception propagates
     (the traceback)."""
-    from toolgrpo.envs.problems import HubUnavailableError as DataOffline
-    from toolgrpo.learners.params import HubUnavailableError as ModelOffline
+    from toolgrpo.hub import HubUnavailableError
 
     try:
         with disk_full_as_error():
@@ -146,7 +145,7 @@ def exit_codes(debug: bool = False, offline_hint: str = ""):
     except KeyboardInterrupt:
         print("stopped by SIGINT before the first step: nothing to save", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
-    except (HubUnreachable, DataOffline, ModelOffline) as exc:
+    except (HubUnreachable, HubUnavailableError) as exc:
         if debug:
             raise
         print(
