@@ -21,6 +21,7 @@ import time
 import uuid
 
 import pytest
+from sandboxes import need, still_serves
 
 from toolgrpo.envs.sandbox import PythonSandbox, SandboxConfig
 
@@ -33,20 +34,9 @@ def sandbox():
         yield sb
 
 
-def need(sandbox: PythonSandbox, *names: str) -> None:
-    off = [n for n in names if not sandbox.protections[n]]
-    if off:
-        pytest.skip(f"protection off on this machine: {', '.join(off)}")
-
-
 def random_key() -> int:
     """A System V IPC key no other run uses (a leak of a failed run cannot collide with it)."""
     return int.from_bytes(os.urandom(3), "big") | 0x10000000
-
-
-def still_serves(sandbox: PythonSandbox) -> None:
-    r = sandbox.run("print(6 * 7)")
-    assert (r.status, r.stdout) == ("ok", "42\n"), r
 
 
 # The cell's channel to its supervisor, and the protocol's modules, as hostile code finds them.

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_scripts import ROOT, _tiny_run_args
+from script_runs import ROOT, tiny_run_args
 
 
 def free_port() -> int:
@@ -67,7 +67,7 @@ def train_records(out) -> list[dict]:
 @pytest.mark.slow
 def test_main_job_on_two_processes_trains_and_resumes(tiny_model_dir, problem_files, tmp_path):
     out = tmp_path / "run"
-    args = _tiny_run_args(tiny_model_dir, *problem_files, str(out))
+    args = tiny_run_args(tiny_model_dir, *problem_files, str(out))
     args[args.index("--grpo.micro-batch-size") + 1] = "4"  # one micro-batch: a row a device
     first = main_job([*args, "--steps", "2"], processes=2)
     assert "rollouts:" in first[0] and "rollouts:" not in first[1]  # process 0 plays them
