@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -135,22 +136,10 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
     """The steps of `train` from a loaded model: (the last step's metrics, the last
     evaluation's). Opens the sampler and the rollouts, restores a checkpoint on resume, and
     saves the adapter however the steps end."""
-    import gymnasium as gym
-    from flax import nnx
-
-    from toolgrpo.agents.rollout import Rollouts
     from toolgrpo.agents.training.distributed import is_main
     from toolgrpo.learners.checkpoint import Checkpointer
-    from toolgrpo.learners.lora import merge_lora, save_peft_adapter
-    from toolgrpo.learners.params import save_pretrained
 
-    main, several = is_main(), mesh.devices.size > 1
-    adapter_dir = os.path.join(cfg.out, "adapter")
-
-    def save_adapter() -> None:
-        if main:
-            save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
-
+    main = is_main()
     # a pipelined sampler reads its own copy of the adapter while the learner updates the model
     sampler_model = sampler_copy(model) if cfg.max_staleness else model
     with contextlib.ExitStack() as stack:
@@ -158,25 +147,9 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
         # (the sampler's start, the restore) is acted on when the first step begins; it stays
         # in force until everything below is closed
         signals = stack.enter_context(StopSignals(abandon=jax_processes() == 1))
-        train_rollouts = evaluator = None
-        if main:
-            sampler = stack.enter_context(open_sampler(cfg, engine, sampler_model, tokenizer))
-            train_rollouts = stack.enter_context(
-                Rollouts(
-                    lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("train")),
-                    sampler,
-                    tokenizer,
-                    cfg.rollout,
-                )
-            )
-            evaluator = stack.enter_context(
-                Rollouts(
-                    lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs("test")),
-                    sampler,
-                    tokenizer,
-                    dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples),
-                )
-            )
+        train_rollouts, eval_rollouts = (
+            _open_rollouts(stack, cfg, engine, sampler_model, tokenizer) if main else (None, None)
+        )
         loop = GRPOLoop(
             model=model,
             state=state,
@@ -187,7 +160,7 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
             max_refills=cfg.max_refills,
             max_staleness=cfg.max_staleness,
             sampler_model=sampler_model,
-            mesh=mesh if several else None,
+            mesh=mesh if mesh.devices.size > 1 else None,
             max_replays=cfg.sampler.max_replays,
         )
         ckpt = Checkpointer(
@@ -195,40 +168,15 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
             keep=cfg.log.keep_checkpoints,
             every=cfg.log.checkpoint_every,
         )
-        start, position = 0, 0
-        if cfg.resume and ckpt.latest_step is not None:
-            start = ckpt.latest_step
-            state, meta, _ = ckpt.restore(loop.state)
-            position = int(meta.get("data_position", 0))
-            loop.restore(state, data_position=position)
-            logger.info("resumed from step %d in %s", start, ckpt.directory)
-        elif cfg.resume:
-            logger.info("--resume: no checkpoint in %s; starting a new run", ckpt.directory)
-        if main:
-            dropped = truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
-            if dropped:
-                logger.info(
-                    "metrics.jsonl: dropped %d records logged after step %d (they are logged "
-                    "again)",
-                    dropped,
-                    start,
-                )
-        log = (
-            RunLog(
-                cfg.out,
-                cfg,
-                wandb_mode="online" if cfg.log.wandb else "off",
-                project=cfg.log.wandb_project,
-                resume=cfg.resume,
-            )
-            if main
-            else SilentLog()
-        )
+        start, position = _resume(cfg, ckpt, loop, main)
+        log = _open_log(cfg, main)
         stack.push(_closer(log))
         ks = sorted({1, cfg.eval.samples} | ({8} if cfg.eval.samples >= 8 else set()))
         evaluation = (
-            Evaluation(evaluator, range(n_eval), log, ks=ks, seed=cfg.seed, stride=99, loop=loop)
-            if evaluator is not None
+            Evaluation(
+                eval_rollouts, range(n_eval), log, ks=ks, seed=cfg.seed, stride=99, loop=loop
+            )
+            if eval_rollouts is not None
             else None
         )
 
@@ -240,7 +188,8 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
             checkpoint_hook(cfg, ckpt, loop, model, main),
             Hook(evaluate_at, every=cfg.eval.every, samples=True),
         ]
-        try:
+        save_adapter = functools.partial(_save_adapter, cfg, model, main)
+        with _stops_reported(cfg, ckpt, save_adapter):
             metrics = fit(
                 loop,
                 ProblemOrder(n_train, seed=cfg.seed, position=position),
@@ -253,35 +202,112 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
             )
             with signals.abandoning():  # a stop signal ends the last evaluation at once
                 last_eval = evaluate_at(cfg.steps)
-        except (Interrupted, StepAbandoned) as stop:  # StepAbandoned: in the last evaluation
-            step = stop.step if isinstance(stop, Interrupted) else cfg.steps
-            save_adapter()
-            raise Interrupted(
-                step,
-                stop.signum,
-                f"saved checkpoint {step} in {ckpt.directory} and its adapter in "
-                f"{adapter_dir}; continue with --resume",
-            ) from None
-        except NonFiniteUpdates as diverged:
-            diverged.checkpoint = ckpt.latest_step
-            raise
-        except RolloutsDown as down:
-            save_adapter()
-            saved = (
-                f"the checkpoint of step {down.step} is in {ckpt.directory}"
-                if down.step in ckpt.steps
-                else f"no step was trained (checkpoints: {ckpt.directory})"
-            )
-            raise RolloutsDown(
-                f"{down}; {saved}, the adapter in {adapter_dir}; continue with --resume",
-                down.step,
-            ) from down
         save_adapter()
         if main and cfg.log.export_merged:
-            merged = os.path.join(cfg.out, "merged")
-            save_pretrained(merge_lora(nnx.clone(model)), merged)
-            tokenizer.save_pretrained(merged)
+            _export_merged(cfg, model, tokenizer)
     return metrics, last_eval
+
+
+def _open_rollouts(stack: contextlib.ExitStack, cfg: Config, engine, sampler_model, tokenizer):
+    """Process 0's sampler and its two Rollouts, (training, evaluation), closed with `stack`."""
+    import gymnasium as gym
+
+    from toolgrpo.agents.rollout import Rollouts
+
+    sampler = stack.enter_context(open_sampler(cfg, engine, sampler_model, tokenizer))
+
+    def rollouts(split: str, rollout_cfg):
+        make_env = lambda: gym.make(cfg.env.env_id, **cfg.env.env_kwargs(split))
+        return stack.enter_context(Rollouts(make_env, sampler, tokenizer, rollout_cfg))
+
+    evaluation_cfg = dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples)
+    return rollouts("train", cfg.rollout), rollouts("test", evaluation_cfg)
+
+
+def _resume(cfg: Config, ckpt, loop: GRPOLoop, main: bool) -> tuple[int, int]:
+    """(the first step, the problem order's position): the latest checkpoint's on resume, into
+    `loop`, with the metrics logged after it dropped; (0, 0) for a new run."""
+    start, position = 0, 0
+    if cfg.resume and ckpt.latest_step is not None:
+        start = ckpt.latest_step
+        state, meta, _ = ckpt.restore(loop.state)
+        position = int(meta.get("data_position", 0))
+        loop.restore(state, data_position=position)
+        logger.info("resumed from step %d in %s", start, ckpt.directory)
+    elif cfg.resume:
+        logger.info("--resume: no checkpoint in %s; starting a new run", ckpt.directory)
+    if main:
+        dropped = truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+        if dropped:
+            logger.info(
+                "metrics.jsonl: dropped %d records logged after step %d (they are logged again)",
+                dropped,
+                start,
+            )
+    return start, position
+
+
+def _open_log(cfg: Config, main: bool):
+    """Process 0's RunLog (metrics.jsonl, plots, W&B, transcripts); the others' write nothing."""
+    if not main:
+        return SilentLog()
+    wandb_mode = "online" if cfg.log.wandb else "off"
+    return RunLog(
+        cfg.out, cfg, wandb_mode=wandb_mode, project=cfg.log.wandb_project, resume=cfg.resume
+    )
+
+
+@contextlib.contextmanager
+def _stops_reported(cfg: Config, ckpt, save_adapter):
+    """The ends of the steps other than their last, as what `train` raises: a stop signal (in a
+    step, or in the last evaluation: StepAbandoned) and servers that stay down save the adapter
+    and say where the checkpoint is; non-finite updates name the last finite checkpoint."""
+    adapter_dir = os.path.join(cfg.out, "adapter")
+    try:
+        yield
+    except (Interrupted, StepAbandoned) as stop:
+        step = stop.step if isinstance(stop, Interrupted) else cfg.steps
+        save_adapter()
+        raise Interrupted(
+            step,
+            stop.signum,
+            f"saved checkpoint {step} in {ckpt.directory} and its adapter in "
+            f"{adapter_dir}; continue with --resume",
+        ) from None
+    except NonFiniteUpdates as diverged:
+        diverged.checkpoint = ckpt.latest_step
+        raise
+    except RolloutsDown as down:
+        save_adapter()
+        saved = (
+            f"the checkpoint of step {down.step} is in {ckpt.directory}"
+            if down.step in ckpt.steps
+            else f"no step was trained (checkpoints: {ckpt.directory})"
+        )
+        raise RolloutsDown(
+            f"{down}; {saved}, the adapter in {adapter_dir}; continue with --resume", down.step
+        ) from down
+
+
+def _save_adapter(cfg: Config, model, main: bool) -> None:
+    """OUT/adapter, the model's LoRA as a PEFT adapter (process 0)."""
+    from toolgrpo.learners.lora import save_peft_adapter
+
+    if main:
+        adapter_dir = os.path.join(cfg.out, "adapter")
+        save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.name)
+
+
+def _export_merged(cfg: Config, model, tokenizer) -> None:
+    """OUT/merged: the base with the LoRA merged in, a plain Hugging Face model."""
+    from flax import nnx
+
+    from toolgrpo.learners.lora import merge_lora
+    from toolgrpo.learners.params import save_pretrained
+
+    merged = os.path.join(cfg.out, "merged")
+    save_pretrained(merge_lora(nnx.clone(model)), merged)
+    tokenizer.save_pretrained(merged)
 
 
 def _closer(log):
