@@ -7,9 +7,11 @@ steps (toolgrpo.agents.training.hooks), until the last step, a stop signal or a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +20,9 @@ from toolgrpo.agents.training.hooks import Hook, StepDone
 from toolgrpo.agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
 from toolgrpo.agents.training.runlog import StepLog
 from toolgrpo.agents.training.signals import StepAbandoned, StopSignals
+
+if TYPE_CHECKING:
+    from toolgrpo.agents.training.pipeline import RolloutPipeline
 
 
 def fit(
@@ -64,7 +69,7 @@ def fit(
     def exit_hooks(step: int, last: StepDone) -> None:
         for hook in hooks:
             if hook.at_exit:
-                hook.run(step, StepDone(last.metrics, last.batch, exiting=True))
+                hook.run(step, dataclasses.replace(last, exiting=True))
 
     with contextlib.ExitStack() as stack:
         interrupt = signals or stack.enter_context(StopSignals(jax.process_count() == 1))
@@ -91,18 +96,8 @@ def fit(
                     log.log(step, metrics)
                     if loop.skipped_in_a_row >= loop.cfg.max_skipped_updates:
                         raise NonFiniteUpdates(step, loop.skipped_in_a_row)
-                    last = StepDone(metrics, batch)
-                    ending = stop or step == steps
-                    for hook in hooks:
-                        if hook.at_exit and ending:
-                            hook.run(step, StepDone(metrics, batch, exiting=True))
-                        elif hook.samples and hook.due(step) and not ending:
-                            done = step
-                            with interrupt.abandoning(), rollouts.paused():
-                                hook.run(step, last)
-                        elif not hook.samples and hook.due(step):
-                            hook.run(step, last)
-                    done = step
+                    last, done = StepDone(metrics, batch), step
+                    run_hooks(hooks, step, last, stop or step == steps, interrupt, rollouts)
                     bar.set_postfix(
                         reward=f"{metrics.get('train/reward', 0):.3f}",
                         acc=f"{metrics.get('train/accuracy', 0):.3f}",
@@ -115,6 +110,28 @@ def fit(
             raise Interrupted(done, abandoned.signum) from None
     bar.close()
     return metrics
+
+
+def run_hooks(
+    hooks: Sequence[Hook],
+    step: int,
+    last: StepDone,
+    ending: bool,
+    interrupt: StopSignals,
+    rollouts: RolloutPipeline,
+) -> None:
+    """The hooks after `step`, in their order. When it is the last step fit runs (the last of
+    the run, or a stop), the at_exit ones, told so (`exiting`), and no sampling hook; otherwise
+    each one due, a sampling hook with the rollouts paused and cut short by a stop signal
+    (StepAbandoned)."""
+    for hook in hooks:
+        if hook.at_exit and ending:
+            hook.run(step, dataclasses.replace(last, exiting=True))
+        elif hook.samples and hook.due(step) and not ending:
+            with interrupt.abandoning(), rollouts.paused():
+                hook.run(step, last)
+        elif not hook.samples and hook.due(step):
+            hook.run(step, last)
 
 
 def agree(flag: bool) -> bool:
