@@ -5,6 +5,8 @@ the Flax model here against transformers + PEFT in PyTorch, on the same shape an
     python experiments/bench_learner.py --shapes tiny --json   # one JSON object
     python experiments/bench_learner.py --plan --shapes 0.5b --batch 8 --seq-len 4096 \
         --dtype bfloat16 --json                                # a memory plan: compile, not run
+    python experiments/bench_learner.py --plan --shapes 0.5b --target tpu:v5e:2x2
+                                                # the same, per chip of a TPU slice (libtpu)
 
 Each framework runs in a subprocess of its own, one after the other in the same run, so that its
 peak resident memory (ru_maxrss, imports included) is its own. Step times are medians after
@@ -16,7 +18,10 @@ GPU, "0.5b" is the whole model in bf16, with model FLOP utilisation.
 every program one GRPO step of the main job runs on a micro-batch of `--batch` x `--seq-len` (the
 update's forward and backward, the optimizer step, and the old- and reference-log-probability
 passes where `--ppo-epochs` > 1 and `--beta` > 0 ask for them) for the current backend, and prints
-XLA's figures: temporaries, arguments, outputs (GiB) and the compile time of each.
+XLA's figures: temporaries, arguments, outputs (GiB) and the compile time of each. With
+`--target tpu:v5e:2x2` it compiles them for that TPU slice's chips instead (XLA's TPU compiler
+runs on this CPU: libtpu), over the main job's mesh with the state and the micro-batch sharded,
+and the figures are per chip, beside the chip's HBM (toolgrpo.learners.plan).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 import tyro
+from learner_plan import plan_row, print_plan
 
 SHAPES = {
     "tiny": {
@@ -101,6 +107,12 @@ class Args:
     """--plan: positions per block of the blockwise attention (the model's attention_block)."""
     logprob_chunk: int = 1024
     """--plan: positions whose logits are computed at once (GRPOConfig.logprob_chunk)."""
+    target: str | None = None
+    """--plan: compile for a TPU slice instead of this backend, "tpu:TOPOLOGY" ("tpu:v5e:2x2",
+    "tpu:v6e:2x4"; needs libtpu: `uv sync --group tpu-compile`, x86-64 Linux): the main job's mesh
+    over its chips, state and micro-batch sharded; the figures are per chip."""
+    data: int = 1
+    """--plan --target: the mesh's data axis (--dist.data of the main job); fsdp takes the rest."""
     worker: str = ""
     """Internal: run one side ("jax:SHAPE" or "torch:SHAPE") and print its figures."""
 
@@ -217,15 +229,13 @@ def torch_side(shape: dict, steps: int, seed: int) -> dict:
 
 
 def memory_plan(args: Args, name: str) -> dict:
-    """XLA's memory figures for every program of one step at the shape (nothing is allocated)."""
-    import jax
+    """XLA's memory figures for every program of one step at the shape (nothing is allocated),
+    compiled for this backend or for `--target`'s TPU slice (per chip; toolgrpo.learners.plan)."""
     import jax.numpy as jnp
-    from flax import nnx
 
-    from toolgrpo.learners.lora import apply_lora
-    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
+    from toolgrpo.learners.plan import abstract_state, plan_step
     from toolgrpo.learners.qwen2_config import Qwen2Config
-    from toolgrpo.learners.train import GRPOConfig, init_state, lower_passes
+    from toolgrpo.learners.train import GRPOConfig
 
     shape = shape_of(args, name)
     dtype = getattr(jnp, args.dtype or "bfloat16")
@@ -237,44 +247,20 @@ def memory_plan(args: Args, name: str) -> dict:
         total_steps=100,
         logprob_chunk=args.logprob_chunk,
     )
-
-    def build():
-        model = Qwen2ForCausalLM(
-            cfg,
-            dtype=dtype,
-            param_dtype=dtype,
-            remat=True,
-            attention_block=args.attention_block,
-            rngs=nnx.Rngs(args.seed),
-        )
-        apply_lora(model, rank=shape["rank"], alpha=shape["rank"], param_dtype=jnp.float32)
-        return init_state(model, grpo_cfg)
-
-    state = jax.eval_shape(build)
-    gib = 2.0**30
-    row = {
-        "batch": shape["batch"],
-        "seq_len": shape["seq_len"],
-        "rank": shape["rank"],
-        "layers": cfg.num_hidden_layers,
-        "dtype": str(jnp.dtype(dtype)),
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-    }
-    t0 = time.perf_counter()
-    programs = lower_passes(state, grpo_cfg, shape["batch"], shape["seq_len"])
-    row["lower_s"] = time.perf_counter() - t0
-    for program, lowered in programs.items():
-        t0 = time.perf_counter()
-        memory = lowered.compile().memory_analysis()
-        row[f"{program}_compile_s"] = time.perf_counter() - t0
-        row[f"{program}_temp_gib"] = memory.temp_size_in_bytes / gib
-        row[f"{program}_argument_gib"] = memory.argument_size_in_bytes / gib
-        row[f"{program}_output_gib"] = memory.output_size_in_bytes / gib
-    row["argument_gib"] = row["update_argument_gib"]
-    row["compile_s"] = row["lower_s"] + sum(row[f"{p}_compile_s"] for p in programs)
-    row["programs"] = list(programs)
-    return row
+    rank, rows, length = shape["rank"], shape["batch"], shape["seq_len"]
+    state = abstract_state(
+        cfg, grpo_cfg, rank=rank, dtype=dtype, attention_block=args.attention_block, seed=args.seed
+    )
+    plan = plan_step(state, grpo_cfg, rows, length, target=args.target, data=args.data)
+    return plan_row(
+        plan,
+        rows=rows,
+        length=length,
+        rank=rank,
+        layers=cfg.num_hidden_layers,
+        dtype=str(jnp.dtype(dtype)),
+        target=args.target,
+    )
 
 
 def main_plan(args: Args) -> dict:
@@ -285,18 +271,7 @@ def main_plan(args: Args) -> dict:
     if args.json:
         print(json.dumps(report))
     else:
-        for name, r in report["shapes"].items():
-            print(
-                f"{name}: {r['layers']} layers, {r['batch']} x {r['seq_len']}, {r['dtype']}, "
-                f"{r['backend']} (lowering {r['lower_s']:.1f} s)"
-            )
-            for program in r["programs"]:
-                print(
-                    f"  {program:13} temporaries {r[f'{program}_temp_gib']:7.2f} GiB  "
-                    f"arguments {r[f'{program}_argument_gib']:6.2f} GiB  "
-                    f"outputs {r[f'{program}_output_gib']:6.2f} GiB  "
-                    f"compile {r[f'{program}_compile_s']:6.1f} s"
-                )
+        print_plan(report)
     return report
 
 
@@ -417,6 +392,8 @@ if __name__ == "__main__":
     parsed = tyro.cli(Args)
     if parsed.dtype not in (None, "float32", "bfloat16"):
         sys.exit(f"--dtype must be float32 or bfloat16, got {parsed.dtype!r}")
+    if parsed.target and not parsed.plan:
+        sys.exit("--target goes with --plan (it compiles for a TPU slice; nothing runs)")
     if parsed.worker:
         run_worker(parsed)
     else:

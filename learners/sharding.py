@@ -73,39 +73,63 @@ def gather(tree):
     return jax.tree.map(whole, tree)
 
 
-def shard_tree(tree, mesh: Mesh):
+def tree_shardings(tree, mesh: Mesh):
+    """The sharding of every array of `tree` (arrays, numpy or jax.ShapeDtypeStructs) by the
+    partition rule."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: put(x, NamedSharding(mesh, param_spec(np.shape(x), fsdp))), tree)
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
 
 
-def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """What `shard_state` gives each array of `state`: a TrainState of NamedShardings."""
     return TrainState(
-        shard_tree(state.lora, mesh),
-        shard_tree(state.rest, mesh),
-        shard_tree(state.opt_state, mesh),
-        put(state.updates, NamedSharding(mesh, P())),
+        tree_shardings(state.lora, mesh),
+        tree_shardings(state.rest, mesh),
+        tree_shardings(state.opt_state, mesh),
+        NamedSharding(mesh, P()),  # ty: ignore[invalid-argument-type] - shardings, not arrays
         state.graphdef,
     )
 
 
-def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
+def batch_shardings(batch, mesh: Mesh, strict: bool = False):
+    """What `place_batch` (`shard_batch` with `strict`) gives each array of `batch`: the batch
+    dimension split over both axes where the devices divide it, else replicated (strict: a
+    ValueError)."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
+    sizes = [np.shape(x)[0] for x in jax.tree.leaves(batch)]
+    if any(size % n for size in sizes):
+        if strict:
+            size = next(size for size in sizes if size % n)
+            raise ValueError(f"batch size {size} is not a multiple of the {n} devices")
+        return jax.tree.map(lambda x: NamedSharding(mesh, P()), batch)
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, P(("data", "fsdp"), *([None] * (np.ndim(x) - 1)))), batch
+    )
 
-    def place(x):
-        x = np.asarray(x)
-        if x.shape[0] % n:
-            raise ValueError(f"batch size {x.shape[0]} is not a multiple of the {n} devices")
-        spec = P(("data", "fsdp"), *([None] * (x.ndim - 1)))
-        return put(x, NamedSharding(mesh, spec))
 
-    return jax.tree.map(place, batch)
+def abstract(tree, shardings):
+    """`tree`'s arrays as jax.ShapeDtypeStructs with `shardings` (a tree like it): what
+    `jax.jit(...).lower` takes to compile for a mesh's devices without placing anything on
+    them (devices of a TPU slice this machine does not have: toolgrpo.learners.plan)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings
+    )
+
+
+def shard_tree(tree, mesh: Mesh):
+    return jax.tree.map(put, tree, tree_shardings(tree, mesh))
+
+
+def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
+    return jax.tree.map(put, state, state_shardings(state, mesh))
+
+
+def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
+    return jax.tree.map(put, batch, batch_shardings(batch, mesh, strict=True))
 
 
 def place_batch(batch, mesh: Mesh):
     """`shard_batch` where the devices divide the batch; otherwise the batch replicated on
     every device (the same result, without the data parallelism): for the odd micro-batch, such
     as the one-row batch of a step without any sampled token."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
-    if all(np.shape(x)[0] % n == 0 for x in jax.tree.leaves(batch)):
-        return shard_batch(batch, mesh)
-    return jax.tree.map(lambda x: put(x, NamedSharding(mesh, P())), batch)
+    return jax.tree.map(put, batch, batch_shardings(batch, mesh))

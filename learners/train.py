@@ -245,13 +245,21 @@ def grpo_step(state: TrainState, batch: TrainBatch, cfg: GRPOConfig, place=None)
 
 
 def lower_passes(
-    state: TrainState, cfg: GRPOConfig, rows: int, length: int, sampler_logprobs: bool = False
+    state: TrainState,
+    cfg: GRPOConfig,
+    rows: int,
+    length: int,
+    sampler_logprobs: bool = False,
+    place=None,
 ) -> dict:
     """The programs one step of `cfg` runs on a micro-batch of [rows, length], lowered for the
     current backend (nothing runs; `state` may hold jax.ShapeDtypeStructs): "update" (forward
     and backward of one micro-batch), "apply" (the optimizer step) and, where the step has them,
     "old_logprobs" (ppo_epochs > 1) and "ref_logprobs" (beta > 0). Compile them and read
-    `.memory_analysis()` for what a step needs."""
+    `.memory_analysis()` for what a step needs. `place`, as grpo_step's, takes the micro-batch
+    (of jax.ShapeDtypeStructs) to the one the devices get: for a mesh, ShapeDtypeStructs with
+    shardings (toolgrpo.learners.plan), with a `state` whose ShapeDtypeStructs carry theirs; the programs
+    then compile for the mesh's devices."""
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     tokens = spec((rows, length), jnp.int32)
     per_token = spec((rows, length), jnp.float32)
@@ -263,6 +271,9 @@ def lower_passes(
         per_token if cfg.ppo_epochs > 1 else None,
         per_token if cfg.beta else None,
     )
+    if place is not None:
+        mb = place(mb)
+        tokens = mb.tokens
     totals = (spec((), jnp.float32), spec((), jnp.float32))
     programs = {
         "update": _grad_jit.lower(state, mb, totals, cfg),

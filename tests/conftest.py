@@ -48,6 +48,33 @@ def installed_python(tmp_path_factory):
     return python
 
 
+@pytest.fixture(scope="session")
+def tpu_compile_python(tmp_path_factory):
+    """The Python of a fresh venv with this project and the tpu-compile group (libtpu, XLA's TPU
+    compiler) installed from the project's own files: the tests that compile for a TPU slice run
+    in it, so that libtpu's start-up warnings never reach the other tests' programs. libtpu is
+    built for x86-64 Linux only: elsewhere those tests are skipped."""
+    import platform
+    import shutil
+    import sys
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("libtpu (XLA's TPU compiler) is built for x86-64 Linux only")
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    venv = tmp_path_factory.mktemp("tpu-compile") / "venv"
+    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    group = f"{ROOT / 'pyproject.toml'}:tpu-compile"
+    subprocess.run(
+        [uv, "pip", "install", "-q", "-p", python, str(ROOT), "--group", group],
+        check=True,
+        timeout=900,
+    )
+    return python
+
+
 @pytest.fixture(autouse=True)
 def library_logging_restored():
     """An entry point run in-process (`main([...])`) calls configure_logging, which gives the

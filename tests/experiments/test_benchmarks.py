@@ -19,11 +19,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def run_json(name: str, *args: str, timeout: int) -> tuple[dict, float]:
-    """The script's JSON report and the run's wall time in seconds."""
+def run_json(
+    name: str, *args: str, timeout: int, python: str = sys.executable
+) -> tuple[dict, float]:
+    """The script's JSON report (run by `python`) and the run's wall time in seconds."""
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / name), *args, "--json"],
+        [python, str(ROOT / "experiments" / name), *args, "--json"],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -213,6 +215,43 @@ def test_bench_learner_plan_json():
         < rows[512]["update_temp_gib"]
         < 12 * rows[64]["update_temp_gib"]
     ), (rows[64]["update_temp_gib"], rows[512]["update_temp_gib"])
+
+
+@pytest.mark.slow
+def test_bench_learner_plan_target_json(tpu_compile_python):
+    """--plan --target tpu:v5e:2x2 compiles for the 4 chips of that slice (XLA's TPU compiler on
+    this CPU, in the tpu-compile venv): the figures are per chip, beside the chip's 16 GiB, and a
+    chip's arguments are a share of the whole (the state is sharded); the peak is the largest
+    program's sum."""
+    report, wall_s = run_json(
+        "bench_learner.py",
+        "--plan",
+        "--target",
+        "tpu:v5e:2x2",
+        "--shapes",
+        "tiny",
+        "--batch",
+        "4",
+        "--seq-len",
+        "64",
+        timeout=600,
+        python=tpu_compile_python,
+    )
+    row = report["shapes"]["tiny"]
+    assert (row["target"], row["backend"], row["devices"]) == ("tpu:v5e:2x2", "tpu", 4)
+    assert row["mesh"] == {"data": 1, "fsdp": 4} and row["hbm_gib"] == 16
+    assert row["programs"] == ["update", "apply"]
+    for program in row["programs"]:
+        assert row[f"{program}_argument_gib"] > 0 and row[f"{program}_output_gib"] > 0
+        assert 0 < row[f"{program}_compile_s"] < wall_s
+    assert row["update_argument_gib"] < row["unsharded_argument_gib"] / 2
+    assert row["peak_gib"] == pytest.approx(
+        max(
+            sum(row[f"{p}_{f}_gib"] for f in ("temp", "argument", "output"))
+            for p in row["programs"]
+        )
+    )
+    assert row["hbm_frac"] == pytest.approx(row["peak_gib"] / 16)
 
 
 SAMPLER_KEYS = {
