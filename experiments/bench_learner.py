@@ -38,6 +38,24 @@ from dataclasses import dataclass
 import tyro
 from learner_plan import plan_row, print_plan
 
+from toolgrpo.learners.qwen2_config import PRESETS
+
+
+def preset_shape(preset: str, batch: int = 8, seq_len: int = 1024, rank: int = 128) -> dict:
+    """A shape from a Qwen2.5 preset (toolgrpo.learners.qwen2_config.PRESETS)."""
+    cfg = PRESETS[preset]()
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+    )
+    return {**{k: getattr(cfg, k) for k in keys}, "batch": batch, "seq_len": seq_len, "rank": rank}
+
+
 SHAPES = {
     "tiny": {
         "vocab_size": 512,
@@ -73,6 +91,8 @@ SHAPES = {
         "rank": 128,
     },
 }
+SHAPES["1.5b"] = preset_shape("qwen2p5_1p5b")  # --plan's (meant for a TPU slice or a GPU)
+SHAPES["7b"] = preset_shape("qwen2p5_7b")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
@@ -81,7 +101,7 @@ class Args:
     """Learner benchmark settings."""
 
     shapes: tuple[str, ...] = ("tiny", "0.5b-width")
-    """Shapes to measure (see SHAPES); "0.5b" is meant for a GPU."""
+    """Shapes to measure (see SHAPES); "0.5b", "1.5b" and "7b" are meant for a GPU or --plan."""
     steps: int = 5
     """Timed steps per framework after warm-up."""
     batch: int | None = None
@@ -385,7 +405,8 @@ def _param_count(shape: dict) -> int:
     )
     h = d // shape["num_attention_heads"]
     attn = d * d * 2 + 2 * d * shape["num_key_value_heads"] * h
-    return v * d + n * (attn + 3 * d * f)
+    embeddings = v * d * (1 if shape.get("tie_word_embeddings", True) else 2)  # + lm_head
+    return embeddings + n * (attn + 3 * d * f)
 
 
 if __name__ == "__main__":
