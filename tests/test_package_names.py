@@ -42,12 +42,12 @@ def test_a_workflow_loads_every_module_under_toolgrpo_only():
 
 COEXIST = """
 import importlib.metadata as md
-import toolgrpo.agents, toolgrpo.agents.rollout
-from toolgrpo.agents import Agent          # openai-agents' own top-level package, intact
+import agents, toolgrpo.agents.rollout
+from agents import Agent          # openai-agents' own top-level package, intact
 top = sorted({f.parts[0] for f in md.distribution("toolgrpo").files}
              - {f"toolgrpo-{md.version('toolgrpo')}.dist-info"})
 print(top)
-print(toolgrpo.agents.__name__, Agent.__module__.split(".")[0], toolgrpo.agents.rollout.Rollouts.__module__)
+print(agents.__name__, Agent.__module__.split(".")[0], toolgrpo.agents.rollout.Rollouts.__module__)
 """
 
 
