@@ -32,47 +32,48 @@ def vllm_python():
 
 
 @pytest.fixture(scope="session")
-def installed_python(tmp_path_factory):
-    """The Python of a fresh venv with this project installed as a user would (`uv pip install
-    .`, no editable link, no PYTHONPATH): what another project imports."""
+def fresh_venv(tmp_path_factory):
+    """make(name, *install): the Python of a new venv (this interpreter's version) into which
+    `uv pip install *install` has installed what a user would (no editable link, no PYTHONPATH).
+    Skips where uv is not on PATH."""
     import shutil
     import sys
 
     uv = os.environ.get("UV") or shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not on PATH")
-    venv = tmp_path_factory.mktemp("installed") / "venv"
-    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    subprocess.run([uv, "pip", "install", "-q", "-p", python, str(ROOT)], check=True, timeout=900)
-    return python
+
+    def make(name: str, *install: str) -> str:
+        venv = tmp_path_factory.mktemp(name) / "venv"
+        subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
+        python = str(venv / "bin" / "python")
+        subprocess.run(
+            [uv, "pip", "install", "-q", "-p", python, *install], check=True, timeout=900
+        )
+        return python
+
+    return make
 
 
 @pytest.fixture(scope="session")
-def tpu_compile_python(tmp_path_factory):
+def installed_python(fresh_venv):
+    """The Python of a fresh venv with this project installed as a user would (`uv pip install
+    .`): what another project imports."""
+    return fresh_venv("installed", str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tpu_compile_python(fresh_venv):
     """The Python of a fresh venv with this project and the tpu-compile group (libtpu, XLA's TPU
     compiler) installed from the project's own files: the tests that compile for a TPU slice run
     in it, so that libtpu's start-up warnings never reach the other tests' programs. libtpu is
     built for x86-64 Linux only: elsewhere those tests are skipped."""
     import platform
-    import shutil
     import sys
 
     if sys.platform != "linux" or platform.machine() != "x86_64":
         pytest.skip("libtpu (XLA's TPU compiler) is built for x86-64 Linux only")
-    uv = os.environ.get("UV") or shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not on PATH")
-    venv = tmp_path_factory.mktemp("tpu-compile") / "venv"
-    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    group = f"{ROOT / 'pyproject.toml'}:tpu-compile"
-    subprocess.run(
-        [uv, "pip", "install", "-q", "-p", python, str(ROOT), "--group", group],
-        check=True,
-        timeout=900,
-    )
-    return python
+    return fresh_venv("tpu-compile", str(ROOT), "--group", f"{ROOT / 'pyproject.toml'}:tpu-compile")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ tests/conftest.py's pytest_sessionfinish checks the same over the whole test ses
 
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -52,22 +51,12 @@ print(agents.__name__, Agent.__module__.split(".")[0], toolgrpo.agents.rollout.R
 
 
 @pytest.mark.slow
-def test_the_installed_package_sits_beside_openai_agents(tmp_path):
+def test_the_installed_package_sits_beside_openai_agents(fresh_venv, tmp_path):
     """A fresh venv with openai-agents (whose top-level package is `agents`) and ToolGRPO installed
     in one resolve, as a user would: both import, and ToolGRPO's wheel owns nothing at the top
     level but toolgrpo/ and the Gymnasium plugin's two files."""
-    uv = os.environ.get("UV") or shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not on PATH")
-    venv = tmp_path / "venv"
-    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
     root = pathlib.Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [uv, "pip", "install", "-q", "-p", python, "openai-agents>=0.2", str(root)],
-        check=True,
-        timeout=900,
-    )
+    python = fresh_venv("coexist", "openai-agents>=0.2", str(root))
     outside = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     out = subprocess.run(
         [python, "-c", COEXIST],

@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from toolgrpo.envs.sandbox import PythonSandbox
+from toolgrpo.envs.sandbox import PythonSandbox, SandboxConfig
+
+FAST = SandboxConfig(timeout_s=5.0, max_timeout_s=60.0)
+"""The sandbox tests' default: a short timeout (tests/envs/conftest.py's `sandbox` uses it)."""
 
 
 def need(sandbox: PythonSandbox, *names: str) -> None:

@@ -14,17 +14,9 @@ import time
 import uuid
 
 import pytest
-from sandboxes import need, still_serves
+from sandboxes import FAST, need, still_serves
 
 from toolgrpo.envs.sandbox import ExecutionResult, PythonSandbox, SandboxConfig
-
-FAST = SandboxConfig(timeout_s=5.0, max_timeout_s=60.0)
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    with PythonSandbox(FAST) as sb:
-        yield sb
 
 
 # --- the API ---------------------------------------------------------------------------------------

@@ -13,16 +13,6 @@ import uuid
 import pytest
 from sandboxes import need, processes_with, still_serves, wait_until
 
-from toolgrpo.envs.sandbox import PythonSandbox, SandboxConfig
-
-FAST = SandboxConfig(timeout_s=5.0, max_timeout_s=60.0)
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    with PythonSandbox(FAST) as sb:
-        yield sb
-
 
 # --- processes ---------------------------------------------------------------------------------------
 def test_fork_flood_stops_at_the_process_cap(sandbox):

@@ -9,17 +9,9 @@ import os
 import threading
 
 import pytest
-from sandboxes import descendants, still_serves, wait_until
+from sandboxes import FAST, descendants, still_serves, wait_until
 
-from toolgrpo.envs.sandbox import PythonSandbox, SandboxConfig, SandboxError
-
-FAST = SandboxConfig(timeout_s=5.0, max_timeout_s=60.0)
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    with PythonSandbox(FAST) as sb:
-        yield sb
+from toolgrpo.envs.sandbox import PythonSandbox, SandboxError
 
 
 # --- isolation between sessions, concurrency, shutdown -----------------------------------------------
