@@ -157,10 +157,15 @@ class RolloutBatch(TrainBatch):
 
 
 def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:
-    """Episode means: reward, accuracy, tool use and health, turns, lengths."""
+    """Episode means: reward and each of its components ("reward/<name>", unweighted; 0 for an
+    episode without it), accuracy, tool use and health, turns, lengths."""
     mean = lambda xs: float(np.mean(xs)) if eps else 0.0
     calls = sum(e.tool_calls for e in eps)
-    return {
+    names = sorted({name for e in eps for name in e.reward_components})
+    components = {
+        f"reward/{name}": mean([e.reward_components.get(name, 0.0) for e in eps]) for name in names
+    }
+    return components | {
         "reward": mean([e.reward for e in eps]),
         "accuracy": mean([e.correct for e in eps]),
         "answer_rate": mean([e.answer_found for e in eps]),

@@ -110,6 +110,15 @@ class Config:
     max_total_tokens: int = 192
     """Budget of a whole episode (a correct one needs about 110 tokens); longer episodes end
     as truncated with reward 0, which keeps the learner's batches short."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: refill groups whose rewards are all equal (GRPOLoop), at most
+    max_refills collections more a step (docs/training_issues.md measures it on this demo)."""
+    max_refills: int = 2
+    """Collections more a step that dynamic sampling may make."""
+    mask_truncated: Literal["none", "context", "all"] = "none"
+    """Truncated episodes dropped from the loss (RolloutConfig.mask_truncated, DAPO)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment zone, in tokens before max_total_tokens (0: off)."""
     eval_problems: int = 128
     """Held-out problems for the accuracy figures."""
     eval_samples: int = 2
@@ -296,6 +305,8 @@ def main(cfg: Config) -> dict:
         temperature=cfg.temperature,
         pad_to=64,
         sync_rounds=True,
+        mask_truncated=cfg.mask_truncated,
+        overlong_buffer=cfg.overlong_buffer,
     )  # figures that do not hang on timing
     grpo_cfg = GRPOConfig(
         learning_rate=cfg.learning_rate,
@@ -325,6 +336,8 @@ def main(cfg: Config) -> dict:
         cfg=grpo_cfg,
         rollouts=train,
         problems_per_step=cfg.problems_per_step,
+        dynamic_sampling=cfg.dynamic_sampling,
+        max_refills=cfg.max_refills,
     )
     problems = ProblemOrder(None, position=cfg.sft_examples)  # never seen in the warm start
     try:

@@ -15,7 +15,8 @@ loggers); only the entry points print and exit (cli).
 
 Modules: config (the settings tree), errors (what a run raises), loop (one step), pipeline
 (rollouts ahead of the learner, within max_staleness), fit (the steps), hooks (what runs between
-steps: checkpoints, evaluations, transcripts, your own), signals (SIGINT/SIGTERM as a stop after
+steps: checkpoints, evaluations, transcripts, your own), health (the training-health monitor's
+warnings), signals (SIGINT/SIGTERM as a stop after
 a checkpoint), distributed (jax.distributed and the mesh of a multi-process learner), evaluation
 (pass@k), runlog (the run's record), rundir (the run directory), checks (a run's inputs, checked
 before it loads), build (the learner and the rollout engine from a config), run (a whole run:
@@ -42,6 +43,7 @@ from toolgrpo.agents.training.errors import (
 )
 from toolgrpo.agents.training.evaluation import evaluate, pass_at_k
 from toolgrpo.agents.training.fit import fit
+from toolgrpo.agents.training.health import HealthConfig, HealthMonitor, HealthWarning
 from toolgrpo.agents.training.hooks import Evaluation, Hook, StepDone, transcripts
 from toolgrpo.agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
 from toolgrpo.agents.training.run import train
@@ -55,6 +57,9 @@ __all__ = [
     "EvalConfig",
     "Evaluation",
     "GRPOLoop",
+    "HealthConfig",
+    "HealthMonitor",
+    "HealthWarning",
     "Hook",
     "HubUnreachable",
     "InputError",

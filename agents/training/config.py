@@ -22,6 +22,7 @@ import tyro
 from toolgrpo.agents.rollout import RolloutConfig
 from toolgrpo.agents.training.checks import check_finite
 from toolgrpo.agents.training.distributed import DistConfig
+from toolgrpo.agents.training.health import HealthConfig
 from toolgrpo.agents.training.loop import PIPELINED_TIS_CAP
 from toolgrpo.envs.rewards import RewardWeights
 from toolgrpo.envs.toolmath import ToolMathEnv
@@ -244,6 +245,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
@@ -305,6 +307,7 @@ RESUMABLE_CHANGES = (
     "log",
     "sampler",
     "dist",
+    "health",
     "grpo.max_skipped_updates",
 )
 """Settings (or whole sections) a resumed run may change; any other difference from the saved

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import signal
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toolgrpo.agents.training.errors import Interrupted
+from toolgrpo.agents.training.health import HealthMonitor
 from toolgrpo.agents.training.hooks import Hook, StepDone
 from toolgrpo.agents.training.loop import GRPOLoop, NonFiniteUpdates, ProblemOrder, RolloutsDown
 from toolgrpo.agents.training.runlog import StepLog
@@ -23,6 +25,8 @@ from toolgrpo.agents.training.signals import StepAbandoned, StopSignals
 
 if TYPE_CHECKING:
     from toolgrpo.agents.training.pipeline import RolloutPipeline
+
+logger = logging.getLogger(__name__)
 
 
 def fit(
@@ -36,12 +40,15 @@ def fit(
     hooks: Sequence[Hook] = (),
     signals: StopSignals | None = None,
     progress: bool = True,
+    health: HealthMonitor | None = None,
 ) -> dict:
     """Steps start+1 .. steps of `loop`, each logged, then its due `hooks` (toolgrpo.agents.training.hooks
     says when each runs). Step t samples with seed `seed * 1_000_003 + t`. Batches come from a
     RolloutPipeline, up to loop.max_staleness steps ahead (0: the synchronous loop); a hook
-    that samples pauses it. `progress`: a progress bar on stderr. Returns the last step's
-    metrics.
+    that samples pauses it. `progress`: a progress bar on stderr. `health` (default: a
+    HealthMonitor with default thresholds) watches every step: its health/* flags are logged
+    with the step's metrics, its warnings go to this module's logger and the bar. Returns the
+    last step's metrics.
 
     A stop signal (`signals`, or StopSignals of its own) raises Interrupted once a step is
     logged and its at_exit hooks (checkpoints) have run: the step whose update is in flight,
@@ -56,6 +63,9 @@ def fit(
     from toolgrpo.agents.training.pipeline import RolloutPipeline
 
     metrics: dict = {}
+    if health is None:
+        group_size = None if loop.rollouts is None else loop.rollouts.cfg.group_size
+        health = HealthMonitor(group_size=group_size)
     bar = tqdm(
         range(start + 1, steps + 1),
         desc="GRPO",
@@ -93,7 +103,11 @@ def fit(
                     # read once: a signal that arrives later in this step is acted on after the
                     # next; across processes, process 0's (so that all stop after the same step)
                     stop = agree(interrupt.requested)
+                    flags, warnings = health.observe(step, metrics)
+                    metrics.update(flags)
                     log.log(step, metrics)
+                    for warning in warnings:
+                        logger.warning("step %d: %s", step, warning.message)
                     if loop.skipped_in_a_row >= loop.cfg.max_skipped_updates:
                         raise NonFiniteUpdates(step, loop.skipped_in_a_row)
                     last, done = StepDone(metrics, batch), step
@@ -102,6 +116,7 @@ def fit(
                         reward=f"{metrics.get('train/reward', 0):.3f}",
                         acc=f"{metrics.get('train/accuracy', 0):.3f}",
                         tools=f"{metrics.get('train/tool_use_rate', 0):.2f}",
+                        health=",".join(w.signal for w in warnings) or "ok",
                     )
                     if stop:  # process 0's signal: this process may have had none
                         raise Interrupted(step, interrupt.signum or signal.SIGTERM)

@@ -33,6 +33,7 @@ from toolgrpo.agents.training.checks import bad_input, check_inputs
 from toolgrpo.agents.training.config import Config
 from toolgrpo.agents.training.errors import ConfigError, Interrupted, disk_full_as_error
 from toolgrpo.agents.training.fit import agree, fit
+from toolgrpo.agents.training.health import HealthMonitor
 from toolgrpo.agents.training.hooks import Evaluation, Hook, StepDone, transcripts
 from toolgrpo.agents.training.loop import (
     GRPOLoop,
@@ -199,6 +200,7 @@ def _run_steps(cfg: Config, engine, tokenizer, model, grpo_cfg, state, mesh, n_t
                 seed=cfg.seed,
                 hooks=hooks,
                 signals=signals,
+                health=HealthMonitor(cfg.health, group_size=cfg.rollout.group_size),
             )
             with signals.abandoning():  # a stop signal ends the last evaluation at once
                 last_eval = evaluate_at(cfg.steps)

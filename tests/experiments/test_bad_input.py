@@ -178,6 +178,8 @@ SETTINGS = [  # (flags, what the one line says)
     (["--sampler.vllm-url", "not-a-url"], "'not-a-url' is not an http(s) URL"),
     (["--sampler.vllm-url", "http://127.0.0.1:1"], "no vLLM server answers there"),
     (["--rollout.max-total-tokens", "4096"], "is more than the model's 1024 positions"),
+    (["--health.window", "0"], "health.window and health.patience must be >= 1, got 0, 2"),
+    (["--health.dead-batch", "1.5"], "health.dead_batch must be in (0, 1], got 1.5"),
 ]
 
 

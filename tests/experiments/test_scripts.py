@@ -9,6 +9,8 @@ import sys
 import pytest
 from script_runs import ROOT, read_jsonl, run_script, tiny_run_args
 
+from toolgrpo.agents.training.health import SIGNALS
+
 
 def test_play_an_episode_by_hand():
     turns = "```python\nprint(2 + 3)\n```\n.\nSo \\boxed{5}.\n.\n"
@@ -28,6 +30,36 @@ def test_make_tiny_writes_what_the_main_job_loads(tmp_path):
         assert (tmp_path / "tiny" / name).exists(), name
 
 
+def test_check_health_replays_the_monitor_over_a_run_directory_with_its_thresholds(tmp_path):
+    """A run whose entropy falls to 5% of its early mean (the first 5 steps: 2.0) for two steps;
+    its group size (4) from config.json, its distinct completions 1/4 at step 7 only."""
+    (tmp_path / "config.json").write_text(json.dumps({"rollout": {"group_size": 4}}))
+    entropy = [2.0] * 5 + [0.1, 0.1]
+    records = [{"step": 0, "eval/pass@1": 0.1}] + [
+        {"step": i + 1, "train/reward": 0.5, "train/entropy": e, "train/distinct_completions": 1.0}
+        for i, e in enumerate(entropy)
+    ]
+    records[-1]["train/distinct_completions"] = 0.25
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = json.loads(run_script("check_health.py", str(tmp_path), "--json"))
+    assert report["steps"] == 7 and report["counts"]["entropy_collapse"] == 1
+    assert [w["step"] for w in report["warnings"]] == [7]  # patience 2: steps 6 and 7
+    assert "token entropy 0.1, 5% of its early 2" in report["warnings"][0]["message"]
+    assert report["counts"]["group_collapse"] == 0  # one step of copies: patience 2
+    lenient = run_script("check_health.py", str(tmp_path), "--health.entropy-floor", "0.04")
+    assert lenient.strip() == "7 steps; warnings: none"
+    one_step = run_script("check_health.py", str(tmp_path), "--health.patience", "1")
+    assert "step 7: group collapse: 1.00 distinct completions per group of 4" in one_step
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "check_health.py"), str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert missing.returncode == 1 and "holds no metrics.jsonl" in missing.stderr
+
+
 @pytest.mark.slow
 def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_path):
     out = str(tmp_path / "run")
@@ -37,6 +69,10 @@ def test_main_job_runs_resumes_and_exports(tiny_model_dir, problem_files, tmp_pa
     records = read_jsonl(f"{out}/metrics.jsonl")
     assert [r["step"] for r in records if "train/reward" in r] == [1, 2]
     assert any("eval/pass@1" in r and "eval/pass@2" in r for r in records)
+    flags = {f"health/{name}" for name in SIGNALS}
+    assert all(flags <= r.keys() for r in records if "train/reward" in r)
+    health = json.loads(run_script("check_health.py", out, "--json"))
+    assert health["steps"] == 2 and set(health["counts"]) == set(SIGNALS)
     for name in (
         "checkpoint_adapters/1/adapter_config.json",
         "checkpoint_adapters/2/adapter_model.safetensors",
