@@ -49,34 +49,44 @@ def longest_prompt(env, tokenizer, indices: Iterable[int]) -> tuple[int, str]:
     return longest
 
 
-def tool_turn_text(tokenizer) -> tuple[str, str] | None:
-    """The text the chat template puts (before, after) a tool message's content when it follows
-    an assistant turn: before = end of that turn + start of the tool message, after = end of the
-    tool message + the next assistant turn's opening. Read off the template itself by rendering
-    a conversation with and without a tool message; None when the template does not render a
-    conversation as a prefix of its continuation (then no text can be appended exactly)."""
+def tool_turn_text(tokenizer) -> tuple[str, str, str] | None:
+    """The text the chat template puts around tool messages that follow an assistant turn:
+    (before, between, after). before = end of that turn + start of the first tool message,
+    between = what separates two consecutive tool messages' contents (a turn with several
+    calls), after = end of the last tool message + the next assistant turn's opening. Read off
+    the template itself by rendering a conversation with none, one and two tool messages; None
+    when the template does not render a conversation as a prefix of its continuation (then no
+    text can be appended exactly)."""
     base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     head = render(tokenizer, base, generation_prompt=True)
     turn = render(tokenizer, base + [{"role": "assistant", "content": "A"}])
-    full = render(
+    tool = lambda text: {"role": "tool", "content": text}
+    answer = [{"role": "assistant", "content": "A"}]
+    one = render(tokenizer, base + answer + [tool("\x00ONE\x00")], generation_prompt=True)
+    two = render(
         tokenizer,
-        base + [{"role": "assistant", "content": "A"}, {"role": "tool", "content": "\x00TOOL\x00"}],
+        base + answer + [tool("\x00ONE\x00"), tool("\x00TWO\x00")],
         generation_prompt=True,
     )
-    if not (turn.startswith(head + "A") and full.startswith(turn)):
+    if not (turn.startswith(head + "A") and one.startswith(turn) and two.startswith(turn)):
         return None
-    before, _, after = full[len(turn) :].partition("\x00TOOL\x00")
-    return turn[len(head) + 1 :] + before, after
+    before, _, after = one[len(turn) :].partition("\x00ONE\x00")
+    between = two[len(turn) :].partition("\x00ONE\x00")[2].partition("\x00TWO\x00")[0]
+    if not two.endswith("\x00TWO\x00" + after):
+        return None
+    return turn[len(head) + 1 :] + before, between, after
 
 
-def tool_message_text(tokenizer, boundary: tuple[str, str], output: str, closed_turn: bool) -> str:
-    """A tool's output as a message of its own, in the template's `boundary` text
+def tool_message_text(
+    tokenizer, boundary: tuple[str, str, str], outputs: Sequence[str], closed_turn: bool
+) -> str:
+    """Tool outputs as messages of their own, one a call, in the template's `boundary` text
     (`tool_turn_text`), less the end of turn the model sampled itself (`closed_turn`)."""
-    before, after = boundary
+    before, between, after = boundary
     eos = tokenizer.eos_token or ""
     if closed_turn and eos and before.startswith(eos):
         before = before[len(eos) :]
-    return before + output + after
+    return before + between.join(outputs) + after
 
 
 def action_text(tokenizer, token_ids: Sequence[int], finish_reason: str) -> str:

@@ -172,7 +172,7 @@ class Rollouts:
         self.make_env, self.sampler, self.tokenizer, self.cfg = make_env, sampler, tokenizer, cfg
         self._envs: list = []
         self._pool = cf.ThreadPoolExecutor(cfg.tool_workers, thread_name_prefix="rollout-env")
-        self._tool_boundary: tuple[str, str] | None = None
+        self._tool_boundary: tuple[str, str, str] | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -374,7 +374,7 @@ class Rollouts:
         self._envs = keep
 
     # -- the chat template's boundaries (toolgrpo.agents.chat) -------------------------------------------
-    def _tool_turn(self) -> tuple[str, str]:
+    def _tool_turn(self) -> tuple[str, str, str]:
         """The template's text around a tool message (toolgrpo.agents.chat.tool_turn_text), read once."""
         if self._tool_boundary is None:
             boundary = tool_turn_text(self.tokenizer)
@@ -393,7 +393,10 @@ class Rollouts:
         if ep.observation_role == "assistant":
             text = observation
         else:
-            text = tool_message_text(self.tokenizer, self._tool_turn(), observation, closed_turn)
+            # a turn with several calls has one tool message a call (the environment's
+            # info["tool_outputs"], as ToolUseEnv gives them); otherwise the observation is one
+            outputs = ep.last_info.get("tool_outputs") or [observation]
+            text = tool_message_text(self.tokenizer, self._tool_turn(), outputs, closed_turn)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_template(self, ep: Episode) -> None:

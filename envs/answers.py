@@ -1,10 +1,13 @@
-"""Final answers: the last \\boxed{...} of a text, integer comparison (AIME), math-verify otherwise."""
+"""Final answers: the last \\boxed{...} of a text, integer comparison (AIME), math-verify for
+math, SQuAD's normalised exact match and F1 for text."""
 
 from __future__ import annotations
 
 import logging
 import re
+import string
 import threading
+from collections import Counter
 from fractions import Fraction
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
@@ -75,13 +78,49 @@ def math_equal(prediction: str, gold: str) -> bool:
         _mv_log.setLevel(level)
 
 
+def normalize_text(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), one
+    space between words."""
+    text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def exact_match(prediction: str | None, gold: str) -> bool:
+    """SQuAD's exact match: the two answers are equal once normalised (`normalize_text`)."""
+    return prediction is not None and normalize_text(prediction) == normalize_text(gold)
+
+
+def f1_score(prediction: str | None, gold: str) -> float:
+    """SQuAD's F1: the harmonic mean of precision and recall of the normalised answers' words
+    (1.0 when both are empty, 0.0 when one is)."""
+    pred = normalize_text(prediction or "").split()
+    ref = normalize_text(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+ANSWER_KINDS = ("auto", "integer", "math", "text")
+
+
 def answers_match(prediction: str | None, gold: str, kind: str = "auto") -> bool:
     """Whether `prediction` answers `gold`. kind: "integer" (compared as integers, as AIME is),
-    "math" (math-verify), or "auto" (integer when the gold answer is one)."""
+    "math" (math-verify), "text" (SQuAD's normalised exact match), or "auto" (integer when the
+    gold answer is one, else math)."""
     if prediction is None:
         return False
-    if kind not in ("auto", "integer", "math"):
-        raise ValueError(f"answer kind must be auto, integer or math, got {kind!r}")
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"answer kind must be one of {', '.join(ANSWER_KINDS)}, got {kind!r}")
+    if kind == "text":
+        return exact_match(prediction, gold)
     gold_int = parse_integer(gold)
     if kind == "integer" or (kind == "auto" and gold_int is not None):
         if gold_int is None:

@@ -26,8 +26,13 @@ class Problem:
     answer: str
     """The reference answer, as text (an integer for AIME and Arith)."""
     answer_kind: str = "auto"
-    """"integer", "math" (math-verify) or "auto"; see toolgrpo.envs.answers.answers_match."""
+    """"integer", "math" (math-verify), "text" (SQuAD's exact match) or "auto"; see
+    toolgrpo.envs.answers.answers_match."""
     meta: dict = field(default_factory=dict, compare=False)
+    source: str = ""
+    """The problem source it came from (a mixture's: toolgrpo.envs.mixture)."""
+    expected_tools: tuple[str, ...] = ()
+    """The tools its source expects a solution to call first (empty: any)."""
 
 
 AIME_SOURCES = {

@@ -68,3 +68,92 @@ def reward_components(correct: bool, answer: str | None, stats: ToolStats) -> di
         "format": format_reward(answer),
         "tool_use": tool_use_reward(stats),
     }
+
+
+# -- the tool-use environment's rewards (toolgrpo.envs.tooluse) ------------------------------------
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One tool call of an episode, as the environment ran it."""
+
+    turn: int
+    name: str | None
+    """The tool it named (None: a call that was not valid JSON)."""
+    arguments: dict | None
+    status: str
+    """"ok", "malformed", "unknown_tool", "bad_arguments" or "error" (toolgrpo.envs.tools.ToolOutcome)."""
+    output: str
+    latency_s: float = 0.0
+
+
+BAD_CALL_STATUSES = ("malformed", "unknown_tool", "bad_arguments")
+
+
+def tool_ran_rewards(calls: list[CallRecord], tools: list[str]) -> dict[str, float]:
+    """ "<tool>_ran" for each of `tools`: 1 when at least one call to it ran without error."""
+    return {f"{t}_ran": float(any(c.name == t and c.status == "ok" for c in calls)) for t in tools}
+
+
+def retrieval_hit_reward(calls: list[CallRecord], gold: str, search_tools: list[str]) -> float:
+    """1 when an output of a search tool that ran holds the gold answer (both normalised as
+    SQuAD does), else 0."""
+    from toolgrpo.envs.answers import normalize_text
+
+    want = normalize_text(gold)
+    return float(
+        bool(want)
+        and any(
+            c.name in search_tools and c.status == "ok" and want in normalize_text(c.output)
+            for c in calls
+        )
+    )
+
+
+def bad_calls_reward(calls: list[CallRecord]) -> float:
+    """The number of calls that were not valid calls (malformed, an unknown tool, bad
+    arguments): weight it below 0 to punish them."""
+    return float(sum(c.status in BAD_CALL_STATUSES for c in calls))
+
+
+def selection_reward(calls: list[CallRecord], expected: tuple[str, ...]) -> float:
+    """1 when the episode's first call names one of the `expected` tools, else 0 (no call: 0)."""
+    return float(bool(calls) and calls[0].name in expected)
+
+
+@dataclass(frozen=True)
+class ToolRewardWeights:
+    """Weights of the tool-use environment's reward components; the reward is their weighted
+    sum. The defaults are ToolMath's (correctness 1, format 0.1, tool_use 0.1); the
+    tool-specific components are reported always and weighted 0 until set."""
+
+    correctness: float = 1.0
+    format: float = 0.1
+    tool_use: float = 0.1
+    """Weight of at least one call (to any tool) that ran without error."""
+    tool_ran: float = 0.0
+    """Weight of each "<tool>_ran" component (a call to that tool ran)."""
+    retrieval_hit: float = 0.0
+    """Weight of a search output that held the gold answer."""
+    bad_call: float = 0.0
+    """Weight of each malformed call, unknown tool or bad arguments (below 0 punishes)."""
+    call_cost: float = 0.0
+    """Weight of each call (below 0: a budget against call spam)."""
+    selection: float = 0.0
+    """Weight of a first call to a tool the problem's source expects (only where it names one)."""
+
+    def combine(self, components: dict[str, float]) -> float:
+        """The reward: the weighted sum of `components` (a component without a weight adds 0)."""
+        weight = {
+            "correctness": self.correctness,
+            "format": self.format,
+            "tool_use": self.tool_use,
+            "retrieval_hit": self.retrieval_hit,
+            "bad_calls": self.bad_call,
+            "calls": self.call_cost,
+            "selection": self.selection,
+        }
+        return sum(
+            (self.tool_ran if k.endswith("_ran") else weight.get(k, 0.0)) * v
+            for k, v in components.items()
+        )

@@ -104,3 +104,38 @@ def test_the_check_catches_tokens_that_are_not_the_conversation(qwen, monkeypatc
         )
         with pytest.raises(RolloutError, match="not the chat template's rendering"):
             rollouts.collect([0])
+
+
+def test_a_turn_with_several_calls_is_the_templates_rendering(qwen, tmp_path, monkeypatch):
+    """ToolUse-v0: one turn calls search and python (ended by the model's end of turn, no stop
+    string), both answered in one user turn of two <tool_response>s, then the answer."""
+    from toolgrpo.envs.tooluse import ToolUseEnv
+
+    monkeypatch.setenv("TOOLGRPO_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        '{"id": "e0", "title": "Zorblax", "text": "The registry code of Zorblax is 42."}\n'
+        '{"id": "e1", "title": "Mirutea", "text": "The registry code of Mirutea is 77."}\n'
+    )
+    problems = [Problem("z", "Twice the registry code of Zorblax?", "84", "integer")]
+    calls = (
+        "Both tools.\n<tool_call>\n"
+        '{"name": "search", "arguments": {"query": "Zorblax registry code"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "python", "arguments": {"code": "print(2 * 42)"}}\n</tool_call>'
+        "<|im_end|>"
+    )
+    sampler = ScriptedSampler(
+        qwen, lambda text, turn: calls if turn == 0 else "\\boxed{84}<|im_end|>"
+    )
+    cfg = RolloutConfig(
+        group_size=2, max_turn_tokens=96, max_total_tokens=2048, check_template=True
+    )
+    make = lambda: ToolUseEnv(tools=["python", "search"], problems=problems, corpus=str(corpus))
+    with Rollouts(make, sampler, qwen, cfg) as rollouts:
+        batch = rollouts.collect([0])
+    ep = batch.episodes[0]
+    assert ep.correct and ep.tool_calls == 2 and ep.tool_errors == 0 and ep.turns == 2, ep
+    text = qwen.decode(batch.tokens[0, : batch.lengths[0]], skip_special_tokens=False)
+    responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.DOTALL)
+    assert len(responses) == 2 and "Zorblax" in responses[0] and responses[1] == "84"
+    assert text.count("<|im_start|>user") == 2  # the problem, then both responses in one turn
