@@ -50,6 +50,13 @@ class EpisodeStats:
     """The problem's reference answer."""
     void_turns: int = 0
     """Turns that yielded neither a complete tool call nor a final answer (toolgrpo.agents.shaping)."""
+    source: str = ""
+    """The problem's source (a mixture's: toolgrpo.envs.mixture; "" for a single source)."""
+    expected_tools: tuple[str, ...] = ()
+    """The tools the problem's source expects the first call to use (empty: any)."""
+    calls: tuple[tuple[str | None, str], ...] = ()
+    """(tool, status) of every call in order: status "ok", "error" or a bad call's
+    ("malformed", "unknown_tool", "bad_arguments")."""
 
     def header(self) -> str:
         """One line for a transcript: problem, verdict, reward and its components, answers."""
@@ -158,28 +165,62 @@ class RolloutBatch(TrainBatch):
 
 def episode_metrics(eps: Sequence[EpisodeStats]) -> dict[str, float]:
     """Episode means: reward and each of its components ("reward/<name>", unweighted; 0 for an
-    episode without it), accuracy, tool use and health, turns, lengths."""
+    episode without it), accuracy, tool use and health, turns, lengths; tool-selection accuracy
+    (the first call named a tool the problem's source expects) over the episodes whose source
+    names one; per tool ("tool/<name>/..."): calls per episode and the share that failed; per
+    source ("source/<name>/...", where the episodes come from a mixture) the same as overall."""
+    metrics = _means(eps)
+    tools = sorted({name for e in eps for name, _ in e.calls if name is not None})
+    for tool in tools:
+        calls = [status for e in eps for name, status in e.calls if name == tool]
+        metrics[f"tool/{tool}/calls"] = len(calls) / len(eps)
+        metrics[f"tool/{tool}/error_rate"] = sum(s != "ok" for s in calls) / len(calls)
+    sources = sorted({e.source for e in eps if e.source})
+    for source in sources:
+        of = _means([e for e in eps if e.source == source])
+        for key in ("accuracy", "reward", "tool_use_rate", "tool_error_rate", "tool_calls"):
+            metrics[f"source/{source}/{key}"] = of[key]
+        if "selection_accuracy" in of:
+            metrics[f"source/{source}/selection_accuracy"] = of["selection_accuracy"]
+    return metrics
+
+
+def _means(eps: Sequence[EpisodeStats]) -> dict[str, float]:
     mean = lambda xs: float(np.mean(xs)) if eps else 0.0
     calls = sum(e.tool_calls for e in eps)
     names = sorted({name for e in eps for name in e.reward_components})
     components = {
         f"reward/{name}": mean([e.reward_components.get(name, 0.0) for e in eps]) for name in names
     }
-    return components | {
-        "reward": mean([e.reward for e in eps]),
-        "accuracy": mean([e.correct for e in eps]),
-        "answer_rate": mean([e.answer_found for e in eps]),
-        "tool_use_rate": mean([e.tool_calls > 0 for e in eps]),
-        "tool_calls": mean([e.tool_calls for e in eps]),
-        "tool_error_rate": (
-            sum(e.tool_errors + e.tool_timeouts for e in eps) / calls if calls else 0.0
-        ),
-        "parse_failures": mean([e.parse_failures for e in eps]),
-        "turns": mean([e.turns for e in eps]),
-        "truncated_turns": mean([e.truncated == "turns" for e in eps]),
-        "truncated_context": mean([e.truncated == "context" for e in eps]),
-        "crashed": mean([e.truncated == "crashed" for e in eps]),
-        "void_episodes": mean([e.void_turns > 0 for e in eps]),
-        "sampled_tokens": mean([e.sampled_tokens for e in eps]),
-        "total_tokens": mean([e.total_tokens for e in eps]),
-    }
+    return (
+        components
+        | {
+            "reward": mean([e.reward for e in eps]),
+            "accuracy": mean([e.correct for e in eps]),
+            "answer_rate": mean([e.answer_found for e in eps]),
+            "tool_use_rate": mean([e.tool_calls > 0 for e in eps]),
+            "tool_calls": mean([e.tool_calls for e in eps]),
+            "tool_error_rate": (
+                sum(e.tool_errors + e.tool_timeouts for e in eps) / calls if calls else 0.0
+            ),
+            "parse_failures": mean([e.parse_failures for e in eps]),
+            "turns": mean([e.turns for e in eps]),
+            "truncated_turns": mean([e.truncated == "turns" for e in eps]),
+            "truncated_context": mean([e.truncated == "context" for e in eps]),
+            "crashed": mean([e.truncated == "crashed" for e in eps]),
+            "void_episodes": mean([e.void_turns > 0 for e in eps]),
+            "sampled_tokens": mean([e.sampled_tokens for e in eps]),
+            "total_tokens": mean([e.total_tokens for e in eps]),
+        }
+        | selection_accuracy(eps)
+    )
+
+
+def selection_accuracy(eps: Sequence[EpisodeStats]) -> dict[str, float]:
+    """{"selection_accuracy": the share of the episodes whose source names expected tools that
+    called one of them first} ({} when none names any)."""
+    judged = [e for e in eps if e.expected_tools]
+    if not judged:
+        return {}
+    first = lambda e: e.calls[0][0] if e.calls else None
+    return {"selection_accuracy": float(np.mean([first(e) in e.expected_tools for e in judged]))}

@@ -136,6 +136,9 @@ class Episode:
             answer=None if info.get("answer") is None else str(info["answer"]),
             gold_answer=None if info.get("gold_answer") is None else str(info["gold_answer"]),
             void_turns=self.void_turns,
+            source=str(info.get("source", "")),
+            expected_tools=tuple(info.get("expected_tools", ())),
+            calls=call_log(info),
         )
 
     @property
@@ -172,3 +175,14 @@ def batch_of(episodes: Sequence[Episode], keep, pad_to: int, tokenizer) -> Rollo
             for ep in episodes
         ],
     )
+
+
+def call_log(info: dict) -> tuple[tuple[str | None, str], ...]:
+    """(tool, status) of each call of an episode from its environment's last info: ToolUseEnv's
+    info["calls"]; a ToolMath environment's one tool ("python"), from its counts."""
+    if "calls" in info:
+        return tuple((c.get("name"), str(c.get("status", "ok"))) for c in info["calls"])
+    tool = info.get("tool", {})
+    ok = int(tool.get("ok", 0))
+    failed = int(tool.get("calls", 0)) - ok
+    return (("python", "ok"),) * ok + (("python", "error"),) * max(failed, 0)

@@ -44,21 +44,42 @@ def tool_use_reward(stats: ToolStats) -> float:
 
 @dataclass(frozen=True)
 class RewardWeights:
-    """Weights of the reward components; the reward is their weighted sum."""
+    """Weights of the reward components; the reward is their weighted sum. ToolMath's episodes
+    have correctness, format and tool_use; ToolUse's also have the tool-specific components,
+    which are reported always and weighted 0 until set."""
 
     correctness: float = 1.0
     """Weight of a correct final answer."""
     format: float = 0.1
     """Weight of giving a \\boxed{} answer at all."""
     tool_use: float = 0.1
-    """Weight of having run code successfully at least once."""
+    """Weight of having run a tool successfully at least once."""
+    tool_ran: float = 0.0
+    """Weight of each "<tool>_ran" component (a call to that tool ran without error)."""
+    retrieval_hit: float = 0.0
+    """Weight of a search output that held the gold answer."""
+    bad_call: float = 0.0
+    """Weight of each malformed call, unknown tool or bad arguments ("bad_calls"; below 0
+    punishes them)."""
+    call_cost: float = 0.0
+    """Weight of each call ("calls"; below 0: a budget against call spam)."""
+    selection: float = 0.0
+    """Weight of a first call to a tool the problem's source expects (where it names one)."""
 
     def combine(self, components: dict[str, float]) -> float:
-        """The reward: the weighted sum of the components of `reward_components`."""
-        return (
-            self.correctness * components["correctness"]
-            + self.format * components["format"]
-            + self.tool_use * components["tool_use"]
+        """The reward: the weighted sum of `components` (one without a weight adds 0)."""
+        weight = {
+            "correctness": self.correctness,
+            "format": self.format,
+            "tool_use": self.tool_use,
+            "retrieval_hit": self.retrieval_hit,
+            "bad_calls": self.bad_call,
+            "calls": self.call_cost,
+            "selection": self.selection,
+        }
+        return sum(
+            (self.tool_ran if k.endswith("_ran") else weight.get(k, 0.0)) * v
+            for k, v in components.items()
         )
 
 
@@ -119,41 +140,3 @@ def bad_calls_reward(calls: list[CallRecord]) -> float:
 def selection_reward(calls: list[CallRecord], expected: tuple[str, ...]) -> float:
     """1 when the episode's first call names one of the `expected` tools, else 0 (no call: 0)."""
     return float(bool(calls) and calls[0].name in expected)
-
-
-@dataclass(frozen=True)
-class ToolRewardWeights:
-    """Weights of the tool-use environment's reward components; the reward is their weighted
-    sum. The defaults are ToolMath's (correctness 1, format 0.1, tool_use 0.1); the
-    tool-specific components are reported always and weighted 0 until set."""
-
-    correctness: float = 1.0
-    format: float = 0.1
-    tool_use: float = 0.1
-    """Weight of at least one call (to any tool) that ran without error."""
-    tool_ran: float = 0.0
-    """Weight of each "<tool>_ran" component (a call to that tool ran)."""
-    retrieval_hit: float = 0.0
-    """Weight of a search output that held the gold answer."""
-    bad_call: float = 0.0
-    """Weight of each malformed call, unknown tool or bad arguments (below 0 punishes)."""
-    call_cost: float = 0.0
-    """Weight of each call (below 0: a budget against call spam)."""
-    selection: float = 0.0
-    """Weight of a first call to a tool the problem's source expects (only where it names one)."""
-
-    def combine(self, components: dict[str, float]) -> float:
-        """The reward: the weighted sum of `components` (a component without a weight adds 0)."""
-        weight = {
-            "correctness": self.correctness,
-            "format": self.format,
-            "tool_use": self.tool_use,
-            "retrieval_hit": self.retrieval_hit,
-            "bad_calls": self.bad_call,
-            "calls": self.call_cost,
-            "selection": self.selection,
-        }
-        return sum(
-            (self.tool_ran if k.endswith("_ran") else weight.get(k, 0.0)) * v
-            for k, v in components.items()
-        )

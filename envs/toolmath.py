@@ -319,13 +319,13 @@ class ToolMathEnv(gym.Env):
             self._session = None
 
 
-def unwrapped_toolmath(env: gym.Env) -> ToolMathEnv:
-    """The ToolMathEnv under gym.make's wrappers (which hide its attributes, like `problems`)."""
-    inner = env.unwrapped
-    if not isinstance(inner, ToolMathEnv):
-        raise TypeError(f"not a ToolMath environment: {type(inner).__name__}")
-    return inner
-
-
 def _bump(stats: ToolStats, **deltas: int) -> ToolStats:
     return ToolStats(**{k: v + deltas.get(k, 0) for k, v in vars(stats).items()})
+
+
+def problems_of(env: gym.Env) -> Sequence[Problem]:
+    """The problems of a ToolMath or ToolUse environment under gym.make's wrappers."""
+    problems = getattr(env.unwrapped, "problems", None)
+    if problems is None:
+        raise TypeError(f"not a ToolGRPO environment: {type(env.unwrapped).__name__}")
+    return problems

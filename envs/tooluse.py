@@ -22,7 +22,7 @@ from toolgrpo.envs.mixture import ProblemMixture, ProblemSource
 from toolgrpo.envs.problems import ArithProblems, Problem, load_problems
 from toolgrpo.envs.rewards import (
     CallRecord,
-    ToolRewardWeights,
+    RewardWeights,
     bad_calls_reward,
     correctness_reward,
     format_reward,
@@ -156,7 +156,7 @@ class ToolUseEnv(gym.Env):
     "protocol" ("qwen"), "problem_id", "source" and "expected_tools".
 
     ## Rewards
-    0 until the episode ends; then the weighted sum (`reward_weights`: ToolRewardWeights) of
+    0 until the episode ends; then the weighted sum (`reward_weights`: RewardWeights) of
     `info["reward_components"]`: correctness, format, tool_use (as ToolMath's), "<tool>_ran"
     for each tool, retrieval_hit (a search output held the gold answer), bad_calls (malformed
     calls, unknown tools, bad arguments), calls, and selection (the first call used a tool the
@@ -193,7 +193,7 @@ class ToolUseEnv(gym.Env):
         max_chars: int = 32_000,
         tool_timeout_s: float = 10.0,
         max_output_chars: int = 2_000,
-        reward_weights: ToolRewardWeights = ToolRewardWeights(),
+        reward_weights: RewardWeights = RewardWeights(),
         system_prompt: str | None = None,
         sandbox: PythonSandbox | None = None,
         data_seed: int = 0,

@@ -5,6 +5,7 @@
     python experiments/evaluate.py --endpoint http://127.0.0.1:8000 --tokenizer Qwen/Qwen2.5-0.5B-Instruct
     python experiments/evaluate.py --model DIR --env-id ToolMath-Arith-v0 --limit 50 --json \
         --rollout.group-size 4 --rollout.temperature 0.6
+    python experiments/evaluate.py --model DIR --adapter runs/x/adapter --env-config runs/x/config.json
 
 A model (hub id or local directory, optionally with a PEFT adapter) runs in-process with the JAX
 sampler; an endpoint is any server with vLLM's OpenAI-compatible completions API (vLLM itself, or
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolgrpo.agents.rollout import RolloutConfig
+from toolgrpo.agents.training.config import EnvConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class Args:
     """Model name at the endpoint (default: its first base model)."""
     tokenizer: str | None = None
     """Tokenizer (default: --model's); required with --endpoint."""
+    env_config: str | None = None
+    """A main-job config file (YAML/JSON) or a run's config.json: its env section is the
+    environment (ToolUse-v0's tools and sources too), in place of --env-id, --problems,
+    --protocol and --max-turns; --split picks the sources' problems or eval_problems."""
     env_id: str = "ToolMath-AIME-v0"
     """A registered environment (toolgrpo.envs.ENV_IDS)."""
     problems: str | None = None
@@ -120,6 +126,21 @@ def open_sampler(args: Args, tokenizer):
     return JaxSampler(model, tokenizer, eos_token_ids=eos), name
 
 
+@dataclass(frozen=True)
+class _EnvOnly:
+    """The env section of a main-job config (the file's other sections are not read)."""
+
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+
+
+def env_section(path: str) -> EnvConfig:
+    """The EnvConfig of a main-job config file or a run's config.json: its "env" section laid
+    over the defaults, as the main job reads it."""
+    from toolgrpo.agents.training.cli import read_config_file
+
+    return read_config_file(path, _EnvOnly, _EnvOnly(), only=("env",)).env
+
+
 def main(args: Args) -> dict:
     import gymnasium as gym
 
@@ -128,8 +149,9 @@ def main(args: Args) -> dict:
     from toolgrpo.agents.training import evaluate
     from toolgrpo.agents.training.checks import check_context_budget
     from toolgrpo.agents.training.cli import one_line_errors
-    from toolgrpo.envs.toolmath import unwrapped_toolmath
+    from toolgrpo.envs.toolmath import problems_of
 
+    env_id = args.env_id
     kwargs: dict[str, Any] = {  # the environment's, of several types
         "protocol": args.protocol,
         "max_turns": args.max_turns,
@@ -137,24 +159,25 @@ def main(args: Args) -> dict:
         **({"problems": args.problems} if args.problems else {}),
     }
     with one_line_errors(debug=args.debug):  # every input checked before the model loads
-        if args.env_id not in toolgrpo.envs.ENV_IDS:
+        if args.env_config:
+            env = env_section(args.env_config)
+            env_id, kwargs = env.env_id, env.env_kwargs(args.split)
+        if env_id not in toolgrpo.envs.ENV_IDS:
             raise ValueError(
-                f"--env-id {args.env_id!r} is not one of {', '.join(toolgrpo.envs.ENV_IDS)}"
+                f"--env-id {env_id!r} is not one of {', '.join(toolgrpo.envs.ENV_IDS)}"
             )
         tokenizer = check_tokenizer_of(args)
-        env = gym.make(args.env_id, **kwargs)
-        available = len(unwrapped_toolmath(env).problems)
+        env = gym.make(env_id, **kwargs)
+        available = len(problems_of(env))
         n = min(available, args.limit or available)
         if n > 100_000:
-            raise ValueError(f"{args.env_id} has {available} problems: pass --limit N")
+            raise ValueError(f"{env_id} has {available} problems: pass --limit N")
         check_context_budget(env, tokenizer, range(min(n, 4096)), args.rollout)
         env.close()
         sampler, name = open_sampler(args, tokenizer)
-    with Rollouts(
-        lambda: gym.make(args.env_id, **kwargs), sampler, tokenizer, args.rollout
-    ) as rollouts:
+    with Rollouts(lambda: gym.make(env_id, **kwargs), sampler, tokenizer, args.rollout) as rollouts:
         metrics, _ = evaluate(rollouts, list(range(n)), ks=args.k, seed=args.seed)
-    report = {"model": name, "env_id": args.env_id, **metrics}
+    report = {"model": name, "env_id": env_id, **metrics}
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         with open(args.report, "w") as f:

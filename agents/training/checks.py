@@ -236,7 +236,7 @@ def check_inputs(cfg: Config, engine: str):
     import gymnasium as gym
 
     import toolgrpo.envs
-    from toolgrpo.envs.toolmath import unwrapped_toolmath
+    from toolgrpo.envs.toolmath import problems_of
     from toolgrpo.learners.params import resolve
 
     model_config = check_model(resolve(cfg.model.name))
@@ -250,7 +250,7 @@ def check_inputs(cfg: Config, engine: str):
     sizes = []
     for split in ("train", "test"):
         probe = gym.make(cfg.env.env_id, **cfg.env.env_kwargs(split))  # loads the problems now
-        sizes.append(len(unwrapped_toolmath(probe).problems))
+        sizes.append(len(problems_of(probe)))
         check_context_budget(probe, tokenizer, range(min(sizes[-1], 4096)), cfg.rollout)
         probe.close()
     if cfg.problems_per_step > sizes[0]:

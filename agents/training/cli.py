@@ -78,9 +78,12 @@ def _section_errors_raised():
     return hook(raise_value_error)
 
 
-def read_config_file(path: str, cls: type[DataclassInstance], default: Any) -> Any:
+def read_config_file(
+    path: str, cls: type[DataclassInstance], default: Any, only: tuple[str, ...] | None = None
+) -> Any:
     """`default` with a config file's settings applied, each checked against its type; errors
-    name the file and the setting."""
+    name the file and the setting. `only`: read these top-level sections of the file (it must
+    have them) and ignore the rest."""
     import yaml
 
     if not os.path.exists(path):
@@ -90,6 +93,11 @@ def read_config_file(path: str, cls: type[DataclassInstance], default: Any) -> A
             values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if only is not None and isinstance(values, dict):
+        missing = [key for key in only if key not in values]
+        if missing:
+            raise ConfigError(f"{path} has no {', '.join(missing)} section")
+        values = {key: values[key] for key in only}
     merged = _merge(dataclasses.asdict(default), values, path)
     try:
         return config_from_dict(merged, cls)

@@ -75,11 +75,46 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One source of a ToolUse-v0 mixture (toolgrpo.envs.mixture.ProblemSource)."""
+
+    name: str
+    problems: str
+    """Its training problems: a local JSON/JSONL/CSV/Parquet file or a hub id."""
+    eval_problems: str | None = None
+    """Its held-out problems (None: the source is not evaluated)."""
+    weight: float = 1.0
+    """Its share of the training mixture is weight / (sum of the weights)."""
+    expected_tools: tuple[str, ...] = ()
+    """The tools a solution should call first (tool-selection metrics and reward)."""
+    answer_kind: Literal["auto", "integer", "math", "text"] = "auto"
+    """How its answers compare: "text" for QA (SQuAD's exact match)."""
+
+    def spec(self, split: str) -> dict | None:
+        """ToolUseEnv's description of this source for `split` (None: it has none)."""
+        path = self.problems if split == "train" else self.eval_problems
+        if path is None:
+            return None
+        return {
+            "name": self.name,
+            "problems": path,
+            "weight": self.weight,
+            "expected_tools": self.expected_tools,
+            "answer_kind": self.answer_kind,
+        }
+
+
+TOOLMATH_IDS = ("ToolMath-AIME-v0", "ToolMath-Arith-v0")
+
+
+@dataclass(frozen=True)
 class EnvConfig:
-    """Where problems come from and how episodes are scored (toolgrpo.envs.ToolMathEnv)."""
+    """Where problems come from and how episodes are scored (toolgrpo.envs.ToolMathEnv, or
+    toolgrpo.envs.ToolUseEnv for ToolUse-v0: several tools over a mixture of sources)."""
 
     env_id: str = "ToolMath-AIME-v0"
-    """Training environment (toolgrpo.envs.ENV_IDS); evaluation uses its test split."""
+    """Training environment (toolgrpo.envs.ENV_IDS); evaluation uses its test split (ToolUse-v0:
+    each source's eval_problems)."""
     problems: str | None = None
     """Training problems override: a hub id or a local JSON/JSONL/CSV/Parquet file."""
     eval_problems: str | None = None
@@ -102,7 +137,19 @@ class EnvConfig:
     system_prompt: str | None = _ENV_DEFAULTS["system_prompt"]
     """Replaces the protocol's instructions (which explain the tool format)."""
     rewards: RewardWeights = field(default_factory=RewardWeights)
-    """Weights of the reward components (correctness, format, tool use)."""
+    """Weights of the reward components (correctness, format, tool use; ToolUse-v0's
+    tool-specific ones)."""
+    tools: tuple[str, ...] = ("python",)
+    """ToolUse-v0's tools: python, search."""
+    corpus: str | None = None
+    """ToolUse-v0's search corpus: a JSONL file of id, title, text (indexed once, cached)."""
+    retriever_url: str | None = None
+    """ToolUse-v0's search through a retrieval server (Search-R1's /retrieve) instead."""
+    search_k: int = 3
+    """Passages a search returns."""
+    sources: tuple[SourceConfig, ...] = ()
+    """ToolUse-v0's weighted problem sources, each with its file, weight and expected tools (a
+    list in the config file: a flag cannot spell one)."""
 
     def __post_init__(self):
         if self.traceback_lines is not None and self.traceback_lines < 1:
@@ -115,6 +162,8 @@ class EnvConfig:
 
     def env_kwargs(self, split: str) -> dict:
         """gym.make's keyword arguments for the train split or an evaluation split."""
+        if self.env_id == "ToolUse-v0":
+            return self._tooluse_kwargs(split)
         kwargs = {
             "protocol": self.protocol,
             "max_turns": self.max_turns,
@@ -129,6 +178,28 @@ class EnvConfig:
         if split != "train":
             kwargs["split"] = split
         return {**kwargs, **({"problems": source} if source else {})}
+
+    def _tooluse_kwargs(self, split: str) -> dict:
+        sources = [spec for s in self.sources if (spec := s.spec(split)) is not None]
+        single = self.problems if split == "train" else self.eval_problems
+        if single and sources:
+            raise ValueError("give ToolUse-v0 env.sources or env.problems, not both")
+        if not sources and not single:
+            what = "env.sources (with eval_problems)" if split != "train" else "env.sources"
+            raise ValueError(f"ToolUse-v0 needs its problems: give {what} or env.problems")
+        return {
+            "tools": self.tools,
+            "problems": sources or single,
+            "corpus": self.corpus,
+            "retriever_url": self.retriever_url,
+            "search_k": self.search_k,
+            "max_turns": self.max_turns,
+            "max_chars": self.max_chars,
+            "tool_timeout_s": self.tool_timeout_s,
+            "max_output_chars": self.max_output_chars,
+            "system_prompt": self.system_prompt,
+            "reward_weights": self.rewards,
+        }
 
 
 @dataclass(frozen=True)
@@ -343,8 +414,15 @@ def config_from_dict(values: dict, cls: type[DataclassInstance] = Config, where:
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]
+        args = typing.get_args(hint)
         if dataclasses.is_dataclass(hint):
             kwargs[key] = config_from_dict(value, hint, f"{where}{key}.")
+        elif typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{where}{key} is {value!r}, expected a list")
+            kwargs[key] = tuple(
+                config_from_dict(v, args[0], f"{where}{key}[{i}].") for i, v in enumerate(value)
+            )
         elif _fits(value, hint):
             kwargs[key] = tuple(value) if typing.get_origin(hint) is tuple else value
         else:

@@ -63,5 +63,8 @@ def evaluate(
             )
         }
     )
+    metrics.update(
+        {k: v for k, v in summary.items() if k.startswith(("source/", "tool/", "selection_"))}
+    )
     metrics["problems"], metrics["samples_per_problem"] = len(indices), n
     return metrics, transcripts

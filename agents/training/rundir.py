@@ -138,11 +138,22 @@ whose contents changed under the same path would train on other problems than it
 place in."""
 
 
+def _problem_inputs(cfg: Config) -> list[tuple[str, str | None]]:
+    """(setting, path) of every file a run's problems come from: the problems files, the
+    ToolUse-v0 sources' and the search corpus."""
+    inputs = [("problems", cfg.env.problems), ("eval_problems", cfg.env.eval_problems)]
+    inputs.append(("corpus", cfg.env.corpus))
+    for source in cfg.env.sources:
+        inputs.append((f"sources.{source.name}.problems", source.problems))
+        inputs.append((f"sources.{source.name}.eval_problems", source.eval_problems))
+    return inputs
+
+
 def _problem_hashes(cfg: Config) -> dict[str, str]:
     import hashlib
 
     hashes = {}
-    for key, path in (("problems", cfg.env.problems), ("eval_problems", cfg.env.eval_problems)):
+    for key, path in _problem_inputs(cfg):
         if path and os.path.isfile(path):
             with open(path, "rb") as f:
                 hashes[key] = hashlib.file_digest(f, "sha256").hexdigest()
@@ -160,7 +171,8 @@ def check_same_problems(cfg: Config) -> None:
     hashes = _problem_hashes(cfg)
     changed = [key for key in hashes if key in saved and saved[key] != hashes[key]]
     if changed:
-        names = ", ".join(f"--env.{k.replace('_', '-')} {getattr(cfg.env, k)}" for k in changed)
+        paths = dict(_problem_inputs(cfg))
+        names = ", ".join(f"--env.{k.replace('_', '-')} {paths[k]}" for k in changed)
         raise ConfigError(
             f"--resume: {names} changed since the run started (its problem order and place "
             "refer to the old contents): restore the file, or start a new run"

@@ -12,7 +12,7 @@ import toolgrpo.envs  # noqa: F401 - registers the environments
 from toolgrpo.envs.answers import answers_match, exact_match, f1_score, normalize_text
 from toolgrpo.envs.mixture import ProblemMixture, ProblemSource
 from toolgrpo.envs.problems import Problem
-from toolgrpo.envs.rewards import CallRecord, ToolRewardWeights, retrieval_hit_reward
+from toolgrpo.envs.rewards import CallRecord, RewardWeights, retrieval_hit_reward
 from toolgrpo.envs.tooluse import ToolUseEnv
 
 
@@ -105,7 +105,7 @@ def test_an_episode_with_two_calls_in_a_turn_then_a_text_answer(corpus, sandbox)
 
 
 def test_bad_calls_are_observations_and_a_reward_component(sandbox):
-    weights = ToolRewardWeights(bad_call=-0.1, call_cost=-0.01, tool_ran=0.5, selection=0.3)
+    weights = RewardWeights(bad_call=-0.1, call_cost=-0.01, tool_ran=0.5, selection=0.3)
     problems = [Problem("m", "Compute 123 × 456.", "56088", "integer", expected_tools=("python",))]
     env = ToolUseEnv(
         tools=["python", shop_price], problems=problems, sandbox=sandbox, reward_weights=weights
