@@ -58,7 +58,14 @@ tests/envs/test_sandbox_hostile.py:
   * leftovers: every process the code started, double-forked setsid daemons included, is gone when
     the call returns (a scoped kill(-1) inside the session's pid namespace or uid);
   * the caller: hostile code cannot kill the supervisor (pid 1 of its namespace, another uid) or the
-    caller; a crash of the code is a result ("crashed"), never an exception in the caller.
+    caller; a crash of the code is a result ("crashed"), never an exception in the caller. The
+    caller's own mistakes are refused in its process before anything is sent, and the session
+    goes on: code that is not a str or is larger than a message (TypeError, ValueError), a
+    `timeout_s` that is not a finite number of seconds in range (TypeError, ValueError), a closed
+    session or sandbox (RuntimeError: a closed sandbox never starts a new server). SandboxError
+    is never the code's or the caller's fault. `SandboxSession.close()` returns once the session's
+    processes are gone (5 s at most), `PythonSandbox.close()` once its server is (5 s, then it is
+    killed).
 Not covered: kernel exploits and side channels (use a VM or gVisor for adversaries of that class);
 reading world-readable files (the code runs as an unprivileged user and sees what such a user sees);
 CPU and memory bandwidth shared with the caller; forged results of a call by the code itself (it can

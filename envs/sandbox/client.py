@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, Self
 
 from .config import SandboxConfig, SandboxError
+from .framing import MAX_PAYLOAD
 from .launch import start_server, stop_server
 from .protocol import Open, ProtocolError, Result, Run, recv, send
 
@@ -47,6 +49,9 @@ class ExecutionResult:
         return self.status == "ok"
 
 
+CLOSE_WAIT_S = 5.0
+"""How long SandboxSession.close waits for the session's processes to end."""
+
 _warned = False
 _warn_lock = threading.Lock()
 
@@ -68,12 +73,16 @@ class PythonSandbox:
         self._protections: dict[str, bool] = {}
         self._finalizer = None
         self._idle: list[socket.socket] = []  # sessions that serve stateless calls, ready
+        self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Self:
         """Start the server, or a new one when it has died (the sessions it served are lost:
-        their calls raise SandboxError; new sessions come from the new server)."""
+        their calls raise SandboxError; new sessions come from the new server). A sandbox
+        that was closed stays closed: RuntimeError."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this PythonSandbox is closed: make a new one")
             if self._proc is not None and self._proc.poll() is not None:
                 self._discard_dead_server_locked()
             if self._proc is None:
@@ -126,8 +135,10 @@ class PythonSandbox:
         return dict(self._protections)
 
     def close(self) -> None:
-        """Stop the server; every session and process of this sandbox ends with it."""
+        """Stop the server; every session and process of this sandbox ends with it (the
+        server is waited for, 5 s at most before it is killed). Later calls raise RuntimeError."""
         with self._lock:
+            self._closed = True
             for sock in self._idle:
                 sock.close()
             self._idle.clear()
@@ -150,11 +161,11 @@ class PythonSandbox:
         """Run `code` with no state: a fork of a pristine session state that never becomes the
         state, in a scratch directory emptied afterwards."""
         timeout_s = self._timeout(timeout_s)
-        _check_code(code)
+        payload = _encoded(code)
         with self._lock:
             sock = self._idle.pop() if self._idle else None
         conn = (sock, self) if sock is not None else self._open()
-        result = _call(conn, code, timeout_s, keep=False)
+        result = _call(conn, payload, timeout_s, keep=False)
         with self._lock:
             if self._finalizer is not None and len(self._idle) < 2 * (os.cpu_count() or 1) + 2:
                 self._idle.append(conn[0])
@@ -164,8 +175,14 @@ class PythonSandbox:
         return result
 
     def _timeout(self, timeout_s: float | None) -> float:
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
+        ):
+            raise TypeError(
+                f"timeout_s must be a number of seconds, got {type(timeout_s).__name__}"
+            )
         t = self.config.timeout_s if timeout_s is None else float(timeout_s)
-        if not 0 < t <= self.config.max_timeout_s:
+        if not (math.isfinite(t) and 0 < t <= self.config.max_timeout_s):
             raise ValueError(f"timeout_s must be in (0, {self.config.max_timeout_s}], got {t}")
         return t
 
@@ -192,16 +209,24 @@ class PythonSandbox:
         raise AssertionError("unreachable")
 
 
-def _check_code(code: str) -> None:
+def _encoded(code: str) -> bytes:
+    """The code as the server receives it, checked here: a str, within a message's payload
+    (larger code is the caller's error, not the session's)."""
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
+    payload = code.encode("utf-8", "surrogatepass")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(
+            f"the code is {len(payload)} bytes in UTF-8; a call takes at most {MAX_PAYLOAD}"
+        )
+    return payload
 
 
-def _call(conn, code: str, timeout_s: float, keep: bool) -> ExecutionResult:
+def _call(conn, payload: bytes, timeout_s: float, keep: bool) -> ExecutionResult:
     """One call over a session's socket; the socket is closed if the session stops answering."""
     sock, _ = conn
     try:
-        send(sock, Run(timeout_s, keep), code.encode("utf-8", "surrogatepass"))
+        send(sock, Run(timeout_s, keep), payload)
         result, payload, _ = recv(sock, Result, timeout_s=timeout_s + 30.0)
     except (ProtocolError, OSError) as exc:
         sock.close()
@@ -230,14 +255,26 @@ class SandboxSession:
         with self._lock:
             if self.closed:
                 raise RuntimeError("this sandbox session is closed")
-            _check_code(code)
-            return _call(self._conn, code, self._conn[1]._timeout(timeout_s), keep=True)
+            payload = _encoded(code)
+            return _call(self._conn, payload, self._conn[1]._timeout(timeout_s), keep=True)
 
     def close(self) -> None:
+        """End the session: its supervisor kills its processes and hangs up once they are gone,
+        which this waits for (CLOSE_WAIT_S at most)."""
         with self._lock:
-            if not self.closed:
-                self.closed = True
-                self._conn[0].close()  # the supervisor ends the session's processes
+            if self.closed:
+                return
+            self.closed = True
+            sock = self._conn[0]
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the supervisor reads the end of its orders
+                sock.settimeout(CLOSE_WAIT_S)
+                while sock.recv(4096):
+                    pass
+            except OSError:  # gone already, or slower than CLOSE_WAIT_S
+                pass
+            finally:
+                sock.close()
 
     def __enter__(self) -> Self:
         return self

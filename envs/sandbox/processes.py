@@ -113,6 +113,21 @@ def kill_all_but_self(wait: bool = True, timeout_s: float = 2.0) -> None:
         time.sleep(0.0002)
 
 
+def reap_all(timeout_s: float = 2.0) -> bool:
+    """Reap children until none is left (they have been killed), for `timeout_s` at most; True
+    when none is left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+
+
 def reap_children(watch_pid: int = 0) -> int | None:
     """Reap exited children without blocking; returns the wait status of `watch_pid` if reaped."""
     watched = None

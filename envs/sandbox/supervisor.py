@@ -35,7 +35,7 @@ from .linux import (
     set_name,
 )
 from .output import OutputBuffer, drain
-from .processes import describe, pidfd_signal, reap_children
+from .processes import describe, pidfd_signal, reap_all, reap_children
 from .protocol import (
     Attach,
     BadMessage,
@@ -52,6 +52,10 @@ from .protocol import (
 
 PROMOTION_MARGIN_S = 0.05  # a cell promotes itself only this long before its deadline or earlier
 PROMOTE_GRACE_S = 0.25  # a cell asked to promote itself after its deadline answers within this
+
+
+CLOSE_WAIT_S = 2.0
+"""How long a closing session waits for its killed processes to leave the process table."""
 
 
 class Session:
@@ -252,7 +256,10 @@ class Session:
         self.hold.prepare(reap, warm)
 
     def close(self) -> None:
+        """Kill every process of the session and wait until they are gone (CLOSE_WAIT_S at
+        most), then release the jail."""
         self.hold.kill_all()
+        reap_all(CLOSE_WAIT_S)
         self.jail.close()
 
 
@@ -290,6 +297,6 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
             caller_waited = bool(select.select([client], [], [], 0)[0])
     except OSError:
         pass
-    finally:
-        client.close()
+    finally:  # the caller's close() returns once the session's processes are gone
         session.close()
+        client.close()
