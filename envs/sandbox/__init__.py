@@ -73,7 +73,9 @@ only lie about its own result). Within a session that keeps state, the state is 
 process, of the session's uid: a cell cannot trace it or read or write its memory (a kept state is
 undumpable), and a discarded cell cannot leave it changed: the supervisor puts the state's nice
 value, affinity and scheduling policy back as they were before the cell ran, and a state whose
-limits changed or that was killed is replaced, with a note. A later cell of that session can resume
+limits changed or that was killed is replaced, with a note. The OOM killer of a session's memory
+cgroup takes the cell that went over, never the state it forked from: the supervisor gives every
+cell the highest OOM score adjustment (1000) and every state the default (0). A later cell of that session can resume
 a stopped state's threads, and a cell can signal or renice its state while it runs; that changes
 only what the same session's code could change in a successful cell, and no other session or
 stateless call. While a stopped state forks the next cell, its threads run for that moment

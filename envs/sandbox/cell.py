@@ -14,7 +14,14 @@ import sys
 import time
 import traceback
 
-from .linux import PR_SET_DUMPABLE, prctl, set_cpu_limit, set_name
+from .linux import (
+    CELL_OOM_SCORE_ADJ,
+    PR_SET_DUMPABLE,
+    prctl,
+    set_cpu_limit,
+    set_name,
+    set_oom_score_adj,
+)
 from .processes import kill_all_but_self, own_proc_pid
 from .protocol import (
     CellDone,
@@ -91,13 +98,10 @@ def cell_process(
 
     C first takes the session's uid (when the state it forks from is the pristine one, still
     root) and enters the scratch directory: the one mounted now, not one of a past call."""
+    # the OOM killer of the session's cgroup picks the cell before the state: raising one's own
+    # score needs no privilege; the supervisor lowers it again when the cell becomes the state
+    set_oom_score_adj("self", CELL_OOM_SCORE_ADJ)
     if uid is not None and os.getuid() != uid:
-        try:  # the OOM killer of the session's cgroup picks the cell before the state
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            os.write(fd, b"500")
-            os.close(fd)
-        except OSError:
-            pass
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)

@@ -24,6 +24,7 @@ from .checks import (
     promotion_holds,
     rollback_holds,
 )
+from .linux import CELL_OOM_SCORE_ADJ, STATE_OOM_SCORE_ADJ, set_oom_score_adj
 from .processes import kill_as, own_proc_pid, pid_of_pidfd, pidfd_signal
 from .protocol import CellReady, Fork, ForkFailed, ProtocolError, Rollback, RolledBack, recv, send
 from .state import state_process
@@ -110,6 +111,9 @@ class StateHold:
             return False
         self._hold(cell.channel(), cell.pidfd, cell.proc_pid, Phase.STOPPED)  # stopped by the check
         cell.chan, cell.pidfd = None, -1
+        # the next cell, forked from it, raises its own score again (cell.py): the OOM killer
+        # then takes it before this state (the pid is ours to reap: it cannot be reused yet)
+        set_oom_score_adj(cell.proc_pid, STATE_OOM_SCORE_ADJ)
         return True
 
     def wake(self) -> None:
@@ -202,6 +206,9 @@ class StateHold:
                 self.lost = "the session's state announced a cell that is not one; state was reset"
                 self.kill_all()
                 continue
+            # the OOM killer takes the cell before its state (a cell of an undumpable state
+            # cannot write its own /proc files; this supervisor can)
+            set_oom_score_adj(self.cell.proc_pid, CELL_OOM_SCORE_ADJ)
             self.stop()
 
     def ready_cell(self, notes: list[str], keep: bool) -> ReadyCell | None:

@@ -60,6 +60,29 @@ def set_name(name: bytes) -> None:
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
+CELL_OOM_SCORE_ADJ = 1000
+"""A cell's OOM score adjustment: the highest, so that the OOM killer of the session's memory
+cgroup takes the cell that went over, not the state it forked from."""
+STATE_OOM_SCORE_ADJ = 0
+"""A kept state's (the supervisor sets it when a cell becomes the state)."""
+
+
+def set_oom_score_adj(pid: int | str, value: int) -> bool:
+    """Write /proc/PID/oom_score_adj ("self" for this process); False where it may not (lowering
+    it below what a privileged writer set needs CAP_SYS_RESOURCE)."""
+    try:
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        os.write(fd, str(value).encode())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 # -- keyrings and seccomp --------------------------------------------------------------------------
 _MACHINE = os.uname().machine
 # (seccomp's AUDIT_ARCH of this machine, syscall numbers of add_key, request_key, keyctl)

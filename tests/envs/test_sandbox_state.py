@@ -1,0 +1,34 @@
+"""A kept state survives the cells that fork from it: a cell that takes its session over the memory
+cgroup is the one the OOM killer picks, never the state."""
+
+import pytest
+from sandboxes import need
+
+from toolgrpo.envs.sandbox import PythonSandbox, SandboxConfig
+
+TIGHT = SandboxConfig(timeout_s=10.0, max_timeout_s=20.0, memory_mb=256, scratch_mb=8)
+
+
+@pytest.fixture(scope="module")
+def tight():
+    with PythonSandbox(TIGHT) as sb:
+        yield sb
+
+
+def test_a_cell_over_the_memory_cgroup_is_the_oom_victim_not_the_state(tight):
+    """The state holds 96 MiB of its own; the cell lets go of its copy (so its resident set is
+    smaller than the state's) and fills memfd pages, which are in no process's resident set,
+    until the cgroup's 256 MiB are gone: by size alone the OOM killer would pick the state."""
+    need(tight, "memory_cgroup")
+    with tight.session() as s:
+        assert s.run("keep = bytearray(96 << 20)\nkeep[::4096] = b'x' * len(keep[::4096])").ok
+        r = s.run(
+            "import os\ndel keep\nchunk = bytes(1 << 20)\nfds = []\nfor _ in range(8):\n"
+            "    fds.append(os.memfd_create('hoard'))\n"
+            "    for _ in range(32):\n"
+            "        os.write(fds[-1], chunk)\nprint('held', len(fds))"
+        )
+        assert r.status == "memory" and "held" not in r.stdout, r
+        after = s.run("print(len(keep) >> 20, keep[4096:4097])")
+        assert after.stdout == "96 bytearray(b'x')\n", after  # the same state, not a new one
+        assert "sandbox" not in after.stderr, after  # no note of a replaced state
