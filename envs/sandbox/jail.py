@@ -20,6 +20,7 @@ from .linux import (
     CLONE_NEWNET,
     CLONE_NEWNS,
     MS_NODEV,
+    MS_NOEXEC,
     MS_NOSUID,
     MS_PRIVATE,
     MS_REC,
@@ -30,13 +31,18 @@ from .linux import (
     umount,
     unshare,
 )
+from .processes import remember_nested_pid_namespace
 
 
-def isolate_session() -> None:
+def isolate_session(own_pid_namespace: bool = False) -> None:
     """P's own mount, IPC and network namespaces (children inherit them): SysV IPC, POSIX message
-    queues, abstract UNIX sockets and /dev/shm are the session's alone."""
+    queues, abstract UNIX sockets and /dev/shm are the session's alone. When P is pid 1 of a pid
+    namespace of its own (`own_pid_namespace`), /proc is that namespace's: the session's
+    processes see theirs only, none of another session's or the server's."""
     unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if own_pid_namespace and remember_nested_pid_namespace():
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 class SessionJail:

@@ -49,13 +49,29 @@ def fork_when_possible(patience_s: float = 2.0) -> int | None:
 
 
 # -- cleanup ---------------------------------------------------------------------------------------
+_nested_pid_namespace = False
+"""Set (`remember_nested_pid_namespace`) in a session supervisor before it mounts its own
+namespace's /proc, after which /proc can no longer tell; its children inherit it."""
+
+
 def in_nested_pid_namespace() -> bool:
     """Whether this process's pid namespace differs from that of pid 1 of its /proc (as in a
-    session of the sandbox, whose /proc is the server's)."""
+    session of the sandbox whose /proc is the server's), or was found to before the session's
+    own /proc replaced it."""
+    if _nested_pid_namespace:
+        return True
     try:
         return os.readlink("/proc/self/ns/pid") != os.readlink("/proc/1/ns/pid")
     except OSError:
         return False
+
+
+def remember_nested_pid_namespace() -> bool:
+    """Record, for this process and the ones it forks, whether its pid namespace is nested in
+    that of its /proc, before a /proc of its own namespace replaces that one; returns it."""
+    global _nested_pid_namespace
+    _nested_pid_namespace = in_nested_pid_namespace()
+    return _nested_pid_namespace
 
 
 def kill_as(uid: int) -> None:

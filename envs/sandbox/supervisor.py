@@ -269,7 +269,7 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
     prctl(PR_SET_TIMERSLACK, 1)  # short waits (for a cell to stop) last as long as asked
     set_name(b"sandbox-super")
     if settings.get("session_namespaces"):
-        isolate_session()
+        isolate_session(own_pid_namespace=bool(settings["pid_namespace"]) and os.getpid() == 1)
     join_fresh_session_keyring()
     session = Session(settings, uid, scoped)
     try:

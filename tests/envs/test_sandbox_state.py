@@ -32,3 +32,26 @@ def test_a_cell_over_the_memory_cgroup_is_the_oom_victim_not_the_state(tight):
         after = s.run("print(len(keep) >> 20, keep[4096:4097])")
         assert after.stdout == "96 bytearray(b'x')\n", after  # the same state, not a new one
         assert "sandbox" not in after.stderr, after  # no note of a replaced state
+
+
+VISIBLE_UIDS = """
+import os
+uids = set()
+for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+        status = open(f'/proc/{pid}/status').read()
+    except OSError:
+        continue
+    uids.add(int(status.split('Uid:')[1].split()[0]))
+print(sorted(uids - {os.getuid(), 0}))
+"""
+
+
+def test_a_session_sees_no_process_of_another_session(tight):
+    """Session A's state runs as A's uid; session B's /proc shows no process of a uid but its
+    own and root's (its supervisor)."""
+    need(tight, "pid_namespace", "separate_uid")
+    with tight.session() as a, tight.session() as b:
+        assert a.run("x = 1").ok and b.run("y = 2").ok
+        seen = b.run(VISIBLE_UIDS)
+        assert seen.stdout == "[]\n", seen
