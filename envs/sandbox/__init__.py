@@ -48,7 +48,8 @@ tests/envs/test_sandbox_hostile.py:
   * secrets: the environment holds only allow-listed variables; no file descriptor is inherited;
     the caller's processes are invisible (own pid namespace and /proc) and not readable (other uid);
     each session's /proc is its own pid namespace's: it shows the session's processes only, none
-    of another session's or the server's;
+    of another session's or the server's; /dev/pts is a devpts instance of the session's own, so a
+    pty one session opens is not in another's;
   * the supervisor believes nothing the code's processes say without checking it: every read
     from a state or cell has a size limit and a deadline for the whole message (a report
     dribbled a byte at a time ends at the call's timeout); a cell's announcement is checked

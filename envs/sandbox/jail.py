@@ -19,6 +19,7 @@ from .linux import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
     CLONE_NEWNS,
+    MS_BIND,
     MS_NODEV,
     MS_NOEXEC,
     MS_NOSUID,
@@ -43,6 +44,25 @@ def isolate_session(own_pid_namespace: bool = False) -> None:
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     if own_pid_namespace and remember_nested_pid_namespace():
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    private_ptys()
+
+
+def private_ptys() -> None:
+    """A devpts instance of the session's own at /dev/pts, and /dev/ptmx its multiplexer: the
+    ptys a session opens are not in another session's /dev/pts, nor in the host's. Where the
+    machine has no /dev/pts to mount over, nothing changes."""
+    if not os.path.isdir("/dev/pts"):
+        return
+    try:
+        mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, PTY_OPTIONS)
+    except OSError:
+        return
+    if os.path.exists("/dev/ptmx"):
+        mount("/dev/pts/ptmx", "/dev/ptmx", None, MS_BIND)
+
+
+PTY_OPTIONS = "newinstance,ptmxmode=0666,mode=0620"
+"""A fresh devpts: its own numbering, a multiplexer anyone may open, ptys for their owner."""
 
 
 class SessionJail:

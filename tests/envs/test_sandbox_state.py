@@ -55,3 +55,21 @@ def test_a_session_sees_no_process_of_another_session(tight):
         assert a.run("x = 1").ok and b.run("y = 2").ok
         seen = b.run(VISIBLE_UIDS)
         assert seen.stdout == "[]\n", seen
+
+
+def test_a_pty_of_one_session_is_not_in_another(tight):
+    """Session A holds a pty open; session B's /dev/pts is a devpts of its own, without it."""
+    need(tight, "pid_namespace")
+    with tight.session() as a, tight.session() as b:
+        opened = a.run("import os\nmaster, slave = os.openpty()\nprint(os.ttyname(slave))")
+        assert opened.ok and opened.stdout.startswith("/dev/pts/"), opened
+        name = opened.stdout.strip()
+        seen = b.run(
+            "import os\nprint(sorted(os.listdir('/dev/pts')))\n"
+            f"try:\n    os.open({name!r}, os.O_RDWR | os.O_NOCTTY)\n    print('opened')\n"
+            "except OSError as e:\n"
+            "    print(type(e).__name__)"
+        )
+        assert seen.stdout == "['ptmx']\nFileNotFoundError\n", seen
+        again = b.run("import os\nmaster, slave = os.openpty()\nprint(os.ttyname(slave))")
+        assert again.ok and again.stdout.startswith("/dev/pts/"), again  # its own ptys work
