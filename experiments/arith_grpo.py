@@ -119,6 +119,8 @@ class Config:
     """Truncated episodes dropped from the loss (RolloutConfig.mask_truncated, DAPO)."""
     overlong_buffer: int = 0
     """DAPO's soft overlong punishment zone, in tokens before max_total_tokens (0: off)."""
+    eps_high: float = 0.28
+    """The ratio's upper clip, 1 + eps_high (clip-higher, DAPO; 0.2 is PPO's symmetric clip)."""
     eval_problems: int = 128
     """Held-out problems for the accuracy figures."""
     eval_samples: int = 2
@@ -314,6 +316,7 @@ def main(cfg: Config) -> dict:
         total_steps=cfg.grpo_steps,
         schedule="constant",
         micro_batch_size=None,
+        eps_high=cfg.eps_high,
     )
     train = Rollouts(make_train_env, sampler, tokenizer, roll_cfg)
     evaluator = Rollouts(

@@ -236,6 +236,8 @@ def main() -> None:
         "session_ipc": own,
         "session_network": own,
         "session_shm": own,
+        "session_proc": own and bool(settings["pid_namespace"]),
+        "session_ptys": own and os.path.isdir("/dev/pts"),
         "scratch_per_call": own,
         "scratch_quota": own,
         "keyrings_denied": keyrings_deniable(),

@@ -50,7 +50,7 @@ print(sorted(uids - {os.getuid(), 0}))
 def test_a_session_sees_no_process_of_another_session(tight):
     """Session A's state runs as A's uid; session B's /proc shows no process of a uid but its
     own and root's (its supervisor)."""
-    need(tight, "pid_namespace", "separate_uid")
+    need(tight, "session_proc", "separate_uid")
     with tight.session() as a, tight.session() as b:
         assert a.run("x = 1").ok and b.run("y = 2").ok
         seen = b.run(VISIBLE_UIDS)
@@ -59,7 +59,7 @@ def test_a_session_sees_no_process_of_another_session(tight):
 
 def test_a_pty_of_one_session_is_not_in_another(tight):
     """Session A holds a pty open; session B's /dev/pts is a devpts of its own, without it."""
-    need(tight, "pid_namespace")
+    need(tight, "session_ptys")
     with tight.session() as a, tight.session() as b:
         opened = a.run("import os\nmaster, slave = os.openpty()\nprint(os.ttyname(slave))")
         assert opened.ok and opened.stdout.startswith("/dev/pts/"), opened
