@@ -108,7 +108,8 @@ def _teacher_forced_logprobs():
 def demonstration_probabilities(model, rows: TokenRows) -> dict:
     """Mean probabilities, teacher-forced, that the model writes each demonstration's own text
     after its first token (which picks tool or guess): "code", its first segment (for a tool
-    demonstration the code), and "demonstration", all of it; "tool", the first token's."""
+    demonstration the code), "answer", the rest (a tool demonstration's answer, copied from the
+    tool's output), and "demonstration", all of it; "tool", the first token's."""
     logprobs = np.asarray(_teacher_forced_logprobs()(model, rows.tokens))
     mask = rows.loss_mask.astype(bool)
     first = np.zeros_like(mask)
@@ -117,4 +118,9 @@ def demonstration_probabilities(model, rows: TokenRows) -> dict:
     segment = np.cumprod(np.where(np.arange(mask.shape[1]) >= rows.start[:, None], mask, 1), 1)
     segment = segment.astype(bool) & (np.arange(mask.shape[1]) > rows.start[:, None])
     prob = lambda m: float(np.mean(np.exp((logprobs * m).sum(1))))
-    return {"code": prob(segment), "demonstration": prob(mask & ~first), "tool": prob(first)}
+    return {
+        "code": prob(segment),
+        "answer": prob(mask & ~first & ~segment),
+        "demonstration": prob(mask & ~first),
+        "tool": prob(first),
+    }

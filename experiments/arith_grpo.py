@@ -79,6 +79,9 @@ class Config:
     copy_target: float = 0.9
     """Phase a ends when the model writes a tool demonstration's code (the two factors
     copied) with this mean probability on the check problems."""
+    copy_parts: tuple[Literal["code", "answer"], ...] = ("code",)
+    """The parts of a tool demonstration that phase a's criterion measures: "code" (the
+    factors copied into the code) and "answer" (the tool's output copied into \\boxed{})."""
     check_every: int = 25
     """Steps between two checks of phase a."""
     check_problems: int = 128
@@ -180,7 +183,8 @@ def warm_start(
         if step % 10 == 0:
             log.log(first_step + step, {"sft/loss": loss})
         if step % cfg.check_every == 0:
-            copy = demonstration_probabilities(model, check_rows)["code"]
+            probabilities = demonstration_probabilities(model, check_rows)
+            copy = min(probabilities[part] for part in cfg.copy_parts)
             warm["checks"].append((step, copy))
             log.log(first_step + step, {"sft/copy_probability": copy})
             bar.set_postfix(loss=f"{loss:.3f}", copy=f"{copy:.3f}")
@@ -208,7 +212,8 @@ def warm_start(
     a, b = warm["after_tool_phase"], warm["after_mix_phase"]
     print(
         f"warm start: {warm['tool_steps']} + {cfg.mix_steps} steps; teacher-forced on the "
-        f"check problems: code {a['code']:.3f} -> {b['code']:.3f}, whole demonstration "
+        f"check problems: code {a['code']:.3f} -> {b['code']:.3f}, answer "
+        f"{a['answer']:.3f} -> {b['answer']:.3f}, whole demonstration "
         f"{a['demonstration']:.3f} -> {b['demonstration']:.3f}, tool first "
         f"{a['tool']:.3f} -> {b['tool']:.3f}",
         flush=True,
