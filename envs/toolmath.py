@@ -188,12 +188,7 @@ class ToolMathEnv(gym.Env):
         return user, info
 
     def step(self, action: str):
-        if self._done:
-            raise RuntimeError("the episode is over: call reset() before step()")
-        if not isinstance(action, str):
-            raise TypeError(
-                f"an action is the text of an assistant turn, got {type(action).__name__}"
-            )
+        check_action(self._done, action)
         self._turns += 1
         parsed = self.protocol.parse(action)
         if isinstance(parsed, FinalAnswer):
@@ -321,6 +316,15 @@ class ToolMathEnv(gym.Env):
 
 def _bump(stats: ToolStats, **deltas: int) -> ToolStats:
     return ToolStats(**{k: v + deltas.get(k, 0) for k, v in vars(stats).items()})
+
+
+def check_action(done: bool, action) -> None:
+    """What a step of a ToolGRPO environment refuses: a step after the episode ended, an action
+    that is not text."""
+    if done:
+        raise RuntimeError("the episode is over: call reset() before step()")
+    if not isinstance(action, str):
+        raise TypeError(f"an action is the text of an assistant turn, got {type(action).__name__}")
 
 
 def problems_of(env: gym.Env) -> Sequence[Problem]:

@@ -31,7 +31,7 @@ from toolgrpo.envs.rewards import (
     tool_ran_rewards,
 )
 from toolgrpo.envs.sandbox import PythonSandbox
-from toolgrpo.envs.toolmath import UnicodeText
+from toolgrpo.envs.toolmath import UnicodeText, check_action
 from toolgrpo.envs.tools import (
     BM25Index,
     HTTPRetriever,
@@ -246,12 +246,7 @@ class ToolUseEnv(gym.Env):
         return user, self._info(tools=self.toolbox.schemas(), stop=[], protocol="qwen")
 
     def step(self, action: str):
-        if self._done:
-            raise RuntimeError("the episode is over: call reset() before step()")
-        if not isinstance(action, str):
-            raise TypeError(
-                f"an action is the text of an assistant turn, got {type(action).__name__}"
-            )
+        check_action(self._done, action)
         self._turns += 1
         turn = parse_tool_calls(action)
         self._messages.append(turn.assistant_message())
