@@ -99,8 +99,16 @@ class RolloutBatch(TrainBatch):
     transcripts: list[str]
 
     def metrics(self) -> dict[str, float]:
-        """See `episode_metrics`."""
-        return episode_metrics(self.episodes)
+        """`episode_metrics`, and the shares of groups whose episodes all solved their problem
+        ("solved_groups") or all failed it ("failed_groups"): the two kinds of group that
+        usually carry no reward variance."""
+        groups = [self.group_ids == g for g in np.unique(self.group_ids)]
+        correct = np.array([e.correct for e in self.episodes], bool)
+        outcomes = {
+            "solved_groups": float(np.mean([correct[rows].all() for rows in groups])),
+            "failed_groups": float(np.mean([not correct[rows].any() for rows in groups])),
+        }
+        return episode_metrics(self.episodes) | (outcomes if groups else {})
 
     def distinct_completions(self) -> float:
         """Mean over groups of (distinct token sequences in the group) / (group size): 1 when

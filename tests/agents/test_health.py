@@ -102,14 +102,22 @@ def test_high_truncation_counts_turn_and_token_budget_cuts():
     assert h.high_truncation(fine, CFG) is None
 
 
-def test_a_dead_batch_says_whether_its_problems_are_too_easy_or_too_hard():
-    dead = steps(zero_variance_groups=[0.75, 1.0], accuracy=[0.9, 0.95], refills=[2, 2])
-    message = said(h.dead_batch(dead, CFG))
-    assert "100% of the groups after 2 refills" in message and "too easy" in message
-    assert "too hard" in said(
-        h.dead_batch(steps(zero_variance_groups=[0.8, 0.8], accuracy=[0, 0]), CFG)
+def test_a_dead_batch_says_how_many_groups_were_solved_and_how_many_failed():
+    dead = steps(
+        zero_variance_groups=[0.875, 1.0],
+        solved_groups=[0.5, 0.75],
+        failed_groups=[0.25, 0.25],
+        refills=[2, 2],
     )
-    assert h.dead_batch(steps(zero_variance_groups=[0.74, 1.0]), CFG) is None
+    message = said(h.dead_batch(dead, CFG))
+    assert "100% of the groups after 2 refills" in message
+    assert "75% of the groups all solved, 25% all failed" in message
+    # without the group outcomes (an older run's log), the accuracy
+    message = said(h.dead_batch(steps(zero_variance_groups=[0.9, 0.9], accuracy=[0.2, 0.1]), CFG))
+    assert "(accuracy 10%)" in message
+    # 0.85 for two steps in a row: one step under it (or a healthy 6 of 8 groups) is quiet
+    assert h.dead_batch(steps(zero_variance_groups=[0.84, 1.0]), CFG) is None
+    assert h.dead_batch(steps(zero_variance_groups=[0.75, 0.75]), CFG) is None
 
 
 def test_sampler_gap_and_gradient_norm_spikes():
@@ -201,6 +209,8 @@ def test_a_run_of_copies_warns_of_group_collapse_and_a_dead_batch(tmp_path, chat
     assert [r["train/distinct_completions"] for r in records] == [0.25] * 3
     assert [r["health/group_collapse"] for r in records] == [0, 1, 1]  # patience 2
     assert [r["health/dead_batch"] for r in records] == [0, 1, 1]
+    # a group of copies is all solved or all failed
+    assert all(r["train/solved_groups"] + r["train/failed_groups"] == 1 for r in records)
     assert all(r["health/reward_hacking"] == 0 for r in records)
     lines = [r.getMessage() for r in caplog.records if r.name == "toolgrpo.agents.training.fit"]
     assert any(m.startswith("step 2: group collapse: 1.00 distinct completions") for m in lines)
