@@ -9,12 +9,12 @@ steps, and the teacher-forced probabilities that say how far the warm start has 
 
 from __future__ import annotations
 
-import functools
 import random
 import re
 from dataclasses import dataclass
 
 import numpy as np
+from tiny_demo import teacher_forced_logprobs
 
 
 def solution_code(question: str, kind: str) -> str:
@@ -96,21 +96,12 @@ def token_rows(tokenizer, demos, multiple: int = 32) -> TokenRows:
     return TokenRows(tokens, loss_mask, np.array([r[2] for r in rows], np.int32))
 
 
-@functools.cache
-def _teacher_forced_logprobs():
-    from flax import nnx
-
-    from toolgrpo.learners.grpo import token_logprobs
-
-    return nnx.jit(lambda model, tokens: token_logprobs(model(tokens), tokens))
-
-
 def demonstration_probabilities(model, rows: TokenRows) -> dict:
     """Mean probabilities, teacher-forced, that the model writes each demonstration's own text
     after its first token (which picks tool or guess): "code", its first segment (for a tool
     demonstration the code), "answer", the rest (a tool demonstration's answer, copied from the
     tool's output), and "demonstration", all of it; "tool", the first token's."""
-    logprobs = np.asarray(_teacher_forced_logprobs()(model, rows.tokens))
+    logprobs = np.asarray(teacher_forced_logprobs()(model, rows.tokens))
     mask = rows.loss_mask.astype(bool)
     first = np.zeros_like(mask)
     first[np.arange(len(mask)), rows.start] = True

@@ -7,14 +7,15 @@
    and a tiny Qwen2 (random init) is built.
 2. Supervised warm start on ToolMath-Arith-v0 demonstrations, in two phases:
    a. the skill: demonstrations that all use the tool (```python print(a * b)```, read the output,
-      \\boxed{it}), until the model writes the code of a new problem's demonstration, both
-      factors copied, with mean probability `copy_target` (teacher-forced, every `check_every`
-      steps, on a problem stream of its own), within `tool_steps_budget` steps;
+      \\boxed{it}), until the model writes both copies of a new problem's demonstration (the
+      factors into the code, the tool's output into the answer) each with mean probability
+      `copy_target` (teacher-forced, every `check_every` steps, on a problem stream of its
+      own), within `tool_steps_budget` steps;
    b. the habit: `mix_steps` steps at `mix_learning_rate_scale` of the learning rate on
       demonstrations of which only `tool_fraction` use the tool, the rest guess a number. The
       warm-started model can use the tool but does so only part of the time, so it is often
       wrong.
-   Copying the factors is the one hard part for the tiny model: it is learned in a sharp
+   Copying is the one hard part for the tiny model: the factors' copy is learned in a sharp
    transition after a plateau whose length depends on the seed, so phase a ends on the measured
    criterion, not after a fixed count (docs/results.md has the measurements behind this design).
 3. GRPO with LoRA on ToolMath-Arith-v0 through the JAX sampler and the sandbox: the same library
@@ -42,6 +43,7 @@ from typing import Literal
 import numpy as np
 import tyro
 from arith_demonstrations import TokenRows, demonstration_probabilities, demonstrations, token_rows
+from tiny_demo import tiny_qwen2
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,13 @@ class Config:
     tool_steps_budget: int = 1000
     """Most steps of warm-start phase a (tool demonstrations only)."""
     copy_target: float = 0.9
-    """Phase a ends when the model writes a tool demonstration's code (the two factors
-    copied) with this mean probability on the check problems."""
-    copy_parts: tuple[Literal["code", "answer"], ...] = ("code",)
+    """Phase a ends when the model writes each of a tool demonstration's `copy_parts` with
+    this mean probability on the check problems."""
+    copy_parts: tuple[Literal["code", "answer"], ...] = ("code", "answer")
     """The parts of a tool demonstration that phase a's criterion measures: "code" (the
-    factors copied into the code) and "answer" (the tool's output copied into \\boxed{})."""
+    factors copied into the code) and "answer" (the tool's output copied into \\boxed{}).
+    The answer's copy is learned after the code's: a phase a that ends on the code alone
+    leaves it at about 0.8, and GRPO's held-out accuracy ends near 0.74 on every seed."""
     check_every: int = 25
     """Steps between two checks of phase a."""
     check_problems: int = 128
@@ -241,8 +245,6 @@ def main(cfg: Config) -> dict:
     from toolgrpo.agents.training.rundir import prepare_run_directory
     from toolgrpo.envs.problems import ArithProblems
     from toolgrpo.learners.lora import apply_lora
-    from toolgrpo.learners.qwen2 import Qwen2ForCausalLM
-    from toolgrpo.learners.qwen2_config import Qwen2Config
     from toolgrpo.learners.tokenizer import train_chat_tokenizer
     from toolgrpo.learners.train import GRPOConfig, init_state
 
@@ -283,19 +285,7 @@ def main(cfg: Config) -> dict:
     check_rows = token_rows(tokenizer, check_demos)
 
     # 2. a tiny Qwen2 and the two-phase supervised warm start
-    heads = cfg.hidden_size // cfg.head_dim
-    model_cfg = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=3 * cfg.hidden_size,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        rope_theta=10_000.0,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    model = tiny_qwen2(tokenizer, cfg.hidden_size, cfg.layers, cfg.head_dim, cfg.seed)
     warm = warm_start(model, cfg, tool_rows, mixed_rows, check_rows, log)
     t_sft = time.perf_counter() - t_start
 
