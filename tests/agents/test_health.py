@@ -50,6 +50,12 @@ def test_group_collapse_is_at_most_collapse_distinct_completions_per_group_for_p
     assert h.group_collapse(steps(distinct_completions=[1 / 8, 2 / 8]), CFG, 8) is None
     assert h.group_collapse(steps(distinct_completions=[1, 1 / 8]), CFG, 8) is None  # 1 step
     assert h.group_collapse(steps(distinct_completions=[1 / 8] * 3), CFG, None) is None
+    # a policy that solves its problems converges on copies of a solution: no warning
+    copies = [1 / 8, 1.5 / 8]
+    solved = steps(distinct_completions=copies, accuracy=[0.9, 0.97])
+    assert h.group_collapse(solved, CFG, 8) is None
+    half = steps(distinct_completions=copies, accuracy=[0.89, 0.97])
+    assert h.group_collapse(half, CFG, 8) is not None
 
 
 def test_entropy_collapse_is_entropy_below_entropy_floor_of_its_early_mean():
@@ -58,6 +64,8 @@ def test_entropy_collapse_is_entropy_below_entropy_floor_of_its_early_mean():
     assert message is not None and "0.1, 5% of its early 2" in message
     assert h.entropy_collapse(steps(entropy=[0.2, 0.1]), CFG, early=2.0) is None
     assert h.entropy_collapse(steps(entropy=[0.1, 0.1]), CFG, early=None) is None
+    solving = steps(entropy=[0.1, 0.1], accuracy=[0.95, 0.92])
+    assert h.entropy_collapse(solving, CFG, early=2.0) is None
 
 
 def test_reward_hacking_is_a_shaping_reward_rising_a_window_while_accuracy_does_not():

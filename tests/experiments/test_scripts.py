@@ -283,9 +283,10 @@ def test_evaluate_a_local_model_with_an_adapter(tiny_model_dir, problem_files, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 6 minutes on 2 idle cores; a loaded machine may triple it
 def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
     out = tmp_path / "arith"
-    run_script("arith_grpo.py", "--quick", "--out", str(out), timeout=900)
+    run_script("arith_grpo.py", "--quick", "--out", str(out), timeout=1700)
     summary = json.loads((out / "summary.json").read_text())
     for key in (
         "warm_start_accuracy",
@@ -306,7 +307,7 @@ def test_arith_demo_quick_improves_over_the_warm_start(tmp_path):
     assert summary["final_tool_use_rate"] > summary["warm_start_tool_use_rate"]
     # a healthy run: the health monitor raised nothing (docs/training_issues.md: the full runs'
     # closest calls were 2.1 distinct completions a group against the threshold 1.5, and 56% of
-    # the groups without variance against 75%)
+    # the groups without variance against 85%)
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if "train/reward" in r]
     raised = {k for r in steps for k, v in r.items() if k.startswith("health/") and v}
     assert len(steps) == 12 and not raised, raised
