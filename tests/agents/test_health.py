@@ -134,6 +134,10 @@ def test_sampler_gap_and_gradient_norm_spikes():
     # the median of the window before is 1.0; grad_spike 5
     message = h.grad_spike(steps(grad_norm=[1.0, 3.0, 0.5, 5.0]), CFG)
     assert message is not None and "5.0x the median 1" in message
+    # 9.4x the median, but 0.68 is under grad_spike_floor 1.0: an update max_grad_norm keeps
+    small = steps(grad_norm=[0.07, 0.08, 0.07, 0.68])
+    assert h.grad_spike(small, CFG) is None
+    assert h.grad_spike(small, HealthConfig(window=3, grad_spike_floor=0.5)) is not None
     assert h.grad_spike(steps(grad_norm=[1.0, 3.0, 0.5, 4.99]), CFG) is None
     assert h.grad_spike(steps(grad_norm=[1.0, 1.0, 1.0, math.nan]), CFG) is None  # skipped
     assert h.grad_spike(steps(grad_norm=[0.0, 0.0, 0.0, 1.0]), CFG) is None  # no scale yet
