@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 import tyro
 from arith_demonstrations import TokenRows, demonstration_probabilities, demonstrations, token_rows
-from tiny_demo import tiny_qwen2
+from tiny_demo import grpo_phase, tiny_qwen2
 
 
 @dataclass(frozen=True)
@@ -227,26 +227,16 @@ def warm_start(
 
 def main(cfg: Config) -> dict:
     import gymnasium as gym
-    from flax import nnx
 
     import toolgrpo.envs  # noqa: F401 - registers the environments
-    from toolgrpo.agents.rollout import RolloutConfig, Rollouts
-    from toolgrpo.agents.sampler import JaxSampler
     from toolgrpo.agents.training import (
-        Evaluation,
-        GRPOLoop,
-        Interrupted,
-        ProblemOrder,
         RunLog,
-        fit,
         run_environment,
     )
     from toolgrpo.agents.training.cli import configure_logging, one_line_errors
     from toolgrpo.agents.training.rundir import prepare_run_directory
     from toolgrpo.envs.problems import ArithProblems
-    from toolgrpo.learners.lora import apply_lora
     from toolgrpo.learners.tokenizer import train_chat_tokenizer
-    from toolgrpo.learners.train import GRPOConfig, init_state
 
     configure_logging()
     cfg = cfg.shortened()
@@ -290,63 +280,22 @@ def main(cfg: Config) -> dict:
     t_sft = time.perf_counter() - t_start
 
     # 3. GRPO with LoRA through the JAX sampler and the sandbox
-    model = apply_lora(
-        model, rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank, rngs=nnx.Rngs(cfg.seed + 1)
-    )
-    eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    sampler = JaxSampler(model, tokenizer, eos_token_ids=eos, bucket=32)
-    roll_cfg = RolloutConfig(
-        group_size=cfg.group_size,
-        max_turn_tokens=cfg.max_turn_tokens,
-        max_total_tokens=cfg.max_total_tokens,
-        temperature=cfg.temperature,
-        pad_to=64,
-        sync_rounds=True,
-        mask_truncated=cfg.mask_truncated,
-        overlong_buffer=cfg.overlong_buffer,
-    )  # figures that do not hang on timing
-    grpo_cfg = GRPOConfig(
-        learning_rate=cfg.learning_rate,
-        warmup_steps=3,
-        total_steps=cfg.grpo_steps,
-        schedule="constant",
-        micro_batch_size=None,
-        eps_high=cfg.eps_high,
-    )
-    train = Rollouts(make_train_env, sampler, tokenizer, roll_cfg)
-    evaluator = Rollouts(
-        make_eval_env,
-        sampler,
+    before, after = grpo_phase(
+        model,
         tokenizer,
-        dataclasses.replace(roll_cfg, group_size=cfg.eval_samples),
+        cfg,
+        make_train_env,
+        make_eval_env,
+        log,
+        first_problem=cfg.sft_examples,  # never seen in the warm start
+        on_warm_start=lambda m: print(
+            f"warm start: accuracy {m['eval/pass@1']:.3f}, tool use {m['eval/tool_use_rate']:.3f}",
+            flush=True,
+        ),
+        rollout={"mask_truncated": cfg.mask_truncated, "overlong_buffer": cfg.overlong_buffer},
+        grpo={"eps_high": cfg.eps_high},
+        loop={"dynamic_sampling": cfg.dynamic_sampling, "max_refills": cfg.max_refills},
     )
-    held_out = Evaluation(evaluator, range(cfg.eval_problems), log, seed=10_000)
-
-    before = held_out(0)
-    print(
-        f"warm start: accuracy {before['eval/pass@1']:.3f}, tool use "
-        f"{before['eval/tool_use_rate']:.3f}",
-        flush=True,
-    )
-    loop = GRPOLoop(
-        model=model,
-        state=init_state(model, grpo_cfg),
-        cfg=grpo_cfg,
-        rollouts=train,
-        problems_per_step=cfg.problems_per_step,
-        dynamic_sampling=cfg.dynamic_sampling,
-        max_refills=cfg.max_refills,
-    )
-    problems = ProblemOrder(None, position=cfg.sft_examples)  # never seen in the warm start
-    try:
-        fit(loop, problems, log, start=0, steps=cfg.grpo_steps, seed=cfg.seed)
-    except Interrupted as stop:
-        log.close()
-        print(f"stopped after GRPO step {stop.step} (the demo keeps no checkpoints)")
-        raise SystemExit(130) from None
-    after = held_out(cfg.grpo_steps)
-    train.close()
-    evaluator.close()
     log.close()
     summary = {
         "warm_start_accuracy": before["eval/pass@1"],

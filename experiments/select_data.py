@@ -133,11 +133,12 @@ class KindProblems(Sequence):
         elif self.kind == "lookup":
             e = rng.choice(self.entities)
             question, answer = f"What is the code of {names[e]}?", codes[e]
-            meta["entities"] = (e,)
+            meta["entities"], meta["names"] = (e,), (names[e],)
         else:
             e, f = rng.sample(self.entities, 2)
             question = f"What is the sum of the codes of {names[e]} and {names[f]}?"
             answer, meta["entities"] = codes[e] + codes[f], (e, f)
+            meta["names"] = (names[e], names[f])
         return Problem(f"{self.kind}-{index}", question, str(answer), "integer", meta)
 
 
@@ -160,10 +161,7 @@ def demonstration(problem, first_tool: str, search, boundary, rng: random.Random
     before, _, after = boundary
     before = before.removeprefix("<|im_end|>")  # the model closes its turn itself
     kind, m = problem.meta["kind"], problem.meta
-    names = [problem.question.split()[-1].rstrip("?")] if kind == "lookup" else []
-    if kind == "sum":
-        words = problem.question.rstrip("?").split()
-        names = [words[-3], words[-1]]
+    names = m.get("names", ())
 
     def turn(tool: str, argument: str, output: str) -> list[tuple[str, int]]:
         return [(call_text(tool, argument), 1), (before + output + after, 0)]

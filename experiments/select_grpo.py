@@ -46,7 +46,7 @@ from select_data import (
     encode,
     random_tool_demonstrations,
 )
-from tiny_demo import teacher_forced_logprobs, tiny_qwen2
+from tiny_demo import grpo_phase, teacher_forced_logprobs, tiny_qwen2
 
 
 @dataclass(frozen=True)
@@ -205,19 +205,11 @@ def warm_start(model, cfg: Config, train_rows: Rows, check_rows: Rows, log) -> d
 
 def main(cfg: Config) -> dict:
     import gymnasium as gym
-    from flax import nnx
 
     import toolgrpo.envs  # noqa: F401 - registers the environments
     from toolgrpo.agents.chat import tool_turn_text
-    from toolgrpo.agents.rollout import RolloutConfig, Rollouts
-    from toolgrpo.agents.sampler import JaxSampler
     from toolgrpo.agents.training import (
-        Evaluation,
-        GRPOLoop,
-        Interrupted,
-        ProblemOrder,
         RunLog,
-        fit,
         run_environment,
     )
     from toolgrpo.agents.training.cli import configure_logging, one_line_errors
@@ -225,9 +217,7 @@ def main(cfg: Config) -> dict:
     from toolgrpo.envs.mixture import ProblemMixture
     from toolgrpo.envs.tools import BM25Index
     from toolgrpo.envs.tools.search import format_passages
-    from toolgrpo.learners.lora import apply_lora
     from toolgrpo.learners.tokenizer import train_chat_tokenizer
-    from toolgrpo.learners.train import GRPOConfig, init_state
 
     configure_logging()
     cfg = cfg.shortened()
@@ -296,51 +286,17 @@ def main(cfg: Config) -> dict:
     t_sft = time.perf_counter() - t_start
 
     # 3. GRPO with LoRA through the JAX sampler, the sandbox and the index
-    model = apply_lora(
-        model, rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank, rngs=nnx.Rngs(cfg.seed + 1)
+    before, after = grpo_phase(
+        model,
+        tokenizer,
+        cfg,
+        make_env(train_problems),
+        make_env(heldout),
+        log,
+        first_problem=cfg.sft_examples,  # never seen in the warm start
+        on_warm_start=lambda m: print("warm start, held out:", _figures(m), flush=True),
     )
-    eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    sampler = JaxSampler(model, tokenizer, eos_token_ids=eos, bucket=32)
-    roll_cfg = RolloutConfig(
-        group_size=cfg.group_size,
-        max_turn_tokens=cfg.max_turn_tokens,
-        max_total_tokens=cfg.max_total_tokens,
-        temperature=cfg.temperature,
-        pad_to=64,
-        sync_rounds=True,
-    )
-    grpo_cfg = GRPOConfig(
-        learning_rate=cfg.learning_rate,
-        warmup_steps=3,
-        total_steps=cfg.grpo_steps,
-        schedule="constant",
-        micro_batch_size=None,
-    )
-    train = Rollouts(make_env(train_problems), sampler, tokenizer, roll_cfg)
-    evaluator = Rollouts(
-        make_env(heldout), sampler, tokenizer, dataclasses.replace(roll_cfg, group_size=2)
-    )
-    held_out = Evaluation(evaluator, range(cfg.eval_problems), log, seed=10_000)
-    before = held_out(0)
-    print("warm start, held out:", _figures(before), flush=True)
-    loop = GRPOLoop(
-        model=model,
-        state=init_state(model, grpo_cfg),
-        cfg=grpo_cfg,
-        rollouts=train,
-        problems_per_step=cfg.problems_per_step,
-    )
-    problems = ProblemOrder(None, position=cfg.sft_examples)  # never seen in the warm start
-    try:
-        fit(loop, problems, log, start=0, steps=cfg.grpo_steps, seed=cfg.seed)
-    except Interrupted as stop:
-        log.close()
-        print(f"stopped after GRPO step {stop.step} (the demo keeps no checkpoints)")
-        raise SystemExit(130) from None
-    after = held_out(cfg.grpo_steps)
     print("after GRPO, held out:", _figures(after), flush=True)
-    train.close()
-    evaluator.close()
     log.close()
     summary = {
         "warm_start": {"held_out": _figures(before), **warm},

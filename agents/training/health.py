@@ -140,7 +140,7 @@ def entropy_collapse(history: History, cfg: HealthConfig, early: float | None) -
     values = _recent(history, "train/entropy", cfg.patience)
     if early is None or values is None or max(values) >= cfg.entropy_floor * early:
         return None
-    if _solving(history, cfg):
+    if _solving(history, cfg):  # a policy that solves its problems is sure of its answers
         return None
     return (
         f"entropy collapse: token entropy {values[-1]:.3g}, {values[-1] / early:.0%} of its "
