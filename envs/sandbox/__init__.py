@@ -41,9 +41,17 @@ tests/envs/test_sandbox_hostile.py:
     neither the caller's session keyring nor any key made by a call is reachable, and the server
     and each session join a fresh, empty session keyring;
   * files: a per-file size cap; code writes only in its session's scratch directory (cwd, HOME,
-    TMPDIR) and /dev/shm; /tmp and /var/tmp are private and unwritable; directories closed to
-    other users (such as /root, with its tokens and caches) are hidden, only the interpreter is
-    shown there;
+    TMPDIR) and /dev/shm; within a kept session, files are not rolled back with a failed cell's
+    variables (SandboxSession.run). The code's root is a minimal one (root.py), built by the
+    server and copied into each session's mount namespace: read-only, it shows the system's
+    /usr (and the links into it), the interpreter's prefixes, the packages the server imported,
+    this package and `SandboxConfig.readable_paths`, each through an overlay, so that no lock the
+    code takes is on a host file and no UNIX socket file of the host answers it; plus a /dev of
+    six devices, its /proc, empty /tmp and /var/tmp (unwritable), and an /etc of two copies
+    (ld.so.cache, localtime). Nothing else of the host is there: no home, project, /run, host
+    /tmp or /etc, and no /sys (where sessions have memory cgroups, the server's /sys is a
+    directory only root may enter, so no cgroup counter, of another session or of an earlier
+    call, is readable). `PythonSandbox.visible_paths` lists the host paths shown;
   * network: a network namespace with no interfaces up (not even loopback to the host);
   * secrets: the environment holds only allow-listed variables; no file descriptor is inherited;
     the caller's processes are invisible (own pid namespace and /proc) and not readable (other uid);
@@ -70,7 +78,8 @@ tests/envs/test_sandbox_hostile.py:
     processes are gone (5 s at most), `PythonSandbox.close()` once its server is (5 s, then it is
     killed).
 Not covered: kernel exploits and side channels (use a VM or gVisor for adversaries of that class);
-reading world-readable files (the code runs as an unprivileged user and sees what such a user sees);
+reading the world-readable files of the paths a minimal root shows (and, where the machine allows no
+minimal root, of the whole host: the code then sees what an unprivileged user sees);
 CPU and memory bandwidth shared with the caller; forged results of a call by the code itself (it can
 only lie about its own result). Within a session that keeps state, the state is the code's own
 process, of the session's uid: a cell cannot trace it or read or write its memory (a kept state is
@@ -84,8 +93,10 @@ only what the same session's code could change in a successful cell, and no othe
 stateless call. While a stopped state forks the next cell, its threads run for that moment
 (milliseconds). Which protections hold depends on the machine: full containment needs root or user
 namespaces plus util-linux `unshare`; the pristine state of another uid, the per-session cgroup and
-the keyring filter need root (or a writable cgroup) and a known CPU architecture (x86-64 or arm64);
-`PythonSandbox.protections` lists them, and the first sandbox of a process warns once, naming the
+the keyring filter need root (or a writable cgroup) and a known CPU architecture (x86-64 or arm64),
+as does the minimal root (pivot_root), whose overlays need a kernel that allows them (in a user
+namespace, Linux 5.11 or later; elsewhere the paths are bound read-only and `host_locks_private`
+is off); `PythonSandbox.protections` lists them, and the first sandbox of a process warns once, naming the
 ones that are off.
 
 Modules, one concern each. The caller imports only client.py, config.py, launch.py, protocol.py
@@ -104,6 +115,7 @@ server.py's docstring says how it imports them).
   checks.py      what P checks against the kernel before it believes a cell or a state
   output.py      a cell's output as P keeps it: head and tail, the rest counted
   jail.py        a session's own namespaces, filesystems and memory cgroup
+  root.py        the minimal root the server builds and moves into, which every session copies
   state.py       S, the state process: privileges dropped, limits set; forks each call's cell
   cell.py        C, the cell process: runs one snippet, and may become the new state
   linux.py       namespaces, mounts, prctl, the keyring filter, IPC cleanup, rlimits

@@ -71,6 +71,7 @@ class PythonSandbox:
         self._proc: subprocess.Popen | None = None
         self._control: socket.socket | None = None
         self._protections: dict[str, bool] = {}
+        self._shown: list[str] = []
         self._finalizer = None
         self._idle: list[socket.socket] = []  # sessions that serve stateless calls, ready
         self._closed = False
@@ -106,7 +107,7 @@ class PythonSandbox:
         return None if self._proc is None else self._proc.pid
 
     def _start_locked(self) -> None:
-        proc, control, self._protections = start_server(self.config)
+        proc, control, self._protections, self._shown = start_server(self.config)
         self._proc, self._control = proc, control
         self._finalizer = weakref.finalize(self, stop_server, proc, control)
         self._warn_once()
@@ -133,6 +134,15 @@ class PythonSandbox:
         """Which protections hold on this machine (starts the server if needed)."""
         self.start()
         return dict(self._protections)
+
+    @property
+    def visible_paths(self) -> tuple[str, ...]:
+        """The host directories (and module files) the code sees, read-only, in its minimal
+        root, besides the root's own /dev, /etc (copies), /proc, /tmp and /var/tmp (starts the
+        server if needed). Empty where `protections["minimal_root"]` does not hold: the code
+        then sees what an unprivileged user of the host sees, less the hidden directories."""
+        self.start()
+        return tuple(self._shown)
 
     def close(self) -> None:
         """Stop the server; every session and process of this sandbox ends with it (the
@@ -251,7 +261,10 @@ class SandboxSession:
         self.closed = False
 
     def run(self, code: str, timeout_s: float | None = None) -> ExecutionResult:
-        """Run `code` as the next cell; on success its effects persist, on failure they vanish."""
+        """Run `code` as the next cell. On success its variables, imports and processes' effects
+        on the state persist; on failure (an error, a timeout, a crash) the state is the one
+        before the cell. Files are not rolled back: what a failed cell wrote in the session's
+        scratch directory (or /dev/shm) stays until the session ends, as a notebook's would."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("this sandbox session is closed")

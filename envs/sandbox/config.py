@@ -55,6 +55,9 @@ class SandboxConfig:
     """Modules imported once by the server, before any fork."""
     start_timeout_s: float = 120.0
     """How long to wait for the server to import its modules and report ready."""
+    readable_paths: tuple[str, ...] = ()
+    """Host directories the code may read besides what the interpreter needs (a dataset, say),
+    shown read-only at their own paths in the sandbox's minimal root (absolute paths)."""
 
     def __post_init__(self):
         for name in (
@@ -83,6 +86,11 @@ class SandboxConfig:
             )
         if self.pool_size < 0 or self.max_output_bytes < 0:
             raise ValueError("SandboxConfig.pool_size and max_output_bytes must be >= 0")
+        for path in self.readable_paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(
+                    f"SandboxConfig.readable_paths holds {path!r}: give absolute paths"
+                )
         if self.isolation not in ("auto", "namespaces", "none"):
             raise ValueError(
                 f"SandboxConfig.isolation must be auto, namespaces or none, got {self.isolation!r}"

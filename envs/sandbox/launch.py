@@ -97,7 +97,11 @@ def _isolation(cfg: SandboxConfig, root: bool) -> tuple[list[str], bool]:
 
 
 def _settings(cfg: SandboxConfig, namespaces: bool, root: bool) -> dict:
-    """What the server is told on its command line."""
+    """What the server is told on its command line. Raises ValueError for a readable path
+    that is not a directory of this machine."""
+    for path in cfg.readable_paths:
+        if not os.path.isdir(path):
+            raise ValueError(f"SandboxConfig.readable_paths: {path} is not a directory here")
     return {
         "private_fs": namespaces,
         "pid_namespace": namespaces,
@@ -113,6 +117,7 @@ def _settings(cfg: SandboxConfig, namespaces: bool, root: bool) -> dict:
         "max_open_files": cfg.max_open_files,
         "max_timeout_s": cfg.max_timeout_s,
         "pool_size": cfg.pool_size,
+        "readable": list(cfg.readable_paths),
     }
 
 
@@ -124,9 +129,12 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def start_server(cfg: SandboxConfig) -> tuple[subprocess.Popen, socket.socket, dict[str, bool]]:
+def start_server(
+    cfg: SandboxConfig,
+) -> tuple[subprocess.Popen, socket.socket, dict[str, bool], list[str]]:
     """Start the server and wait until it is ready. Returns the process this started (the
-    server, or the `unshare` that runs it), the control channel, and which protections hold.
+    server, or the `unshare` that runs it), the control channel, which protections hold, and
+    the host paths the code sees in its minimal root (none without one).
     Raises SandboxError if the server does not report ready within `cfg.start_timeout_s`."""
     root = os.geteuid() == 0
     prefix, namespaces = _isolation(cfg, root)
@@ -175,7 +183,7 @@ def start_server(cfg: SandboxConfig) -> tuple[subprocess.Popen, socket.socket, d
         "no_new_privileges": True,
         **{name: bool(on) for name, on in ready.protections.items()},
     }
-    return proc, mine, protections
+    return proc, mine, protections, ready.shown
 
 
 def stop_server(proc: subprocess.Popen, control: socket.socket) -> None:

@@ -87,13 +87,14 @@ class Message:
 class ServerReady(Message):
     """Server -> client, once the preloads are imported and the session pool is filled."""
 
-    __slots__ = names = ("pid", "protections", "separate_uid")
+    __slots__ = names = ("pid", "protections", "separate_uid", "shown")
     op = "ready"
 
-    def __init__(self, pid: int, protections: dict, separate_uid: bool):
+    def __init__(self, pid: int, protections: dict, separate_uid: bool, shown: list | None = None):
         self.pid = pid
         self.protections = protections  # those the server established: private_tmp, hidden_home
         self.separate_uid = separate_uid  # whether sessions run as uids of their own
+        self.shown = list(shown or [])  # the host paths a minimal root shows (none without one)
 
     def header(self) -> dict:
         return {
@@ -101,12 +102,19 @@ class ServerReady(Message):
             "pid": self.pid,
             "protections": self.protections,
             "separate_uid": self.separate_uid,
+            "shown": self.shown,
         }
 
     @staticmethod
     def from_header(header: dict) -> ServerReady:
+        shown = header.get("shown") or []
+        if not isinstance(shown, list) or not all(isinstance(p, str) for p in shown):
+            raise BadMessage("ready: shown must be a list of paths")
         return ServerReady(
-            int(header["pid"]), dict(header["protections"]), bool(header.get("separate_uid"))
+            int(header["pid"]),
+            dict(header["protections"]),
+            bool(header.get("separate_uid")),
+            shown,
         )
 
 

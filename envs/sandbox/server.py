@@ -75,6 +75,7 @@ from .linux import (
 )
 from .processes import reap_children
 from .protocol import Attach, BadMessage, Open, ProtocolError, ServerReady, recv, send
+from .root import minimal_root
 from .supervisor import session_main
 
 
@@ -92,16 +93,17 @@ def _hidden_ancestor(path: str) -> str | None:
     return None
 
 
-def private_filesystem(scratch_mb: int) -> None:
+def private_filesystem(scratch_mb: int, readable: list[str]) -> None:
     """In the server's own mount namespace: fresh tmpfs over the temporary directories, and
     directories closed to other users (such as /root, with its tokens and caches) replaced by an
     empty tmpfs. What the interpreter needs (its prefix, its packages, the project on sys.path)
-    is shown again at its own path inside whatever was covered, even if it lives under /tmp."""
+    is shown again at its own path inside whatever was covered, even if it lives under /tmp, and
+    so are the `readable` paths."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     tmp_dirs = [d for d in CLOSED_TMP_DIRS + SHARED_TMP_DIRS if os.path.isdir(d)]
     needed = {
         os.path.realpath(p)
-        for p in (sys.prefix, sys.base_prefix, sys.executable, *sys.path)
+        for p in (sys.prefix, sys.base_prefix, sys.executable, *sys.path, *readable)
         if p and os.path.exists(p)
     }
     covers: dict[str, list[str]] = {d: [] for d in tmp_dirs}
@@ -186,6 +188,23 @@ def session_cgroups(settings: dict) -> str | None:
     return parent if make_parent_cgroup(parent, v2) else None
 
 
+def enter_minimal_root(settings: dict, readable: list[str]) -> tuple[list[str], bool]:
+    """Move into the minimal root (root.py), built in this namespace's private /tmp: the host
+    paths it shows, and whether locks there are private; ([], False) where the kernel refused
+    a step, with the reason on stderr, and the filesystem as it was."""
+    staging = f"/tmp/.sandbox-root-{os.getpid()}"
+    cgroups = "/sys/fs/cgroup" if settings["cgroup_parent"] else None
+    try:
+        os.mkdir(staging, 0o755)
+        return minimal_root(staging, readable, os.path.dirname(__file__), cgroups)
+    except OSError as exc:
+        print(
+            f"sandbox: no minimal root ({exc}); the host's filesystem stays visible",
+            file=sys.stderr,
+        )
+        return [], False
+
+
 # -- serving ---------------------------------------------------------------------------------------
 def spawn_session(settings: dict, own_pidns: int | None) -> socket.socket:
     """Fork a pooled session supervisor P (pid 1 of a new pid namespace when `own_pidns` is
@@ -243,15 +262,21 @@ def main() -> None:
         "keyrings_denied": keyrings_deniable(),
         "state_untouchable": settings["separate_uid"],
     }
+    readable = list(settings.get("readable", []))
     if own:
-        private_filesystem(int(settings["scratch_mb"]))
+        private_filesystem(int(settings["scratch_mb"]), readable)
     settings["cgroup_parent"] = session_cgroups(settings)
     protections["memory_cgroup"] = settings["cgroup_parent"] is not None
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if settings["pid_namespace"] else None
     preload(settings["preload"])
+    shown, protections["minimal_root"], protections["host_locks_private"] = [], False, False
+    if own:
+        shown, protections["host_locks_private"] = enter_minimal_root(settings, readable)
+        protections["minimal_root"] = bool(shown)
+    protections["cgroups_hidden"] = protections["minimal_root"]
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
     pool = [spawn_session(settings, own_pidns) for _ in range(int(settings["pool_size"]))]
-    send(control, ServerReady(os.getpid(), protections, settings["separate_uid"]))
+    send(control, ServerReady(os.getpid(), protections, settings["separate_uid"], shown))
     while True:
         try:
             _, _, fds = recv(control, Open)

@@ -22,7 +22,10 @@ from toolgrpo.envs.sandbox import protocol as p
 
 SAMPLES = [  # one of each kind, with the descriptors it carries
     p.ServerReady(
-        pid=12, protections={"private_tmp": True, "hidden_home": False}, separate_uid=True
+        pid=12,
+        protections={"private_tmp": True, "hidden_home": False},
+        separate_uid=True,
+        shown=["/usr", "/opt/venv"],
     ),
     p.Open(),
     p.Attach(),
