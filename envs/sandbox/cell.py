@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 import traceback
+from typing import Any
 
 from .linux import (
     CELL_OOM_SCORE_ADJ,
@@ -76,6 +77,64 @@ def run_cell(code: str, ns: dict, cell: int) -> str:
         return "memory" if isinstance(exc, MemoryError) else "error"
 
 
+class Hooks:
+    """What of the code's would act in the state's own loop between calls: its Python signal
+    handlers, its trace and profile functions and its signal mask. A promoted cell sets them
+    aside before its hand-over (`set_aside`: signals the code handles are ignored, SIGCHLD has
+    its default, no trace or profile function, every signal blocked), so that neither the
+    hand-over nor the state's loop runs any of the code's, and no timer the code set ends
+    either; each later cell puts them back before its code runs (`restore`)."""
+
+    handlers: dict[int, Any] = {}
+    trace = profile = None
+    streams: tuple[object, ...] = ()  # the cell's own sys.stdout and sys.stderr
+    kept: list[object] = []  # the code's objects it left there: never freed, so never finalized
+    mask: Any = None  # None: the pristine state's, as it is
+
+    @classmethod
+    def set_aside(cls) -> None:
+        cls.mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        cls.trace, cls.profile = sys.gettrace(), sys.getprofile()
+        sys.settrace(None)
+        sys.setprofile(None)
+        cls.handlers = {}
+        for sig in signal.valid_signals():
+            try:
+                handler = signal.getsignal(sig)
+            except (OSError, ValueError):
+                continue
+            if callable(handler):
+                cls.handlers[sig] = handler
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGCHLD else signal.SIG_IGN)
+
+    @classmethod
+    def keep_streams(cls) -> None:
+        """Hold on to what the code left in sys.stdout and sys.stderr, which the state replaces:
+        freed, a finalizer of the code's would run in the hand-over."""
+        for stream in (sys.stdout, sys.stderr):
+            if not any(stream is own for own in cls.streams):
+                cls.kept.append(stream)
+
+    @classmethod
+    def restore(cls) -> None:
+        for sig, handler in cls.handlers.items():
+            signal.signal(sig, handler)
+        sys.settrace(cls.trace)
+        sys.setprofile(cls.profile)
+        if cls.mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, cls.mask)
+
+
+def channel_intact(chan: socket.socket, identity: tuple[int, int]) -> bool:
+    """Whether the cell's channel to its supervisor is still the socket it was given (the code
+    may have closed its descriptor, or put another file there)."""
+    try:
+        st = os.fstat(chan.fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == identity
+
+
 def text_stream(fd: int, line_buffering: bool) -> io.TextIOWrapper:
     return io.TextIOWrapper(
         io.FileIO(fd, "w", closefd=False),
@@ -119,6 +178,7 @@ def cell_process(
     os.close(out_w)
     os.close(err_w)
     sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
+    Hooks.streams = (sys.stdout, sys.stderr)
     os.setpgid(0, 0)  # killpg(getpgrp()) by the code reaches only C and its children
     # Undumpable, as the change of uid or a kept state made it: the code's own /proc files are
     # root's until it is dumpable again.
@@ -132,12 +192,22 @@ def cell_process(
     except ProtocolError:
         os._exit(0)
     set_cpu_limit(order.cpu_s)
+    st = os.fstat(chan.fileno())
+    identity = (st.st_dev, st.st_ino)
+    Hooks.restore()
     status = run_cell(payload.decode("utf-8", "replace"), ns, order.cell)
+    if status == "ok" and order.keep:
+        Hooks.set_aside()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BaseException:  # noqa: BLE001, S110 - a closed stream: nowhere to report to
             pass
+    if not channel_intact(chan, identity):  # nothing is killed: the state rolls this cell back
+        try:
+            os.write(2, b"[sandbox] the cell closed or replaced its channel to the supervisor\n")
+        finally:
+            os._exit(3)
     if status == "ok" and order.keep and time.monotonic() < order.promote_by:
         return _become_state(chan, CellDone("ok", promoted=True), scoped, state_pid)
     send(chan, CellDone(status))
@@ -177,6 +247,7 @@ def _become_state(chan: socket.socket, answer: Message, scoped: bool, state_pid:
     # target), so a discarded cell cannot have changed the state it rolls back to.
     prctl(PR_SET_DUMPABLE, 0)
     # fresh streams on /dev/null, whatever the cell left in sys.stdout and sys.stderr
+    Hooks.keep_streams()
     sys.stdout, sys.stderr = text_stream(1, False), text_stream(2, True)
     set_name(b"sandbox-state")
     return chan

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import os
+import select
 import signal
 import socket
 import time
@@ -31,6 +32,25 @@ from .state import state_process
 
 READY_S = 10.0  # a state forks and its cell announces itself within this
 ROLLBACK_S = 2.0  # a state rolls back within this
+LATE_STATE = (
+    "the session's state did not fork this call's process within its timeout (something the"
+    " code left in it, such as a signal handler or a finalizer, may hold it up)"
+)
+
+
+def _order_comes_first(caller: socket.socket, announcement: socket.socket, deadline: float) -> bool:
+    """Wait until the state's announcement or the caller's next order can be read (or until
+    `deadline`); whether it is the order, with no announcement yet."""
+    poller = select.poll()
+    for sock in (caller, announcement):
+        poller.register(sock, select.POLLIN)
+    while (left := deadline - time.monotonic()) > 0:
+        ready = {fd for fd, _ in poller.poll(max(1, int(left * 1000)))}
+        if announcement.fileno() in ready:
+            return False
+        if caller.fileno() in ready:
+            return True
+    return False
 
 
 class Phase(enum.Enum):
@@ -72,6 +92,7 @@ class StateHold:
         self.proc_pid: int | None = None  # pids as /proc names them
         self.attributes: StateAttributes | None = None  # a kept state's, once read
         self.cell: ReadyCell | None = None
+        self.forking: socket.socket | None = None  # the channel of a cell not announced yet
         self.lost: str | None = None
         self.rollback_due = False
 
@@ -129,6 +150,9 @@ class StateHold:
 
     def kill_all(self) -> None:
         """-> NONE: SIGKILL every process of the session but this supervisor; no state survives."""
+        if self.forking is not None:
+            self.forking.close()
+            self.forking = None
         if self.cell is not None:
             pidfd_signal(self.cell.pidfd, signal.SIGKILL)
             self.cell.close()
@@ -169,14 +193,19 @@ class StateHold:
         return self.phase is Phase.PRISTINE and self.uid is not None
 
     # -- orders to the state ----------------------------------------------------------------------
-    def prepare(self, reap: bool = False, warm: bool = True) -> None:
+    def prepare(
+        self, reap: bool = False, warm: bool = True, caller: socket.socket | None = None
+    ) -> None:
         """Have a cell process forked, announced and checked for the next call (a state first, if
         there is none), warmed up if `warm`; then stop the state. A state that cannot fork (at
         its process limit for longer than the patience of `processes.fork_when_possible`), or whose
         announcement does not hold, is replaced by a fresh one, once; `lost` says why, for the
-        next call's notes."""
+        next call's notes. Where the `caller`'s next order comes before the announcement, the
+        fork is left `forking` and that call waits for it, within its own timeout (`ready_cell`):
+        a state held up by what the code left in it (a signal handler, a finalizer) then costs
+        the call no more than its timeout."""
         for _ in range(2):
-            if self.cell is not None:
+            if self.cell is not None or self.forking is not None:
                 return
             if not self.held:
                 self.spawn()
@@ -184,44 +213,62 @@ class StateHold:
             mine, theirs = socket.socketpair()
             try:
                 send(self.channel(), Fork(reap, warm), fds=[theirs.fileno()])
-                theirs.close()
-                ready, _, fds = recv(
-                    mine, CellReady, ForkFailed, deadline=time.monotonic() + READY_S
-                )
-            except (ProtocolError, OSError):
-                theirs.close()
+            except OSError:
                 mine.close()
-                self.lost = "the session's state process was gone; state was reset"
-                self.kill_all()
+                self._reset("the session's state process was gone; state was reset")
                 continue
             finally:
+                theirs.close()
                 reap = False  # a fresh state has no cell to forget
-            if isinstance(ready, ForkFailed):
-                mine.close()
-                self.lost = f"{ready.error}; state was reset"
-                self.kill_all()
-                continue
-            self.cell = announced_cell(mine, fds, self.proc_pid)
-            if self.cell is None:
-                self.lost = "the session's state announced a cell that is not one; state was reset"
-                self.kill_all()
-                continue
-            # the OOM killer takes the cell before its state (a cell of an undumpable state
-            # cannot write its own /proc files; this supervisor can)
-            set_oom_score_adj(self.cell.proc_pid, CELL_OOM_SCORE_ADJ)
-            self.stop()
+            deadline = time.monotonic() + READY_S
+            if caller is not None and _order_comes_first(caller, mine, deadline):
+                self.forking = mine
+                return
+            self._take_cell(mine, deadline, "the session's state process was gone")
 
-    def ready_cell(self, notes: list[str], keep: bool) -> ReadyCell | None:
-        """The waiting cell process (normally forked and announced long before this call), taken
-        for the call; None, with a note saying why, if there is none to be had."""
+    def _take_cell(self, mine: socket.socket, deadline: float, silent: str) -> None:
+        """Read and check the announcement of the cell the state was ordered to fork; on any
+        failure, reset the session, `silent` saying why where the state did not answer."""
+        try:
+            ready, _, fds = recv(mine, CellReady, ForkFailed, deadline=deadline)
+        except (ProtocolError, OSError):
+            mine.close()
+            self._reset(f"{silent}; state was reset")
+            return
+        if isinstance(ready, ForkFailed):
+            mine.close()
+            self._reset(f"{ready.error}; state was reset")
+            return
+        self.cell = announced_cell(mine, fds, self.proc_pid)
         if self.cell is None:
-            self.prepare()
+            self._reset("the session's state announced a cell that is not one; state was reset")
+            return
+        # the OOM killer takes the cell before its state (a cell of an undumpable state
+        # cannot write its own /proc files; this supervisor can)
+        set_oom_score_adj(self.cell.proc_pid, CELL_OOM_SCORE_ADJ)
+        self.stop()
+
+    def _reset(self, why: str) -> None:
+        self.lost = why
+        self.kill_all()
+
+    def ready_cell(self, notes: list[str], keep: bool, deadline: float) -> ReadyCell | None:
+        """The waiting cell process (normally forked and announced long before this call), taken
+        for the call; None, with a note saying why, if there is none to be had. A cell still
+        being forked is waited for until `deadline`, the call's: if the state has not announced
+        it by then, the session is reset and nothing runs; if it failed before, a fresh state
+        forks one."""
+        if self.forking is not None:
+            mine, self.forking = self.forking, None
+            self._take_cell(mine, deadline, LATE_STATE)
+        if self.cell is None and time.monotonic() < deadline:
+            self.prepare()  # a fresh state, where the old one failed in time to leave some
+        cell, self.cell = self.cell, None
         if self.lost is not None:
             notes.append(self.lost)
-            if keep:
+            if keep and cell is not None:
                 notes.append("the previous state was lost; this cell ran in a fresh session")
             self.lost = None
-        cell, self.cell = self.cell, None
         return cell
 
     def cell_was_alone(self, cell: ReadyCell) -> bool:

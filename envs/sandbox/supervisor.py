@@ -105,11 +105,11 @@ class Session:
         self.cells += keep
         limit = int(self.settings["max_output_bytes"])
         out, err = OutputBuffer(limit), OutputBuffer(limit)
-        cell = self.hold.ready_cell(notes, keep)  # used up by this call, whatever happens
+        deadline = time.monotonic() + timeout_s  # a cell still being forked counts against it
+        cell = self.hold.ready_cell(notes, keep, deadline)  # used up by this call, whatever happens
         t0 = time.monotonic()  # the wall time counts from the order to the cell
         if cell is None:  # nothing ran
             return self._reply(cell_number, "crashed", time.monotonic() - t0, None, out, err, notes)
-        deadline = t0 + timeout_s
         streams = {cell.out_r: out, cell.err_r: err}
         self._order(cell, code, cell_number, int(timeout_s) + 1, keep, deadline)
         status, promoted = self._wait(cell, streams, keep, deadline)
@@ -236,9 +236,10 @@ class Session:
         err: OutputBuffer,
         notes: list[str],
     ) -> tuple[Result, bytes]:
-        """The caller's Result and payload; on failure, the notes end stderr."""
+        """The caller's Result and payload; the notes (a timeout, a reset) end stderr, whatever
+        the status: a call that succeeded in a fresh session says so."""
         stdout, stderr = out.value(), err.value()
-        if notes and status != "ok":
+        if notes:
             sep = b"\n" if stderr and not stderr.endswith(b"\n") else b""
             stderr += sep + "".join(f"[sandbox] {n}\n" for n in notes).encode()
         result = Result(
@@ -247,13 +248,14 @@ class Session:
         return result, stdout + stderr
 
     # -- after the reply --------------------------------------------------------------------------
-    def finish(self, keep: bool, warm: bool = True) -> None:
+    def finish(self, keep: bool, caller: socket.socket, warm: bool = True) -> None:
         """After the reply: the deferred rollback, a stateless call's fresh filesystems, and the
-        next call's cell process, forked, announced and checked (and warmed up if `warm`)."""
+        next call's cell process, forked, announced and checked (and warmed up if `warm`); one
+        the `caller`'s next order comes before is waited for by that call."""
         reap = self.hold.settle()
         if not keep:
             self.jail.fresh_files()
-        self.hold.prepare(reap, warm)
+        self.hold.prepare(reap, warm, caller)
 
     def close(self) -> None:
         """Kill every process of the session and wait until they are gone (CLOSE_WAIT_S at
@@ -293,7 +295,7 @@ def session_main(handoff: socket.socket, settings: dict, uid: int | None, scoped
             send(client, result, payload)
             # Off the caller's path, unless it calls back to back: then it waits for the next
             # cell, and a warm-up would only add to the wait (and to the machine's load).
-            session.finish(order.keep, warm=not caller_waited)
+            session.finish(order.keep, client, warm=not caller_waited)
             caller_waited = bool(select.select([client], [], [], 0)[0])
     except OSError:
         pass
