@@ -87,7 +87,13 @@ undumpable), and a discarded cell cannot leave it changed: the supervisor puts t
 value, affinity and scheduling policy back as they were before the cell ran, and a state whose
 limits changed or that was killed is replaced, with a note. The OOM killer of a session's memory
 cgroup takes the cell that went over, never the state it forked from: the supervisor gives every
-cell the highest OOM score adjustment (1000) and every state the default (0). A later cell of that session can resume
+cell the highest OOM score adjustment (1000) and every state the default (0). A cell that succeeds
+kills nothing before it has blocked every signal, set the code's hooks aside (its Python signal
+handlers, trace and profile functions, and what it left in sys.stdout and sys.stderr, which is
+held and never finalized; the next cell puts them back) and checked that its channel to the
+supervisor is intact; one whose channel was closed or replaced is rolled back. A state held up by
+anything else the code left in it costs the next call at most that call's timeout, then the
+session is reset; every reset is noted at the end of the call's stderr, whatever its status. A later cell of that session can resume
 a stopped state's threads, and a cell can signal or renice its state while it runs; that changes
 only what the same session's code could change in a successful cell, and no other session or
 stateless call. While a stopped state forks the next cell, its threads run for that moment
